@@ -1,0 +1,1 @@
+"""The coordinator: Lepton's control plane (membership, shard leases, layout, status, events)."""

@@ -1,0 +1,83 @@
+"""The job's event log: a bounded, sequence-numbered history that watchers can block on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class EventKind(Enum):
+    MEMBER_REGISTERED = 1
+    MEMBER_DECLARED_DEAD = 2
+    MEMBER_DEPARTED = 3
+    SHARD_LEASED = 4
+    SHARD_COMPLETED = 5
+    SHARD_REQUEUED = 6
+    DUPLICATE_COMPLETION_REJECTED = 7
+    EPOCH_STARTED = 8
+    JOB_STATE_CHANGED = 9
+    EVALUATED = 10
+
+
+@dataclass(frozen=True)
+class Event:
+    sequence: int
+    time_unix_s: float
+    kind: EventKind
+    message: str
+    member_id: str = ""
+    incarnation: int = 0
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    job_state: str = ""
+    loss: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class EventLog:
+    """Appends events and lets readers wait for ones after a sequence number.
+
+    Keeps the newest ``retention`` events; a reader that falls further behind skips the gap.
+    """
+
+    def __init__(self, retention: int = 10_000, wall_clock=time.time) -> None:
+        self._events: deque[Event] = deque(maxlen=retention)
+        self._next = 1
+        self._cond = threading.Condition()
+        self._wall_clock = wall_clock
+        self._closed = False
+
+    def append(self, kind: EventKind, message: str, **fields: object) -> Event:
+        with self._cond:
+            event = Event(self._next, self._wall_clock(), kind, message, **fields)  # type: ignore[arg-type]
+            self._next += 1
+            self._events.append(event)
+            self._cond.notify_all()
+            return event
+
+    def after(self, sequence: int) -> list[Event]:
+        with self._cond:
+            return [e for e in self._events if e.sequence > sequence]
+
+    def wait_after(self, sequence: int, timeout_s: float) -> list[Event]:
+        """Events after ``sequence``, waiting up to ``timeout_s`` for at least one."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closed or (self._events and self._events[-1].sequence > sequence),
+                timeout=timeout_s,
+            )
+            return [e for e in self._events if e.sequence > sequence]
+
+    def close(self) -> None:
+        """Wakes every waiter (on shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

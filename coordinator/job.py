@@ -1,0 +1,504 @@
+"""The coordinator's domain: one training job's membership, ledger, layout, lifecycle and events.
+
+Every operation takes ``now`` (monotonic seconds) and runs under one lock; servicers call exactly
+one method per RPC. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from coordinator.events import EventKind, EventLog
+from coordinator.layout import Layout, balance
+from coordinator.ledger import Lease, ShardLedger
+from coordinator.membership import Member, MembershipTable, Role
+from lepton.codec import TensorSpec
+from lepton.config import JobSpec
+from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
+
+
+class JobState(Enum):
+    WAITING_FOR_SERVERS = 1
+    INITIALIZING = 2
+    TRAINING = 3
+    EVALUATING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class LeaseOutcome(Enum):
+    GRANTED = 1
+    WAIT = 2
+    EVALUATE = 3
+    JOB_DONE = 4
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    outcome: LeaseOutcome
+    lease: Lease | None = None
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    member_id: str
+    incarnation: int
+    alive: bool
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    state: JobState
+    layout_version: int
+    workers: tuple[WorkerView, ...] = ()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    layout_version: int
+    tensors: tuple[TensorSpec, ...]
+    values: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    accuracy: float
+    macro_recall: float
+    loss: float
+    samples: int
+    inference_samples_per_second: float
+
+
+@dataclass(frozen=True)
+class MemberSnapshot:
+    member: Member
+    heartbeat_age_s: float
+    lease: Lease | None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    spec: JobSpec
+    state: JobState
+    epoch: int
+    shards_completed_in_epoch: int
+    shards_leased: int
+    shards_pending: int
+    shard_completions: int
+    duplicate_completions_rejected: int
+    reassignments: int
+    members_declared_dead: int
+    samples_trained: int
+    samples_per_second: float
+    recent_loss: float
+    training_seconds: float
+    layout_version: int
+    members: tuple[MemberSnapshot, ...]
+    evaluation: EvaluationResult | None
+    failure: str = ""
+
+
+@dataclass
+class _Progress:
+    samples: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=32))  # (loss, samples)
+
+    def add(self, loss: float, samples: int) -> None:
+        if samples > 0:
+            self.recent.append((loss, samples))
+
+    @property
+    def recent_loss(self) -> float:
+        total = sum(n for _, n in self.recent)
+        return sum(l * n for l, n in self.recent) / total if total else float("nan")
+
+
+class Job:
+    """One job's control-plane state. Thread-safe.
+
+    Raises (from its methods) NotFound, Fenced, FailedPrecondition, DuplicateCompletion and
+    InvalidArgument, which the RPC layer maps to status codes.
+    """
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        num_train_samples: int,
+        initial_parameters: Mapping[str, torch.Tensor],
+        events: EventLog | None = None,
+    ) -> None:
+        self.spec = spec
+        self.events = events or EventLog()
+        self._lock = threading.RLock()
+        self._members = MembershipTable(spec.heartbeat_timeout_s)
+        self._ledger = ShardLedger(num_train_samples, spec.shards_per_epoch, spec.epochs)
+        self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
+        self._specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._initial.items()]
+        self._layout: Layout | None = None
+        self._ready: set[str] = set()
+        self._state = JobState.WAITING_FOR_SERVERS
+        self._failure = ""
+        self._dead_count = 0
+        self._progress = _Progress()
+        self._train_started: float | None = None
+        self._train_ended: float | None = None
+        self._evaluator: tuple[str, int] | None = None
+        self._evaluation: EvaluationResult | None = None
+        self._last_epoch_announced = -1
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> JobState:
+        with self._lock:
+            return self._state
+
+    def _set_state(self, state: JobState, now: float, why: str = "") -> None:
+        if state is self._state:
+            return
+        self._state = state
+        if state is JobState.TRAINING and self._train_started is None:
+            self._train_started = now
+        if state in (JobState.EVALUATING, JobState.FAILED) and self._train_ended is None:
+            self._train_ended = now
+        self.events.append(
+            EventKind.JOB_STATE_CHANGED,
+            f"job {state.name.lower()}" + (f": {why}" if why else ""),
+            job_state=state.name,
+        )
+        if state is JobState.TRAINING:
+            self._announce_epoch()
+
+    def _announce_epoch(self) -> None:
+        if not self._ledger.finished and self._ledger.epoch != self._last_epoch_announced:
+            self._last_epoch_announced = self._ledger.epoch
+            self.events.append(
+                EventKind.EPOCH_STARTED, f"epoch {self._ledger.epoch} started", epoch=self._ledger.epoch
+            )
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def register(self, role: Role, address: str, now: float, member_id: str = "") -> Member:
+        with self._lock:
+            if role is Role.PARAMETER_SERVER:
+                if not address or ":" not in address:
+                    raise InvalidArgument("a parameter server must give the host:port workers dial")
+                known = self._members.get(member_id) if member_id else None
+                in_layout = self._layout is not None and member_id in self._layout.servers
+                if self._layout is not None and not in_layout:
+                    raise FailedPrecondition(
+                        f"the job already has its {self.spec.parameter_servers} parameter servers"
+                    )
+                if known is None and self._layout is None and len(
+                    self._members.alive(Role.PARAMETER_SERVER)
+                ) >= self.spec.parameter_servers:
+                    raise FailedPrecondition(
+                        f"the job needs only {self.spec.parameter_servers} parameter servers"
+                    )
+            if self._members.get(member_id) is not None:
+                self._forget(member_id, now, departed=False, why="re-registered")
+            member = self._members.register(role, address, now, member_id)
+            self.events.append(
+                EventKind.MEMBER_REGISTERED,
+                f"{member.member_id} ({role.value}) registered, incarnation {member.incarnation}",
+                member_id=member.member_id,
+                incarnation=member.incarnation,
+            )
+            if role is Role.PARAMETER_SERVER:
+                self._ready.discard(member.member_id)
+                self._maybe_decide_layout(now)
+            return member
+
+    def _maybe_decide_layout(self, now: float) -> None:
+        if self._layout is not None:
+            return
+        servers = [m.member_id for m in self._members.alive(Role.PARAMETER_SERVER)]
+        if len(servers) < self.spec.parameter_servers:
+            return
+        self._layout = balance(self._specs, servers, version=1)
+        self._set_state(JobState.INITIALIZING, now)
+
+    def heartbeat(self, member_id: str, incarnation: int, now: float) -> HeartbeatReply:
+        with self._lock:
+            member = self._members.heartbeat(member_id, incarnation, now)
+            workers: tuple[WorkerView, ...] = ()
+            if member.role is Role.PARAMETER_SERVER:
+                workers = tuple(
+                    WorkerView(m.member_id, m.incarnation, m.alive)
+                    for m in self._members.members(Role.WORKER)
+                )
+            return HeartbeatReply(self._state, self.layout_version, workers)
+
+    def deregister(self, member_id: str, incarnation: int, now: float) -> int:
+        """A graceful leave: the member's leases go back to the queue at once."""
+        with self._lock:
+            member = self._members.depart(member_id, incarnation)
+            moved = self._forget(member.member_id, now, departed=True, why="left")
+            self.events.append(
+                EventKind.MEMBER_DEPARTED,
+                f"{member_id} departed",
+                member_id=member_id,
+                incarnation=incarnation,
+            )
+            return moved
+
+    def tick(self, now: float) -> list[Member]:
+        """Declares silent members dead and requeues their work; returns the dead."""
+        with self._lock:
+            dead = self._members.expire(now)
+            for member in dead:
+                self._dead_count += 1
+                self.events.append(
+                    EventKind.MEMBER_DECLARED_DEAD,
+                    f"{member.member_id} incarnation {member.incarnation} declared dead after "
+                    f"{self.spec.heartbeat_timeout_s:g}s without heartbeat",
+                    member_id=member.member_id,
+                    incarnation=member.incarnation,
+                )
+                self._forget(member.member_id, now, departed=False, why="declared dead")
+            return dead
+
+    def _forget(self, member_id: str, now: float, *, departed: bool, why: str) -> int:
+        member = self._members.get(member_id)
+        if member is None:
+            return 0
+        if member.role is Role.PARAMETER_SERVER:
+            self._ready.discard(member_id)
+            if self._layout is not None and member_id in self._layout.servers and not self._state.terminal:
+                self._set_state(
+                    JobState.FAILED,
+                    now,
+                    f"parameter server {member_id} {why}; this version cannot restore a lost server",
+                )
+                self._failure = f"parameter server {member_id} {why}"
+            return 0
+        moved = self._ledger.requeue(member_id)
+        for lease in moved:
+            self.events.append(
+                EventKind.SHARD_REQUEUED,
+                f"shard {lease.shard.index} of epoch {lease.epoch} requeued at offset "
+                f"{lease.offset} ({member_id} {why})",
+                member_id=member_id,
+                incarnation=lease.incarnation,
+                epoch=lease.epoch,
+                shard=lease.shard.index,
+                offset=lease.offset,
+            )
+        if self._evaluator is not None and self._evaluator[0] == member_id:
+            self._evaluator = None
+        return len(moved)
+
+    # --- parameter servers ---------------------------------------------------------------------
+
+    def assignment(self, member_id: str, incarnation: int) -> Assignment:
+        with self._lock:
+            member = self._members.check(member_id, incarnation)
+            if member.role is not Role.PARAMETER_SERVER:
+                raise FailedPrecondition(f"{member_id} is not a parameter server")
+            if self._layout is None:
+                raise FailedPrecondition(
+                    "no layout yet: waiting for "
+                    f"{self.spec.parameter_servers - len(self._members.alive(Role.PARAMETER_SERVER))}"
+                    " more parameter server(s) to register"
+                )
+            specs = self._layout.tensors_of(member_id)
+            return Assignment(
+                self._layout.version, specs, {s.name: self._initial[s.name] for s in specs}
+            )
+
+    def ready(self, member_id: str, incarnation: int, layout_version: int, now: float) -> None:
+        with self._lock:
+            member = self._members.check(member_id, incarnation)
+            if member.role is not Role.PARAMETER_SERVER:
+                raise FailedPrecondition(f"{member_id} is not a parameter server")
+            if self._layout is None or layout_version != self._layout.version:
+                raise FailedPrecondition(
+                    f"layout version {layout_version} is not current ({self.layout_version})"
+                )
+            self._ready.add(member_id)
+            if self._state is JobState.INITIALIZING and self._ready >= set(self._layout.servers):
+                self._set_state(JobState.TRAINING, now)
+
+    @property
+    def layout_version(self) -> int:
+        return self._layout.version if self._layout is not None else 0
+
+    def layout(self) -> tuple[Layout, dict[str, str]]:
+        """The layout and each server's address. Raises FailedPrecondition before it exists."""
+        with self._lock:
+            if self._layout is None:
+                raise FailedPrecondition("no layout yet: parameter servers are still registering")
+            addresses = {}
+            for server in self._layout.servers:
+                member = self._members.get(server)
+                addresses[server] = member.address if member else ""
+            return self._layout, addresses
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def _worker(self, member_id: str, incarnation: int) -> Member:
+        member = self._members.check(member_id, incarnation)
+        if member.role is not Role.WORKER:
+            raise FailedPrecondition(f"{member_id} is not a worker")
+        return member
+
+    def lease(self, member_id: str, incarnation: int, now: float) -> LeaseDecision:
+        with self._lock:
+            self._worker(member_id, incarnation)
+            wait = LeaseDecision(LeaseOutcome.WAIT, retry_after_s=self.spec.heartbeat_interval_s / 2)
+            if self._state.terminal:
+                return LeaseDecision(LeaseOutcome.JOB_DONE)
+            if self._state is JobState.EVALUATING:
+                if self._evaluator is None:
+                    self._evaluator = (member_id, incarnation)
+                return (
+                    LeaseDecision(LeaseOutcome.EVALUATE)
+                    if self._evaluator == (member_id, incarnation)
+                    else wait
+                )
+            if self._state is not JobState.TRAINING:
+                return wait
+            lease = self._ledger.lease(member_id, incarnation)
+            if lease is None:
+                return wait
+            self.events.append(
+                EventKind.SHARD_LEASED,
+                f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
+                f"{lease.offset}",
+                member_id=member_id,
+                incarnation=incarnation,
+                epoch=lease.epoch,
+                shard=lease.shard.index,
+                offset=lease.offset,
+            )
+            return LeaseDecision(LeaseOutcome.GRANTED, lease)
+
+    def progress(
+        self,
+        member_id: str,
+        incarnation: int,
+        epoch: int,
+        shard: int,
+        offset: int,
+        loss: float,
+        samples: int,
+        now: float,
+    ) -> None:
+        with self._lock:
+            member = self._worker(member_id, incarnation)
+            member.last_heartbeat = now  # progress proves life as well as a heartbeat does
+            gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset)
+            self._progress.samples += gained
+            self._progress.add(loss, samples)
+
+    def complete(
+        self,
+        member_id: str,
+        incarnation: int,
+        epoch: int,
+        shard: int,
+        loss: float,
+        samples: int,
+        now: float,
+    ) -> bool:
+        """Counts a shard complete; returns whether it finished the epoch."""
+        with self._lock:
+            member = self._worker(member_id, incarnation)
+            member.last_heartbeat = now
+            try:
+                gained, epoch_done = self._ledger.complete(member_id, incarnation, epoch, shard)
+            except DuplicateCompletion as exc:
+                self.events.append(
+                    EventKind.DUPLICATE_COMPLETION_REJECTED,
+                    str(exc),
+                    member_id=member_id,
+                    incarnation=incarnation,
+                    epoch=epoch,
+                    shard=shard,
+                )
+                raise
+            self._progress.samples += gained
+            self._progress.add(loss, samples)
+            self.events.append(
+                EventKind.SHARD_COMPLETED,
+                f"shard {shard} of epoch {epoch} completed by {member_id}",
+                member_id=member_id,
+                incarnation=incarnation,
+                epoch=epoch,
+                shard=shard,
+                loss=loss,
+            )
+            if epoch_done:
+                if self._ledger.finished:
+                    self._set_state(JobState.EVALUATING, now)
+                else:
+                    self._announce_epoch()
+            return epoch_done
+
+    def report_evaluation(
+        self, member_id: str, incarnation: int, result: EvaluationResult, now: float
+    ) -> None:
+        with self._lock:
+            self._worker(member_id, incarnation)
+            if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
+                raise FailedPrecondition(f"{member_id} was not asked to evaluate")
+            if not (0.0 <= result.accuracy <= 1.0 and 0.0 <= result.macro_recall <= 1.0):
+                raise InvalidArgument("accuracy and macro_recall must lie in [0, 1]")
+            self._evaluation = result
+            self.events.append(
+                EventKind.EVALUATED,
+                f"test accuracy {result.accuracy:.4f}, macro recall {result.macro_recall:.4f}, "
+                f"loss {result.loss:.4f} on {result.samples} samples",
+                member_id=member_id,
+                incarnation=incarnation,
+                loss=result.loss,
+            )
+            self._set_state(JobState.SUCCEEDED, now)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def status(self, now: float) -> JobStatus:
+        with self._lock:
+            ledger = self._ledger
+            end = self._train_ended if self._train_ended is not None else now
+            training_s = end - self._train_started if self._train_started is not None else 0.0
+            snapshots = tuple(
+                MemberSnapshot(m, now - m.last_heartbeat, ledger.lease_of(m.member_id) if m.alive else None)
+                for m in self._members.members()
+            )
+            return JobStatus(
+                spec=self.spec,
+                state=self._state,
+                epoch=min(ledger.epoch, self.spec.epochs - 1),
+                shards_completed_in_epoch=ledger.done_in_epoch,
+                shards_leased=ledger.leased,
+                shards_pending=ledger.pending,
+                shard_completions=len(ledger.completions),
+                duplicate_completions_rejected=ledger.duplicates_rejected,
+                reassignments=ledger.reassignments,
+                members_declared_dead=self._dead_count,
+                samples_trained=self._progress.samples,
+                samples_per_second=self._progress.samples / training_s if training_s > 0 else 0.0,
+                recent_loss=self._progress.recent_loss,
+                training_seconds=training_s,
+                layout_version=self.layout_version,
+                members=snapshots,
+                evaluation=self._evaluation,
+                failure=self._failure,
+            )
+
+    def completions(self) -> list[tuple[int, int, str, int]]:
+        """Every counted completion as (epoch, shard, member id, incarnation)."""
+        with self._lock:
+            return [(c.epoch, c.shard, c.member_id, c.incarnation) for c in self._ledger.completions]

@@ -1,0 +1,167 @@
+"""The shard ledger: which shards of the current epoch are pending, leased or done.
+
+A pull-based work queue (ElasticDL's todo/doing/done): workers lease one shard at a time, report
+the offset they reached, and complete it. Each (epoch, shard) is counted once; a second completion
+raises DuplicateCompletion and is counted. ``requeue(member)`` returns what moved, for the caller
+to log and publish.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Lease:
+    """A shard handed to one incarnation of a worker, with the offset reached so far."""
+
+    epoch: int
+    shard: Shard
+    member_id: str
+    incarnation: int
+    offset: int
+
+
+def split(num_samples: int, num_shards: int) -> list[Shard]:
+    """Contiguous, near-equal ranges covering [0, num_samples)."""
+    if num_samples < 1:
+        raise InvalidArgument("the training set is empty")
+    num_shards = min(num_shards, num_samples)
+    base, extra = divmod(num_samples, num_shards)
+    shards, start = [], 0
+    for i in range(num_shards):
+        end = start + base + (1 if i < extra else 0)
+        shards.append(Shard(i, start, end))
+        start = end
+    return shards
+
+
+@dataclass(frozen=True)
+class Completion:
+    epoch: int
+    shard: int
+    member_id: str
+    incarnation: int
+
+
+class ShardLedger:
+    """Pending, leased and done shards of the current epoch, across ``epochs`` epochs.
+
+    Raises NotFound (unknown shard or epoch), FailedPrecondition (lease not held, epoch over) and
+    DuplicateCompletion (already completed).
+    """
+
+    def __init__(self, num_samples: int, shards_per_epoch: int, epochs: int) -> None:
+        self.shards = split(num_samples, shards_per_epoch)
+        self.epochs = epochs
+        self.epoch = 0
+        self._pending: deque[tuple[int, int]] = deque((s.index, 0) for s in self.shards)
+        self._leases: dict[int, Lease] = {}
+        self._done: set[int] = set()
+        self.completions: list[Completion] = []
+        self.duplicates_rejected = 0
+        self.reassignments = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.epochs
+
+    @property
+    def done_in_epoch(self) -> int:
+        return len(self._done)
+
+    @property
+    def leased(self) -> int:
+        return len(self._leases)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def lease_of(self, member_id: str) -> Lease | None:
+        for lease in self._leases.values():
+            if lease.member_id == member_id:
+                return lease
+        return None
+
+    def lease(self, member_id: str, incarnation: int) -> Lease | None:
+        """The member's current lease, or a new one from the queue; None if the queue is empty."""
+        held = self.lease_of(member_id)
+        if held is not None and held.incarnation == incarnation:
+            return held  # a retried LeaseShard gets the same answer
+        if self.finished or not self._pending:
+            return None
+        index, offset = self._pending.popleft()
+        lease = Lease(self.epoch, self.shards[index], member_id, incarnation, offset)
+        self._leases[index] = lease
+        return lease
+
+    def _held(self, member_id: str, incarnation: int, epoch: int, shard: int) -> Lease:
+        if not 0 <= shard < len(self.shards):
+            raise NotFound(f"no shard {shard}; shards are 0..{len(self.shards) - 1}")
+        if epoch > self.epoch or epoch < 0:
+            raise NotFound(f"epoch {epoch} has not started (current epoch {self.epoch})")
+        lease = self._leases.get(shard) if epoch == self.epoch else None
+        if lease is None or (lease.member_id, lease.incarnation) != (member_id, incarnation):
+            raise FailedPrecondition(
+                f"{member_id}/{incarnation} does not hold shard {shard} of epoch {epoch}"
+            )
+        return lease
+
+    def progress(self, member_id: str, incarnation: int, epoch: int, shard: int, offset: int) -> int:
+        """Records the offset reached; returns the samples newly trained."""
+        if epoch < self.epoch or (epoch == self.epoch and shard in self._done):
+            raise FailedPrecondition(f"shard {shard} of epoch {epoch} is already complete")
+        lease = self._held(member_id, incarnation, epoch, shard)
+        if not lease.offset <= offset <= lease.shard.size:
+            raise InvalidArgument(
+                f"offset {offset} outside [{lease.offset}, {lease.shard.size}] for shard {shard}"
+            )
+        gained = offset - lease.offset
+        lease.offset = offset
+        return gained
+
+    def complete(self, member_id: str, incarnation: int, epoch: int, shard: int) -> tuple[int, bool]:
+        """Counts the shard done. Returns (samples newly trained, whether the epoch ended)."""
+        if 0 <= shard < len(self.shards) and (
+            0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
+        ):
+            self.duplicates_rejected += 1
+            raise DuplicateCompletion(
+                f"shard {shard} of epoch {epoch} was already completed; not counted again"
+            )
+        lease = self._held(member_id, incarnation, epoch, shard)
+        gained = lease.shard.size - lease.offset
+        del self._leases[shard]
+        self._done.add(shard)
+        self.completions.append(Completion(epoch, shard, member_id, incarnation))
+        if len(self._done) < len(self.shards):
+            return gained, False
+        self.epoch += 1
+        self._done = set()
+        if not self.finished:
+            self._pending = deque((s.index, 0) for s in self.shards)
+        return gained, True
+
+    def requeue(self, member_id: str) -> list[Lease]:
+        """Puts every lease of ``member_id`` back at the front of the queue at its offset."""
+        moved = [lease for lease in self._leases.values() if lease.member_id == member_id]
+        for lease in moved:
+            del self._leases[lease.shard.index]
+            self._pending.appendleft((lease.shard.index, lease.offset))
+        self.reassignments += len(moved)
+        return moved

@@ -1,0 +1,47 @@
+"""Composition root of ``lepton coordinator``: builds the job and serves it until SIGTERM."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from coordinator.job import Job
+from coordinator.servicer import CoordinatorServicer, registration
+from lepton.clock import MonotonicClock
+from lepton.config import JobSpec
+from lepton.process import run_every, write_ready_file
+from lepton.rpc import Server
+from lepton.workloads import build_model, load_workload
+
+log = structlog.get_logger("lepton.coordinator")
+
+
+def build_job(spec: JobSpec) -> Job:
+    """Loads the dataset (for its size) and the model (for its initial parameters)."""
+    workload = load_workload(spec.dataset, spec.seed)
+    model = build_model(spec.model, workload, spec.seed)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    return Job(spec, len(workload.train), params)  # type: ignore[arg-type]
+
+
+def serve(
+    spec: JobSpec,
+    listen: str,
+    stop: threading.Event,
+    *,
+    ready_file: str | None = None,
+    grace_s: float = 2.0,
+) -> int:
+    clock = MonotonicClock()
+    job = build_job(spec)
+    server = Server(listen, [registration(CoordinatorServicer(job, clock.now))])
+    server.start()
+    log.info("coordinator_serving", address=server.address, mode=spec.mode, dataset=spec.dataset)
+    write_ready_file(ready_file, address=server.address)
+    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, lambda: job.tick(clock.now()), "expiry")
+    stop.wait()
+    log.info("coordinator_stopping", state=job.state.name)
+    job.events.close()
+    server.stop(grace_s)
+    return 0

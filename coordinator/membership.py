@@ -1,0 +1,114 @@
+"""Who is in the job, and who has gone silent for too long.
+
+A member's identity is (member id, incarnation). Registering again under a known id fences every
+earlier incarnation. ``expire(now)`` is a pure decision: it returns who died and changes the table;
+the caller acts on the result (requeueing leases, emitting events).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+
+from lepton.errors import Fenced, InvalidArgument, NotFound
+
+
+class Role(Enum):
+    PARAMETER_SERVER = "ps"
+    WORKER = "worker"
+
+
+@dataclass
+class Member:
+    """One incarnation of a member and its liveness."""
+
+    member_id: str
+    incarnation: int
+    role: Role
+    address: str
+    last_heartbeat: float
+    alive: bool = True
+    departed: bool = False
+
+
+class MembershipTable:
+    """Registered members, keyed by id; only the latest incarnation of an id is kept.
+
+    Raises NotFound for an unknown id and Fenced for a dead or superseded incarnation.
+    """
+
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        if heartbeat_timeout_s <= 0:
+            raise InvalidArgument("heartbeat_timeout_s must be > 0")
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._members: dict[str, Member] = {}
+        self._counters = {Role.PARAMETER_SERVER: itertools.count(), Role.WORKER: itertools.count()}
+
+    def register(self, role: Role, address: str, now: float, member_id: str = "") -> Member:
+        """Adds a new member, or a new incarnation of ``member_id`` (fencing the old one)."""
+        previous = self._members.get(member_id) if member_id else None
+        if previous is not None and previous.role is not role:
+            raise InvalidArgument(
+                f"member {member_id} registered as {previous.role.value}, not {role.value}"
+            )
+        if previous is None:
+            if not member_id:
+                member_id = self._fresh_id(role)
+            incarnation = 1
+        else:
+            incarnation = previous.incarnation + 1
+        member = Member(member_id, incarnation, role, address, last_heartbeat=now)
+        self._members[member_id] = member
+        return member
+
+    def _fresh_id(self, role: Role) -> str:
+        while True:
+            candidate = f"{role.value}-{next(self._counters[role])}"
+            if candidate not in self._members:
+                return candidate
+
+    def check(self, member_id: str, incarnation: int) -> Member:
+        """The live member with this identity; raises NotFound or Fenced otherwise."""
+        member = self._members.get(member_id)
+        if member is None:
+            raise NotFound(f"no member {member_id!r} in this job; register first")
+        if incarnation != member.incarnation or not member.alive:
+            why = "departed" if member.departed and incarnation == member.incarnation else (
+                "declared dead" if incarnation == member.incarnation else
+                f"superseded by incarnation {member.incarnation}"
+            )
+            raise Fenced(
+                f"member {member_id} incarnation {incarnation} is fenced ({why}); re-register"
+            )
+        return member
+
+    def heartbeat(self, member_id: str, incarnation: int, now: float) -> Member:
+        member = self.check(member_id, incarnation)
+        member.last_heartbeat = now
+        return member
+
+    def depart(self, member_id: str, incarnation: int) -> Member:
+        """Marks a member as gone by its own choice (its incarnation is fenced from now on)."""
+        member = self.check(member_id, incarnation)
+        member.alive = False
+        member.departed = True
+        return member
+
+    def expire(self, now: float) -> list[Member]:
+        """Declares dead every live member silent for longer than the timeout; returns them."""
+        dead = []
+        for member in self._members.values():
+            if member.alive and now - member.last_heartbeat > self.heartbeat_timeout_s:
+                member.alive = False
+                dead.append(member)
+        return dead
+
+    def get(self, member_id: str) -> Member | None:
+        return self._members.get(member_id)
+
+    def members(self, role: Role | None = None) -> list[Member]:
+        return [m for m in self._members.values() if role is None or m.role is role]
+
+    def alive(self, role: Role | None = None) -> list[Member]:
+        return [m for m in self.members(role) if m.alive]

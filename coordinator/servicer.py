@@ -1,0 +1,230 @@
+"""The Coordinator gRPC service: decode, one call on the Job, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from coordinator.events import Event
+from coordinator.job import EvaluationResult, Job, JobState, JobStatus, LeaseOutcome
+from coordinator.ledger import Lease
+from coordinator.membership import Role
+from lepton import codec
+from lepton.errors import InvalidArgument
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as pb
+from lepton.v1 import coordinator_pb2_grpc as pb_grpc
+from lepton.wire import job_to_proto, spec_to_proto
+
+_ROLE_FROM_WIRE = {common.ROLE_PARAMETER_SERVER: Role.PARAMETER_SERVER, common.ROLE_WORKER: Role.WORKER}
+_ROLE_TO_WIRE = {v: k for k, v in _ROLE_FROM_WIRE.items()}
+_LEASE_TO_WIRE = {
+    LeaseOutcome.GRANTED: pb.LEASE_OUTCOME_GRANTED,
+    LeaseOutcome.WAIT: pb.LEASE_OUTCOME_WAIT,
+    LeaseOutcome.EVALUATE: pb.LEASE_OUTCOME_EVALUATE,
+    LeaseOutcome.JOB_DONE: pb.LEASE_OUTCOME_JOB_DONE,
+}
+WATCH_POLL_S = 0.5
+
+
+def _member(ref: common.MemberRef) -> tuple[str, int]:
+    if not ref.member_id:
+        raise InvalidArgument("member.member_id is required")
+    if ref.incarnation < 1:
+        raise InvalidArgument("member.incarnation must be >= 1")
+    return ref.member_id, ref.incarnation
+
+
+def _lease(lease: Lease) -> pb.ShardLease:
+    return pb.ShardLease(
+        epoch=lease.epoch,
+        shard=lease.shard.index,
+        start=lease.shard.start,
+        end=lease.shard.end,
+        offset=lease.offset,
+    )
+
+
+def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
+    msg = pb.GetStatusResponse(
+        job=job_to_proto(status.spec),
+        state=status.state.value,
+        epoch=status.epoch,
+        shards_completed_in_epoch=status.shards_completed_in_epoch,
+        shards_leased=status.shards_leased,
+        shards_pending=status.shards_pending,
+        shard_completions=status.shard_completions,
+        duplicate_completions_rejected=status.duplicate_completions_rejected,
+        reassignments=status.reassignments,
+        members_declared_dead=status.members_declared_dead,
+        samples_trained=status.samples_trained,
+        samples_per_second=status.samples_per_second,
+        recent_loss=status.recent_loss,
+        training_seconds=status.training_seconds,
+        layout_version=status.layout_version,
+        failure=status.failure,
+    )
+    for snap in status.members:
+        m = snap.member
+        entry = msg.members.add(
+            member=common.MemberRef(member_id=m.member_id, incarnation=m.incarnation),
+            role=_ROLE_TO_WIRE[m.role],
+            address=m.address,
+            alive=m.alive,
+            last_heartbeat_age_s=snap.heartbeat_age_s,
+        )
+        if snap.lease is not None:
+            entry.lease.CopyFrom(_lease(snap.lease))
+            entry.has_lease = True
+    if status.evaluation is not None:
+        e = status.evaluation
+        msg.has_evaluation = True
+        msg.evaluation.CopyFrom(
+            pb.EvaluationResult(
+                accuracy=e.accuracy,
+                macro_recall=e.macro_recall,
+                loss=e.loss,
+                samples=e.samples,
+                inference_samples_per_second=e.inference_samples_per_second,
+            )
+        )
+    return msg
+
+
+def event_to_proto(event: Event) -> pb.JobEvent:
+    return pb.JobEvent(
+        sequence=event.sequence,
+        time_unix_s=event.time_unix_s,
+        kind=event.kind.value,
+        member=common.MemberRef(member_id=event.member_id, incarnation=event.incarnation),
+        epoch=event.epoch,
+        shard=event.shard,
+        offset=event.offset,
+        job_state=JobState[event.job_state].value if event.job_state else 0,
+        loss=event.loss,
+        message=event.message,
+    )
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Adapter from the Coordinator service to a Job. ``clock`` returns monotonic seconds."""
+
+    def __init__(self, job: Job, clock: Callable[[], float]) -> None:
+        self._job = job
+        self._now = clock
+
+    def RegisterMember(self, request, context):
+        role = _ROLE_FROM_WIRE.get(request.role)
+        if role is None:
+            raise InvalidArgument("role must be ROLE_PARAMETER_SERVER or ROLE_WORKER")
+        member = self._job.register(role, request.address, self._now(), request.member_id)
+        return pb.RegisterMemberResponse(
+            member=common.MemberRef(member_id=member.member_id, incarnation=member.incarnation),
+            job=job_to_proto(self._job.spec),
+        )
+
+    def Heartbeat(self, request, context):
+        reply = self._job.heartbeat(*_member(request.member), self._now())
+        return pb.HeartbeatResponse(
+            job_state=reply.state.value,
+            layout_version=reply.layout_version,
+            workers=[
+                pb.WorkerMembership(member_id=w.member_id, incarnation=w.incarnation, alive=w.alive)
+                for w in reply.workers
+            ],
+        )
+
+    def Deregister(self, request, context):
+        moved = self._job.deregister(*_member(request.member), self._now())
+        return pb.DeregisterResponse(shards_requeued=moved)
+
+    def GetAssignment(self, request, context) -> Iterator[pb.GetAssignmentResponse]:
+        assignment = self._job.assignment(*_member(request.member))
+        yield pb.GetAssignmentResponse(
+            layout_version=assignment.layout_version,
+            tensors=[spec_to_proto(s) for s in assignment.tensors],
+            optimizer=job_to_proto(self._job.spec).optimizer,
+            mode=job_to_proto(self._job.spec).mode,
+        )
+        for chunks in codec.pack(assignment.values.items()):
+            yield pb.GetAssignmentResponse(chunks=chunks)
+
+    def ReportReady(self, request, context):
+        self._job.ready(*_member(request.member), request.layout_version, self._now())
+        return pb.ReportReadyResponse()
+
+    def GetLayout(self, request, context):
+        layout, addresses = self._job.layout()
+        return pb.GetLayoutResponse(
+            layout_version=layout.version,
+            servers=[
+                pb.ServerAssignment(
+                    member_id=server,
+                    address=addresses[server],
+                    tensors=[spec_to_proto(s) for s in layout.tensors_of(server)],
+                )
+                for server in layout.servers
+            ],
+        )
+
+    def LeaseShard(self, request, context):
+        decision = self._job.lease(*_member(request.member), self._now())
+        msg = pb.LeaseShardResponse(
+            outcome=_LEASE_TO_WIRE[decision.outcome], retry_after_s=decision.retry_after_s
+        )
+        if decision.lease is not None:
+            msg.lease.CopyFrom(_lease(decision.lease))
+        return msg
+
+    def ReportProgress(self, request, context):
+        self._job.progress(
+            *_member(request.member),
+            request.epoch,
+            request.shard,
+            request.offset,
+            request.loss,
+            request.samples,
+            self._now(),
+        )
+        return pb.ReportProgressResponse()
+
+    def CompleteShard(self, request, context):
+        done = self._job.complete(
+            *_member(request.member),
+            request.epoch,
+            request.shard,
+            request.loss,
+            request.samples,
+            self._now(),
+        )
+        return pb.CompleteShardResponse(epoch_completed=done)
+
+    def ReportEvaluation(self, request, context):
+        result = EvaluationResult(
+            accuracy=request.accuracy,
+            macro_recall=request.macro_recall,
+            loss=request.loss,
+            samples=request.samples,
+            inference_samples_per_second=request.inference_samples_per_second,
+        )
+        self._job.report_evaluation(*_member(request.member), result, self._now())
+        return pb.ReportEvaluationResponse()
+
+    def GetStatus(self, request, context):
+        return status_to_proto(self._job.status(self._now()))
+
+    def WatchJob(self, request, context) -> Iterator[pb.JobEvent]:
+        sequence = request.after_sequence
+        events = self._job.events
+        while context.is_active() and not events.closed:
+            for event in events.wait_after(sequence, WATCH_POLL_S):
+                yield event_to_proto(event)
+                sequence = event.sequence
+
+
+def registration(servicer: CoordinatorServicer):
+    """What lepton.rpc.Server needs to host this service."""
+    return (
+        pb_grpc.add_CoordinatorServicer_to_server,
+        servicer,
+        pb.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+    )

@@ -1,0 +1,7 @@
+"""``python -m lepton`` is the same as the ``lepton`` console script."""
+
+import sys
+
+from lepton.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""The ``lepton`` command line: one subcommand per role, plus ``up`` and ``status``.
+
+Only this module reads flags; it builds settings and hands them to each role's ``serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from lepton.config import MODES, JobSpec, job_from_mapping, load_job_file
+from lepton.errors import ConfigError, LeptonError
+from lepton.logs import configure_logging
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, stop_event_on_signals
+
+# flag -> JobSpec field
+_JOB_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--dataset": ("dataset", str, "built-in dataset (digits) or package.module:factory"),
+    "--model": ("model", str, "built-in model (mlp) or package.module:factory"),
+    "--epochs": ("epochs", int, "passes over the training set"),
+    "--batch-size": ("batch_size", int, "samples per worker step"),
+    "--lr": ("lr", float, "learning rate"),
+    "--optimizer": ("optimizer", str, "torch.optim class name (sgd, adam, adamw, ...)"),
+    "--mode": ("mode", str, f"consistency mode: {' or '.join(MODES)}"),
+    "--shards": ("shards_per_epoch", int, "shards the training set is split into per epoch"),
+    "--seed": ("seed", int, "seed of model initialisation and shuffling"),
+    "--heartbeat-interval": ("heartbeat_interval_s", float, "seconds between heartbeats"),
+    "--heartbeat-timeout": ("heartbeat_timeout_s", float, "seconds of silence before a member is declared dead"),
+}
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job (flags override --job FILE, which overrides the defaults)")
+    g.add_argument("--job", metavar="FILE", help="job TOML file (JobSpec fields as keys)")
+    for flag, (_, typ, text) in _JOB_FLAGS.items():
+        g.add_argument(flag, type=typ, default=None, help=text)
+    g.add_argument(
+        "--optimizer-kwargs",
+        metavar="JSON",
+        default=None,
+        help='extra optimizer arguments as a JSON object, e.g. \'{"momentum": 0.9}\'',
+    )
+
+
+def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
+    base = load_job_file(args.job) if args.job else JobSpec()
+    values: dict[str, Any] = {}
+    for flag, (name, _, _) in _JOB_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            values[name] = value
+    if args.optimizer_kwargs:
+        try:
+            values["optimizer_kwargs"] = json.loads(args.optimizer_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--optimizer-kwargs is not JSON: {exc}") from exc
+    values.update(overrides)
+    return job_from_mapping(values, base)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-level", default="info")
+
+
+def _add_member(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lepton", description="Distributed PyTorch training over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("coordinator", help="run the coordinator of one job")
+    c.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="port 0 picks a free port")
+    c.add_argument("--parameter-servers", type=int, default=None, help="servers the job waits for")
+    c.add_argument("--state-dir", default=None, help="directory for the coordinator's state")
+    c.add_argument("--ready-file", default=None, help="write {address, pid} as JSON here once serving")
+    _add_job_flags(c)
+    _add_common(c)
+
+    s = sub.add_parser("ps", help="run a parameter server")
+    _add_member(s)
+    s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    s.add_argument("--advertise", default="", metavar="HOST:PORT", help="address workers dial, if not --listen")
+    s.add_argument("--state-dir", default=None, help="directory for this server's state")
+    s.add_argument("--ready-file", default=None)
+    _add_common(s)
+
+    w = sub.add_parser("worker", help="run a worker")
+    _add_member(w)
+    _add_common(w)
+
+    u = sub.add_parser("up", help="run a whole local cluster (coordinator, servers, workers) and train")
+    u.add_argument("--ps", type=int, default=2, help="parameter servers (default 2)")
+    u.add_argument("--workers", type=int, default=3, help="workers (default 3)")
+    u.add_argument("--coordinator-port", type=int, default=0, help="coordinator port (default: a free one)")
+    u.add_argument("--state-dir", default=None, help="logs and state of every child (default: a temp dir)")
+    u.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
+    u.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    _add_job_flags(u)
+    _add_common(u)
+
+    st = sub.add_parser("status", help="show a running job as the coordinator sees it")
+    st.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"lepton {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        from lepton.status import show_status
+
+        return show_status(args.coordinator, as_json=args.json)
+    if args.command == "up":
+        from lepton.launcher import Cluster, run_up
+
+        spec = job_from_args(args, parameter_servers=args.ps)
+        if args.workers < 1 or args.ps < 1:
+            raise ConfigError("--workers and --ps must be >= 1")
+        configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
+        return run_up(
+            Cluster(
+                spec=spec,
+                workers=args.workers,
+                coordinator_port=args.coordinator_port,
+                state_dir=args.state_dir,
+                log_format=args.log_format,
+            ),
+            report_path=args.report,
+            timeout_s=args.timeout,
+        )
+    configure_logging(args.log_format, args.log_level, role=args.command)
+    stop = stop_event_on_signals()
+    if args.command == "coordinator":
+        from coordinator.main import serve as serve_coordinator
+
+        overrides = {} if args.parameter_servers is None else {"parameter_servers": args.parameter_servers}
+        spec = job_from_args(args, **overrides)
+        if args.state_dir:
+            os.makedirs(args.state_dir, exist_ok=True)
+        return serve_coordinator(spec, args.listen, stop, ready_file=args.ready_file)
+    if args.command == "ps":
+        from ps_server.main import serve as serve_ps
+
+        return serve_ps(
+            args.coordinator,
+            args.listen,
+            stop,
+            advertise=args.advertise,
+            member_id=args.id,
+            ready_file=args.ready_file,
+        )
+    if args.command == "worker":
+        from worker.main import serve as serve_worker
+
+        return serve_worker(args.coordinator, stop, member_id=args.id)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        sys.exit(main())
+    except LeptonError as exc:
+        print(f"lepton: {exc}", file=sys.stderr)
+        sys.exit(EXIT_LOST_CONTACT)

@@ -1,0 +1,286 @@
+"""Typed clients of the Coordinator and ParameterServer services.
+
+One channel per endpoint, reused for every call; a deadline on every call; grpc errors become
+domain errors (lepton.errors) at this boundary; idempotent calls are retried on Unavailable with
+jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lepton import codec
+from lepton.codec import TensorSpec
+from lepton.config import JobSpec
+from lepton.errors import InvalidArgument
+from lepton.retry import RetryPolicy, call_with_retry
+from lepton.rpc import call, dial, iterate
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
+from lepton.v1 import parameter_server_pb2 as ppb
+from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
+from lepton.wire import MODE_FROM_WIRE, job_from_proto, optimizer_kwargs, spec_from_proto
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class MemberId:
+    member_id: str
+    incarnation: int
+
+    def to_proto(self) -> common.MemberRef:
+        return common.MemberRef(member_id=self.member_id, incarnation=self.incarnation)
+
+    def __str__(self) -> str:
+        return f"{self.member_id}/{self.incarnation}"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    member_id: str
+    address: str
+    tensors: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class LayoutInfo:
+    version: int
+    servers: tuple[ServerInfo, ...]
+
+
+@dataclass(frozen=True)
+class AssignmentInfo:
+    layout_version: int
+    tensors: dict[str, torch.Tensor]
+    optimizer: str
+    lr: float
+    optimizer_kwargs: dict
+    mode: str
+
+
+class CoordinatorClient:
+    """Client of one coordinator. Raises lepton.errors on failure."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.address = address
+        self._channel = dial(address)
+        self._stub = cpb_grpc.CoordinatorStub(self._channel)
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _idempotent(self, method, request):
+        return call_with_retry(
+            lambda: call(method, request, timeout=self._timeout_s), self._retry, rng=self._rng
+        )
+
+    def register(self, role: int, address: str = "", member_id: str = "") -> tuple[MemberId, JobSpec]:
+        reply = call_with_retry(
+            lambda: call(
+                self._stub.RegisterMember,
+                cpb.RegisterMemberRequest(role=role, address=address, member_id=member_id),
+                timeout=self._timeout_s,
+            ),
+            self._retry,
+            rng=self._rng,
+        )
+        return MemberId(reply.member.member_id, reply.member.incarnation), job_from_proto(reply.job)
+
+    def heartbeat(self, member: MemberId) -> cpb.HeartbeatResponse:
+        return call(self._stub.Heartbeat, cpb.HeartbeatRequest(member=member.to_proto()), timeout=self._timeout_s)
+
+    def deregister(self, member: MemberId) -> int:
+        reply = call(self._stub.Deregister, cpb.DeregisterRequest(member=member.to_proto()), timeout=self._timeout_s)
+        return reply.shards_requeued
+
+    def assignment(self, member: MemberId) -> AssignmentInfo:
+        responses = self._stub.GetAssignment(
+            cpb.GetAssignmentRequest(member=member.to_proto()), timeout=self._timeout_s * 6
+        )
+        head: cpb.GetAssignmentResponse | None = None
+        assembler: codec.TensorAssembler | None = None
+        for msg in iterate(responses):
+            if head is None:
+                head = msg
+                specs = {t.name: spec_from_proto(t) for t in msg.tensors}
+                assembler = codec.TensorAssembler(specs)
+            for chunk in msg.chunks:
+                assembler.add(chunk)  # type: ignore[union-attr]
+        if head is None or assembler is None:
+            raise InvalidArgument("empty assignment stream")
+        tensors = assembler.finish(require=[t.name for t in head.tensors])
+        return AssignmentInfo(
+            layout_version=head.layout_version,
+            tensors=tensors,
+            optimizer=head.optimizer.name,
+            lr=head.optimizer.learning_rate,
+            optimizer_kwargs=optimizer_kwargs(head.optimizer),
+            mode=MODE_FROM_WIRE[head.mode],
+        )
+
+    def report_ready(self, member: MemberId, layout_version: int) -> None:
+        self._idempotent(
+            self._stub.ReportReady,
+            cpb.ReportReadyRequest(member=member.to_proto(), layout_version=layout_version),
+        )
+
+    def layout(self) -> LayoutInfo:
+        reply = self._idempotent(self._stub.GetLayout, cpb.GetLayoutRequest())
+        return LayoutInfo(
+            reply.layout_version,
+            tuple(
+                ServerInfo(s.member_id, s.address, tuple(spec_from_proto(t) for t in s.tensors))
+                for s in reply.servers
+            ),
+        )
+
+    def lease(self, member: MemberId) -> cpb.LeaseShardResponse:
+        return self._idempotent(self._stub.LeaseShard, cpb.LeaseShardRequest(member=member.to_proto()))
+
+    def progress(self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int) -> None:
+        self._idempotent(
+            self._stub.ReportProgress,
+            cpb.ReportProgressRequest(
+                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples
+            ),
+        )
+
+    def complete(self, member: MemberId, epoch: int, shard: int, loss: float, samples: int) -> bool:
+        reply = call(
+            self._stub.CompleteShard,
+            cpb.CompleteShardRequest(
+                member=member.to_proto(), epoch=epoch, shard=shard, loss=loss, samples=samples
+            ),
+            timeout=self._timeout_s,
+        )
+        return reply.epoch_completed
+
+    def report_evaluation(self, member: MemberId, **metrics: float) -> None:
+        call(
+            self._stub.ReportEvaluation,
+            cpb.ReportEvaluationRequest(member=member.to_proto(), **metrics),
+            timeout=self._timeout_s,
+        )
+
+    def status(self) -> cpb.GetStatusResponse:
+        return self._idempotent(self._stub.GetStatus, cpb.GetStatusRequest())
+
+    def watch(self, after_sequence: int = 0, timeout_s: float | None = None) -> Iterator[cpb.JobEvent]:
+        return iterate(
+            self._stub.WatchJob(cpb.WatchJobRequest(after_sequence=after_sequence), timeout=timeout_s)
+        )
+
+
+@dataclass(frozen=True)
+class PushReply:
+    applied: bool
+    version: int
+    staleness: int
+
+
+def _push_messages(
+    member: MemberId, base_version: int, samples: int, grads: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[ppb.PushRequest]:
+    header = ppb.PushHeader(
+        member=member.to_proto(),
+        base_version=base_version,
+        sample_count=samples,
+        request_id=uuid.uuid4().hex,
+    )
+    first = True
+    for chunks in codec.pack(grads):
+        yield ppb.PushRequest(header=header, chunks=chunks) if first else ppb.PushRequest(chunks=chunks)
+        first = False
+    if first:
+        yield ppb.PushRequest(header=header)
+
+
+def _read_pull(responses: Iterator[ppb.PullResponse]) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
+    assembler = codec.TensorAssembler()
+    version = -1
+    push = None
+    for msg in iterate(responses):
+        if version < 0:
+            version = msg.version
+            push = msg.push if msg.HasField("push") else None
+        for chunk in msg.chunks:
+            assembler.add(chunk)
+    return version, assembler.finish(), push
+
+
+class ParameterClient:
+    """Client of one parameter server. Raises lepton.errors on failure."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
+        self.address = address
+        self._channel = dial(address)
+        self._stub = ppb_grpc.ParameterServerStub(self._channel)
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def pull(self, member: MemberId, names: Iterable[str] = ()) -> tuple[int, dict[str, torch.Tensor]]:
+        def once():
+            version, tensors, _ = _read_pull(
+                self._stub.Pull(ppb.PullRequest(member=member.to_proto(), names=list(names)), timeout=self._timeout_s)
+            )
+            return version, tensors
+
+        return call_with_retry(once, self._retry, rng=self._rng)
+
+    def push_pull(
+        self,
+        member: MemberId,
+        base_version: int,
+        samples: int,
+        grads: Mapping[str, torch.Tensor],
+        timeout_s: float | None = None,
+    ) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
+        """Not retried: a push may have been applied even when its answer was lost."""
+        responses = self._stub.PushPull(
+            _push_messages(member, base_version, samples, grads.items()),
+            timeout=timeout_s or self._timeout_s,
+        )
+        version, tensors, push = _read_pull(responses)
+        assert push is not None, "PushPull answers with the push outcome first"
+        reply = PushReply(push.outcome == ppb.PUSH_OUTCOME_APPLIED, push.version, push.staleness)
+        return reply, version, tensors
+
+    def push(
+        self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor],
+        timeout_s: float | None = None,
+    ) -> PushReply:
+        reply = call(
+            self._stub.Push,
+            _push_messages(member, base_version, samples, grads.items()),
+            timeout=timeout_s or self._timeout_s,
+        )
+        return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)
+
+    def leave_steps(self, member: MemberId) -> None:
+        call_with_retry(
+            lambda: call(self._stub.LeaveSteps, ppb.LeaveStepsRequest(member=member.to_proto()), timeout=self._timeout_s),
+            self._retry,
+            rng=self._rng,
+        )
+
+    def server_status(self) -> ppb.GetServerStatusResponse:
+        return call(self._stub.GetServerStatus, ppb.GetServerStatusRequest(), timeout=self._timeout_s)

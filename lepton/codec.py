@@ -1,0 +1,230 @@
+"""The tensor codec: torch tensors to ``TensorChunk`` messages and back.
+
+Wire layout (documented for other languages in ``protos/lepton/v1/common.proto``): row-major bytes,
+each element little-endian, split into chunks of at most ``chunk_bytes`` that arrive in offset order.
+Every read of a protobuf ``bytes`` field copies, so each chunk's ``data`` is read exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lepton.errors import InvalidArgument
+from lepton.v1 import common_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)
+
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.int64: pb.DTYPE_INT64,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int16: pb.DTYPE_INT16,
+    torch.int8: pb.DTYPE_INT8,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.bool: pb.DTYPE_BOOL,
+}
+_WIRE_TO_TORCH: dict[int, torch.dtype] = {v: k for k, v in _TORCH_TO_WIRE.items()}
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+# torch.frombuffer warns that received bytes are read-only; we only ever copy out of them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    """The ``DType`` enum value of a torch dtype. Raises InvalidArgument for unsupported dtypes."""
+    try:
+        return _TORCH_TO_WIRE[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} cannot travel on the wire") from None
+
+
+def torch_dtype(wire: int) -> torch.dtype:
+    """The torch dtype of a ``DType`` enum value. Raises InvalidArgument for unknown values."""
+    try:
+        return _WIRE_TO_TORCH[wire]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown dtype code {wire}; expected one of {sorted(_WIRE_TO_TORCH)}"
+        ) from None
+
+
+def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    """Bytes a tensor of this dtype and shape occupies on the wire."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _le_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view (or copy, on big-endian hosts) of the tensor's little-endian bytes."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    u8 = flat.view(torch.uint8)
+    if _BIG_ENDIAN_HOST and flat.element_size() > 1:
+        u8 = u8.view(-1, flat.element_size()).flip(1).reshape(-1)
+    return u8
+
+
+def to_wire(
+    name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.TensorChunk]:
+    """Encodes one tensor as chunks of at most ``chunk_bytes`` bytes (at least one chunk)."""
+    dtype = wire_dtype(tensor.dtype)
+    shape = list(tensor.shape)
+    u8 = _le_bytes(tensor).cpu()
+    total = u8.numel()
+    offset = 0
+    while True:
+        end = min(total, offset + chunk_bytes)
+        yield pb.TensorChunk(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            offset_bytes=offset,
+            data=u8[offset:end].numpy().tobytes(),
+        )
+        offset = end
+        if offset >= total:
+            return
+
+
+def pack(
+    tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[list[pb.TensorChunk]]:
+    """Groups the chunks of several tensors into message-sized lists of at most ``chunk_bytes``
+    data bytes each (small tensors share a message; big ones span several)."""
+    batch: list[pb.TensorChunk] = []
+    size = 0
+    for name, tensor in tensors:
+        for chunk in to_wire(name, tensor, chunk_bytes):
+            n = len(chunk.data)
+            if batch and size + n > chunk_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(chunk)
+            size += n
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape a receiver expects."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class _Partial:
+    __slots__ = ("dtype", "shape", "tensor", "u8", "received")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.tensor = torch.empty(shape, dtype=dtype)
+        flat = self.tensor.reshape(-1)
+        self.u8 = (flat.view(torch.uint8) if dtype == torch.bool else flat).view(torch.uint8)
+        self.received = 0
+
+
+class TensorAssembler:
+    """Reassembles chunks into tensors, enforcing the chunk rules.
+
+    With ``expected`` given, every tensor must be one of them with the same dtype and shape.
+    Raises InvalidArgument on the first broken rule (including an unexpected name).
+    """
+
+    def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
+        self._expected = expected
+        self._parts: dict[str, _Partial] = {}
+        self._current: str | None = None
+        self.bytes_received = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        name = chunk.name
+        dtype = torch_dtype(chunk.dtype)
+        shape = tuple(chunk.shape)
+        if not name:
+            raise InvalidArgument("tensor chunk without a name")
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+        if self._expected is not None:
+            spec = self._expected.get(name)
+            if spec is None:
+                raise InvalidArgument(f"tensor {name!r} is not held here; known: {sorted(self._expected)[:8]}")
+            if spec.dtype != dtype:
+                raise InvalidArgument(f"tensor {name!r}: dtype {dtype} but expected {spec.dtype}")
+            if spec.shape != shape:
+                raise InvalidArgument(
+                    f"tensor {name!r}: shape {list(shape)} but expected {list(spec.shape)}"
+                )
+        part = self._parts.get(name)
+        if part is None:
+            if self._current is not None and not self._complete(self._parts[self._current]):
+                raise InvalidArgument(
+                    f"tensor {name!r} started before tensor {self._current!r} was complete"
+                )
+            part = _Partial(dtype, shape)
+            self._parts[name] = part
+            self._current = name
+        elif part.dtype != dtype or part.shape != shape:
+            raise InvalidArgument(f"tensor {name!r}: dtype or shape changed between chunks")
+        elif name != self._current:
+            raise InvalidArgument(f"tensor {name!r} sent twice")
+        data = chunk.data  # one copy out of the message
+        total = part.u8.numel()
+        if chunk.offset_bytes != part.received:
+            raise InvalidArgument(
+                f"tensor {name!r}: chunk at byte offset {chunk.offset_bytes}, expected {part.received}"
+            )
+        if part.received + len(data) > total:
+            raise InvalidArgument(
+                f"tensor {name!r}: {part.received + len(data)} bytes for shape {list(shape)} x {dtype}"
+                f" which needs {total}"
+            )
+        if data:
+            part.u8[part.received : part.received + len(data)].copy_(
+                torch.frombuffer(data, dtype=torch.uint8)
+            )
+        part.received += len(data)
+        self.bytes_received += len(data)
+
+    @staticmethod
+    def _complete(part: _Partial) -> bool:
+        return part.received == part.u8.numel()
+
+    def finish(self, require: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Returns the tensors; raises InvalidArgument if any is short or a required one missing."""
+        for name, part in self._parts.items():
+            if not self._complete(part):
+                raise InvalidArgument(
+                    f"tensor {name!r}: received {part.received} of {part.u8.numel()} bytes"
+                )
+        if require is not None:
+            missing = sorted(set(require) - set(self._parts))
+            if missing:
+                raise InvalidArgument(f"tensors missing: {missing[:8]}")
+        out: dict[str, torch.Tensor] = {}
+        for name, part in self._parts.items():
+            t = part.tensor
+            if _BIG_ENDIAN_HOST and t.element_size() > 1:
+                t = _le_bytes(t).view(t.dtype).reshape(part.shape)
+            out[name] = t
+        return out
+
+
+def from_wire(chunks: Iterable[pb.TensorChunk]) -> dict[str, torch.Tensor]:
+    """Decodes a complete sequence of chunks into named tensors."""
+    assembler = TensorAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.finish()

@@ -1,0 +1,97 @@
+"""Job configuration: one frozen dataclass, validated on construction, read from TOML and flags.
+
+Every knob of a job is defined here and documented in the README's CLI reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lepton.errors import ConfigError
+
+MODES = ("async", "sync")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a training job is: data, model, optimizer, schedule and failure timing.
+
+    Raises:
+        ConfigError: from ``__post_init__`` when a value is out of range.
+    """
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 0.01
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    mode: str = "async"
+    shards_per_epoch: int = 12
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 3.0
+    parameter_servers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.dataset:
+            problems.append("dataset must be named")
+        if not self.model:
+            problems.append("model must be named")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0):
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.shards_per_epoch < 1:
+            problems.append(f"shards_per_epoch must be >= 1, got {self.shards_per_epoch}")
+        if not (self.heartbeat_interval_s > 0):
+            problems.append(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if not (self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s):
+            problems.append(
+                "heartbeat_timeout_s must exceed twice heartbeat_interval_s "
+                f"({self.heartbeat_timeout_s} <= 2 x {self.heartbeat_interval_s})"
+            )
+        if self.parameter_servers < 1:
+            problems.append(f"parameter_servers must be >= 1, got {self.parameter_servers}")
+        if not isinstance(self.optimizer_kwargs, Mapping):
+            problems.append("optimizer_kwargs must be a table")
+        if problems:
+            raise ConfigError("invalid job: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> JobSpec:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(JobSpec)}
+
+
+def job_from_mapping(values: Mapping[str, Any], base: JobSpec | None = None) -> JobSpec:
+    """Builds a JobSpec from a mapping (a parsed TOML table); unknown keys are an error."""
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown job fields {unknown}; known: {sorted(_FIELDS)}")
+    try:
+        return dataclasses.replace(base or JobSpec(), **dict(values))
+    except TypeError as exc:
+        raise ConfigError(f"invalid job: {exc}") from exc
+
+
+def load_job_file(path: str | Path) -> JobSpec:
+    """Reads a job TOML file: top-level keys, or a ``[job]`` table, name JobSpec fields."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc}") from exc
+    table = data.get("job", data)
+    return job_from_mapping(table)

@@ -1,0 +1,54 @@
+"""Domain errors shared by every role.
+
+Domain code raises these; ``lepton.rpc`` maps each class to one gRPC status code in a single table,
+and clients map status codes back. Expected outcomes ("no shard yet", "gradient stale") are never
+errors: they are fields of a response.
+"""
+
+
+class LeptonError(Exception):
+    """Base of every error Lepton reports to a caller."""
+
+
+class InvalidArgument(LeptonError):
+    """The request is malformed or out of range; nothing was changed."""
+
+
+class NotFound(LeptonError):
+    """A named member, shard, tensor or epoch does not exist."""
+
+
+class FailedPrecondition(LeptonError):
+    """The request does not fit the current state (fenced member, lease not held, ...)."""
+
+
+class Fenced(FailedPrecondition):
+    """The member's incarnation was declared dead; it must re-register."""
+
+
+class DuplicateCompletion(FailedPrecondition):
+    """The shard was already completed in this epoch."""
+
+
+class ResourceExhausted(LeptonError):
+    """A size or concurrency limit was hit."""
+
+
+class Unauthenticated(LeptonError):
+    """Credentials are missing or wrong."""
+
+
+class PermissionDenied(LeptonError):
+    """Valid credentials without the role the call needs."""
+
+
+class Unavailable(LeptonError):
+    """The peer cannot be reached right now; retrying may help."""
+
+
+class DeadlineExceeded(LeptonError):
+    """The call did not finish before its deadline."""
+
+
+class ConfigError(LeptonError):
+    """A configuration value is invalid (raised at start-up, never over the wire)."""

@@ -1,0 +1,378 @@
+"""``lepton up``: a whole cluster as separate OS processes on loopback.
+
+Starts ``lepton coordinator``, then ``lepton ps`` and ``lepton worker`` processes pointed at it,
+shows progress from the coordinator's status and event stream, and on the job's end (or Ctrl-C,
+SIGTERM, timeout) stops every child: SIGTERM, a grace period, then SIGKILL. Children also get
+SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from lepton.clients import CoordinatorClient
+from lepton.config import JobSpec
+from lepton.errors import ConfigError, LeptonError
+from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
+from lepton.retry import RetryPolicy
+from lepton.status import state_name, status_dict
+from lepton.v1 import coordinator_pb2 as cpb
+
+log = structlog.get_logger("lepton.up")
+TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+READY_TIMEOUT_S = 120.0
+CHILD_EXIT_TIMEOUT_S = 20.0
+STOP_GRACE_S = 10.0
+POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Cluster:
+    spec: JobSpec
+    workers: int
+    coordinator_port: int = 0
+    state_dir: str | None = None
+    log_format: str = "auto"
+
+
+def lepton_command() -> list[str]:
+    """The ``lepton`` console script beside this interpreter, else ``python -m lepton``."""
+    script = Path(sys.executable).with_name("lepton")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("lepton")
+    return [found] if found else [sys.executable, "-m", "lepton"]
+
+
+def job_flags(spec: JobSpec) -> list[str]:
+    return [
+        "--dataset", spec.dataset,
+        "--model", spec.model,
+        "--epochs", str(spec.epochs),
+        "--batch-size", str(spec.batch_size),
+        "--lr", repr(spec.lr),
+        "--optimizer", spec.optimizer,
+        "--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs)),
+        "--mode", spec.mode,
+        "--shards", str(spec.shards_per_epoch),
+        "--seed", str(spec.seed),
+        "--heartbeat-interval", repr(spec.heartbeat_interval_s),
+        "--heartbeat-timeout", repr(spec.heartbeat_timeout_s),
+        "--parameter-servers", str(spec.parameter_servers),
+    ]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class Children:
+    """Every process this launcher started; ``stop_all`` leaves none running."""
+
+    log_dir: Path
+    items: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str]) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        out = open(log_path, "ab")
+        proc = subprocess.Popen(
+            [*lepton_command(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        out.close()
+        child = Child(name, proc, log_path)
+        self.items.append(child)
+        log.debug("child_started", child=name, pid=proc.pid)
+        return child
+
+    def stop(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("child_killed", child=child.name, pid=child.process.pid)
+                child.process.kill()
+                child.process.wait()
+
+    def stop_all(self) -> None:
+        # Workers first (they hand leases back), then servers, then the coordinator.
+        order = sorted(self.items, key=lambda c: (c.name == "coordinator", c.name.startswith("ps")))
+        self.stop([c for c in order if not c.name.startswith(("ps", "coordinator"))])
+        self.stop([c for c in order if c.name.startswith("ps")])
+        self.stop([c for c in order if c.name == "coordinator"])
+
+
+def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if child.process.poll() is not None:
+            raise ConfigError(
+                f"{child.name} exited with {child.process.returncode} before it was ready; "
+                f"see {child.log_path}"
+            )
+        time.sleep(0.05)
+    raise ConfigError(f"{child.name} was not ready within {timeout_s:.0f}s; see {child.log_path}")
+
+
+class EventTally:
+    """Follows WatchJob on a thread and counts completions per (epoch, shard) independently of the
+    coordinator's own counters."""
+
+    def __init__(self, client: CoordinatorClient) -> None:
+        self.completions: dict[tuple[int, int], int] = {}
+        self.events = 0
+        self._client = client
+        self._stream = None
+        self._thread = threading.Thread(target=self._follow, name="events", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        sequence = 0
+        while True:
+            try:
+                self._stream = self._client.watch(sequence)
+                for event in self._stream:
+                    sequence = event.sequence
+                    self.events += 1
+                    if event.kind == cpb.EVENT_KIND_SHARD_COMPLETED:
+                        key = (event.epoch, event.shard)
+                        self.completions[key] = self.completions.get(key, 0) + 1
+                return
+            except LeptonError:
+                return
+
+
+class ProgressLine:
+    """One status line: rewritten in place on a terminal, printed on change (at most every few
+    seconds) otherwise."""
+
+    def __init__(self, stream=sys.stdout) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last = ""
+        self._last_print = 0.0
+
+    def show(self, status: cpb.GetStatusResponse, workers_alive: int, workers: int) -> None:
+        job = status.job
+        loss = "-" if math.isnan(status.recent_loss) else f"{status.recent_loss:.4f}"
+        text = (
+            f"[{state_name(status.state)}] epoch {status.epoch + 1}/{job.epochs}  "
+            f"shards {status.shards_completed_in_epoch}/{job.shards_per_epoch} "
+            f"({status.shards_leased} leased)  loss {loss}  "
+            f"{status.samples_per_second:.0f} samples/s  workers {workers_alive}/{workers}"
+        )
+        if self._tty:
+            self._stream.write("\r\x1b[2K" + text)
+            self._stream.flush()
+        elif text != self._last and time.monotonic() - self._last_print >= 2.0:
+            print(text, file=self._stream, flush=True)
+            self._last_print = time.monotonic()
+        self._last = text
+
+    def done(self) -> None:
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def build_report(
+    status: cpb.GetStatusResponse | None,
+    outcome: str,
+    cluster: Cluster,
+    tally: EventTally | None,
+    wall_s: float,
+    address: str,
+    state_dir: Path,
+    exit_codes: dict[str, int | None],
+) -> dict:
+    spec = cluster.spec
+    report: dict = {
+        "status": outcome,
+        "mode": spec.mode,
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "optimizer": spec.optimizer,
+        "lr": spec.lr,
+        "workers": cluster.workers,
+        "parameter_servers": spec.parameter_servers,
+        "epochs": spec.epochs,
+        "shards_per_epoch": spec.shards_per_epoch,
+        "batch_size": spec.batch_size,
+        "wall_seconds": round(wall_s, 3),
+        "coordinator": address,
+        "state_dir": str(state_dir),
+        "exit_codes": exit_codes,
+    }
+    if status is not None:
+        ev = status.evaluation if status.has_evaluation else None
+        report.update(
+            shard_completions=status.shard_completions,
+            duplicate_completions_rejected=status.duplicate_completions_rejected,
+            reassignments=status.reassignments,
+            members_declared_dead=status.members_declared_dead,
+            test_accuracy=ev.accuracy if ev else None,
+            test_macro_recall=ev.macro_recall if ev else None,
+            test_loss=ev.loss if ev else None,
+            samples_per_second=status.samples_per_second,
+            inference_samples_per_second=ev.inference_samples_per_second if ev else None,
+            samples_trained=status.samples_trained,
+            training_seconds=status.training_seconds,
+            failure=status.failure or None,
+            final_status=status_dict(status),
+        )
+    if tally is not None:
+        per_epoch = [0] * spec.epochs
+        for (epoch, _), count in tally.completions.items():
+            if 0 <= epoch < spec.epochs:
+                per_epoch[epoch] += count
+        report["observed_completions_per_epoch"] = per_epoch
+        report["observed_shards_completed_more_than_once"] = sum(
+            1 for count in tally.completions.values() if count > 1
+        )
+    return report
+
+
+def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
+    spec = cluster.spec
+    state_dir = Path(cluster.state_dir or tempfile.mkdtemp(prefix="lepton-up-"))
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stop = stop_event_on_signals()
+    children = Children(log_dir)
+    started = time.monotonic()
+    outcome = "failed"
+    status: cpb.GetStatusResponse | None = None
+    tally: EventTally | None = None
+    address = ""
+    client: CoordinatorClient | None = None
+    child_log = ["--log-format", "json" if cluster.log_format == "auto" else cluster.log_format]
+    try:
+        ready = state_dir / "coordinator.ready.json"
+        ready.unlink(missing_ok=True)
+        coordinator = children.start(
+            "coordinator",
+            ["coordinator", "--listen", f"127.0.0.1:{cluster.coordinator_port}", "--ready-file", str(ready),
+             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *child_log],
+        )
+        address = wait_ready_file(ready, coordinator, READY_TIMEOUT_S)["address"]
+        print(f"coordinator listening on {address}  (lepton status --coordinator {address})", flush=True)
+        print(f"logs in {log_dir}", flush=True)
+        for i in range(spec.parameter_servers):
+            children.start(
+                f"ps-{i}",
+                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0",
+                 "--state-dir", str(state_dir / f"ps-{i}"), *child_log],
+            )
+        for i in range(cluster.workers):
+            children.start(f"worker-{i}", ["worker", "--coordinator", address, *child_log])
+        client = CoordinatorClient(address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0))
+        tally = EventTally(client)
+        line = ProgressLine()
+        deadline = started + timeout_s
+        while True:
+            if stop.wait(POLL_S):
+                outcome = "interrupted"
+                break
+            if coordinator.process.poll() is not None:
+                outcome = "failed"
+                print(f"\nthe coordinator exited with {coordinator.process.returncode}", flush=True)
+                break
+            try:
+                status = client.status()
+            except LeptonError as exc:
+                log.warning("status_failed", error=str(exc))
+                continue
+            alive = sum(
+                1 for c in children.items if c.name.startswith("worker") and c.process.poll() is None
+            )
+            line.show(status, alive, cluster.workers)
+            if status.state in TERMINAL:
+                outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
+                break
+            if time.monotonic() > deadline:
+                outcome = "timeout"
+                break
+        line.done()
+        if outcome in ("succeeded", "failed"):
+            # Members leave by themselves once they see the job is over.
+            members = [c for c in children.items if c.name != "coordinator"]
+            end = time.monotonic() + CHILD_EXIT_TIMEOUT_S
+            for child in members:
+                try:
+                    child.process.wait(timeout=max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+    except ConfigError as exc:
+        print(f"lepton up: {exc}", file=sys.stderr)
+        outcome = "failed"
+    finally:
+        children.stop_all()
+        if client is not None:
+            client.close()
+    wall_s = time.monotonic() - started
+    exit_codes = {c.name: c.process.returncode for c in children.items}
+    report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
+    print_summary(report)
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2))
+        print(f"report written to {report_path}")
+    return EXIT_OK if outcome == "succeeded" else EXIT_JOB_FAILED
+
+
+def print_summary(report: dict) -> None:
+    def fmt(key: str, digits: int = 4) -> str:
+        value = report.get(key)
+        return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+    print(
+        "\n".join(
+            [
+                f"job {report['status']} in {report['wall_seconds']:.1f}s "
+                f"({report['mode']}, {report['dataset']}, {report['workers']} workers, "
+                f"{report['parameter_servers']} parameter servers)",
+                f"  test accuracy {fmt('test_accuracy')}  macro recall {fmt('test_macro_recall')}  "
+                f"loss {fmt('test_loss')}",
+                f"  shard completions {fmt('shard_completions')} of {report['epochs'] * report['shards_per_epoch']}"
+                f"  duplicates rejected {fmt('duplicate_completions_rejected')}"
+                f"  reassignments {fmt('reassignments')}  members declared dead {fmt('members_declared_dead')}",
+                f"  training {fmt('samples_per_second', 0)} samples/s  "
+                f"inference {fmt('inference_samples_per_second', 0)} samples/s",
+            ]
+        ),
+        flush=True,
+    )

@@ -1,0 +1,60 @@
+"""Composition-root helpers: turning SIGTERM/SIGINT into an Event, ready files, stoppable loops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("lepton.process")
+
+# Exit codes, as operators (Kubernetes restart policies) read them.
+EXIT_OK = 0
+EXIT_CONFIG = 2            # permanent: bad flags or job file
+EXIT_JOB_FAILED = 3        # permanent: the job ended in FAILED
+EXIT_LOST_CONTACT = 128 + 2  # retryable: a peer could not be reached within the retry budget
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An Event set by the first SIGTERM or SIGINT (a second SIGINT raises KeyboardInterrupt)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def write_ready_file(path: str | None, **facts: object) -> None:
+    """Atomically writes ``facts`` as JSON to ``path`` (a parent process waits for it)."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps({**facts, "pid": os.getpid()}))
+    os.replace(tmp, target)
+
+
+def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], name: str) -> threading.Thread:
+    """Runs ``fn`` every ``interval_s`` on a daemon thread until ``stop`` is set."""
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                fn()
+            except Exception:  # keep ticking; the failure is logged
+                log.exception("periodic_task_failed", task=name)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,243 @@
+"""gRPC plumbing shared by every role: the one table between domain errors and status codes, the
+server-side interceptor that applies it, server and channel construction, and the client-side
+translation of status codes back into domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lepton import errors
+
+log = structlog.get_logger("lepton.rpc")
+T = TypeVar("T")
+
+# The one table: most specific classes first (looked up along the exception's MRO).
+STATUS_FOR_ERROR: dict[type[errors.LeptonError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+# Prefix of messages for fenced incarnations, so clients can tell Fenced from other preconditions.
+FENCED_MARKER = "fenced:"
+
+MiB = 1 << 20
+DEFAULT_MAX_MESSAGE_MIB = 8
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code for a domain error (INTERNAL for anything else)."""
+    for cls in type(exc).__mro__:
+        code = STATUS_FOR_ERROR.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _details(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return FENCED_MARKER + " " + text if isinstance(exc, errors.Fenced) else text
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("rpc_failed", method=method)
+    else:
+        log.info("rpc_rejected", method=method, code=code.name, reason=str(exc))
+    context.abort(code, _details(exc))
+
+
+def _wrap_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(request, context)
+        except errors.LeptonError as exc:
+            _abort(context, method, exc)
+        except Exception as exc:  # a request must never kill the server
+            if context.code() is not None:  # already aborted by grpc itself
+                raise
+            _abort(context, method, exc)
+
+    return wrapped
+
+
+def _wrap_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(request, context)
+        except errors.LeptonError as exc:
+            _abort(context, method, exc)
+        except Exception as exc:
+            if context.code() is not None:
+                raise
+            _abort(context, method, exc)
+
+    return wrapped
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Turns domain errors raised by any handler into their status code with the error's message;
+    anything unexpected becomes INTERNAL and is logged. Servicers therefore never call abort."""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(method, handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+def message_options(max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> list[tuple[str, int]]:
+    """Explicit message-size limits (the 4 MiB default is never relied upon)."""
+    return [
+        ("grpc.max_send_message_length", max_message_mib * MiB),
+        ("grpc.max_receive_message_length", max_message_mib * MiB),
+    ]
+
+
+def server_options(max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> list[tuple[str, int]]:
+    return message_options(max_message_mib) + [
+        # Accept the clients' keepalive pings (see channel_options), and no more often.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> list[tuple[str, int]]:
+    return message_options(max_message_mib) + [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Reconnect quickly after a peer restarts.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+class Server:
+    """A bound gRPC server with health checking and reflection. Construction binds the port and
+    nothing else; ``start`` serves; ``stop`` flips health to NOT_SERVING, then drains."""
+
+    def __init__(
+        self,
+        address: str,
+        registrations: Iterable[tuple[Callable[[Any, grpc.Server], None], Any, str]],
+        *,
+        max_workers: int = 32,
+        max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB,
+        interceptors: Iterable[grpc.ServerInterceptor] = (),
+        reflection_enabled: bool = True,
+    ) -> None:
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+            interceptors=[*interceptors, ErrorMappingInterceptor()],
+            options=server_options(max_message_mib),
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [health.SERVICE_NAME]
+        self._service_names: list[str] = []
+        for add, servicer, full_name in registrations:
+            add(servicer, self._server)
+            self._service_names.append(full_name)
+        names += self._service_names
+        if reflection_enabled:
+            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise errors.ConfigError(f"cannot listen on {address}")
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+        for name in ["", *self._service_names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait(grace_s + 1)
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout_s)
+
+
+def dial(address: str, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> grpc.Channel:
+    """One insecure channel to ``address`` with Lepton's options; reuse it for every call."""
+    return grpc.insecure_channel(address, options=channel_options(max_message_mib))
+
+
+def translate(exc: grpc.RpcError) -> errors.LeptonError:
+    """The domain error for a failed call."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code is grpc.StatusCode.FAILED_PRECONDITION and details.startswith(FENCED_MARKER):
+        return errors.Fenced(details[len(FENCED_MARKER) :].strip())
+    cls = ERROR_FOR_STATUS.get(code, errors.LeptonError)
+    if code is grpc.StatusCode.CANCELLED:
+        cls = errors.Unavailable
+    return cls(f"{code.name}: {details}" if cls is errors.LeptonError else details)
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Invokes a stub method, raising the domain error instead of grpc.RpcError."""
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        raise translate(exc) from None
+
+
+def iterate(responses: Iterator[T]) -> Iterator[T]:
+    """Iterates a response stream, raising domain errors instead of grpc.RpcError."""
+    try:
+        yield from responses
+    except grpc.RpcError as exc:
+        raise translate(exc) from None

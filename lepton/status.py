@@ -1,0 +1,80 @@
+"""``lepton status``: the job as the coordinator sees it, for people or as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from google.protobuf import json_format
+
+from lepton.clients import CoordinatorClient
+from lepton.errors import LeptonError
+from lepton.process import EXIT_LOST_CONTACT
+from lepton.retry import RetryPolicy
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+
+
+def state_name(state: int) -> str:
+    return cpb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def status_dict(status: cpb.GetStatusResponse) -> dict:
+    """The status as plain JSON-able data (proto field names, enums as names, int64 as ints)."""
+    data = json_format.MessageToDict(
+        status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    data["state"] = state_name(status.state)
+    for m in data.get("members", []):
+        m["member"]["incarnation"] = int(m["member"]["incarnation"])
+    for key, value in list(data.items()):
+        if isinstance(value, str) and value.lstrip("-").isdigit() and key != "failure":
+            data[key] = int(value)
+        if isinstance(value, float) and math.isnan(value):
+            data[key] = None
+    return data
+
+
+def render(status: cpb.GetStatusResponse) -> str:
+    job = status.job
+    lines = [
+        f"job        {state_name(status.state)}"
+        + (f" ({status.failure})" if status.failure else ""),
+        f"workload   {job.dataset} / {job.model}, mode {common.ConsistencyMode.Name(job.mode).removeprefix('CONSISTENCY_MODE_').lower()}, "
+        f"optimizer {job.optimizer.name} lr {job.optimizer.learning_rate:g}",
+        f"epoch      {status.epoch + 1}/{job.epochs}: {status.shards_completed_in_epoch}/{job.shards_per_epoch} shards done, "
+        f"{status.shards_leased} leased, {status.shards_pending} pending",
+        f"counts     {status.shard_completions} completions, {status.duplicate_completions_rejected} duplicates rejected, "
+        f"{status.reassignments} reassignments, {status.members_declared_dead} members declared dead",
+        f"training   {status.samples_trained} samples, {status.samples_per_second:.0f} samples/s, loss "
+        + ("-" if math.isnan(status.recent_loss) else f"{status.recent_loss:.4f}"),
+    ]
+    if status.has_evaluation:
+        e = status.evaluation
+        lines.append(
+            f"test       accuracy {e.accuracy:.4f}, macro recall {e.macro_recall:.4f}, loss {e.loss:.4f}"
+        )
+    lines.append("members")
+    for m in status.members:
+        role = "ps" if m.role == common.ROLE_PARAMETER_SERVER else "worker"
+        lease = f"  epoch {m.lease.epoch} shard {m.lease.shard} @ {m.lease.offset}" if m.has_lease else ""
+        lines.append(
+            f"  {m.member.member_id:<12} {role:<7} inc {m.member.incarnation:<3} "
+            f"{'alive' if m.alive else 'dead ':<6} heartbeat {m.last_heartbeat_age_s:5.1f}s ago"
+            f"{('  ' + m.address) if m.address else ''}{lease}"
+        )
+    return "\n".join(lines)
+
+
+def show_status(address: str, as_json: bool = False) -> int:
+    client = CoordinatorClient(address, timeout_s=5.0, retry=RetryPolicy(max_attempts=3, max_total_s=10.0))
+    try:
+        status = client.status()
+    except LeptonError as exc:
+        print(f"lepton status: cannot reach the coordinator at {address}: {exc}", file=sys.stderr)
+        return EXIT_LOST_CONTACT
+    finally:
+        client.close()
+    print(json.dumps(status_dict(status), indent=2) if as_json else render(status))
+    return 0

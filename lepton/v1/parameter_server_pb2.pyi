@@ -1,0 +1,108 @@
+from lepton.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_APPLIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_STALE: _ClassVar[PushOutcome]
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+PUSH_OUTCOME_APPLIED: PushOutcome
+PUSH_OUTCOME_STALE: PushOutcome
+
+class PullRequest(_message.Message):
+    __slots__ = ("member", "names")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("version", "chunks", "push")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorChunk]
+    push: PushResponse
+    def __init__(self, version: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.TensorChunk, _Mapping]]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("member", "base_version", "sample_count", "request_id")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    base_version: int
+    sample_count: int
+    request_id: str
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., base_version: _Optional[int] = ..., sample_count: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorChunk]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("outcome", "version", "staleness")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    version: int
+    staleness: int
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class LeaveStepsRequest(_message.Message):
+    __slots__ = ("member",)
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ...) -> None: ...
+
+class LeaveStepsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerStatusResponse(_message.Message):
+    __slots__ = ("member_id", "version", "updates_applied", "pushes_received", "pushes_stale", "pushes_rejected", "steps_timed_out", "max_staleness", "mean_staleness", "bytes_pulled", "bytes_pushed", "mode")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_STALE_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    version: int
+    updates_applied: int
+    pushes_received: int
+    pushes_stale: int
+    pushes_rejected: int
+    steps_timed_out: int
+    max_staleness: int
+    mean_staleness: float
+    bytes_pulled: int
+    bytes_pushed: int
+    mode: _common_pb2.ConsistencyMode
+    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The parameter server: holds tensors and optimizer state, applies updates, serves pull/push."""

@@ -1,0 +1,175 @@
+"""The consistency gate: when a pushed gradient is applied.
+
+``async``: applied on arrival; staleness (version at apply minus base version) is recorded.
+
+``sync``: step ``v`` turns version ``v`` into ``v + 1`` with the sample-weighted mean of the
+gradients computed from version ``v``. The step closes as soon as every participant has pushed.
+Participants are the workers that pushed recently: a worker joins by pushing, leaves by
+``leave`` (no shard to train) or by being declared dead (``retain_live``). A step also closes when
+``step_timeout_s`` has passed since its first push, without the missing workers, who stop being
+participants: nothing ever waits longer than the timeout for a slow, dead or idle worker.
+
+All decisions take ``now``; waiting for a step to close is the only blocking call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from lepton.errors import DeadlineExceeded
+from ps_server.store import ParameterStore
+
+
+class PushOutcome(Enum):
+    APPLIED = 1
+    STALE = 2
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outcome: PushOutcome
+    version: int
+    staleness: int = 0
+
+
+@dataclass
+class GateCounters:
+    pushes_received: int = 0
+    pushes_stale: int = 0
+    updates_applied: int = 0
+    steps_timed_out: int = 0
+    staleness_max: int = 0
+    staleness_sum: int = 0
+    staleness_count: int = 0
+
+    @property
+    def staleness_mean(self) -> float:
+        return self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
+
+
+class ConsistencyGate:
+    """Serialises access to a ParameterStore and applies the consistency mode. Thread-safe."""
+
+    def __init__(self, store: ParameterStore, mode: str, step_timeout_s: float) -> None:
+        if mode not in ("async", "sync"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.store = store
+        self.mode = mode
+        self.step_timeout_s = step_timeout_s
+        self.counters = GateCounters()
+        self._cond = threading.Condition()
+        self._participants: set[str] = set()
+        self._contributed: dict[str, int] = {}
+        self._accum: dict[str, torch.Tensor] = {}
+        self._accum_samples = 0
+        self._step_opened_at: float | None = None
+
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self.store.version
+
+    @property
+    def participants(self) -> set[str]:
+        with self._cond:
+            return set(self._participants)
+
+    def push(
+        self,
+        member_id: str,
+        base_version: int,
+        grads: Mapping[str, torch.Tensor],
+        samples: int,
+        now: float,
+    ) -> PushResult | int:
+        """Offers a checked gradient. Returns a PushResult when the outcome is known now (async,
+        stale), or the version to wait for (sync) — pass it to ``wait_for_version``."""
+        with self._cond:
+            self.counters.pushes_received += 1
+            version = self.store.version
+            if base_version > version or (self.mode == "sync" and base_version < version):
+                self.counters.pushes_stale += 1
+                return PushResult(PushOutcome.STALE, version)
+            if self.mode == "async":
+                self.store.apply(grads)
+                self.counters.updates_applied += 1
+                staleness = version - base_version
+                self.counters.staleness_max = max(self.counters.staleness_max, staleness)
+                self.counters.staleness_sum += staleness
+                self.counters.staleness_count += 1
+                self._cond.notify_all()
+                return PushResult(PushOutcome.APPLIED, self.store.version, staleness)
+            if member_id not in self._contributed:  # a retried push of the same step adds nothing
+                for name, g in grads.items():
+                    weighted = g.to(torch.float64) * samples if g.is_floating_point() else g
+                    if name in self._accum:
+                        self._accum[name] += weighted
+                    else:
+                        self._accum[name] = weighted.clone()
+                self._accum_samples += samples
+                self._contributed[member_id] = samples
+                if self._step_opened_at is None:
+                    self._step_opened_at = now
+            self._participants.add(member_id)
+            self._maybe_close()
+            return version + 1
+
+    def wait_for_version(self, version: int, timeout_s: float) -> PushResult:
+        """Blocks until the store reaches ``version``; raises DeadlineExceeded after timeout_s."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.store.version >= version, timeout=timeout_s):
+                raise DeadlineExceeded(
+                    f"sync step {version - 1} did not close within {timeout_s:.1f}s; pull and retry"
+                )
+            return PushResult(PushOutcome.APPLIED, self.store.version)
+
+    def leave(self, member_id: str) -> None:
+        """The worker has no shard: steps stop waiting for it until it pushes again."""
+        with self._cond:
+            self._participants.discard(member_id)
+            self._maybe_close()
+
+    def retain_live(self, live: set[str]) -> None:
+        """Drops participants the coordinator no longer lists as alive."""
+        with self._cond:
+            self._participants &= live
+            self._maybe_close()
+
+    def tick(self, now: float) -> bool:
+        """Closes a step that has waited ``step_timeout_s`` for missing workers; returns whether it
+        did. The missing workers stop being participants (they rejoin by pushing)."""
+        with self._cond:
+            opened = self._step_opened_at
+            if opened is None or now - opened < self.step_timeout_s:
+                return False
+            self._participants = set(self._contributed)
+            self.counters.steps_timed_out += 1
+            self._close()
+            return True
+
+    def _maybe_close(self) -> None:
+        if self._contributed and self._participants <= set(self._contributed):
+            self._close()
+
+    def _close(self) -> None:
+        total = self._accum_samples
+        grads = {
+            name: (acc / total).to(self.store.specs[name].dtype) for name, acc in self._accum.items()
+        }
+        self.store.apply(grads)
+        self.counters.updates_applied += 1
+        self._accum = {}
+        self._accum_samples = 0
+        self._contributed = {}
+        self._step_opened_at = None
+        self._cond.notify_all()
+
+    def snapshot(self, names: list[str] | None = None) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """(version, copies of the tensors) taken atomically."""
+        with self._cond:
+            return self.store.version, self.store.snapshot(names)

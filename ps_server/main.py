@@ -1,0 +1,121 @@
+"""Composition root of ``lepton ps``: serve, register, load the assignment, heartbeat, stop."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from lepton.clients import CoordinatorClient, MemberId
+from lepton.errors import FailedPrecondition, Fenced, LeptonError
+from lepton.logs import bind
+from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK, run_every, write_ready_file
+from lepton.retry import RetryPolicy
+from lepton.rpc import Server
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+from ps_server.node import ParameterServerNode
+from ps_server.roster import WorkerEntry
+from ps_server.servicer import ParameterServerServicer, registration
+
+log = structlog.get_logger("lepton.ps")
+TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+REGISTER_RETRY = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0, max_attempts=60, max_total_s=60.0)
+
+
+def serve(
+    coordinator: str,
+    listen: str,
+    stop: threading.Event,
+    *,
+    advertise: str = "",
+    member_id: str = "",
+    ready_file: str | None = None,
+    grace_s: float = 2.0,
+) -> int:
+    client = CoordinatorClient(coordinator, retry=REGISTER_RETRY)
+    member_box: list[MemberId] = []
+
+    def refresh() -> list[WorkerEntry]:
+        reply = client.heartbeat(member_box[0])
+        return [WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers]
+
+    node = ParameterServerNode(refresh_roster=refresh)
+    server = Server(listen, [registration(ParameterServerServicer(node))])
+    server.start()
+    address = advertise or server.address
+    try:
+        member, spec = client.register(common.ROLE_PARAMETER_SERVER, address, member_id)
+    except LeptonError as exc:
+        log.error("registration_failed", coordinator=coordinator, error=str(exc))
+        server.stop(0)
+        return EXIT_LOST_CONTACT
+    member_box.append(member)
+    node.member_id = member.member_id
+    bind(member=member.member_id, incarnation=member.incarnation)
+    log.info("ps_registered", address=address, coordinator=coordinator)
+    write_ready_file(ready_file, address=server.address, member_id=member.member_id)
+    outcome = {"code": EXIT_OK}
+
+    def heartbeat() -> None:
+        try:
+            reply = client.heartbeat(member)
+        except Fenced as exc:
+            log.error("ps_fenced", reason=str(exc))
+            outcome["code"] = EXIT_JOB_FAILED
+            stop.set()
+            return
+        except LeptonError as exc:
+            log.warning("heartbeat_failed", error=str(exc))
+            return
+        node.update_roster(WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers)
+        if reply.job_state in TERMINAL:
+            log.info("job_over", state=cpb.JobState.Name(reply.job_state))
+            if reply.job_state == cpb.JOB_STATE_FAILED:
+                outcome["code"] = EXIT_JOB_FAILED
+            stop.set()
+
+    run_every(spec.heartbeat_interval_s, stop, heartbeat, "heartbeat")
+    run_every(0.05, stop, node.tick, "step-timeout")
+
+    while not stop.is_set():
+        try:
+            assignment = client.assignment(member)
+        except FailedPrecondition as exc:
+            log.debug("assignment_not_ready", reason=str(exc))
+            stop.wait(0.2)
+            continue
+        except LeptonError as exc:
+            log.warning("assignment_failed", error=str(exc))
+            stop.wait(0.5)
+            continue
+        node.load(
+            assignment.tensors,
+            assignment.optimizer,
+            assignment.lr,
+            assignment.optimizer_kwargs,
+            assignment.mode,
+            step_timeout_s=spec.heartbeat_timeout_s,
+        )
+        client.report_ready(member, assignment.layout_version)
+        log.info(
+            "assignment_loaded",
+            tensors=len(assignment.tensors),
+            layout_version=assignment.layout_version,
+            mode=assignment.mode,
+            optimizer=assignment.optimizer,
+        )
+        break
+
+    stop.wait()
+    status = node.status()
+    log.info(
+        "ps_stopping",
+        version=status.version,
+        updates_applied=status.updates_applied,
+        pushes_rejected=status.pushes_rejected,
+        steps_timed_out=status.steps_timed_out,
+    )
+    server.stop(grace_s)
+    client.close()
+    return outcome["code"]

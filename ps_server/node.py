@@ -1,0 +1,188 @@
+"""The parameter server's application object: store + gate + roster, behind one small API that the
+servicer calls once per RPC. Nothing here knows about gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lepton.codec import TensorSpec
+from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
+from ps_server.gate import ConsistencyGate, PushResult
+from ps_server.roster import WorkerEntry, WorkerRoster
+from ps_server.store import ParameterStore
+
+MIN_REFRESH_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    member_id: str
+    mode: str
+    version: int
+    updates_applied: int
+    pushes_received: int
+    pushes_stale: int
+    pushes_rejected: int
+    steps_timed_out: int
+    max_staleness: int
+    mean_staleness: float
+    bytes_pulled: int
+    bytes_pushed: int
+
+
+class ParameterServerNode:
+    """Serves this server's share of the parameters.
+
+    Args:
+        refresh_roster: asks the coordinator for the current worker list (called when a push names
+            a worker this server has not heard of yet); returns the entries.
+
+    Raises FailedPrecondition before an assignment is loaded, Fenced/NotFound for bad identities,
+    InvalidArgument for bad gradients, DeadlineExceeded when a sync step does not close in time.
+    """
+
+    def __init__(
+        self,
+        member_id: str = "",
+        refresh_roster: Callable[[], Iterable[WorkerEntry]] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.member_id = member_id
+        self._refresh = refresh_roster
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._gate: ConsistencyGate | None = None
+        self._roster = WorkerRoster()
+        self._last_refresh = float("-inf")
+        self.pushes_rejected = 0
+        self.bytes_pulled = 0
+        self.bytes_pushed = 0
+
+    def load(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        optimizer: str,
+        lr: float,
+        optimizer_kwargs: Mapping[str, Any],
+        mode: str,
+        step_timeout_s: float,
+    ) -> None:
+        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs)
+        with self._lock:
+            self._gate = ConsistencyGate(store, mode, step_timeout_s)
+
+    @property
+    def gate(self) -> ConsistencyGate:
+        gate = self._gate
+        if gate is None:
+            raise FailedPrecondition("this parameter server has no assignment yet; retry shortly")
+        return gate
+
+    @property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return self.gate.store.specs
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def update_roster(self, entries: Iterable[WorkerEntry]) -> None:
+        with self._lock:
+            live = self._roster.update(entries)
+        if self._gate is not None:
+            self._gate.retain_live(live)
+
+    def _authorise(self, member_id: str, incarnation: int) -> None:
+        with self._lock:
+            if self._roster.check(member_id, incarnation):
+                return
+            now = self._monotonic()
+            stale_view = self._refresh is not None and now - self._last_refresh >= MIN_REFRESH_INTERVAL_S
+        if stale_view:
+            self._last_refresh = now
+            self.update_roster(self._refresh())  # type: ignore[misc]
+        with self._lock:
+            self._roster.check_final(member_id, incarnation)
+
+    # --- data plane ----------------------------------------------------------------------------
+
+    def pull(self, member_id: str, incarnation: int, names: list[str]) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        self._authorise(member_id, incarnation)
+        version, tensors = self.gate.snapshot(names)
+        self.bytes_pulled += sum(t.numel() * t.element_size() for _, t in tensors)
+        return version, tensors
+
+    def push(
+        self,
+        member_id: str,
+        incarnation: int,
+        base_version: int,
+        sample_count: int,
+        grads: Mapping[str, torch.Tensor],
+        timeout_s: float,
+    ) -> PushResult:
+        gate = self.gate
+        try:
+            self._authorise(member_id, incarnation)
+            if sample_count < 1:
+                raise InvalidArgument(f"sample_count must be >= 1, got {sample_count}")
+            if base_version < 0:
+                raise InvalidArgument(f"base_version must be >= 0, got {base_version}")
+            gate.store.check_gradients(grads)
+        except LeptonError:
+            self.pushes_rejected += 1
+            raise
+        self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads.values())
+        outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic())
+        if isinstance(outcome, PushResult):
+            return outcome
+        return gate.wait_for_version(outcome, timeout_s)
+
+    def push_pull(
+        self,
+        member_id: str,
+        incarnation: int,
+        base_version: int,
+        sample_count: int,
+        grads: Mapping[str, torch.Tensor],
+        timeout_s: float,
+    ) -> tuple[PushResult, int, list[tuple[str, torch.Tensor]]]:
+        """Push, then the parameters as they are once it was applied (or found stale)."""
+        result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s)
+        version, tensors = self.gate.snapshot(None)
+        self.bytes_pulled += sum(t.numel() * t.element_size() for _, t in tensors)
+        return result, version, tensors
+
+    def note_rejected(self) -> None:
+        """Counts a push refused before it reached ``push`` (undecodable chunks)."""
+        self.pushes_rejected += 1
+
+    def leave_steps(self, member_id: str, incarnation: int) -> None:
+        self._authorise(member_id, incarnation)
+        self.gate.leave(member_id)
+
+    def tick(self) -> None:
+        if self._gate is not None:
+            self._gate.tick(self._monotonic())
+
+    def status(self) -> NodeStatus:
+        gate = self._gate
+        c = gate.counters if gate is not None else None
+        return NodeStatus(
+            member_id=self.member_id,
+            mode=gate.mode if gate is not None else "",
+            version=gate.version if gate is not None else 0,
+            updates_applied=c.updates_applied if c else 0,
+            pushes_received=c.pushes_received if c else 0,
+            pushes_stale=c.pushes_stale if c else 0,
+            pushes_rejected=self.pushes_rejected,
+            steps_timed_out=c.steps_timed_out if c else 0,
+            max_staleness=c.staleness_max if c else 0,
+            mean_staleness=c.staleness_mean if c else 0.0,
+            bytes_pulled=self.bytes_pulled,
+            bytes_pushed=self.bytes_pushed,
+        )

@@ -1,0 +1,114 @@
+"""The ParameterServer gRPC service: decode chunks, one call on the node, encode chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from lepton import codec
+from lepton.errors import InvalidArgument, LeptonError
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import parameter_server_pb2 as pb
+from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
+from lepton.wire import MODE_TO_WIRE
+from ps_server.gate import PushOutcome, PushResult
+from ps_server.node import ParameterServerNode
+
+DEFAULT_PUSH_TIMEOUT_S = 60.0
+_OUTCOME = {PushOutcome.APPLIED: pb.PUSH_OUTCOME_APPLIED, PushOutcome.STALE: pb.PUSH_OUTCOME_STALE}
+
+
+def _member(ref: common.MemberRef) -> tuple[str, int]:
+    if not ref.member_id or ref.incarnation < 1:
+        raise InvalidArgument("member.member_id and member.incarnation >= 1 are required")
+    return ref.member_id, ref.incarnation
+
+
+def _result(result: PushResult) -> pb.PushResponse:
+    return pb.PushResponse(
+        outcome=_OUTCOME[result.outcome], version=result.version, staleness=result.staleness
+    )
+
+
+def _pull_messages(version: int, tensors, push: pb.PushResponse | None = None) -> Iterator[pb.PullResponse]:
+    first = True
+    for chunks in codec.pack(tensors):
+        msg = pb.PullResponse(version=version, chunks=chunks)
+        if first and push is not None:
+            msg.push.CopyFrom(push)
+        first = False
+        yield msg
+    if first:  # nothing to send but the version (and the push outcome)
+        msg = pb.PullResponse(version=version)
+        if push is not None:
+            msg.push.CopyFrom(push)
+        yield msg
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    """Adapter from the ParameterServer service to a ParameterServerNode."""
+
+    def __init__(self, node: ParameterServerNode) -> None:
+        self._node = node
+
+    def _decode_push(self, request_iterator, context):
+        """Reads the whole push stream: (member, base version, samples, gradients, timeout)."""
+        try:
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("header"):
+                raise InvalidArgument("the first PushRequest must carry the header")
+            header = first.header
+            assembler = codec.TensorAssembler(self._node.specs)
+            for chunk in first.chunks:
+                assembler.add(chunk)
+            for msg in request_iterator:
+                if msg.HasField("header"):
+                    raise InvalidArgument("only the first PushRequest may carry a header")
+                for chunk in msg.chunks:
+                    assembler.add(chunk)
+            grads = assembler.finish()
+        except LeptonError:
+            self._node.note_rejected()
+            raise
+        remaining = context.time_remaining()
+        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        return (*_member(header.member), header.base_version, header.sample_count, grads, timeout_s)
+
+    def Pull(self, request, context):
+        version, tensors = self._node.pull(*_member(request.member), list(request.names))
+        yield from _pull_messages(version, tensors)
+
+    def Push(self, request_iterator, context):
+        return _result(self._node.push(*self._decode_push(request_iterator, context)))
+
+    def PushPull(self, request_iterator, context):
+        result, version, tensors = self._node.push_pull(*self._decode_push(request_iterator, context))
+        yield from _pull_messages(version, tensors, _result(result))
+
+    def LeaveSteps(self, request, context):
+        self._node.leave_steps(*_member(request.member))
+        return pb.LeaveStepsResponse()
+
+    def GetServerStatus(self, request, context):
+        s = self._node.status()
+        return pb.GetServerStatusResponse(
+            member_id=s.member_id,
+            version=s.version,
+            updates_applied=s.updates_applied,
+            pushes_received=s.pushes_received,
+            pushes_stale=s.pushes_stale,
+            pushes_rejected=s.pushes_rejected,
+            steps_timed_out=s.steps_timed_out,
+            max_staleness=s.max_staleness,
+            mean_staleness=s.mean_staleness,
+            bytes_pulled=s.bytes_pulled,
+            bytes_pushed=s.bytes_pushed,
+            mode=MODE_TO_WIRE.get(s.mode, 0),
+        )
+
+
+def registration(servicer: ParameterServerServicer):
+    return (
+        pb_grpc.add_ParameterServerServicer_to_server,
+        servicer,
+        pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
+    )

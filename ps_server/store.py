@@ -1,0 +1,78 @@
+"""The parameter store: this server's tensors and the torch.optim optimizer that updates them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lepton.codec import TensorSpec
+from lepton.errors import InvalidArgument, NotFound
+from lepton.optimizers import build_optimizer
+
+
+class ParameterStore:
+    """Owns named parameters and their optimizer. Not thread-safe: the gate serialises access.
+
+    Raises InvalidArgument (bad gradient) and NotFound (unknown tensor name).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        optimizer: str,
+        lr: float,
+        optimizer_kwargs: Mapping[str, Any],
+    ) -> None:
+        self._params = {
+            name: torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
+            for name, t in tensors.items()
+        }
+        self.specs = {n: TensorSpec(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()}
+        trainable = [p for p in self._params.values() if p.requires_grad]
+        self._optimizer = build_optimizer(trainable, optimizer, lr, optimizer_kwargs)
+        self.version = 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def check_gradients(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """Raises InvalidArgument unless ``grads`` has exactly our tensors, shapes, dtypes and is
+        finite (NaN/Inf are rejected: one poisoned push would ruin every replica)."""
+        missing = sorted(set(self._params) - set(grads))
+        extra = sorted(set(grads) - set(self._params))
+        if missing or extra:
+            raise InvalidArgument(
+                f"a push must carry exactly this server's tensors; missing {missing[:8]}, "
+                f"unexpected {extra[:8]}"
+            )
+        for name, g in grads.items():
+            spec = self.specs[name]
+            if g.dtype != spec.dtype or tuple(g.shape) != spec.shape:
+                raise InvalidArgument(
+                    f"gradient {name!r} is {g.dtype} {list(g.shape)}, expected "
+                    f"{spec.dtype} {list(spec.shape)}"
+                )
+            if g.is_floating_point() and not bool(torch.isfinite(g).all()):
+                raise InvalidArgument(f"gradient {name!r} contains NaN or Inf; rejected")
+
+    def apply(self, grads: Mapping[str, torch.Tensor]) -> int:
+        """One optimizer step with these gradients; returns the new version."""
+        for name, p in self._params.items():
+            if p.requires_grad:
+                p.grad = grads[name]
+        self._optimizer.step()
+        for p in self._params.values():
+            p.grad = None
+        self.version += 1
+        return self.version
+
+    def snapshot(self, names: Iterable[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Copies of the named tensors (all when ``names`` is None or empty)."""
+        wanted = list(names) if names else list(self._params)
+        unknown = [n for n in wanted if n not in self._params]
+        if unknown:
+            raise NotFound(f"tensors not held by this server: {unknown[:8]}")
+        return [(n, self._params[n].detach().clone()) for n in wanted]

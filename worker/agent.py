@@ -1,0 +1,333 @@
+"""The worker agent: the loop that leases shards, trains them through the parameter servers and
+reports to the coordinator, recovering from fencing, stale steps and transient faults."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+import torch
+
+from lepton.clients import CoordinatorClient, LayoutInfo, MemberId, ParameterClient
+from lepton.config import JobSpec
+from lepton.errors import (
+    DeadlineExceeded,
+    DuplicateCompletion,
+    FailedPrecondition,
+    Fenced,
+    LeptonError,
+    NotFound,
+    Unavailable,
+)
+from lepton.logs import bind
+from lepton.retry import RetryPolicy
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+from worker.trainer import ShardRange, Trainer
+
+log = structlog.get_logger("lepton.worker")
+TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+MAX_STEP_ATTEMPTS = 8
+PROGRESS_INTERVAL_S = 0.2
+
+
+class LeaseLost(Exception):
+    """The shard in hand no longer belongs to this incarnation; drop it and ask for work."""
+
+
+class WorkerAgent:
+    """Runs one worker until the job is over or ``stop`` is set (then leaves gracefully).
+
+    Args:
+        ps_client: builds a ParameterClient for an address (tests inject their own).
+    """
+
+    def __init__(
+        self,
+        coordinator: CoordinatorClient,
+        stop: threading.Event,
+        *,
+        member_id: str = "",
+        ps_client: Callable[[str], ParameterClient] = ParameterClient,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._requested_id = member_id
+        self._coord = coordinator
+        self._stop = stop
+        self._ps_client = ps_client
+        self._retry = retry or RetryPolicy(initial_backoff_s=0.05, max_backoff_s=2.0, max_attempts=30, max_total_s=60.0)
+        self._rng = random.Random()
+        self._fenced = threading.Event()
+        self._job_over = threading.Event()
+        self._member: MemberId | None = None
+        self._spec: JobSpec | None = None
+        self._trainer: Trainer | None = None
+        self._layout: LayoutInfo | None = None
+        self._layout_seen = 0
+        self._clients: dict[str, ParameterClient] = {}
+        self._versions: dict[str, int] = {}
+        self._params_fresh = False
+        self._participating = False
+        self._pool: ThreadPoolExecutor | None = None
+        self.shards_completed = 0
+        self.steps = 0
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        previous = self._member.member_id if self._member else self._requested_id
+        self._member, spec = self._coord.register(common.ROLE_WORKER, member_id=previous)
+        self._fenced.clear()
+        self._params_fresh = False
+        self._participating = False
+        bind(member=self._member.member_id, incarnation=self._member.incarnation)
+        log.info("worker_registered", coordinator=self._coord.address)
+        if self._spec is None:
+            self._spec = spec
+
+    def _heartbeat_loop(self) -> None:
+        assert self._spec is not None
+        failures = 0
+        while not self._stop.wait(self._spec.heartbeat_interval_s) and not self._job_over.is_set():
+            member = self._member
+            if member is None or self._fenced.is_set():
+                continue
+            try:
+                reply = self._coord.heartbeat(member)
+                failures = 0
+            except Fenced as exc:
+                if member == self._member:
+                    log.warning("worker_fenced", reason=str(exc))
+                    self._fenced.set()
+                continue
+            except LeptonError as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("heartbeat_failed", error=str(exc), failures=failures)
+                continue
+            self._layout_seen = max(self._layout_seen, reply.layout_version)
+            if reply.job_state in TERMINAL:
+                self._job_over.set()
+
+    # --- data plane ----------------------------------------------------------------------------
+
+    def _ensure_layout(self) -> LayoutInfo:
+        if self._layout is None or self._layout_seen > self._layout.version:
+            layout = self._coord.layout()
+            for server in layout.servers:
+                if server.address not in self._clients:
+                    self._clients[server.address] = self._ps_client(server.address)
+            self._layout = layout
+            self._params_fresh = False
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=max(1, len(layout.servers)), thread_name_prefix="ps")
+        return self._layout
+
+    def _fan_out(self, fn: Callable) -> list:
+        layout = self._ensure_layout()
+        assert self._pool is not None
+        futures = [self._pool.submit(fn, server) for server in layout.servers]
+        return [f.result() for f in futures]
+
+    def _pull_all(self) -> None:
+        member = self._member
+        assert member is not None and self._trainer is not None
+
+        def pull(server):
+            return server.member_id, self._clients[server.address].pull(member)
+
+        for server_id, (version, tensors) in self._fan_out(pull):
+            self._trainer.set_parameters(tensors)
+            self._versions[server_id] = version
+        self._params_fresh = True
+
+    def _push_pull_all(self, samples: int, grads: dict[str, torch.Tensor]) -> bool:
+        """Pushes each server its share; installs the returned parameters. True if every server
+        applied the push; False if any found it stale (the batch must be recomputed)."""
+        member = self._member
+        assert member is not None and self._trainer is not None and self._spec is not None
+        timeout_s = 2 * self._spec.heartbeat_timeout_s + 10.0
+
+        def push(server):
+            share = {t.name: grads[t.name] for t in server.tensors}
+            reply, version, tensors = self._clients[server.address].push_pull(
+                member, self._versions.get(server.member_id, 0), samples, share, timeout_s=timeout_s
+            )
+            return server.member_id, reply, version, tensors
+
+        all_applied = True
+        for server_id, reply, version, tensors in self._fan_out(push):
+            self._trainer.set_parameters(tensors)
+            self._versions[server_id] = version
+            all_applied &= reply.applied
+        self._participating = self._spec.mode == "sync"
+        return all_applied
+
+    def _leave_steps(self) -> None:
+        if not self._participating or self._member is None:
+            return
+        member = self._member
+
+        def leave(server):
+            self._clients[server.address].leave_steps(member)
+
+        try:
+            self._fan_out(leave)
+        except LeptonError as exc:
+            log.warning("leave_steps_failed", error=str(exc))
+        self._participating = False
+        self._params_fresh = False
+
+    def _step(self, indices: torch.Tensor) -> float:
+        """Trains one batch through the servers; returns its loss. Retries stale steps, deadline
+        misses and unreachable servers (re-pulling first), within bounds."""
+        assert self._trainer is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if not self._params_fresh:
+                    self._pull_all()
+                loss, grads = self._trainer.gradients(indices)
+                if self._push_pull_all(len(indices), grads):
+                    self.steps += 1
+                    return loss
+                log.debug("step_stale", attempt=attempt)
+            except (Unavailable, DeadlineExceeded) as exc:
+                self._params_fresh = False
+                if attempt >= self._retry.max_attempts:
+                    raise
+                delay = self._retry.backoff_s(attempt, self._rng)
+                log.warning("step_retry", error=str(exc), attempt=attempt, backoff_s=round(delay, 3))
+                if self._stop.wait(delay):
+                    raise
+            except NotFound as exc:
+                # The server has not heard of this incarnation yet, or was replaced: re-pull.
+                self._params_fresh = False
+                if attempt >= self._retry.max_attempts:
+                    raise
+                log.warning("step_member_unknown", error=str(exc))
+                self._stop.wait(self._retry.backoff_s(attempt, self._rng))
+            if self._fenced.is_set():
+                raise Fenced("fenced while stepping")
+            if attempt >= MAX_STEP_ATTEMPTS * 4:
+                raise DeadlineExceeded(f"batch failed {attempt} times")
+
+    def _train(self, lease: cpb.ShardLease) -> None:
+        assert self._trainer is not None and self._member is not None
+        member = self._member
+        shard = ShardRange(lease.epoch, lease.shard, lease.start, lease.end, lease.offset)
+        offset = shard.offset
+        loss_sum, samples = 0.0, 0
+        last_report = time.monotonic()
+        log.info("shard_started", epoch=shard.epoch, shard=shard.shard, offset=offset)
+        try:
+            for offset_after, indices in self._trainer.batches(shard):
+                if self._stop.is_set() or self._fenced.is_set():
+                    break
+                loss = self._step(indices)
+                loss_sum += loss * len(indices)
+                samples += len(indices)
+                offset = offset_after
+                if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                    self._coord.progress(member, shard.epoch, shard.shard, offset, loss_sum / samples, samples)
+                    loss_sum, samples, last_report = 0.0, 0, time.monotonic()
+            else:
+                try:
+                    self._coord.complete(member, shard.epoch, shard.shard, loss_sum / max(samples, 1), samples)
+                except DuplicateCompletion:
+                    log.warning("completion_duplicate", epoch=shard.epoch, shard=shard.shard)
+                except Unavailable:
+                    # The completion may have landed; retrying would be rejected as a duplicate if so.
+                    self._coord.complete(member, shard.epoch, shard.shard, loss_sum / max(samples, 1), samples)
+                self.shards_completed += 1
+                log.info("shard_completed", epoch=shard.epoch, shard=shard.shard)
+                return
+            if samples and not self._fenced.is_set():
+                self._coord.progress(member, shard.epoch, shard.shard, offset, loss_sum / samples, samples)
+        except Fenced:
+            self._fenced.set()
+            raise LeaseLost from None
+        except (FailedPrecondition, NotFound) as exc:
+            log.warning("lease_lost", epoch=shard.epoch, shard=shard.shard, reason=str(exc))
+            raise LeaseLost from exc
+
+    def _evaluate(self) -> None:
+        assert self._trainer is not None and self._member is not None
+        self._leave_steps()
+        self._pull_all()
+        result = self._trainer.evaluate()
+        self._coord.report_evaluation(
+            self._member,
+            accuracy=result.accuracy,
+            macro_recall=result.macro_recall,
+            loss=result.loss,
+            samples=result.samples,
+            inference_samples_per_second=result.inference_samples_per_second,
+        )
+        log.info("evaluation_reported", accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Returns 0 when the job is over or after a graceful leave."""
+        self._register()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            # Built after the heartbeat starts: loading data and model can outlast the timeout.
+            self._trainer = Trainer(self._spec)  # type: ignore[arg-type]
+            return self._loop()
+        finally:
+            self._job_over.set()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            for client in self._clients.values():
+                client.close()
+
+    def _loop(self) -> int:
+        while True:
+            if self._stop.is_set():
+                self._leave()
+                return 0
+            if self._fenced.is_set():
+                log.info("worker_reregistering")
+                self._register()
+            try:
+                decision = self._coord.lease(self._member)  # type: ignore[arg-type]
+            except Fenced:
+                self._fenced.set()
+                continue
+            if decision.outcome == cpb.LEASE_OUTCOME_GRANTED:
+                try:
+                    self._ensure_layout()
+                    self._train(decision.lease)
+                except LeaseLost:
+                    self._leave_steps()
+                    continue
+            elif decision.outcome == cpb.LEASE_OUTCOME_EVALUATE:
+                try:
+                    self._evaluate()
+                except (Fenced, FailedPrecondition) as exc:
+                    log.warning("evaluation_rejected", reason=str(exc))
+            elif decision.outcome == cpb.LEASE_OUTCOME_JOB_DONE:
+                log.info("job_done", shards_completed=self.shards_completed, steps=self.steps)
+                return 0
+            else:
+                self._leave_steps()
+                self._stop.wait(max(decision.retry_after_s, 0.05))
+
+    def _leave(self) -> None:
+        """Graceful exit: progress was reported by _train; hand the lease back and deregister."""
+        self._leave_steps()
+        if self._member is None or self._fenced.is_set():
+            return
+        try:
+            moved = self._coord.deregister(self._member)
+            log.info("worker_departed", shards_requeued=moved)
+        except LeptonError as exc:
+            log.warning("deregister_failed", error=str(exc))
