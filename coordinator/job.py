@@ -18,7 +18,7 @@ from coordinator.events import EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Lease, ShardLedger
 from coordinator.membership import Member, MembershipTable, Role
-from lepton.codec import TensorSpec
+from lepton.tensors import TensorSpec
 from lepton.config import JobSpec
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
 
@@ -189,7 +189,15 @@ class Job:
 
     # --- membership ----------------------------------------------------------------------------
 
-    def register(self, role: Role, address: str, now: float, member_id: str = "") -> Member:
+    def register(
+        self,
+        role: Role,
+        address: str,
+        now: float,
+        member_id: str = "",
+        hostname: str = "",
+        pid: int = 0,
+    ) -> Member:
         with self._lock:
             if role is Role.PARAMETER_SERVER:
                 if not address or ":" not in address:
@@ -208,7 +216,7 @@ class Job:
                     )
             if self._members.get(member_id) is not None:
                 self._forget(member_id, now, departed=False, why="re-registered")
-            member = self._members.register(role, address, now, member_id)
+            member = self._members.register(role, address, now, member_id, hostname, pid)
             self.events.append(
                 EventKind.MEMBER_REGISTERED,
                 f"{member.member_id} ({role.value}) registered, incarnation {member.incarnation}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lepton.codec import TensorSpec, nbytes
+from lepton.tensors import TensorSpec, nbytes
 from lepton.errors import InvalidArgument
 
 

@@ -30,6 +30,8 @@ class Member:
     last_heartbeat: float
     alive: bool = True
     departed: bool = False
+    hostname: str = ""
+    pid: int = 0
 
 
 class MembershipTable:
@@ -45,7 +47,15 @@ class MembershipTable:
         self._members: dict[str, Member] = {}
         self._counters = {Role.PARAMETER_SERVER: itertools.count(), Role.WORKER: itertools.count()}
 
-    def register(self, role: Role, address: str, now: float, member_id: str = "") -> Member:
+    def register(
+        self,
+        role: Role,
+        address: str,
+        now: float,
+        member_id: str = "",
+        hostname: str = "",
+        pid: int = 0,
+    ) -> Member:
         """Adds a new member, or a new incarnation of ``member_id`` (fencing the old one)."""
         previous = self._members.get(member_id) if member_id else None
         if previous is not None and previous.role is not role:
@@ -58,7 +68,9 @@ class MembershipTable:
             incarnation = 1
         else:
             incarnation = previous.incarnation + 1
-        member = Member(member_id, incarnation, role, address, last_heartbeat=now)
+        member = Member(
+            member_id, incarnation, role, address, last_heartbeat=now, hostname=hostname, pid=pid
+        )
         self._members[member_id] = member
         return member
 

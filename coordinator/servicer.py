@@ -71,6 +71,8 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
             address=m.address,
             alive=m.alive,
             last_heartbeat_age_s=snap.heartbeat_age_s,
+            hostname=m.hostname,
+            pid=m.pid,
         )
         if snap.lease is not None:
             entry.lease.CopyFrom(_lease(snap.lease))
@@ -116,7 +118,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         role = _ROLE_FROM_WIRE.get(request.role)
         if role is None:
             raise InvalidArgument("role must be ROLE_PARAMETER_SERVER or ROLE_WORKER")
-        member = self._job.register(role, request.address, self._now(), request.member_id)
+        member = self._job.register(
+            role, request.address, self._now(), request.member_id, request.hostname, request.pid
+        )
         return pb.RegisterMemberResponse(
             member=common.MemberRef(member_id=member.member_id, incarnation=member.incarnation),
             job=job_to_proto(self._job.spec),

@@ -7,7 +7,9 @@ jittered exponential backoff.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -93,7 +95,13 @@ class CoordinatorClient:
         reply = call_with_retry(
             lambda: call(
                 self._stub.RegisterMember,
-                cpb.RegisterMemberRequest(role=role, address=address, member_id=member_id),
+                cpb.RegisterMemberRequest(
+                    role=role,
+                    address=address,
+                    member_id=member_id,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                ),
                 timeout=self._timeout_s,
             ),
             self._retry,

@@ -7,15 +7,13 @@ Every read of a protobuf ``bytes`` field copies, so each chunk's ``data`` is rea
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-
 import torch
 
 from lepton.errors import InvalidArgument
+from lepton.tensors import TensorSpec, nbytes  # noqa: F401  (re-exported)
 from lepton.v1 import common_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)
@@ -55,11 +53,6 @@ def torch_dtype(wire: int) -> torch.dtype:
         raise InvalidArgument(
             f"unknown dtype code {wire}; expected one of {sorted(_WIRE_TO_TORCH)}"
         ) from None
-
-
-def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    """Bytes a tensor of this dtype and shape occupies on the wire."""
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def _le_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -113,15 +106,6 @@ def pack(
             size += n
     if batch:
         yield batch
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, dtype and shape a receiver expects."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 class _Partial:

@@ -7,6 +7,7 @@ import math
 import sys
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
@@ -20,19 +21,34 @@ def state_name(state: int) -> str:
     return cpb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
 
 
+def to_plain(msg: Message) -> dict:
+    """A message as JSON-able data: proto field names, enum value names, int64 as numbers,
+    every field present (defaults included), NaN as None."""
+    out: dict = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        repeated = field.is_repeated
+        if field.message_type is not None:
+            if field.message_type.full_name == "google.protobuf.Struct":
+                out[field.name] = json_format.MessageToDict(value)
+            else:
+                out[field.name] = [to_plain(v) for v in value] if repeated else to_plain(value)
+        elif field.enum_type is not None:
+            name = field.enum_type.values_by_number
+            out[field.name] = (
+                [name[v].name for v in value] if repeated else name[value].name if value in name else value
+            )
+        elif isinstance(value, float) and math.isnan(value):
+            out[field.name] = None
+        else:
+            out[field.name] = list(value) if repeated else value
+    return out
+
+
 def status_dict(status: cpb.GetStatusResponse) -> dict:
-    """The status as plain JSON-able data (proto field names, enums as names, int64 as ints)."""
-    data = json_format.MessageToDict(
-        status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """The status as plain JSON-able data; ``state`` is the short lower-case name."""
+    data = to_plain(status)
     data["state"] = state_name(status.state)
-    for m in data.get("members", []):
-        m["member"]["incarnation"] = int(m["member"]["incarnation"])
-    for key, value in list(data.items()):
-        if isinstance(value, str) and value.lstrip("-").isdigit() and key != "failure":
-            data[key] = int(value)
-        if isinstance(value, float) and math.isnan(value):
-            data[key] = None
     return data
 
 
@@ -62,7 +78,7 @@ def render(status: cpb.GetStatusResponse) -> str:
         lines.append(
             f"  {m.member.member_id:<12} {role:<7} inc {m.member.incarnation:<3} "
             f"{'alive' if m.alive else 'dead ':<6} heartbeat {m.last_heartbeat_age_s:5.1f}s ago"
-            f"{('  ' + m.address) if m.address else ''}{lease}"
+            f"  pid {m.pid}@{m.hostname}{('  ' + m.address) if m.address else ''}{lease}"
         )
     return "\n".join(lines)
 

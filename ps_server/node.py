@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lepton.codec import TensorSpec
+from lepton.tensors import TensorSpec
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
 from ps_server.gate import ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster

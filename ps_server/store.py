@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lepton.codec import TensorSpec
+from lepton.tensors import TensorSpec
 from lepton.errors import InvalidArgument, NotFound
 from lepton.optimizers import build_optimizer
 

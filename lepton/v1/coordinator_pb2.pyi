@@ -64,14 +64,18 @@ EVENT_KIND_JOB_STATE_CHANGED: EventKind
 EVENT_KIND_EVALUATED: EventKind
 
 class RegisterMemberRequest(_message.Message):
-    __slots__ = ("role", "address", "member_id")
+    __slots__ = ("role", "address", "member_id", "hostname", "pid")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.Role
     address: str
     member_id: str
-    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., member_id: _Optional[str] = ...) -> None: ...
+    hostname: str
+    pid: int
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., member_id: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RegisterMemberResponse(_message.Message):
     __slots__ = ("member", "job")
@@ -268,7 +272,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("member", "role", "address", "alive", "last_heartbeat_age_s", "lease", "has_lease")
+    __slots__ = ("member", "role", "address", "alive", "last_heartbeat_age_s", "lease", "has_lease", "hostname", "pid")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +280,8 @@ class MemberStatus(_message.Message):
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     HAS_LEASE_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     role: _common_pb2.Role
     address: str
@@ -283,7 +289,9 @@ class MemberStatus(_message.Message):
     last_heartbeat_age_s: float
     lease: ShardLease
     has_lease: bool
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_heartbeat_age_s: _Optional[float] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., has_lease: _Optional[bool] = ...) -> None: ...
+    hostname: str
+    pid: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_heartbeat_age_s: _Optional[float] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., has_lease: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class EvaluationResult(_message.Message):
     __slots__ = ("accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second")

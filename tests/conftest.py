@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import Processes  # noqa: E402
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Real processes that are reaped whatever the test's outcome."""
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.close()

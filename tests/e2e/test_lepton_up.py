@@ -1,0 +1,119 @@
+"""``lepton up`` end to end: real coordinator, parameter server and worker processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from lepton.clients import CoordinatorClient
+from lepton.errors import LeptonError
+from lepton.v1 import common_pb2
+from support import cmdline, lepton_argv, read_json, tagged_pids, wait_until
+
+pytestmark = pytest.mark.e2e
+RUN_TIMEOUT_S = 300
+
+
+def assert_exactly_once(report: dict) -> None:
+    epochs, shards = report["epochs"], report["shards_per_epoch"]
+    assert report["shard_completions"] == epochs * shards
+    assert report["observed_completions_per_epoch"] == [shards] * epochs
+    assert report["observed_shards_completed_more_than_once"] == 0
+
+
+def run_up(processes, tmp_path, *flags: str) -> tuple[subprocess.Popen, dict]:
+    report_path = tmp_path / "report.json"
+    proc = processes.start(
+        "up", lepton_argv("up", "--report", str(report_path), "--state-dir", str(tmp_path / "state"), *flags)
+    )
+    proc.wait(timeout=RUN_TIMEOUT_S)
+    report = read_json(report_path)
+    assert report is not None, processes.log("up")
+    return proc, report
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_lepton_up_trains_digits_to_target_accuracy(processes, tmp_path, mode):
+    proc, report = run_up(processes, tmp_path, "--mode", mode)
+
+    assert proc.returncode == 0, processes.log("up")
+    assert report["status"] == "succeeded"
+    assert report["mode"] == mode
+    assert report["dataset"] == "digits"
+    assert report["workers"] == 3 and report["parameter_servers"] == 2
+    assert report["test_accuracy"] >= 0.95
+    assert 0.9 <= report["test_macro_recall"] <= 1.0
+    assert report["test_loss"] > 0
+    assert report["samples_per_second"] > 0 and report["inference_samples_per_second"] > 0
+    assert report["duplicate_completions_rejected"] == 0
+    assert report["members_declared_dead"] == 0
+    assert_exactly_once(report)
+    assert all(code == 0 for code in report["exit_codes"].values()), report["exit_codes"]
+    assert tagged_pids(processes.tag) == []
+
+
+def test_job_survives_sigkill_of_a_worker_mid_epoch(processes, tmp_path):
+    state = tmp_path / "state"
+    report_path = tmp_path / "report.json"
+    up = processes.start(
+        "up",
+        lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), "--epochs", "12"),
+    )
+    ready = wait_until(lambda: read_json(state / "coordinator.ready.json"), 120, "the coordinator")
+    client = CoordinatorClient(ready["address"])
+    try:
+
+        def a_worker_training_epoch_two_or_later():
+            try:
+                status = client.status()
+            except LeptonError:
+                return None
+            if status.epoch < 2:
+                return None
+            for m in status.members:
+                if m.role == common_pb2.ROLE_WORKER and m.alive and m.has_lease:
+                    return m
+            return None
+
+        victim = wait_until(a_worker_training_epoch_two_or_later, 180, "a worker holding a lease in epoch 2")
+    finally:
+        client.close()
+    assert "lepton worker" in cmdline(victim.pid) and victim.pid in tagged_pids(processes.tag)
+    os.kill(victim.pid, signal.SIGKILL)
+
+    up.wait(timeout=RUN_TIMEOUT_S)
+    report = read_json(report_path)
+    assert report is not None, processes.log("up")
+    assert up.returncode == 0, processes.log("up")
+    assert report["status"] == "succeeded"
+    assert report["members_declared_dead"] >= 1
+    assert report["reassignments"] >= 1
+    assert report["test_accuracy"] >= 0.95
+    assert_exactly_once(report)
+    assert report["exit_codes"]  # every child was reaped by lepton up
+    assert tagged_pids(processes.tag) == [], [cmdline(p) for p in tagged_pids(processes.tag)]
+
+
+def test_lepton_up_stops_every_child_on_sigterm(processes, tmp_path):
+    state = tmp_path / "state"
+    report_path = tmp_path / "report.json"
+    up = processes.start(
+        "up", lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), "--epochs", "50")
+    )
+    ready = wait_until(lambda: read_json(state / "coordinator.ready.json"), 120, "the coordinator")
+    client = CoordinatorClient(ready["address"])
+    try:
+        wait_until(lambda: client.status().shard_completions >= 3, 120, "training to start")
+    finally:
+        client.close()
+    up.send_signal(signal.SIGTERM)
+    up.wait(timeout=60)
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "interrupted"
+    assert up.returncode != 0
+    assert all(code is not None for code in report["exit_codes"].values())
+    assert tagged_pids(processes.tag) == []

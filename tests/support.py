@@ -1,0 +1,107 @@
+"""Test helpers: waiting on conditions with deadlines, and real processes that are always reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+TAG_VAR = "LEPTON_TEST_TAG"
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+    """Polls ``predicate`` until it returns something truthy; fails the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def lepton_argv(*args: str) -> list[str]:
+    """``lepton ...`` through the console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("lepton")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "lepton", *args]
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment carries ``LEPTON_TEST_TAG=tag`` (children inherit it)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Processes:
+    """Starts real processes with a common tag; ``close`` kills and reaps every one of them, and
+    any descendant still carrying the tag, even when the test failed."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.tag = uuid.uuid4().hex
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1"}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        log.close()
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.started:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in tagged_pids(self.tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
