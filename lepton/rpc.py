@@ -72,7 +72,7 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
     context.abort(code, _details(exc))
 
 
-def _wrap_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def guard_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(request, context)
@@ -86,7 +86,7 @@ def _wrap_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def _wrap_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+def guard_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from fn(request, context)
@@ -111,24 +111,24 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                guard_unary(method, handler.unary_unary),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
+                guard_unary(method, handler.stream_unary),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                guard_stream(method, handler.unary_stream),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream),
+            guard_stream(method, handler.stream_stream),
             handler.request_deserializer,
             handler.response_serializer,
         )

@@ -57,6 +57,7 @@ class ParameterServerNode:
         self._refresh = refresh_roster
         self._monotonic = monotonic
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._gate: ConsistencyGate | None = None
         self._roster = WorkerRoster()
         self._last_refresh = float("-inf")
@@ -97,14 +98,22 @@ class ParameterServerNode:
             self._gate.retain_live(live)
 
     def _authorise(self, member_id: str, incarnation: int) -> None:
+        """Fences the request against the roster; an identity the roster does not know yet (a
+        worker that registered since the last heartbeat) triggers one refresh from the
+        coordinator. Refreshes are serialised and at most one per MIN_REFRESH_INTERVAL_S."""
         with self._lock:
             if self._roster.check(member_id, incarnation):
                 return
-            now = self._monotonic()
-            stale_view = self._refresh is not None and now - self._last_refresh >= MIN_REFRESH_INTERVAL_S
-        if stale_view:
-            self._last_refresh = now
-            self.update_roster(self._refresh())  # type: ignore[misc]
+        if self._refresh is not None:
+            with self._refresh_lock:
+                with self._lock:
+                    if self._roster.check(member_id, incarnation):
+                        return
+                wait_s = self._last_refresh + MIN_REFRESH_INTERVAL_S - self._monotonic()
+                if wait_s > 0:
+                    time.sleep(wait_s)  # rate limit: concurrent unknown ids share one refresh
+                self._last_refresh = self._monotonic()
+                self.update_roster(self._refresh())
         with self._lock:
             self._roster.check_final(member_id, incarnation)
 

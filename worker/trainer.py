@@ -61,7 +61,7 @@ class Trainer:
             name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
             for name, p in self.params.items()
         }
-        return float(loss), grads
+        return float(loss.detach()), grads
 
     def evaluate(self) -> Evaluation:
         return evaluate(self.model, self.workload.test, self.workload.num_classes)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coordinator.main import serve as serve_coordinator
+from lepton.config import JobSpec
+from ps_server.main import serve as serve_ps
+from support import read_json, wait_until
+
+
+@dataclass
+class InProcessCluster:
+    spec: JobSpec
+    coordinator: str
+    servers: list[str]
+    stops: list[threading.Event]
+    threads: list[threading.Thread]
+
+
+def start_cluster(tmp: Path, spec: JobSpec) -> InProcessCluster:
+    """A coordinator and spec.parameter_servers servers on 127.0.0.1:0, each serving on a thread
+    with its own stop event (a server stops itself when the job is over, as a process would)."""
+    stops = [threading.Event() for _ in range(spec.parameter_servers + 1)]
+    threads = [
+        threading.Thread(
+            target=serve_coordinator,
+            args=(spec, "127.0.0.1:0", stops[0]),
+            kwargs={"ready_file": str(tmp / "c.json"), "grace_s": 0.5},
+            daemon=True,
+        )
+    ]
+    threads[0].start()
+    address = wait_until(lambda: read_json(tmp / "c.json"), 60, "the coordinator")["address"]
+    for i in range(spec.parameter_servers):
+        t = threading.Thread(
+            target=serve_ps,
+            args=(address, "127.0.0.1:0", stops[i + 1]),
+            kwargs={"ready_file": str(tmp / f"ps{i}.json"), "grace_s": 0.5},
+            daemon=True,
+        )
+        t.start()
+        threads.append(t)
+    servers = [
+        wait_until(lambda i=i: read_json(tmp / f"ps{i}.json"), 60, f"ps {i}")["address"]
+        for i in range(spec.parameter_servers)
+    ]
+    return InProcessCluster(spec, address, servers, stops, threads)
+
+
+def stop_cluster(cluster: InProcessCluster) -> None:
+    for stop in cluster.stops:
+        stop.set()
+    for t in cluster.threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in cluster.threads), "a server thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def idle_cluster(tmp_path_factory) -> Iterator[InProcessCluster]:
+    """A training job with one parameter server and no workers, for poking at with raw requests."""
+    spec = JobSpec(
+        epochs=1, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=0.2, heartbeat_timeout_s=600.0
+    )
+    cluster = start_cluster(tmp_path_factory.mktemp("idle"), spec)
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)

@@ -1,0 +1,243 @@
+"""Servicer methods called directly with a small fake context, wrapped exactly as the server's
+interceptor wraps them, so each domain error surfaces as the status a client would see."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from coordinator.job import Job
+from coordinator.membership import Role
+from coordinator.servicer import CoordinatorServicer
+from lepton import codec
+from lepton.clock import FakeClock
+from lepton.config import JobSpec
+from lepton.rpc import FENCED_MARKER, guard_stream, guard_unary
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+from lepton.v1 import parameter_server_pb2 as ppb
+from ps_server.node import ParameterServerNode
+from ps_server.roster import WorkerEntry
+from ps_server.servicer import ParameterServerServicer
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    def __init__(self, remaining_s: float | None = 1.0) -> None:
+        self._remaining = remaining_s
+        self._code = None
+
+    def abort(self, code, details):
+        self._code = code
+        raise Aborted(code, details)
+
+    def code(self):
+        return self._code
+
+    def time_remaining(self):
+        return self._remaining
+
+    def is_active(self):
+        return True
+
+
+def unary(servicer, method: str, request):
+    return guard_unary(method, getattr(servicer, method))(request, FakeContext())
+
+
+def streaming(servicer, method: str, request):
+    return list(guard_stream(method, getattr(servicer, method))(request, FakeContext()))
+
+
+def rejected(fn) -> Aborted:
+    with pytest.raises(Aborted) as info:
+        fn()
+    return info.value
+
+
+# --- coordinator -------------------------------------------------------------------------------
+
+SPEC = JobSpec(epochs=2, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0)
+
+
+@pytest.fixture
+def coordinator():
+    clock = FakeClock()
+    job = Job(SPEC, 100, {"w": torch.ones(2, 2), "b": torch.zeros(2)})
+    servicer = CoordinatorServicer(job, clock.now)
+    ps = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_PARAMETER_SERVER, address="127.0.0.1:1"))
+    unary(servicer, "ReportReady", cpb.ReportReadyRequest(member=ps.member, layout_version=1))
+    worker = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_WORKER)).member
+    return servicer, job, clock, worker
+
+
+def test_register_without_role_is_invalid_argument(coordinator):
+    servicer, *_ = coordinator
+    error = rejected(lambda: unary(servicer, "RegisterMember", cpb.RegisterMemberRequest()))
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT and "role" in error.details
+
+
+def test_heartbeat_of_unknown_member_is_not_found(coordinator):
+    servicer, *_ = coordinator
+    ref = common.MemberRef(member_id="worker-99", incarnation=1)
+    error = rejected(lambda: unary(servicer, "Heartbeat", cpb.HeartbeatRequest(member=ref)))
+    assert error.code is grpc.StatusCode.NOT_FOUND
+
+
+def test_member_declared_dead_is_fenced_with_failed_precondition(coordinator):
+    servicer, job, clock, worker = coordinator
+    lease = unary(servicer, "LeaseShard", cpb.LeaseShardRequest(member=worker))
+    assert lease.outcome == cpb.LEASE_OUTCOME_GRANTED
+    clock.advance(SPEC.heartbeat_timeout_s + 0.1)
+    job.tick(clock.now())
+    for method, request in [
+        ("Heartbeat", cpb.HeartbeatRequest(member=worker)),
+        ("ReportProgress", cpb.ReportProgressRequest(member=worker, epoch=0, shard=lease.lease.shard, offset=1)),
+        ("CompleteShard", cpb.CompleteShardRequest(member=worker, epoch=0, shard=lease.lease.shard)),
+    ]:
+        error = rejected(lambda: unary(servicer, method, request))
+        assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert error.details.startswith(FENCED_MARKER)
+    assert job.status(clock.now()).shard_completions == 0
+    assert job.status(clock.now()).reassignments == 1
+
+
+def test_unknown_shard_is_not_found(coordinator):
+    servicer, _, _, worker = coordinator
+    error = rejected(
+        lambda: unary(servicer, "ReportProgress", cpb.ReportProgressRequest(member=worker, epoch=0, shard=42, offset=1))
+    )
+    assert error.code is grpc.StatusCode.NOT_FOUND and "42" in error.details
+
+
+def test_second_completion_of_a_shard_is_rejected_and_counted(coordinator):
+    servicer, job, clock, worker = coordinator
+    lease = unary(servicer, "LeaseShard", cpb.LeaseShardRequest(member=worker)).lease
+    done = cpb.CompleteShardRequest(member=worker, epoch=lease.epoch, shard=lease.shard)
+    unary(servicer, "CompleteShard", done)
+    error = rejected(lambda: unary(servicer, "CompleteShard", done))
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "already completed" in error.details
+    status = unary(servicer, "GetStatus", cpb.GetStatusRequest())
+    assert status.shard_completions == 1
+    assert status.duplicate_completions_rejected == 1
+
+
+def test_negative_progress_offset_is_invalid_argument(coordinator):
+    servicer, _, _, worker = coordinator
+    lease = unary(servicer, "LeaseShard", cpb.LeaseShardRequest(member=worker)).lease
+    request = cpb.ReportProgressRequest(member=worker, epoch=lease.epoch, shard=lease.shard, offset=-1)
+    error = rejected(lambda: unary(servicer, "ReportProgress", request))
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_assignment_before_the_layout_is_failed_precondition():
+    clock = FakeClock()
+    job = Job(SPEC.replace(parameter_servers=2), 100, {"w": torch.ones(2)})
+    servicer = CoordinatorServicer(job, clock.now)
+    ps = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_PARAMETER_SERVER, address="h:1"))
+    error = rejected(lambda: streaming(servicer, "GetAssignment", cpb.GetAssignmentRequest(member=ps.member)))
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "1 more" in error.details
+
+
+def test_assignment_streams_the_servers_initial_tensors(coordinator):
+    servicer, job, *_ = coordinator
+    ps = next(m for m in job.status(0).members if m.member.role is Role.PARAMETER_SERVER).member
+    ref = common.MemberRef(member_id=ps.member_id, incarnation=ps.incarnation)
+    messages = streaming(servicer, "GetAssignment", cpb.GetAssignmentRequest(member=ref))
+    tensors = codec.from_wire([c for m in messages for c in m.chunks])
+    assert torch.equal(tensors["w"], torch.ones(2, 2)) and torch.equal(tensors["b"], torch.zeros(2))
+
+
+# --- parameter server --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ps():
+    node = ParameterServerNode("ps-0")
+    node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "async", step_timeout_s=5.0)
+    node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False)])
+    return ParameterServerServicer(node), node
+
+
+def push(member: tuple[str, int], grads: dict, base_version: int = 0, samples: int = 1, mutate=None):
+    header = ppb.PushHeader(
+        member=common.MemberRef(member_id=member[0], incarnation=member[1]), base_version=base_version, sample_count=samples
+    )
+    chunks = [c for batch in codec.pack(grads.items()) for c in batch]
+    if mutate:
+        mutate(chunks)
+    return iter([ppb.PushRequest(header=header, chunks=chunks)])
+
+
+def current(node) -> torch.Tensor:
+    return dict(node.gate.snapshot(None)[1])["w"]
+
+
+@pytest.mark.parametrize(
+    "member, grads, mutate, code",
+    [
+        (("worker-0", 2), {"w": torch.ones(3, 2)}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        (("worker-0", 2), {"w": torch.ones(2, 3, dtype=torch.float64)}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        (("worker-0", 2), {"w": torch.ones(2, 3)}, lambda c: setattr(c[0], "data", c[0].data[:5]), grpc.StatusCode.INVALID_ARGUMENT),
+        (("worker-0", 2), {"w": torch.ones(2, 3), "v": torch.ones(1)}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        (("worker-7", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.NOT_FOUND),
+        (("worker-0", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.FAILED_PRECONDITION),
+        (("worker-1", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+    ids=["wrong-shape", "wrong-dtype", "short-bytes", "extra-tensor", "unknown-member", "stale-incarnation", "dead-member"],
+)
+def test_bad_push_gets_precise_status_and_changes_nothing(ps, member, grads, mutate, code):
+    servicer, node = ps
+    before = current(node).clone()
+    error = rejected(lambda: unary(servicer, "Push", push(member, grads, mutate=mutate)))
+    assert error.code is code, error.details
+    assert torch.equal(current(node), before)
+    assert node.status().version == 0
+    assert node.status().pushes_rejected == 1
+    reply = unary(servicer, "Push", push(("worker-0", 2), {"w": torch.ones(2, 3)}))
+    assert reply.outcome == ppb.PUSH_OUTCOME_APPLIED and reply.version == 1
+    assert torch.allclose(current(node), before - 0.5)
+
+
+def test_push_pull_returns_parameters_after_the_push(ps):
+    servicer, node = ps
+    messages = streaming(servicer, "PushPull", push(("worker-0", 2), {"w": torch.full((2, 3), 2.0)}))
+    assert messages[0].push.outcome == ppb.PUSH_OUTCOME_APPLIED
+    values = codec.from_wire([c for m in messages for c in m.chunks])
+    assert messages[0].version == 1 and torch.allclose(values["w"], torch.zeros(2, 3))
+
+
+def test_pull_before_assignment_is_failed_precondition():
+    node = ParameterServerNode("ps-0")
+    node.update_roster([WorkerEntry("worker-0", 1, True)])
+    servicer = ParameterServerServicer(node)
+    request = ppb.PullRequest(member=common.MemberRef(member_id="worker-0", incarnation=1))
+    error = rejected(lambda: streaming(servicer, "Pull", request))
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "no assignment" in error.details
+
+
+def test_pull_of_unknown_tensor_is_not_found(ps):
+    servicer, _ = ps
+    request = ppb.PullRequest(member=common.MemberRef(member_id="worker-0", incarnation=2), names=["nope"])
+    error = rejected(lambda: streaming(servicer, "Pull", request))
+    assert error.code is grpc.StatusCode.NOT_FOUND
+
+
+def test_unexpected_exception_is_internal_and_the_servicer_keeps_working(ps, monkeypatch):
+    servicer, node = ps
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(node, "status", broken)
+    error = rejected(lambda: unary(servicer, "GetServerStatus", ppb.GetServerStatusRequest()))
+    assert error.code is grpc.StatusCode.INTERNAL
+    monkeypatch.undo()
+    assert unary(servicer, "GetServerStatus", ppb.GetServerStatusRequest()).member_id == "ps-0"
