@@ -17,7 +17,7 @@ log = structlog.get_logger("lepton.process")
 EXIT_OK = 0
 EXIT_CONFIG = 2            # permanent: bad flags or job file
 EXIT_JOB_FAILED = 3        # permanent: the job ended in FAILED
-EXIT_LOST_CONTACT = 128 + 2  # retryable: a peer could not be reached within the retry budget
+EXIT_LOST_CONTACT = 160  # retryable (128-255, above the signal range): a peer could not be reached in time
 
 
 def stop_event_on_signals() -> threading.Event:
