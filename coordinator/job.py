@@ -165,7 +165,7 @@ class Job:
             return self._state
 
     def _set_state(self, state: JobState, now: float, why: str = "") -> None:
-        if state is self._state:
+        if state is self._state or self._state.terminal:  # a finished job stays finished
             return
         self._state = state
         if state is JobState.TRAINING and self._train_started is None:
@@ -214,7 +214,12 @@ class Job:
                     raise FailedPrecondition(
                         f"the job needs only {self.spec.parameter_servers} parameter servers"
                     )
-            if self._members.get(member_id) is not None:
+            previous = self._members.get(member_id) if member_id else None
+            if previous is not None:
+                if previous.role is not role:
+                    raise InvalidArgument(
+                        f"member {member_id} registered as {previous.role.value}, not {role.value}"
+                    )
                 self._forget(member_id, now, departed=False, why="re-registered")
             member = self._members.register(role, address, now, member_id, hostname, pid)
             self.events.append(

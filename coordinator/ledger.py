@@ -40,6 +40,8 @@ def split(num_samples: int, num_shards: int) -> list[Shard]:
     """Contiguous, near-equal ranges covering [0, num_samples)."""
     if num_samples < 1:
         raise InvalidArgument("the training set is empty")
+    if num_shards < 1:
+        raise InvalidArgument(f"need at least one shard, got {num_shards}")
     num_shards = min(num_shards, num_samples)
     base, extra = divmod(num_samples, num_shards)
     shards, start = [], 0
@@ -124,7 +126,9 @@ class ShardLedger:
 
     def progress(self, member_id: str, incarnation: int, epoch: int, shard: int, offset: int) -> int:
         """Records the offset reached; returns the samples newly trained."""
-        if epoch < self.epoch or (epoch == self.epoch and shard in self._done):
+        if 0 <= shard < len(self.shards) and (
+            0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
+        ):
             raise FailedPrecondition(f"shard {shard} of epoch {epoch} is already complete")
         lease = self._held(member_id, incarnation, epoch, shard)
         if not lease.offset <= offset <= lease.shard.size:

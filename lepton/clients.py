@@ -265,10 +265,11 @@ class ParameterClient:
         """Not retried: a push may have been applied even when its answer was lost."""
         responses = self._stub.PushPull(
             _push_messages(member, base_version, samples, grads.items()),
-            timeout=timeout_s or self._timeout_s,
+            timeout=self._timeout_s if timeout_s is None else timeout_s,
         )
         version, tensors, push = _read_pull(responses)
-        assert push is not None, "PushPull answers with the push outcome first"
+        if push is None:
+            raise InvalidArgument(f"{self.address} answered PushPull without the push outcome")
         reply = PushReply(push.outcome == ppb.PUSH_OUTCOME_APPLIED, push.version, push.staleness)
         return reply, version, tensors
 
@@ -279,7 +280,7 @@ class ParameterClient:
         reply = call(
             self._stub.Push,
             _push_messages(member, base_version, samples, grads.items()),
-            timeout=timeout_s or self._timeout_s,
+            timeout=self._timeout_s if timeout_s is None else timeout_s,
         )
         return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)
 

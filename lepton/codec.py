@@ -70,6 +70,16 @@ def to_wire(
     name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.TensorChunk]:
     """Encodes one tensor as chunks of at most ``chunk_bytes`` bytes (at least one chunk)."""
+    for chunk, _ in _sized_chunks(name, tensor, chunk_bytes):
+        yield chunk
+
+
+def _sized_chunks(
+    name: str, tensor: torch.Tensor, chunk_bytes: int
+) -> Iterator[tuple[pb.TensorChunk, int]]:
+    """(chunk, its data length): reading ``chunk.data`` back would copy the bytes again."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     dtype = wire_dtype(tensor.dtype)
     shape = list(tensor.shape)
     u8 = _le_bytes(tensor).cpu()
@@ -83,7 +93,7 @@ def to_wire(
             shape=shape,
             offset_bytes=offset,
             data=u8[offset:end].numpy().tobytes(),
-        )
+        ), end - offset
         offset = end
         if offset >= total:
             return
@@ -97,8 +107,7 @@ def pack(
     batch: list[pb.TensorChunk] = []
     size = 0
     for name, tensor in tensors:
-        for chunk in to_wire(name, tensor, chunk_bytes):
-            n = len(chunk.data)
+        for chunk, n in _sized_chunks(name, tensor, chunk_bytes):
             if batch and size + n > chunk_bytes:
                 yield batch
                 batch, size = [], 0

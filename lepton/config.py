@@ -41,6 +41,14 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
+        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"invalid job: {name} must be a number, got {value!r}")
         if not self.dataset:
             problems.append("dataset must be named")
         if not self.model:

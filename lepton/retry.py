@@ -31,8 +31,12 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int, rng: random.Random) -> float:
         """Delay before retry number ``attempt`` (1-based): uniform in [0, cap]."""
-        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return rng.uniform(0, cap)
+        cap = self.initial_backoff_s
+        for _ in range(attempt - 1):  # grows until the ceiling, never past it (no overflow)
+            if cap >= self.max_backoff_s:
+                break
+            cap *= self.multiplier
+        return rng.uniform(0, min(cap, self.max_backoff_s))
 
 
 def call_with_retry(

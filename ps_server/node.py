@@ -122,8 +122,14 @@ class ParameterServerNode:
     def pull(self, member_id: str, incarnation: int, names: list[str]) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         self._authorise(member_id, incarnation)
         version, tensors = self.gate.snapshot(names)
-        self.bytes_pulled += sum(t.numel() * t.element_size() for _, t in tensors)
+        self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return version, tensors
+
+    def _count(self, *, bytes_pulled: int = 0, bytes_pushed: int = 0, rejected: int = 0) -> None:
+        with self._lock:
+            self.bytes_pulled += bytes_pulled
+            self.bytes_pushed += bytes_pushed
+            self.pushes_rejected += rejected
 
     def push(
         self,
@@ -143,9 +149,9 @@ class ParameterServerNode:
                 raise InvalidArgument(f"base_version must be >= 0, got {base_version}")
             gate.store.check_gradients(grads)
         except LeptonError:
-            self.pushes_rejected += 1
+            self._count(rejected=1)
             raise
-        self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads.values())
+        self._count(bytes_pushed=sum(g.numel() * g.element_size() for g in grads.values()))
         outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic())
         if isinstance(outcome, PushResult):
             return outcome
@@ -163,12 +169,12 @@ class ParameterServerNode:
         """Push, then the parameters as they are once it was applied (or found stale)."""
         result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s)
         version, tensors = self.gate.snapshot(None)
-        self.bytes_pulled += sum(t.numel() * t.element_size() for _, t in tensors)
+        self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return result, version, tensors
 
     def note_rejected(self) -> None:
         """Counts a push refused before it reached ``push`` (undecodable chunks)."""
-        self.pushes_rejected += 1
+        self._count(rejected=1)
 
     def leave_steps(self, member_id: str, incarnation: int) -> None:
         self._authorise(member_id, incarnation)

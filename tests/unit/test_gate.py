@@ -1,0 +1,341 @@
+"""The consistency gate and the parameter store, driven directly with explicit ``now`` values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lepton.errors import ConfigError, DeadlineExceeded, InvalidArgument, NotFound
+from ps_server.gate import ConsistencyGate, PushOutcome, PushResult
+from ps_server.store import ParameterStore
+
+LR = 0.1
+TIMEOUT_S = 5.0
+T0 = 1000.0
+
+
+def initial() -> dict[str, torch.Tensor]:
+    return {
+        "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        "b": torch.tensor([0.5, -0.5]),
+        "steps": torch.tensor([7], dtype=torch.int64),  # not trainable, still part of a push
+    }
+
+
+def grads(scale: float) -> dict[str, torch.Tensor]:
+    return {
+        "w": torch.tensor([[1.0, -1.0], [2.0, 0.5]]) * scale,
+        "b": torch.tensor([1.0, 3.0]) * scale,
+        "steps": torch.tensor([0], dtype=torch.int64),
+    }
+
+
+def make_gate(mode: str, optimizer: str = "sgd", **kwargs) -> ConsistencyGate:
+    return ConsistencyGate(ParameterStore(initial(), optimizer, LR, kwargs), mode, TIMEOUT_S)
+
+
+def params(gate: ConsistencyGate) -> dict[str, torch.Tensor]:
+    return dict(gate.snapshot()[1])
+
+
+def sgd_reference(steps: list[dict[str, torch.Tensor]], **kwargs) -> dict[str, torch.Tensor]:
+    """What torch.optim.SGD does to the trainable tensors given these gradients, step by step."""
+    ps = {n: torch.nn.Parameter(t.clone()) for n, t in initial().items() if t.is_floating_point()}
+    opt = torch.optim.SGD(list(ps.values()), lr=LR, **kwargs)
+    for g in steps:
+        for n, p in ps.items():
+            p.grad = g[n].clone()
+        opt.step()
+    return {n: p.detach() for n, p in ps.items()}
+
+
+def weighted_mean(*pairs: tuple[dict[str, torch.Tensor], int]) -> dict[str, torch.Tensor]:
+    total = sum(n for _, n in pairs)
+    return {
+        name: sum(g[name].to(torch.float64) * n for g, n in pairs).div(total).to(torch.float32)
+        for name in ("w", "b")
+    }
+
+
+def assert_params(gate: ConsistencyGate, expected: dict[str, torch.Tensor]) -> None:
+    got = params(gate)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+    assert got["steps"].tolist() == [7]
+
+
+def join_two(gate: ConsistencyGate) -> None:
+    """Makes a and b participants: a's first push closes step 0 alone; b's push to step 1 joins."""
+    assert gate.push("a", 0, grads(1.0), 1, T0) == 1
+    assert gate.version == 1
+    assert gate.push("b", 1, grads(2.0), 3, T0) == 2
+    assert gate.participants == {"a", "b"}
+
+
+# --- async -------------------------------------------------------------------------------------
+
+
+def test_async_push_is_applied_immediately_and_records_staleness():
+    gate = make_gate("async")
+    first = gate.push("a", 0, grads(1.0), 4, T0)
+    assert first == PushResult(PushOutcome.APPLIED, 1, 0)
+    second = gate.push("b", 0, grads(2.0), 4, T0)  # computed from version 0, applied at version 1
+    assert second == PushResult(PushOutcome.APPLIED, 2, 1)
+    third = gate.push("a", 2, grads(0.5), 4, T0)
+    assert third == PushResult(PushOutcome.APPLIED, 3, 0)
+    c = gate.counters
+    assert (c.pushes_received, c.updates_applied, c.pushes_stale) == (3, 3, 0)
+    assert (c.staleness_max, c.staleness_count, c.staleness_sum) == (1, 3, 1)
+    assert c.staleness_mean == pytest.approx(1 / 3)
+    assert_params(gate, sgd_reference([grads(1.0), grads(2.0), grads(0.5)]))
+
+
+def test_async_push_from_a_future_version_is_stale_and_changes_nothing():
+    gate = make_gate("async")
+    assert gate.push("a", 1, grads(1.0), 1, T0) == PushResult(PushOutcome.STALE, 0)
+    assert gate.version == 0 and gate.counters.pushes_stale == 1 and gate.counters.updates_applied == 0
+    assert_params(gate, {n: t for n, t in initial().items() if n != "steps"})
+
+
+def test_async_with_no_pushes_reports_zero_mean_staleness():
+    assert make_gate("async").counters.staleness_mean == 0.0
+
+
+def test_async_tick_does_nothing():
+    gate = make_gate("async")
+    gate.push("a", 0, grads(1.0), 1, T0)
+    assert gate.tick(T0 + 100 * TIMEOUT_S) is False
+    assert gate.counters.steps_timed_out == 0 and gate.version == 1
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError):
+        make_gate("eventual")
+
+
+# --- sync --------------------------------------------------------------------------------------
+
+
+def test_sync_first_push_with_no_other_participant_closes_the_step_at_once():
+    gate = make_gate("sync")
+    assert gate.push("a", 0, grads(1.0), 2, T0) == 1
+    assert gate.version == 1
+    assert gate.wait_for_version(1, 0.0) == PushResult(PushOutcome.APPLIED, 1)
+    assert_params(gate, sgd_reference([grads(1.0)]))
+
+
+def test_sync_step_closes_only_when_every_participant_pushed_with_the_sample_weighted_mean():
+    gate = make_gate("sync")
+    join_two(gate)
+    after_step0 = params(gate)
+    assert gate.version == 1  # b's push alone does not close step 1
+    assert_params(gate, {n: after_step0[n] for n in ("w", "b")})
+    with pytest.raises(DeadlineExceeded):
+        gate.wait_for_version(2, 0.0)
+
+    assert gate.push("a", 1, grads(-1.0), 1, T0 + 1) == 2
+    assert gate.version == 2
+    assert gate.wait_for_version(2, 0.0) == PushResult(PushOutcome.APPLIED, 2)
+    mean = weighted_mean((grads(2.0), 3), (grads(-1.0), 1))  # (2*3 - 1*1) / 4 = 1.25 x
+    torch.testing.assert_close(mean["b"], torch.tensor([1.25, 3.75]))
+    assert_params(gate, sgd_reference([grads(1.0), mean]))
+    c = gate.counters
+    assert (c.pushes_received, c.updates_applied, c.steps_timed_out, c.pushes_stale) == (3, 2, 0, 0)
+
+
+def test_sync_weighted_mean_feeds_the_optimizer_state_like_torch_does():
+    gate = make_gate("sync", momentum=0.9)
+    join_two(gate)
+    gate.push("a", 1, grads(-1.0), 1, T0)
+    gate.push("b", 2, grads(0.25), 5, T0)
+    gate.push("a", 2, grads(4.0), 3, T0)
+    assert gate.version == 3
+    steps = [grads(1.0), weighted_mean((grads(2.0), 3), (grads(-1.0), 1)),
+             weighted_mean((grads(0.25), 5), (grads(4.0), 3))]
+    assert_params(gate, sgd_reference(steps, momentum=0.9))
+
+
+def test_sync_push_from_an_old_version_is_stale_and_changes_nothing():
+    gate = make_gate("sync")
+    join_two(gate)
+    before = params(gate)
+    result = gate.push("a", 0, grads(100.0), 1, T0)
+    assert result == PushResult(PushOutcome.STALE, 1)
+    assert gate.counters.pushes_stale == 1
+    assert gate.version == 1
+    # the stale push neither contributed nor closed the step: a's real push is still awaited
+    gate.push("a", 1, grads(-1.0), 1, T0)
+    assert gate.version == 2
+    assert_params(gate, sgd_reference([grads(1.0), weighted_mean((grads(2.0), 3), (grads(-1.0), 1))]))
+    assert not torch.equal(params(gate)["w"], before["w"])
+
+
+def test_sync_push_from_a_future_version_is_stale():
+    gate = make_gate("sync")
+    assert gate.push("a", 3, grads(1.0), 1, T0) == PushResult(PushOutcome.STALE, 0)
+    assert gate.version == 0 and gate.participants == set()
+
+
+def test_a_participant_re_pushing_the_same_step_is_not_counted_twice():
+    gate = make_gate("sync")
+    join_two(gate)
+    assert gate.push("b", 1, grads(50.0), 7, T0 + 1) == 2  # a retry of b's push: ignored
+    assert gate.version == 1
+    gate.push("a", 1, grads(-1.0), 1, T0 + 2)
+    assert gate.version == 2 and gate.counters.updates_applied == 2
+    assert_params(gate, sgd_reference([grads(1.0), weighted_mean((grads(2.0), 3), (grads(-1.0), 1))]))
+
+
+def test_leave_of_the_missing_participant_closes_the_step():
+    gate = make_gate("sync")
+    join_two(gate)
+    gate.leave("a")
+    assert gate.version == 2
+    assert gate.participants == {"b"}
+    assert gate.wait_for_version(2, 0.0).outcome is PushOutcome.APPLIED
+    assert_params(gate, sgd_reference([grads(1.0), grads(2.0)]))
+    assert gate.push("b", 2, grads(1.0), 1, T0) == 3 and gate.version == 3  # b alone now
+
+
+def test_leave_with_no_open_step_applies_nothing():
+    gate = make_gate("sync")
+    join_two(gate)
+    gate.push("a", 1, grads(-1.0), 1, T0)
+    gate.leave("b")
+    assert gate.version == 2 and gate.counters.updates_applied == 2
+
+
+def test_retain_live_dropping_a_dead_participant_closes_the_step():
+    gate = make_gate("sync")
+    join_two(gate)
+    gate.retain_live({"b", "c"})
+    assert gate.participants == {"b"}
+    assert gate.version == 2
+    assert_params(gate, sgd_reference([grads(1.0), grads(2.0)]))
+
+
+def test_retain_live_keeping_everyone_does_not_close_the_step():
+    gate = make_gate("sync")
+    join_two(gate)
+    gate.retain_live({"a", "b"})
+    assert gate.version == 1 and gate.participants == {"a", "b"}
+
+
+def test_tick_before_the_timeout_does_nothing():
+    gate = make_gate("sync")
+    join_two(gate)
+    assert gate.tick(T0 + TIMEOUT_S - 0.001) is False
+    assert gate.version == 1 and gate.counters.steps_timed_out == 0
+    assert gate.participants == {"a", "b"}
+
+
+def test_tick_at_the_timeout_closes_the_step_with_what_it_has_and_drops_the_rest():
+    gate = make_gate("sync")
+    join_two(gate)
+    assert gate.tick(T0 + TIMEOUT_S) is True
+    assert gate.version == 2 and gate.counters.steps_timed_out == 1
+    assert gate.participants == {"b"}
+    assert_params(gate, sgd_reference([grads(1.0), grads(2.0)]))
+    assert gate.tick(T0 + 10 * TIMEOUT_S) is False  # no step open any more
+    assert gate.push("b", 2, grads(1.0), 1, T0 + 11 * TIMEOUT_S) == 3 and gate.version == 3
+
+
+def test_the_timeout_runs_from_the_first_push_of_the_step():
+    gate = make_gate("sync")
+    join_two(gate)  # step 1 opened at T0 by b
+    gate.push("a", 1, grads(1.0), 1, T0 + 3)  # closes step 1
+    assert gate.push("b", 2, grads(1.0), 1, T0 + 4) == 3  # step 2 opens at T0 + 4
+    assert gate.tick(T0 + TIMEOUT_S + 1) is False
+    assert gate.tick(T0 + 4 + TIMEOUT_S) is True
+    assert gate.version == 3
+
+
+def test_a_dropped_participant_rejoins_by_pushing():
+    gate = make_gate("sync")
+    join_two(gate)
+    gate.tick(T0 + TIMEOUT_S)  # a dropped
+    assert gate.push("a", 2, grads(1.0), 1, T0 + 6) == 3
+    assert gate.participants == {"a", "b"}
+    assert gate.version == 2  # now waits for b
+    gate.push("b", 2, grads(1.0), 1, T0 + 6)
+    assert gate.version == 3
+
+
+def test_sync_mean_is_cast_back_to_the_parameter_dtype():
+    store = ParameterStore({"h": torch.ones(3, dtype=torch.float16)}, "sgd", 1.0, {})
+    gate = ConsistencyGate(store, "sync", TIMEOUT_S)
+    gate.push("a", 0, {"h": torch.full((3,), 0.5, dtype=torch.float16)}, 1, T0)
+    h = dict(gate.snapshot()[1])["h"]
+    assert h.dtype == torch.float16 and h.tolist() == [0.5, 0.5, 0.5]
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+def make_store() -> ParameterStore:
+    return ParameterStore(initial(), "sgd", LR, {})
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda g: g.pop("b"), "missing"),
+        (lambda g: g.update(extra=torch.zeros(1)), "unexpected"),
+        (lambda g: g.update(w=torch.zeros(4)), "expected"),
+        (lambda g: g.update(w=torch.zeros(2, 2, dtype=torch.float64)), "expected"),
+        (lambda g: g.update(steps=torch.zeros(1, dtype=torch.int32)), "expected"),
+        (lambda g: g.update(b=torch.tensor([float("nan"), 0.0])), "NaN or Inf"),
+        (lambda g: g.update(b=torch.tensor([0.0, float("inf")])), "NaN or Inf"),
+        (lambda g: g.update(w=torch.tensor([[0.0, float("-inf")], [0.0, 0.0]])), "NaN or Inf"),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "int-dtype", "nan", "inf", "neg-inf"],
+)
+def test_check_gradients_rejects_a_bad_push_and_leaves_parameters_unchanged(change, message):
+    store = make_store()
+    before = dict(store.snapshot())
+    bad = grads(1.0)
+    change(bad)
+    with pytest.raises(InvalidArgument, match=message):
+        store.check_gradients(bad)
+    assert store.version == 0
+    for name, value in store.snapshot():
+        assert torch.equal(value, before[name])
+
+
+def test_check_gradients_accepts_an_exact_finite_push():
+    make_store().check_gradients(grads(1.0))
+
+
+def test_apply_steps_the_optimizer_and_bumps_the_version():
+    store = make_store()
+    assert store.apply(grads(1.0)) == 1 and store.version == 1
+    got = dict(store.snapshot())
+    expected = sgd_reference([grads(1.0)])
+    torch.testing.assert_close(got["w"], expected["w"])
+    assert got["steps"].tolist() == [7]
+
+
+def test_snapshot_returns_copies_in_the_requested_order():
+    store = make_store()
+    snap = store.snapshot(["b", "w"])
+    assert [n for n, _ in snap] == ["b", "w"]
+    snap[0][1].add_(100)
+    assert dict(store.snapshot())["b"].tolist() == [0.5, -0.5]
+    assert [n for n, _ in store.snapshot([])] == ["w", "b", "steps"]
+
+
+def test_snapshot_of_an_unknown_tensor_is_not_found():
+    with pytest.raises(NotFound):
+        make_store().snapshot(["w", "nope"])
+
+
+def test_the_store_owns_copies_of_the_initial_tensors():
+    values = initial()
+    store = ParameterStore(values, "sgd", LR, {})
+    values["w"].add_(1)
+    assert dict(store.snapshot())["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_an_unknown_optimizer_is_a_config_error():
+    with pytest.raises(ConfigError):
+        ParameterStore(initial(), "nosuchopt", LR, {})
