@@ -54,3 +54,34 @@ def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
     assert sum(a.shards_completed for a in agents) == 18
     for s in server_status:
         assert s.pushes_rejected == 0
+
+
+def test_a_users_own_dataset_and_model_train_by_factory_string(tmp_path):
+    spec = JobSpec(
+        dataset="integration.custom_workload:blobs",
+        model="integration.custom_workload:linear",
+        optimizer="sgd",
+        lr=0.1,
+        optimizer_kwargs={"momentum": 0.9, "nesterov": True},
+        epochs=2,
+        shards_per_epoch=4,
+        parameter_servers=1,
+        heartbeat_interval_s=0.2,
+        heartbeat_timeout_s=2.0,
+    )
+    cluster = start_cluster(tmp_path, spec)
+    stop = threading.Event()
+    client = CoordinatorClient(cluster.coordinator)
+    try:
+        assert WorkerAgent(client, stop).run() == 0
+        status = client.status()
+    finally:
+        stop.set()
+        client.close()
+        stop_cluster(cluster)
+    assert status.state == cpb.JOB_STATE_SUCCEEDED
+    assert status.job.optimizer.name == "sgd"
+    assert dict(status.job.optimizer.kwargs) == {"momentum": 0.9, "nesterov": True}
+    assert status.shard_completions == 8
+    assert status.evaluation.samples == 100
+    assert status.evaluation.accuracy > 0.95

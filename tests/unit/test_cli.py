@@ -1,0 +1,38 @@
+"""The command line turns a job file and flags into one JobSpec; flags win."""
+
+from pathlib import Path
+
+import pytest
+
+from lepton.cli import build_parser, job_from_args
+from lepton.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits-sgd-sync.toml"
+
+
+def test_job_file_values_are_used_and_flags_override_them():
+    args = build_parser().parse_args(["up", "--job", str(EXAMPLE), "--epochs", "3", "--lr", "0.05"])
+    spec = job_from_args(args, parameter_servers=args.ps)
+    assert spec.mode == "sync" and spec.optimizer == "sgd"
+    assert spec.optimizer_kwargs == {"momentum": 0.9, "nesterov": True}
+    assert spec.epochs == 3 and spec.lr == 0.05
+    assert spec.parameter_servers == 2
+
+
+def test_optimizer_kwargs_flag_must_be_json():
+    args = build_parser().parse_args(["coordinator", "--optimizer-kwargs", "{momentum: 1"])
+    with pytest.raises(ConfigError, match="not JSON"):
+        job_from_args(args)
+
+
+def test_an_invalid_flag_value_is_a_config_error_naming_the_field():
+    args = build_parser().parse_args(["coordinator", "--mode", "bulk"])
+    with pytest.raises(ConfigError, match="mode"):
+        job_from_args(args)
+
+
+def test_configuration_errors_exit_with_the_documented_code(capsys):
+    from lepton.cli import main
+
+    assert main(["up", "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err
