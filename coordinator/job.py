@@ -156,6 +156,8 @@ class Job:
         self._evaluator: tuple[str, int] | None = None
         self._evaluation: EvaluationResult | None = None
         self._last_epoch_announced = -1
+        self.leases_granted = 0
+        self.heartbeats_missed = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -244,7 +246,10 @@ class Job:
 
     def heartbeat(self, member_id: str, incarnation: int, now: float) -> HeartbeatReply:
         with self._lock:
+            previous = self._members.get(member_id)
+            gap = now - previous.last_heartbeat if previous is not None else 0.0
             member = self._members.heartbeat(member_id, incarnation, now)
+            self.heartbeats_missed += max(0, int(gap / self.spec.heartbeat_interval_s) - 1)
             workers: tuple[WorkerView, ...] = ()
             if member.role is Role.PARAMETER_SERVER:
                 workers = tuple(
@@ -385,6 +390,7 @@ class Job:
             lease = self._ledger.lease(member_id, incarnation)
             if lease is None:
                 return wait
+            self.leases_granted += 1
             self.events.append(
                 EventKind.SHARD_LEASED,
                 f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
@@ -479,6 +485,16 @@ class Job:
             )
             self._set_state(JobState.SUCCEEDED, now)
 
+    def cancel(self, reason: str, now: float) -> JobState:
+        """Job control: ends an unfinished job as FAILED."""
+        if not reason.strip():
+            raise InvalidArgument("a cancellation needs a reason")
+        with self._lock:
+            if not self._state.terminal:
+                self._failure = f"cancelled: {reason}"
+                self._set_state(JobState.FAILED, now, self._failure)
+            return self._state
+
     # --- reading -------------------------------------------------------------------------------
 
     def status(self, now: float) -> JobStatus:
@@ -510,6 +526,11 @@ class Job:
                 evaluation=self._evaluation,
                 failure=self._failure,
             )
+
+    @property
+    def fenced_rejections(self) -> int:
+        with self._lock:
+            return self._members.fenced_rejections
 
     def completions(self) -> list[tuple[int, int, str, int]]:
         """Every counted completion as (epoch, shard, member id, incarnation)."""

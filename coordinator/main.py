@@ -10,7 +10,8 @@ from coordinator.job import Job
 from coordinator.servicer import CoordinatorServicer, registration
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
-from lepton.process import run_every, write_ready_file
+from coordinator.metrics import JobCollector
+from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
 from lepton.workloads import build_model, load_workload
 
@@ -32,16 +33,30 @@ def serve(
     *,
     ready_file: str | None = None,
     grace_s: float = 2.0,
+    options: ServiceOptions = ServiceOptions(),
 ) -> int:
     clock = MonotonicClock()
     job = build_job(spec)
-    server = Server(listen, [registration(CoordinatorServicer(job, clock.now))])
+    registry, metrics = options.metrics(lambda: JobCollector(job, clock.now))
+    server = Server(
+        listen,
+        [registration(CoordinatorServicer(job, clock.now))],
+        security=options.security,
+        registry=registry,
+        reflection_enabled=options.reflection,
+    )
     server.start()
-    log.info("coordinator_serving", address=server.address, mode=spec.mode, dataset=spec.dataset)
-    write_ready_file(ready_file, address=server.address)
+    metrics_address = metrics.address if metrics else None
+    log.info(
+        "coordinator_serving", address=server.address, tls=server.tls, metrics=metrics_address,
+        mode=spec.mode, dataset=spec.dataset,
+    )
+    write_ready_file(ready_file, address=server.address, metrics=metrics_address)
     run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, lambda: job.tick(clock.now()), "expiry")
     stop.wait()
     log.info("coordinator_stopping", state=job.state.name)
     job.events.close()
     server.stop(grace_s)
+    if metrics is not None:
+        metrics.close()
     return 0

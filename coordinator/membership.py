@@ -45,6 +45,7 @@ class MembershipTable:
             raise InvalidArgument("heartbeat_timeout_s must be > 0")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._members: dict[str, Member] = {}
+        self.fenced_rejections = 0  # requests refused because their incarnation was fenced
         self._counters = {Role.PARAMETER_SERVER: itertools.count(), Role.WORKER: itertools.count()}
 
     def register(
@@ -86,6 +87,7 @@ class MembershipTable:
         if member is None:
             raise NotFound(f"no member {member_id!r} in this job; register first")
         if incarnation != member.incarnation or not member.alive:
+            self.fenced_rejections += 1
             why = "departed" if member.departed and incarnation == member.incarnation else (
                 "declared dead" if incarnation == member.incarnation else
                 f"superseded by incarnation {member.incarnation}"

@@ -213,6 +213,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._job.report_evaluation(*_member(request.member), result, self._now())
         return pb.ReportEvaluationResponse()
 
+    def CancelJob(self, request, context):
+        return pb.CancelJobResponse(state=self._job.cancel(request.reason, self._now()).value)
+
     def GetStatus(self, request, context):
         return status_to_proto(self._job.status(self._now()))
 

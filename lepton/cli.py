@@ -14,7 +14,8 @@ from typing import Any
 from lepton.config import MODES, JobSpec, job_from_mapping, load_job_file
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, stop_event_on_signals
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, stop_event_on_signals
+from lepton.security import Security, load_security
 
 # flag -> JobSpec field
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -66,6 +67,40 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (tokens only from files or LEPTON_TOKEN, never flags)")
+    g.add_argument("--tls-ca", default=None, metavar="PEM", help="CA bundle: verify servers (and, on servers, require client certificates)")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="this process's certificate chain")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="this process's private key")
+    g.add_argument("--token-file", default=None, metavar="FILE", help="bearer token to send (default: $LEPTON_TOKEN)")
+
+
+def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
+    _add_client_security(p)
+    if server:
+        p.add_argument("--auth-file", default=None, metavar="TOML", help="token table to check (default: $LEPTON_AUTH_FILE; none: no authentication)")
+        p.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
+    p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)")
+
+
+def service_options(args: argparse.Namespace) -> ServiceOptions:
+    security = load_security(
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        token_file=args.token_file,
+        auth_file=getattr(args, "auth_file", None),
+    )
+    listen_host = getattr(args, "listen", "127.0.0.1:0").rsplit(":", 1)[0] or "127.0.0.1"
+    return ServiceOptions(
+        security=security,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or listen_host,
+        reflection=not getattr(args, "no_reflection", False),
+    )
+
+
 def _add_member(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
@@ -81,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--state-dir", default=None, help="directory for the coordinator's state")
     c.add_argument("--ready-file", default=None, help="write {address, pid} as JSON here once serving")
     _add_job_flags(c)
+    _add_service(c)
     _add_common(c)
 
     s = sub.add_parser("ps", help="run a parameter server")
@@ -89,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise", default="", metavar="HOST:PORT", help="address workers dial, if not --listen")
     s.add_argument("--state-dir", default=None, help="directory for this server's state")
     s.add_argument("--ready-file", default=None)
+    _add_service(s)
     _add_common(s)
 
     w = sub.add_parser("worker", help="run a worker")
     _add_member(w)
+    w.add_argument("--ready-file", default=None, help="write {metrics, pid} as JSON here once started")
+    _add_service(w, server=False)
     _add_common(w)
 
     u = sub.add_parser("up", help="run a whole local cluster (coordinator, servers, workers) and train")
@@ -102,13 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--state-dir", default=None, help="logs and state of every child (default: a temp dir)")
     u.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
     u.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    u.add_argument("--secure", action="store_true", help="TLS (mutual) and role tokens on every service, made fresh in the state dir")
     _add_job_flags(u)
     _add_common(u)
 
     st = sub.add_parser("status", help="show a running job as the coordinator sees it")
     st.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_security(st)
+
+    k = sub.add_parser("cancel", help="end a running job as FAILED (needs an admin token)")
+    k.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    k.add_argument("--reason", required=True)
+    _add_client_security(k)
+
+    ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role tokens")
+    ce.add_argument("--out", required=True, help="directory to write into")
+    ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers")
     return parser
+
+
+def _client_security(args: argparse.Namespace) -> Security:
+    return load_security(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, token_file=args.token_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +178,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from lepton.status import show_status
 
-        return show_status(args.coordinator, as_json=args.json)
+        return show_status(args.coordinator, as_json=args.json, security=_client_security(args))
+    if args.command == "cancel":
+        from lepton.status import cancel_job
+
+        return cancel_job(args.coordinator, args.reason, security=_client_security(args))
+    if args.command == "certs":
+        from lepton.certs import make_dev_pki
+
+        files = make_dev_pki(args.out, [h.strip() for h in args.hosts.split(",") if h.strip()])
+        for role, path in files.items():
+            print(f"{role:<12} {path}")
+        return 0
     if args.command == "up":
         from lepton.launcher import Cluster, run_up
 
@@ -139,6 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 coordinator_port=args.coordinator_port,
                 state_dir=args.state_dir,
                 log_format=args.log_format,
+                secure=args.secure,
             ),
             report_path=args.report,
             timeout_s=args.timeout,
@@ -152,7 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = job_from_args(args, **overrides)
         if args.state_dir:
             os.makedirs(args.state_dir, exist_ok=True)
-        return serve_coordinator(spec, args.listen, stop, ready_file=args.ready_file)
+        return serve_coordinator(spec, args.listen, stop, ready_file=args.ready_file, options=service_options(args))
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
@@ -163,11 +229,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             advertise=args.advertise,
             member_id=args.id,
             ready_file=args.ready_file,
+            options=service_options(args),
         )
     if args.command == "worker":
         from worker.main import serve as serve_worker
 
-        return serve_worker(args.coordinator, stop, member_id=args.id)
+        return serve_worker(
+            args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args)
+        )
     raise AssertionError(args.command)
 
 

@@ -22,6 +22,7 @@ from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.rpc import call, dial, iterate
+from lepton.security import INSECURE, Security
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -75,9 +76,10 @@ class CoordinatorClient:
         address: str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
+        security: Security = INSECURE,
     ) -> None:
         self.address = address
-        self._channel = dial(address)
+        self._channel = dial(address, security)
         self._stub = cpb_grpc.CoordinatorStub(self._channel)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
@@ -188,6 +190,9 @@ class CoordinatorClient:
     def status(self) -> cpb.GetStatusResponse:
         return self._idempotent(self._stub.GetStatus, cpb.GetStatusRequest())
 
+    def cancel(self, reason: str) -> None:
+        call(self._stub.CancelJob, cpb.CancelJobRequest(reason=reason), timeout=self._timeout_s)
+
     def watch(self, after_sequence: int = 0, timeout_s: float | None = None) -> Iterator[cpb.JobEvent]:
         return iterate(
             self._stub.WatchJob(cpb.WatchJobRequest(after_sequence=after_sequence), timeout=timeout_s)
@@ -234,9 +239,15 @@ def _read_pull(responses: Iterator[ppb.PullResponse]) -> tuple[int, dict[str, to
 class ParameterClient:
     """Client of one parameter server. Raises lepton.errors on failure."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        security: Security = INSECURE,
+    ) -> None:
         self.address = address
-        self._channel = dial(address)
+        self._channel = dial(address, security)
         self._stub = ppb_grpc.ParameterServerStub(self._channel)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()

@@ -28,7 +28,9 @@ from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
+from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
+from lepton.security import INSECURE, load_security
 from lepton.status import state_name, status_dict
 from lepton.v1 import coordinator_pb2 as cpb
 
@@ -47,6 +49,7 @@ class Cluster:
     coordinator_port: int = 0
     state_dir: str | None = None
     log_format: str = "auto"
+    secure: bool = False
 
 
 def lepton_command() -> list[str]:
@@ -281,26 +284,59 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     address = ""
     client: CoordinatorClient | None = None
     child_log = ["--log-format", "json" if cluster.log_format == "auto" else cluster.log_format]
+    server_flags: list[str] = []
+    client_flags: list[str] = []
+    security = INSECURE
+    metrics: dict[str, str | None] = {}
     try:
-        ready = state_dir / "coordinator.ready.json"
-        ready.unlink(missing_ok=True)
+        if cluster.secure:
+            pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
+            tls = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-ca", str(pki["ca"])]
+            server_flags = [*tls, "--auth-file", str(pki["auth"])]
+            client_flags = tls
+            security = load_security(
+                tls_cert=str(pki["cert"]), tls_key=str(pki["key"]), tls_ca=str(pki["ca"]),
+                token_file=str(pki["reader-token"]),
+            )
+            print(f"security: mutual TLS and role tokens from {state_dir / 'security'}", flush=True)
+            token = {role: ["--token-file", str(pki[f"{role}-token"])] for role in ("ps", "worker")}
+        else:
+            token = {"ps": [], "worker": []}
+        ready_files = {}
+
+        def ready_file(name: str) -> list[str]:
+            ready_files[name] = state_dir / f"{name}.ready.json"
+            ready_files[name].unlink(missing_ok=True)
+            return ["--ready-file", str(ready_files[name]), "--metrics-port", "0"]
+
         coordinator = children.start(
             "coordinator",
-            ["coordinator", "--listen", f"127.0.0.1:{cluster.coordinator_port}", "--ready-file", str(ready),
-             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *child_log],
+            ["coordinator", "--listen", f"127.0.0.1:{cluster.coordinator_port}", *ready_file("coordinator"),
+             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags, *child_log],
         )
-        address = wait_ready_file(ready, coordinator, READY_TIMEOUT_S)["address"]
+        facts = wait_ready_file(ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
+        address = facts["address"]
+        metrics["coordinator"] = facts.get("metrics")
         print(f"coordinator listening on {address}  (lepton status --coordinator {address})", flush=True)
         print(f"logs in {log_dir}", flush=True)
         for i in range(spec.parameter_servers):
             children.start(
                 f"ps-{i}",
-                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0",
-                 "--state-dir", str(state_dir / f"ps-{i}"), *child_log],
+                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0", *ready_file(f"ps-{i}"),
+                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token["ps"], *child_log],
             )
         for i in range(cluster.workers):
-            children.start(f"worker-{i}", ["worker", "--coordinator", address, *child_log])
-        client = CoordinatorClient(address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0))
+            children.start(
+                f"worker-{i}",
+                ["worker", "--coordinator", address, *ready_file(f"worker-{i}"), *client_flags, *token["worker"],
+                 *child_log],
+            )
+        for child in children.items[1:]:
+            metrics[child.name] = wait_ready_file(ready_files[child.name], child, READY_TIMEOUT_S).get("metrics")
+        print("metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in metrics.items()), flush=True)
+        client = CoordinatorClient(
+            address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0), security=security
+        )
         tally = EventTally(client)
         line = ProgressLine()
         deadline = started + timeout_s
@@ -347,6 +383,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     wall_s = time.monotonic() - started
     exit_codes = {c.name: c.process.returncode for c in children.items}
     report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
+    report["metrics_endpoints"] = metrics
+    report["secure"] = cluster.secure
     print_summary(report)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))

@@ -7,9 +7,12 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.process")
 
@@ -58,3 +61,26 @@ def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """What every role's serve() shares: security, metrics endpoint, reflection switch."""
+
+    security: Security = INSECURE
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: a free port
+    metrics_host: str = "127.0.0.1"
+    reflection: bool = True
+
+    def metrics(self, collector_factory: Callable[[], object] | None = None):
+        """(registry, endpoint) — both None when metrics are off."""
+        if self.metrics_port is None:
+            return None, None
+        from prometheus_client import CollectorRegistry
+
+        from lepton.metrics import MetricsEndpoint
+
+        registry = CollectorRegistry()
+        if collector_factory is not None:
+            registry.register(collector_factory())  # type: ignore[arg-type]
+        return registry, MetricsEndpoint(registry, self.metrics_host, self.metrics_port)

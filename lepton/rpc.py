@@ -13,7 +13,11 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prometheus_client import CollectorRegistry
+
 from lepton import errors
+from lepton.metrics import RpcMetricsInterceptor
+from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
 T = TypeVar("T")
@@ -173,12 +177,19 @@ class Server:
         *,
         max_workers: int = 32,
         max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB,
-        interceptors: Iterable[grpc.ServerInterceptor] = (),
+        security: Security = INSECURE,
+        registry: CollectorRegistry | None = None,
         reflection_enabled: bool = True,
     ) -> None:
+        # Outermost first: metrics see the final status, auth runs before any handler.
+        interceptors: list[grpc.ServerInterceptor] = []
+        if registry is not None:
+            interceptors.append(RpcMetricsInterceptor(registry))
+        interceptors += security.server_interceptors()
+        interceptors.append(ErrorMappingInterceptor())
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            interceptors=[*interceptors, ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=server_options(max_message_mib),
         )
         self.health = health.HealthServicer()
@@ -191,7 +202,13 @@ class Server:
         names += self._service_names
         if reflection_enabled:
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
-        self.port = self._server.add_insecure_port(address)
+        credentials = security.server_credentials()
+        self.tls = credentials is not None
+        self.port = (
+            self._server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self._server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise errors.ConfigError(f"cannot listen on {address}")
         host = address.rsplit(":", 1)[0]
@@ -210,9 +227,20 @@ class Server:
         return self._server.wait_for_termination(timeout_s)
 
 
-def dial(address: str, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> grpc.Channel:
-    """One insecure channel to ``address`` with Lepton's options; reuse it for every call."""
-    return grpc.insecure_channel(address, options=channel_options(max_message_mib))
+def dial(
+    address: str, security: Security = INSECURE, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB
+) -> grpc.Channel:
+    """One channel to ``address`` with Lepton's options (TLS and bearer token as ``security``
+    says); reuse it for every call."""
+    credentials = security.channel_credentials()
+    options = channel_options(max_message_mib)
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address, options=options)
+    )
+    interceptors = security.client_interceptors()
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
 def translate(exc: grpc.RpcError) -> errors.LeptonError:

@@ -10,8 +10,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lepton.clients import CoordinatorClient
-from lepton.errors import LeptonError
-from lepton.process import EXIT_LOST_CONTACT
+from lepton.errors import LeptonError, Unavailable
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
+from lepton.security import INSECURE, Security
 from lepton.retry import RetryPolicy
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
@@ -83,8 +84,23 @@ def render(status: cpb.GetStatusResponse) -> str:
     return "\n".join(lines)
 
 
-def show_status(address: str, as_json: bool = False) -> int:
-    client = CoordinatorClient(address, timeout_s=5.0, retry=RetryPolicy(max_attempts=3, max_total_s=10.0))
+def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
+    client = CoordinatorClient(address, timeout_s=5.0, security=security)
+    try:
+        client.cancel(reason)
+    except LeptonError as exc:
+        print(f"lepton cancel: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_LOST_CONTACT if isinstance(exc, Unavailable) else EXIT_CONFIG
+    finally:
+        client.close()
+    print(f"job at {address} cancelled: {reason}")
+    return 0
+
+
+def show_status(address: str, as_json: bool = False, security: Security = INSECURE) -> int:
+    client = CoordinatorClient(
+        address, timeout_s=5.0, retry=RetryPolicy(max_attempts=3, max_total_s=10.0), security=security
+    )
     try:
         status = client.status()
     except LeptonError as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -37,6 +37,9 @@ class PushResult:
     staleness: int = 0
 
 
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
 @dataclass
 class GateCounters:
     pushes_received: int = 0
@@ -46,6 +49,16 @@ class GateCounters:
     staleness_max: int = 0
     staleness_sum: int = 0
     staleness_count: int = 0
+    # staleness_le[i] counts applied pushes with staleness <= STALENESS_BUCKETS[i] (cumulative)
+    staleness_le: list = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
+
+    def observe_staleness(self, staleness: int) -> None:
+        self.staleness_max = max(self.staleness_max, staleness)
+        self.staleness_sum += staleness
+        self.staleness_count += 1
+        for i, bound in enumerate(STALENESS_BUCKETS):
+            if staleness <= bound:
+                self.staleness_le[i] += 1
 
     @property
     def staleness_mean(self) -> float:
@@ -99,9 +112,7 @@ class ConsistencyGate:
                 self.store.apply(grads)
                 self.counters.updates_applied += 1
                 staleness = version - base_version
-                self.counters.staleness_max = max(self.counters.staleness_max, staleness)
-                self.counters.staleness_sum += staleness
-                self.counters.staleness_count += 1
+                self.counters.observe_staleness(staleness)
                 self._cond.notify_all()
                 return PushResult(PushOutcome.APPLIED, self.store.version, staleness)
             if member_id not in self._contributed:  # a retried push of the same step adds nothing

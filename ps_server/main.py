@@ -9,11 +9,19 @@ import structlog
 from lepton.clients import CoordinatorClient, MemberId
 from lepton.errors import FailedPrecondition, Fenced, LeptonError
 from lepton.logs import bind
-from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK, run_every, write_ready_file
+from lepton.process import (
+    EXIT_JOB_FAILED,
+    EXIT_LOST_CONTACT,
+    EXIT_OK,
+    ServiceOptions,
+    run_every,
+    write_ready_file,
+)
 from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
+from ps_server.metrics import ParameterServerCollector
 from ps_server.node import ParameterServerNode
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer, registration
@@ -32,8 +40,9 @@ def serve(
     member_id: str = "",
     ready_file: str | None = None,
     grace_s: float = 2.0,
+    options: ServiceOptions = ServiceOptions(),
 ) -> int:
-    client = CoordinatorClient(coordinator, retry=REGISTER_RETRY)
+    client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     member_box: list[MemberId] = []
 
     def refresh() -> list[WorkerEntry]:
@@ -41,20 +50,30 @@ def serve(
         return [WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers]
 
     node = ParameterServerNode(refresh_roster=refresh)
-    server = Server(listen, [registration(ParameterServerServicer(node))])
+    registry, metrics = options.metrics(lambda: ParameterServerCollector(node))
+    server = Server(
+        listen,
+        [registration(ParameterServerServicer(node))],
+        security=options.security,
+        registry=registry,
+        reflection_enabled=options.reflection,
+    )
     server.start()
+    metrics_address = metrics.address if metrics else None
     address = advertise or server.address
     try:
         member, spec = client.register(common.ROLE_PARAMETER_SERVER, address, member_id)
     except LeptonError as exc:
         log.error("registration_failed", coordinator=coordinator, error=str(exc))
         server.stop(0)
+        if metrics is not None:
+            metrics.close()
         return EXIT_LOST_CONTACT
     member_box.append(member)
     node.member_id = member.member_id
     bind(member=member.member_id, incarnation=member.incarnation)
-    log.info("ps_registered", address=address, coordinator=coordinator)
-    write_ready_file(ready_file, address=server.address, member_id=member.member_id)
+    log.info("ps_registered", address=address, coordinator=coordinator, tls=server.tls, metrics=metrics_address)
+    write_ready_file(ready_file, address=server.address, member_id=member.member_id, metrics=metrics_address)
     outcome = {"code": EXIT_OK}
 
     def heartbeat() -> None:
@@ -118,4 +137,6 @@ def serve(
     )
     server.stop(grace_s)
     client.close()
+    if metrics is not None:
+        metrics.close()
     return outcome["code"]

@@ -85,6 +85,14 @@ class ParameterServerNode:
             raise FailedPrecondition("this parameter server has no assignment yet; retry shortly")
         return gate
 
+    def gate_or_none(self) -> ConsistencyGate | None:
+        return self._gate
+
+    @property
+    def fenced_rejections(self) -> int:
+        with self._lock:
+            return self._roster.fenced_rejections
+
     @property
     def specs(self) -> Mapping[str, TensorSpec]:
         return self.gate.store.specs

@@ -75,12 +75,18 @@ class WorkerAgent:
         self._pool: ThreadPoolExecutor | None = None
         self.shards_completed = 0
         self.steps = 0
+        self.samples = 0
+        self.stale_steps = 0
+        self.registrations = 0
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
 
     # --- membership ----------------------------------------------------------------------------
 
     def _register(self) -> None:
         previous = self._member.member_id if self._member else self._requested_id
         self._member, spec = self._coord.register(common.ROLE_WORKER, member_id=previous)
+        self.registrations += 1
         self._fenced.clear()
         self._params_fresh = False
         self._participating = False
@@ -141,6 +147,7 @@ class WorkerAgent:
             return server.member_id, self._clients[server.address].pull(member)
 
         for server_id, (version, tensors) in self._fan_out(pull):
+            self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
             self._trainer.set_parameters(tensors)
             self._versions[server_id] = version
         self._params_fresh = True
@@ -160,7 +167,9 @@ class WorkerAgent:
             return server.member_id, reply, version, tensors
 
         all_applied = True
+        self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads.values())
         for server_id, reply, version, tensors in self._fan_out(push):
+            self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
             self._trainer.set_parameters(tensors)
             self._versions[server_id] = version
             all_applied &= reply.applied
@@ -195,7 +204,9 @@ class WorkerAgent:
                 loss, grads = self._trainer.gradients(indices)
                 if self._push_pull_all(len(indices), grads):
                     self.steps += 1
+                    self.samples += len(indices)
                     return loss
+                self.stale_steps += 1
                 log.debug("step_stale", attempt=attempt)
             except (Unavailable, DeadlineExceeded) as exc:
                 self._params_fresh = False

@@ -6,20 +6,37 @@ import threading
 
 import structlog
 
-from lepton.clients import CoordinatorClient
+from functools import partial
+
+from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.errors import ConfigError, LeptonError
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
 from lepton.retry import RetryPolicy
 from worker.agent import WorkerAgent
+from worker.metrics import WorkerCollector
 
 log = structlog.get_logger("lepton.worker")
 REGISTER_RETRY = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0, max_attempts=60, max_total_s=60.0)
 
 
-def serve(coordinator: str, stop: threading.Event, member_id: str = "") -> int:
-    client = CoordinatorClient(coordinator, retry=REGISTER_RETRY)
+def serve(
+    coordinator: str,
+    stop: threading.Event,
+    member_id: str = "",
+    *,
+    ready_file: str | None = None,
+    options: ServiceOptions = ServiceOptions(),
+) -> int:
+    client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
+    agent = WorkerAgent(
+        client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security)
+    )
+    _, metrics = options.metrics(lambda: WorkerCollector(agent))
+    write_ready_file(ready_file, metrics=metrics.address if metrics else None)
+    if metrics is not None:
+        log.info("worker_metrics", metrics=metrics.address)
     try:
-        return WorkerAgent(client, stop, member_id=member_id).run()
+        return agent.run()
     except ConfigError as exc:
         log.error("worker_config_error", error=str(exc))
         return EXIT_CONFIG
@@ -28,3 +45,5 @@ def serve(coordinator: str, stop: threading.Event, member_id: str = "") -> int:
         return EXIT_LOST_CONTACT
     finally:
         client.close()
+        if metrics is not None:
+            metrics.close()

@@ -378,3 +378,15 @@ class JobEvent(_message.Message):
     loss: float
     message: str
     def __init__(self, sequence: _Optional[int] = ..., time_unix_s: _Optional[float] = ..., kind: _Optional[_Union[EventKind, str]] = ..., member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., job_state: _Optional[_Union[JobState, str]] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ...) -> None: ...

@@ -89,6 +89,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/lepton.v1.Coordinator/CancelJob',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/lepton.v1.Coordinator/WatchJob',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchJobRequest.SerializeToString,
@@ -191,6 +196,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Job control (role admin): ends the job as FAILED with the given reason; members see it on
+        their next heartbeat or lease and exit. Idempotent on a finished job (nothing changes).
+        Errors: INVALID_ARGUMENT (empty reason), PERMISSION_DENIED (not an admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Streams job events from after_sequence on, then new ones as they happen, until the client
         cancels or the server stops. Events older than the server's retention window are skipped.
@@ -256,6 +270,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.CancelJobRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.CancelJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -560,6 +579,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/GetStatus',
             lepton_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/CancelJob',
+            lepton_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

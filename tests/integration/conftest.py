@@ -9,6 +9,7 @@ import pytest
 
 from coordinator.main import serve as serve_coordinator
 from lepton.config import JobSpec
+from lepton.process import ServiceOptions
 from ps_server.main import serve as serve_ps
 from support import read_json, wait_until
 
@@ -20,9 +21,15 @@ class InProcessCluster:
     servers: list[str]
     stops: list[threading.Event]
     threads: list[threading.Thread]
+    metrics: list[str | None]  # coordinator first, then each server
 
 
-def start_cluster(tmp: Path, spec: JobSpec) -> InProcessCluster:
+def start_cluster(
+    tmp: Path,
+    spec: JobSpec,
+    coordinator_options: ServiceOptions = ServiceOptions(),
+    ps_options: ServiceOptions = ServiceOptions(),
+) -> InProcessCluster:
     """A coordinator and spec.parameter_servers servers on 127.0.0.1:0, each serving on a thread
     with its own stop event (a server stops itself when the job is over, as a process would)."""
     stops = [threading.Event() for _ in range(spec.parameter_servers + 1)]
@@ -30,26 +37,29 @@ def start_cluster(tmp: Path, spec: JobSpec) -> InProcessCluster:
         threading.Thread(
             target=serve_coordinator,
             args=(spec, "127.0.0.1:0", stops[0]),
-            kwargs={"ready_file": str(tmp / "c.json"), "grace_s": 0.5},
+            kwargs={"ready_file": str(tmp / "c.json"), "grace_s": 0.5, "options": coordinator_options},
             daemon=True,
         )
     ]
     threads[0].start()
-    address = wait_until(lambda: read_json(tmp / "c.json"), 60, "the coordinator")["address"]
+    facts = wait_until(lambda: read_json(tmp / "c.json"), 60, "the coordinator")
+    address = facts["address"]
+    metrics = [facts.get("metrics")]
     for i in range(spec.parameter_servers):
         t = threading.Thread(
             target=serve_ps,
             args=(address, "127.0.0.1:0", stops[i + 1]),
-            kwargs={"ready_file": str(tmp / f"ps{i}.json"), "grace_s": 0.5},
+            kwargs={"ready_file": str(tmp / f"ps{i}.json"), "grace_s": 0.5, "options": ps_options},
             daemon=True,
         )
         t.start()
         threads.append(t)
-    servers = [
-        wait_until(lambda i=i: read_json(tmp / f"ps{i}.json"), 60, f"ps {i}")["address"]
-        for i in range(spec.parameter_servers)
+    ps_facts = [
+        wait_until(lambda i=i: read_json(tmp / f"ps{i}.json"), 60, f"ps {i}") for i in range(spec.parameter_servers)
     ]
-    return InProcessCluster(spec, address, servers, stops, threads)
+    servers = [f["address"] for f in ps_facts]
+    metrics += [f.get("metrics") for f in ps_facts]
+    return InProcessCluster(spec, address, servers, stops, threads, metrics)
 
 
 def stop_cluster(cluster: InProcessCluster) -> None:

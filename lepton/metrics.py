@@ -1,0 +1,104 @@
+"""Prometheus metrics: per-process registries, the RPC interceptor, and the HTTP endpoint.
+
+Every role builds its own ``CollectorRegistry`` (several roles may share one process in tests);
+domain counters are read at scrape time by each role's collector, so domain code never imports
+prometheus_client. Names follow Prometheus conventions: ``lepton_`` prefix, base units (seconds,
+bytes), ``_total`` for counters, and labels with bounded values (service, method, code, role).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class RpcMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by service, method and status code and times it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.handled = Counter(
+            "lepton_rpc_server_handled_total",
+            "RPCs completed by the server, by method and status code.",
+            ["service", "method", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "lepton_rpc_server_handling_seconds",
+            "Time from receiving an RPC to its last response, by method.",
+            ["service", "method"],
+            buckets=RPC_BUCKETS_S,
+            registry=registry,
+        )
+
+    def _observe(self, full_method: str, context: grpc.ServicerContext, start: float, failed: bool) -> None:
+        service, _, method = full_method.lstrip("/").partition("/")
+        code = context.code() if hasattr(context, "code") else None
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        self.handled.labels(service, method, name).inc()
+        self.seconds.labels(service, method).observe(time.perf_counter() - start)
+
+    def _unary(self, full_method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            failed = True
+            try:
+                result = fn(request, context)
+                failed = False
+                return result
+            finally:
+                self._observe(full_method, context, start, failed)
+
+        return wrapped
+
+    def _stream(self, full_method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            failed = True
+            try:
+                yield from fn(request, context)
+                failed = False
+            finally:
+                self._observe(full_method, context, start, failed)
+
+        return wrapped
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        m = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(m, handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(m, handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(m, handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(m, handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+class MetricsEndpoint:
+    """An HTTP /metrics endpoint for one registry; port 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.address = f"{host}:{self._httpd.server_port}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,299 @@
+"""Transport security and authorisation: TLS (mutual when servers are given a CA), bearer tokens
+with roles checked by one server interceptor against one method-to-role table, and the audit log.
+
+Tokens come from files or the environment, never from the command line. A server's token table is
+a TOML file (``--auth-file`` or ``LEPTON_AUTH_FILE``)::
+
+    [[token]]
+    name = "alice"        # the principal written to the audit log (never the token itself)
+    role = "admin"        # admin | worker | ps | reader
+    token = "..."         # or token_env = "VARIABLE" to read it from the environment
+
+A client sends ``authorization: Bearer <token>`` read from ``--token-file`` or ``LEPTON_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from lepton.errors import ConfigError
+
+audit = structlog.get_logger("lepton.audit")
+
+ROLES = ("admin", "worker", "ps", "reader")
+_ANYONE = frozenset(ROLES)
+_MEMBERS = frozenset({"worker", "ps", "admin"})
+
+# The one method-to-role table. admin may call everything; health and reflection need no token.
+METHOD_ROLES: dict[str, frozenset[str]] = {
+    "/lepton.v1.Coordinator/RegisterMember": _MEMBERS,
+    "/lepton.v1.Coordinator/Heartbeat": _MEMBERS,
+    "/lepton.v1.Coordinator/Deregister": _MEMBERS,
+    "/lepton.v1.Coordinator/GetAssignment": frozenset({"ps", "admin"}),
+    "/lepton.v1.Coordinator/ReportReady": frozenset({"ps", "admin"}),
+    "/lepton.v1.Coordinator/GetLayout": _ANYONE,
+    "/lepton.v1.Coordinator/LeaseShard": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/ReportProgress": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/CompleteShard": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/ReportEvaluation": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/GetStatus": _ANYONE,
+    "/lepton.v1.Coordinator/WatchJob": _ANYONE,
+    "/lepton.v1.Coordinator/CancelJob": frozenset({"admin"}),
+    "/lepton.v1.ParameterServer/Pull": frozenset({"worker", "admin"}),
+    "/lepton.v1.ParameterServer/Push": frozenset({"worker", "admin"}),
+    "/lepton.v1.ParameterServer/PushPull": frozenset({"worker", "admin"}),
+    "/lepton.v1.ParameterServer/LeaveSteps": frozenset({"worker", "admin"}),
+    "/lepton.v1.ParameterServer/GetServerStatus": _ANYONE,
+}
+ADMIN_METHODS = frozenset(m for m, roles in METHOD_ROLES.items() if roles == {"admin"})
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenTable:
+    """Maps bearer tokens to principals; lookups compare every entry in constant time."""
+
+    def __init__(self, entries: Mapping[str, Principal]) -> None:
+        self._entries = [(_digest(token), principal) for token, principal in entries.items()]
+
+    @classmethod
+    def from_file(cls, path: str | Path, environ: Mapping[str, str] = os.environ) -> TokenTable:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read auth file {path}: {exc}") from exc
+        entries: dict[str, Principal] = {}
+        for i, item in enumerate(data.get("token", [])):
+            name, role = item.get("name", f"token-{i}"), item.get("role")
+            if role not in ROLES:
+                raise ConfigError(f"auth file {path}: token {name!r} has role {role!r}; roles are {ROLES}")
+            token = item.get("token") or environ.get(item.get("token_env", ""), "")
+            if len(token) < 16:
+                raise ConfigError(f"auth file {path}: token {name!r} is missing or shorter than 16 characters")
+            entries[token] = Principal(name, role)
+        if not entries:
+            raise ConfigError(f"auth file {path} defines no [[token]]")
+        return cls(entries)
+
+    def lookup(self, token: str) -> Principal | None:
+        wanted = _digest(token)
+        found = None
+        for digest, principal in self._entries:
+            if hmac.compare_digest(digest, wanted):  # no early exit: time does not depend on position
+                found = principal
+        return found
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    def reject(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, details)
+
+    def reject_stream(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, details)
+        yield  # pragma: no cover
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(reject, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(reject, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
+
+
+def _audited(handler: grpc.RpcMethodHandler, method: str, principal: Principal) -> grpc.RpcMethodHandler:
+    """Writes an audit line with the outcome of an admin call."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            outcome = "UNKNOWN"
+            try:
+                result = fn(request, context)
+                outcome = "OK"
+                return result
+            finally:
+                code = context.code() if hasattr(context, "code") else None
+                if code is not None:
+                    outcome = code.name
+                audit.info("audit", principal=principal.name, role=principal.role, method=method, outcome=outcome)
+
+        return call
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    return handler  # every admin RPC is unary today
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks the bearer token of every call against METHOD_ROLES. Missing or unknown token:
+    UNAUTHENTICATED; known token without the role: PERMISSION_DENIED. Health and reflection are
+    open so that probes work. Every failure and every admin call is audited."""
+
+    def __init__(self, tokens: TokenTable, method_roles: Mapping[str, frozenset[str]] = METHOD_ROLES) -> None:
+        self._tokens = tokens
+        self._roles = method_roles
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        header = metadata.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        principal = self._tokens.lookup(token) if token else None
+        if principal is None:
+            audit.warning("audit", principal="anonymous", method=method, outcome="UNAUTHENTICATED")
+            return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        allowed = self._roles.get(method, frozenset({"admin"}))
+        if principal.role != "admin" and principal.role not in allowed:
+            audit.warning(
+                "audit", principal=principal.name, role=principal.role, method=method, outcome="PERMISSION_DENIED"
+            )
+            return _rejecting(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role {principal.role!r} may not call {method}; it needs one of {sorted(allowed)}",
+            )
+        if method in ADMIN_METHODS:
+            return _audited(handler, method, principal)
+        return handler
+
+
+class _BearerInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):  # type: ignore[no-untyped-def]
+        metadata = list(details.metadata or []) + [self._header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata) -> None:  # type: ignore[no-untyped-def]
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS files and tokens of one process, for its server side and its client side.
+
+    Attributes:
+        tls_cert, tls_key: this process's certificate chain and key (PEM). A server needs both to
+            serve TLS; a client presents them for mutual TLS.
+        tls_ca: CA bundle (PEM). Clients verify servers with it; a server given one requires and
+            verifies client certificates (mutual TLS).
+        token: the bearer token this process sends as a client.
+        auth: the token table a server checks; None serves without authentication.
+    """
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    token: str | None = None
+    auth: TokenTable | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls_cert:
+            return None
+        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
+        ca = _read(self.tls_ca, "CA bundle")
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "CA bundle"),
+            private_key=_read(self.tls_key, "TLS key"),
+            certificate_chain=_read(self.tls_cert, "TLS certificate"),
+        )
+
+    def client_interceptors(self) -> list:
+        return [_BearerInterceptor(self.token)] if self.token else []
+
+    def server_interceptors(self) -> list:
+        return [AuthInterceptor(self.auth)] if self.auth is not None else []
+
+
+INSECURE = Security()
+
+
+def load_security(
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    token_file: str | None = None,
+    auth_file: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Security:
+    """Builds Security from flags and the environment (LEPTON_TOKEN, LEPTON_AUTH_FILE)."""
+    token = None
+    if token_file:
+        raw = _read(token_file, "token file")
+        token = raw.decode().strip() if raw else None
+    elif environ.get("LEPTON_TOKEN"):
+        token = environ["LEPTON_TOKEN"].strip()
+    auth_path = auth_file or environ.get("LEPTON_AUTH_FILE")
+    auth = TokenTable.from_file(auth_path, environ) if auth_path else None
+    return Security(tls_cert, tls_key, tls_ca, token, auth)

@@ -1,0 +1,28 @@
+"""Prometheus view of a worker, read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.agent import WorkerAgent
+
+
+class WorkerCollector(Collector):
+    def __init__(self, agent: WorkerAgent) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator:
+        a = self._agent
+        for name, text, value in [
+            ("lepton_worker_steps_total", "Batches trained through the parameter servers.", a.steps),
+            ("lepton_worker_samples_total", "Training samples trained.", a.samples),
+            ("lepton_worker_shards_completed_total", "Shards this worker completed.", a.shards_completed),
+            ("lepton_worker_stale_steps_total", "Sync steps found closed (batch recomputed).", a.stale_steps),
+            ("lepton_worker_registrations_total", "Registrations (1 + re-registrations after fencing).", a.registrations),
+            ("lepton_worker_bytes_pushed_total", "Gradient bytes pushed.", a.bytes_pushed),
+            ("lepton_worker_bytes_pulled_total", "Parameter bytes pulled.", a.bytes_pulled),
+        ]:
+            yield CounterMetricFamily(name, text, value=value)
