@@ -41,12 +41,18 @@ class Event:
 class EventLog:
     """Appends events and lets readers wait for ones after a sequence number.
 
-    Keeps the newest ``retention`` events; a reader that falls further behind skips the gap.
+    Keeps the newest ``retention`` events; a reader that falls further behind skips the gap. With
+    ``staged=True`` appended events stay invisible until ``publish()``: the job publishes only after
+    the state change they describe is durably committed, so no watcher ever sees an event that a
+    crash could take back.
     """
 
-    def __init__(self, retention: int = 10_000, wall_clock=time.time) -> None:
+    def __init__(
+        self, retention: int = 10_000, wall_clock=time.time, next_sequence: int = 1, staged: bool = False
+    ) -> None:
         self._events: deque[Event] = deque(maxlen=retention)
-        self._next = 1
+        self._staged: list[Event] | None = [] if staged else None
+        self._next = next_sequence
         self._cond = threading.Condition()
         self._wall_clock = wall_clock
         self._closed = False
@@ -55,9 +61,20 @@ class EventLog:
         with self._cond:
             event = Event(self._next, self._wall_clock(), kind, message, **fields)  # type: ignore[arg-type]
             self._next += 1
-            self._events.append(event)
-            self._cond.notify_all()
+            if self._staged is not None:
+                self._staged.append(event)
+            else:
+                self._events.append(event)
+                self._cond.notify_all()
             return event
+
+    def publish(self) -> None:
+        """Makes staged events visible to readers."""
+        with self._cond:
+            if self._staged:
+                self._events.extend(self._staged)
+                self._staged.clear()
+                self._cond.notify_all()
 
     def after(self, sequence: int) -> list[Event]:
         with self._cond:
@@ -77,6 +94,16 @@ class EventLog:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    @property
+    def next_sequence(self) -> int:
+        with self._cond:
+            return self._next
+
+    def resume_from(self, next_sequence: int) -> None:
+        """After a restart: keep sequence numbers increasing across coordinator lifetimes."""
+        with self._cond:
+            self._next = max(self._next, next_sequence)
 
     @property
     def closed(self) -> bool:

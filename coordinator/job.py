@@ -6,6 +6,7 @@ one method per RPC. Nothing here knows about gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -16,11 +17,12 @@ import torch
 
 from coordinator.events import EventKind, EventLog
 from coordinator.layout import Layout, balance
-from coordinator.ledger import Lease, ShardLedger
+from coordinator.ledger import Completion, Lease, ShardLedger
 from coordinator.membership import Member, MembershipTable, Role
 from lepton.tensors import TensorSpec
-from lepton.config import JobSpec
-from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
+from coordinator.store import JobStore, SavedCompletion, SavedJob
+from lepton.config import JobSpec, job_from_mapping
+from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
 
 
 class JobState(Enum):
@@ -137,9 +139,11 @@ class Job:
         num_train_samples: int,
         initial_parameters: Mapping[str, torch.Tensor],
         events: EventLog | None = None,
+        store: JobStore | None = None,
+        now: float = 0.0,
     ) -> None:
         self.spec = spec
-        self.events = events or EventLog()
+        self.events = events or EventLog(staged=True)
         self._lock = threading.RLock()
         self._members = MembershipTable(spec.heartbeat_timeout_s)
         self._ledger = ShardLedger(num_train_samples, spec.shards_per_epoch, spec.epochs)
@@ -158,6 +162,99 @@ class Job:
         self._last_epoch_announced = -1
         self.leases_granted = 0
         self.heartbeats_missed = 0
+        self._store = store
+        self.restored = False
+        saved = store.load() if store is not None else None
+        if saved is not None:
+            self._restore(saved, now)
+        else:
+            self._persist(now)
+
+    # --- durability ----------------------------------------------------------------------------
+
+    def _persist(self, now: float, completion: Completion | None = None) -> None:
+        """Writes the control state in one transaction (called under the lock, before answering)."""
+        if self._store is None:
+            self.events.publish()
+            return
+        layout = None
+        if self._layout is not None:
+            layout = {
+                "version": self._layout.version,
+                "servers": list(self._layout.servers),
+                "assignment": {s: [t.name for t in ts] for s, ts in self._layout.assignment.items()},
+            }
+        job = {
+            "spec": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
+            "state": self._state.name,
+            "failure": self._failure,
+            "dead_count": self._dead_count,
+            "samples": self._progress.samples,
+            "training_seconds": self._training_seconds(now),
+            "evaluator": list(self._evaluator) if self._evaluator else None,
+            "evaluation": dataclasses.asdict(self._evaluation) if self._evaluation else None,
+            "last_epoch_announced": self._last_epoch_announced,
+            "leases_granted": self.leases_granted,
+            "heartbeats_missed": self.heartbeats_missed,
+            "layout": layout,
+            "ready": sorted(self._ready),
+            "next_event_sequence": self.events.next_sequence,
+        }
+        extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
+        self._store.save(
+            {"job": job, "members": self._members.to_state(), "ledger": self._ledger.to_state()}, extra
+        )
+        self.events.publish()
+
+    def _restore(self, saved: SavedJob, now: float) -> None:
+        job = saved.documents["job"]
+        spec = job_from_mapping(job["spec"])
+        if spec != self.spec:
+            raise ConfigError(
+                "the state directory holds a different job "
+                f"({spec}); restart with the same job settings or use a new --state-dir"
+            )
+        self._state = JobState[job["state"]]
+        self._failure = job["failure"]
+        self._dead_count = job["dead_count"]
+        self._progress.samples = job["samples"]
+        if self._state in (JobState.TRAINING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED):
+            self._train_started = now - job["training_seconds"]
+            if self._state is not JobState.TRAINING:
+                self._train_ended = now
+        self._evaluator = tuple(job["evaluator"]) if job["evaluator"] else None  # type: ignore[assignment]
+        self._evaluation = EvaluationResult(**job["evaluation"]) if job["evaluation"] else None
+        self._last_epoch_announced = job["last_epoch_announced"]
+        self.leases_granted = job["leases_granted"]
+        self.heartbeats_missed = job["heartbeats_missed"]
+        if job["layout"] is not None:
+            specs = {s.name: s for s in self._specs}
+            layout = job["layout"]
+            self._layout = Layout(
+                layout["version"],
+                tuple(layout["servers"]),
+                {s: tuple(specs[n] for n in names) for s, names in layout["assignment"].items()},
+            )
+        self._ready = set(job["ready"])
+        self.events.resume_from(job["next_event_sequence"])
+        self._members.restore(saved.documents["members"], now)
+        self._ledger.restore(
+            saved.documents["ledger"],
+            [Completion(c.epoch, c.shard, c.member_id, c.incarnation) for c in saved.completions],
+        )
+        self.restored = True
+        self.events.append(
+            EventKind.JOB_STATE_CHANGED,
+            f"coordinator restarted; job {self._state.name.lower()} restored at epoch {self._ledger.epoch}",
+            job_state=self._state.name,
+        )
+        self.events.publish()
+
+    def _training_seconds(self, now: float) -> float:
+        if self._train_started is None:
+            return 0.0
+        end = self._train_ended if self._train_ended is not None else now
+        return end - self._train_started
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -233,6 +330,7 @@ class Job:
             if role is Role.PARAMETER_SERVER:
                 self._ready.discard(member.member_id)
                 self._maybe_decide_layout(now)
+            self._persist(now)
             return member
 
     def _maybe_decide_layout(self, now: float) -> None:
@@ -269,6 +367,7 @@ class Job:
                 member_id=member_id,
                 incarnation=incarnation,
             )
+            self._persist(now)
             return moved
 
     def tick(self, now: float) -> list[Member]:
@@ -285,6 +384,8 @@ class Job:
                     incarnation=member.incarnation,
                 )
                 self._forget(member.member_id, now, departed=False, why="declared dead")
+            if dead:
+                self._persist(now)
             return dead
 
     def _forget(self, member_id: str, now: float, *, departed: bool, why: str) -> int:
@@ -347,6 +448,7 @@ class Job:
             self._ready.add(member_id)
             if self._state is JobState.INITIALIZING and self._ready >= set(self._layout.servers):
                 self._set_state(JobState.TRAINING, now)
+            self._persist(now)
 
     @property
     def layout_version(self) -> int:
@@ -380,6 +482,7 @@ class Job:
             if self._state is JobState.EVALUATING:
                 if self._evaluator is None:
                     self._evaluator = (member_id, incarnation)
+                    self._persist(now)
                 return (
                     LeaseDecision(LeaseOutcome.EVALUATE)
                     if self._evaluator == (member_id, incarnation)
@@ -391,6 +494,7 @@ class Job:
             if lease is None:
                 return wait
             self.leases_granted += 1
+            self._persist(now)
             self.events.append(
                 EventKind.SHARD_LEASED,
                 f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
@@ -420,6 +524,7 @@ class Job:
             gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset)
             self._progress.samples += gained
             self._progress.add(loss, samples)
+            self._persist(now)
 
     def complete(
         self,
@@ -446,6 +551,7 @@ class Job:
                     epoch=epoch,
                     shard=shard,
                 )
+                self._persist(now)
                 raise
             self._progress.samples += gained
             self._progress.add(loss, samples)
@@ -463,6 +569,7 @@ class Job:
                     self._set_state(JobState.EVALUATING, now)
                 else:
                     self._announce_epoch()
+            self._persist(now, self._ledger.completions[-1])
             return epoch_done
 
     def report_evaluation(
@@ -484,6 +591,7 @@ class Job:
                 loss=result.loss,
             )
             self._set_state(JobState.SUCCEEDED, now)
+            self._persist(now)
 
     def cancel(self, reason: str, now: float) -> JobState:
         """Job control: ends an unfinished job as FAILED."""
@@ -493,6 +601,7 @@ class Job:
             if not self._state.terminal:
                 self._failure = f"cancelled: {reason}"
                 self._set_state(JobState.FAILED, now, self._failure)
+                self._persist(now)
             return self._state
 
     # --- reading -------------------------------------------------------------------------------

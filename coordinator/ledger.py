@@ -169,3 +169,30 @@ class ShardLedger:
             self._pending.appendleft((lease.shard.index, lease.offset))
         self.reassignments += len(moved)
         return moved
+
+    # --- durability ------------------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        """Everything but the completion log (which the store appends row by row)."""
+        return {
+            "epoch": self.epoch,
+            "pending": [list(p) for p in self._pending],
+            "leases": [
+                [l.shard.index, l.epoch, l.member_id, l.incarnation, l.offset] for l in self._leases.values()
+            ],
+            "done": sorted(self._done),
+            "duplicates_rejected": self.duplicates_rejected,
+            "reassignments": self.reassignments,
+        }
+
+    def restore(self, state: dict, completions: list[Completion]) -> None:
+        """Replaces this ledger's progress with a saved one (same shards and epochs)."""
+        self.epoch = state["epoch"]
+        self._pending = deque((int(i), int(o)) for i, o in state["pending"])
+        self._leases = {
+            int(i): Lease(int(e), self.shards[int(i)], m, int(inc), int(o)) for i, e, m, inc, o in state["leases"]
+        }
+        self._done = {int(i) for i in state["done"]}
+        self.duplicates_rejected = int(state["duplicates_rejected"])
+        self.reassignments = int(state["reassignments"])
+        self.completions = list(completions)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import structlog
 
 from coordinator.job import Job
 from coordinator.servicer import CoordinatorServicer, registration
+from coordinator.store import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from coordinator.metrics import JobCollector
@@ -18,12 +21,15 @@ from lepton.workloads import build_model, load_workload
 log = structlog.get_logger("lepton.coordinator")
 
 
-def build_job(spec: JobSpec) -> Job:
-    """Loads the dataset (for its size) and the model (for its initial parameters)."""
+def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], float] = time.monotonic) -> Job:
+    """Loads the dataset (for its size) and the model (for its initial parameters); with a state
+    directory, the job is durable and resumes what the directory holds. The clock is read after
+    loading, so restored members' reattach grace starts when serving is about to start."""
     workload = load_workload(spec.dataset, spec.seed)
     model = build_model(spec.model, workload, spec.seed)
     params = {name: p.detach() for name, p in model.named_parameters()}
-    return Job(spec, len(workload.train), params)  # type: ignore[arg-type]
+    store = SqliteJobStore(state_dir) if state_dir else None
+    return Job(spec, len(workload.train), params, store=store, now=clock())  # type: ignore[arg-type]
 
 
 def serve(
@@ -34,9 +40,12 @@ def serve(
     ready_file: str | None = None,
     grace_s: float = 2.0,
     options: ServiceOptions = ServiceOptions(),
+    state_dir: str | None = None,
 ) -> int:
     clock = MonotonicClock()
-    job = build_job(spec)
+    job = build_job(spec, state_dir, clock.now)
+    if job.restored:
+        log.info("coordinator_restored", state=job.state.name, state_dir=state_dir)
     registry, metrics = options.metrics(lambda: JobCollector(job, clock.now))
     server = Server(
         listen,

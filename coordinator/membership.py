@@ -126,3 +126,26 @@ class MembershipTable:
 
     def alive(self, role: Role | None = None) -> list[Member]:
         return [m for m in self.members(role) if m.alive]
+
+    # --- durability ------------------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        """Members without their heartbeat times (monotonic clocks do not survive a restart)."""
+        return {
+            "members": [
+                [m.member_id, m.incarnation, m.role.value, m.address, m.alive, m.departed, m.hostname, m.pid]
+                for m in self._members.values()
+            ],
+            "fenced_rejections": self.fenced_rejections,
+        }
+
+    def restore(self, state: dict, now: float) -> None:
+        """Loads saved members; every live one gets twice the timeout from ``now`` to reattach
+        (its channel may be in reconnect backoff when the coordinator comes back)."""
+        self._members = {}
+        for member_id, inc, role, address, alive, departed, hostname, pid in state["members"]:
+            self._members[member_id] = Member(
+                member_id, int(inc), Role(role), address, last_heartbeat=now + self.heartbeat_timeout_s,
+                alive=bool(alive), departed=bool(departed), hostname=hostname, pid=int(pid),
+            )
+        self.fenced_rejections = int(state.get("fenced_rejections", 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -113,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coordinator", help="run the coordinator of one job")
     c.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="port 0 picks a free port")
     c.add_argument("--parameter-servers", type=int, default=None, help="servers the job waits for")
-    c.add_argument("--state-dir", default=None, help="directory for the coordinator's state")
+    c.add_argument("--state-dir", default=None, help="durable job state (SQLite); a restart on it resumes the job")
     c.add_argument("--ready-file", default=None, help="write {address, pid} as JSON here once serving")
     _add_job_flags(c)
     _add_service(c)
@@ -216,9 +215,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         overrides = {} if args.parameter_servers is None else {"parameter_servers": args.parameter_servers}
         spec = job_from_args(args, **overrides)
-        if args.state_dir:
-            os.makedirs(args.state_dir, exist_ok=True)
-        return serve_coordinator(spec, args.listen, stop, ready_file=args.ready_file, options=service_options(args))
+        return serve_coordinator(
+            spec, args.listen, stop, ready_file=args.ready_file, options=service_options(args), state_dir=args.state_dir
+        )
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 

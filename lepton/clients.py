@@ -170,6 +170,18 @@ class CoordinatorClient:
             ),
         )
 
+    def progress_once(
+        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, timeout_s: float = 5.0
+    ) -> None:
+        """One attempt, short deadline: for reporters that retry by sending newer progress."""
+        call(
+            self._stub.ReportProgress,
+            cpb.ReportProgressRequest(
+                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples
+            ),
+            timeout=min(timeout_s, self._timeout_s),
+        )
+
     def complete(self, member: MemberId, epoch: int, shard: int, loss: float, samples: int) -> bool:
         reply = call(
             self._stub.CompleteShard,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from lepton.errors import InvalidArgument
-from lepton.tensors import TensorSpec, nbytes  # noqa: F401  (re-exported)
+from lepton.tensors import TensorSpec  # noqa: F401  (re-exported for receivers)
 from lepton.v1 import common_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)

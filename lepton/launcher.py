@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -40,6 +39,7 @@ READY_TIMEOUT_S = 120.0
 CHILD_EXIT_TIMEOUT_S = 20.0
 STOP_GRACE_S = 10.0
 POLL_S = 0.5
+MAX_RESTARTS = 5
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,13 @@ class Child:
     name: str
     process: subprocess.Popen
     log_path: Path
+    args: list[str] = field(default_factory=list)
+    restarts: int = 0
+
+    @property
+    def failed(self) -> bool:
+        code = self.process.poll()
+        return code is not None and code != 0
 
 
 @dataclass
@@ -101,21 +108,34 @@ class Children:
     log_dir: Path
     items: list[Child] = field(default_factory=list)
 
+    def _spawn(self, log_path: Path, args: list[str]) -> subprocess.Popen:
+        out = open(log_path, "ab")
+        try:
+            return subprocess.Popen(
+                [*lepton_command(), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            out.close()
+
     def start(self, name: str, args: list[str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
-        out = open(log_path, "ab")
-        proc = subprocess.Popen(
-            [*lepton_command(), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        out.close()
-        child = Child(name, proc, log_path)
+        child = Child(name, self._spawn(log_path, args), log_path, list(args))
         self.items.append(child)
-        log.debug("child_started", child=name, pid=proc.pid)
+        log.debug("child_started", child=name, pid=child.process.pid)
         return child
+
+    def restart(self, child: Child, args: list[str] | None = None) -> None:
+        """Starts a crashed child again (compose's ``restart: on-failure``), same name and log."""
+        code = child.process.returncode
+        if args is not None:
+            child.args = list(args)
+        child.process = self._spawn(child.log_path, child.args)
+        child.restarts += 1
+        print(f"\n{child.name} exited with {code}; restarted (pid {child.process.pid})", flush=True)
 
     def stop(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
         for child in children:
@@ -154,30 +174,33 @@ def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:
 
 class EventTally:
     """Follows WatchJob on a thread and counts completions per (epoch, shard) independently of the
-    coordinator's own counters."""
+    coordinator's own counters; reconnects (from the last sequence seen) when the coordinator
+    restarts."""
 
     def __init__(self, client: CoordinatorClient) -> None:
         self.completions: dict[tuple[int, int], int] = {}
         self.events = 0
         self._client = client
-        self._stream = None
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="events", daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
         sequence = 0
-        while True:
+        while not self._done.is_set():
             try:
-                self._stream = self._client.watch(sequence)
-                for event in self._stream:
+                for event in self._client.watch(sequence):
                     sequence = event.sequence
                     self.events += 1
                     if event.kind == cpb.EVENT_KIND_SHARD_COMPLETED:
                         key = (event.epoch, event.shard)
                         self.completions[key] = self.completions.get(key, 0) + 1
-                return
             except LeptonError:
-                return
+                pass
+            self._done.wait(0.5)
+
+    def close(self) -> None:
+        self._done.set()
 
 
 class ProgressLine:
@@ -340,14 +363,21 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         tally = EventTally(client)
         line = ProgressLine()
         deadline = started + timeout_s
+        coordinator_args = [a if a != f"127.0.0.1:{cluster.coordinator_port}" else address for a in coordinator.args]
+        job_over = False
         while True:
             if stop.wait(POLL_S):
                 outcome = "interrupted"
                 break
             if coordinator.process.poll() is not None:
-                outcome = "failed"
-                print(f"\nthe coordinator exited with {coordinator.process.returncode}", flush=True)
-                break
+                if not coordinator.failed or coordinator.restarts >= MAX_RESTARTS:
+                    outcome = "failed"
+                    print(f"\nthe coordinator exited with {coordinator.process.returncode}", flush=True)
+                    break
+                children.restart(coordinator, coordinator_args)  # same port and state directory
+            for child in children.items:
+                if child.name.startswith("worker") and child.failed and not job_over and child.restarts < MAX_RESTARTS:
+                    children.restart(child)
             try:
                 status = client.status()
             except LeptonError as exc:
@@ -358,6 +388,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             )
             line.show(status, alive, cluster.workers)
             if status.state in TERMINAL:
+                job_over = True
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
             if time.monotonic() > deadline:
@@ -377,6 +408,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         print(f"lepton up: {exc}", file=sys.stderr)
         outcome = "failed"
     finally:
+        if tally is not None:
+            tally.close()
         children.stop_all()
         if client is not None:
             client.close()
@@ -384,6 +417,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     exit_codes = {c.name: c.process.returncode for c in children.items}
     report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
     report["metrics_endpoints"] = metrics
+    report["restarts"] = {c.name: c.restarts for c in children.items if c.restarts}
+    report["coordinator_restarts"] = sum(c.restarts for c in children.items if c.name == "coordinator")
     report["secure"] = cluster.secure
     print_summary(report)
     if report_path:

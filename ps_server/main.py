@@ -100,6 +100,20 @@ def serve(
     while not stop.is_set():
         try:
             assignment = client.assignment(member)
+            node.load(
+                assignment.tensors,
+                assignment.optimizer,
+                assignment.lr,
+                assignment.optimizer_kwargs,
+                assignment.mode,
+                step_timeout_s=spec.heartbeat_timeout_s,
+            )
+            client.report_ready(member, assignment.layout_version)
+        except Fenced as exc:
+            log.error("ps_fenced", reason=str(exc))
+            outcome["code"] = EXIT_JOB_FAILED
+            stop.set()
+            break
         except FailedPrecondition as exc:
             log.debug("assignment_not_ready", reason=str(exc))
             stop.wait(0.2)
@@ -108,15 +122,6 @@ def serve(
             log.warning("assignment_failed", error=str(exc))
             stop.wait(0.5)
             continue
-        node.load(
-            assignment.tensors,
-            assignment.optimizer,
-            assignment.lr,
-            assignment.optimizer_kwargs,
-            assignment.mode,
-            step_timeout_s=spec.heartbeat_timeout_s,
-        )
-        client.report_ready(member, assignment.layout_version)
         log.info(
             "assignment_loaded",
             tensors=len(assignment.tensors),

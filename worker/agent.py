@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,9 +23,10 @@ from lepton.errors import (
     Unavailable,
 )
 from lepton.logs import bind
-from lepton.retry import RetryPolicy
+from lepton.retry import RetryPolicy, call_with_retry
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
+from worker.progress import ProgressReporter
 from worker.trainer import ShardRange, Trainer
 
 log = structlog.get_logger("lepton.worker")
@@ -73,6 +73,7 @@ class WorkerAgent:
         self._params_fresh = False
         self._participating = False
         self._pool: ThreadPoolExecutor | None = None
+        self._reporter = ProgressReporter(self._send_progress, PROGRESS_INTERVAL_S)
         self.shards_completed = 0
         self.steps = 0
         self.samples = 0
@@ -232,40 +233,54 @@ class WorkerAgent:
         assert self._trainer is not None and self._member is not None
         member = self._member
         shard = ShardRange(lease.epoch, lease.shard, lease.start, lease.end, lease.offset)
-        offset = shard.offset
-        loss_sum, samples = 0.0, 0
-        last_report = time.monotonic()
-        log.info("shard_started", epoch=shard.epoch, shard=shard.shard, offset=offset)
+        reporter = self._reporter
+        reporter.begin(shard.epoch, shard.shard, shard.offset)
+        log.info("shard_started", epoch=shard.epoch, shard=shard.shard, offset=shard.offset)
         try:
             for offset_after, indices in self._trainer.batches(shard):
                 if self._stop.is_set() or self._fenced.is_set():
-                    break
+                    reporter.flush()
+                    return
+                if reporter.fenced.is_set():
+                    raise Fenced("fenced while reporting progress")
+                if reporter.lost.is_set():
+                    raise FailedPrecondition("the coordinator no longer lists this lease")
                 loss = self._step(indices)
-                loss_sum += loss * len(indices)
-                samples += len(indices)
-                offset = offset_after
-                if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
-                    self._coord.progress(member, shard.epoch, shard.shard, offset, loss_sum / samples, samples)
-                    loss_sum, samples, last_report = 0.0, 0, time.monotonic()
-            else:
-                try:
-                    self._coord.complete(member, shard.epoch, shard.shard, loss_sum / max(samples, 1), samples)
-                except DuplicateCompletion:
-                    log.warning("completion_duplicate", epoch=shard.epoch, shard=shard.shard)
-                except Unavailable:
-                    # The completion may have landed; retrying would be rejected as a duplicate if so.
-                    self._coord.complete(member, shard.epoch, shard.shard, loss_sum / max(samples, 1), samples)
-                self.shards_completed += 1
-                log.info("shard_completed", epoch=shard.epoch, shard=shard.shard)
-                return
-            if samples and not self._fenced.is_set():
-                self._coord.progress(member, shard.epoch, shard.shard, offset, loss_sum / samples, samples)
+                reporter.update(offset_after, loss, len(indices))
+            loss, samples = reporter.end()
+            self._complete(member, shard, loss, samples)
+            self.shards_completed += 1
+            log.info("shard_completed", epoch=shard.epoch, shard=shard.shard)
         except Fenced:
+            reporter.end()
             self._fenced.set()
             raise LeaseLost from None
         except (FailedPrecondition, NotFound) as exc:
+            reporter.end()
             log.warning("lease_lost", epoch=shard.epoch, shard=shard.shard, reason=str(exc))
             raise LeaseLost from exc
+
+    def _complete(self, member: MemberId, shard: ShardRange, loss: float, samples: int) -> None:
+        """Completes with retries: the coordinator may be restarting. A retry that finds the shard
+        already complete means an earlier attempt landed (its answer was lost)."""
+        attempts = 0
+
+        def once() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return self._coord.complete(member, shard.epoch, shard.shard, loss, samples)
+
+        try:
+            call_with_retry(once, self._retry, rng=self._rng)
+        except DuplicateCompletion:
+            if attempts == 1:
+                log.warning("completion_duplicate", epoch=shard.epoch, shard=shard.shard)
+
+    def _send_progress(self, epoch: int, shard: int, offset: int, loss: float, samples: int) -> None:
+        member = self._member
+        if member is None:
+            return
+        self._coord.progress_once(member, epoch, shard, offset, loss, samples)
 
     def _evaluate(self) -> None:
         assert self._trainer is not None and self._member is not None
@@ -295,6 +310,7 @@ class WorkerAgent:
             return self._loop()
         finally:
             self._job_over.set()
+            self._reporter.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             for client in self._clients.values():

@@ -117,3 +117,40 @@ def test_lepton_up_stops_every_child_on_sigterm(processes, tmp_path):
     assert up.returncode != 0
     assert all(code is not None for code in report["exit_codes"].values())
     assert tagged_pids(processes.tag) == []
+
+
+def test_job_survives_sigkill_of_the_coordinator_mid_epoch(processes, tmp_path):
+    state = tmp_path / "state"
+    report_path = tmp_path / "report.json"
+    up = processes.start(
+        "up", lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), "--epochs", "12")
+    )
+    ready = wait_until(lambda: read_json(state / "coordinator.ready.json"), 120, "the coordinator")
+    client = CoordinatorClient(ready["address"])
+    try:
+
+        def in_epoch_two():
+            try:
+                status = client.status()
+            except LeptonError:
+                return None
+            return status if status.epoch >= 2 and status.shards_leased > 0 else None
+
+        before = wait_until(in_epoch_two, 180, "epoch 2 with leases out")
+    finally:
+        client.close()
+    pid = ready["pid"]
+    assert "lepton coordinator" in cmdline(pid)
+    os.kill(pid, signal.SIGKILL)
+
+    up.wait(timeout=RUN_TIMEOUT_S)
+    report = read_json(report_path)
+    assert report is not None, processes.log("up")
+    assert up.returncode == 0, processes.log("up")
+    assert report["status"] == "succeeded"
+    assert report["coordinator_restarts"] == 1
+    assert report["shard_completions"] >= before.shard_completions
+    assert report["duplicate_completions_rejected"] >= 0
+    assert report["test_accuracy"] >= 0.95
+    assert_exactly_once(report)
+    assert tagged_pids(processes.tag) == []

@@ -19,7 +19,6 @@ from lepton.errors import PermissionDenied, Unauthenticated, Unavailable
 from lepton.process import ServiceOptions
 from lepton.security import load_security
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
 from worker.agent import WorkerAgent

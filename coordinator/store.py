@@ -1,0 +1,105 @@
+"""Durable coordinator state behind a small interface, with SQLite as the first backend.
+
+The job's control state is a handful of small JSON documents (job, members, ledger) rewritten
+together in one transaction per state change, plus an append-only table of shard completions.
+WAL journaling with synchronous=NORMAL: a committed change survives the coordinator being
+SIGKILLed (it is in the OS once committed); power loss may lose the last few commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SavedCompletion:
+    epoch: int
+    shard: int
+    member_id: str
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class SavedJob:
+    documents: dict[str, dict]
+    completions: list[SavedCompletion]
+
+
+class JobStore(Protocol):
+    """Where a coordinator keeps what must survive its own restart."""
+
+    def load(self) -> SavedJob | None:
+        """The saved job, or None for a fresh state directory."""
+        ...
+
+    def save(self, documents: dict[str, dict], new_completions: Iterable[SavedCompletion] = ()) -> None:
+        """Atomically replaces the given documents and appends the completions."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteJobStore:
+    """JobStore in ``<state_dir>/coordinator.sqlite``."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        path = Path(state_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / "coordinator.sqlite"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS documents (name TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS completions (epoch INTEGER NOT NULL, shard INTEGER NOT NULL,"
+            " member_id TEXT NOT NULL, incarnation INTEGER NOT NULL, PRIMARY KEY (epoch, shard))"
+        )
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def load(self) -> SavedJob | None:
+        with self._lock:
+            rows = self._db.execute("SELECT name, body FROM documents").fetchall()
+            if not rows:
+                return None
+            completions = [
+                SavedCompletion(*row)
+                for row in self._db.execute(
+                    "SELECT epoch, shard, member_id, incarnation FROM completions ORDER BY rowid"
+                )
+            ]
+        return SavedJob({name: json.loads(body) for name, body in rows}, completions)
+
+    def save(self, documents: dict[str, dict], new_completions: Iterable[SavedCompletion] = ()) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO documents (name, body) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                    [(name, json.dumps(body)) for name, body in documents.items()],
+                )
+                # The primary key makes a double count impossible even if the caller slipped.
+                self._db.executemany(
+                    "INSERT INTO completions (epoch, shard, member_id, incarnation) VALUES (?, ?, ?, ?)",
+                    [(c.epoch, c.shard, c.member_id, c.incarnation) for c in new_completions],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
