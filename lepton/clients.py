@@ -218,14 +218,22 @@ class PushReply:
     staleness: int
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 def _push_messages(
-    member: MemberId, base_version: int, samples: int, grads: Iterable[tuple[str, torch.Tensor]]
+    member: MemberId,
+    base_version: int,
+    samples: int,
+    grads: Iterable[tuple[str, torch.Tensor]],
+    request_id: str = "",
 ) -> Iterator[ppb.PushRequest]:
     header = ppb.PushHeader(
         member=member.to_proto(),
         base_version=base_version,
         sample_count=samples,
-        request_id=uuid.uuid4().hex,
+        request_id=request_id or new_request_id(),
     )
     first = True
     for chunks in codec.pack(grads):
@@ -284,10 +292,12 @@ class ParameterClient:
         samples: int,
         grads: Mapping[str, torch.Tensor],
         timeout_s: float | None = None,
+        request_id: str = "",
     ) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
-        """Not retried: a push may have been applied even when its answer was lost."""
+        """Not retried here. To retry safely, call again with the same ``request_id``: the server
+        applies a push at most once and answers a retry with the original outcome."""
         responses = self._stub.PushPull(
-            _push_messages(member, base_version, samples, grads.items()),
+            _push_messages(member, base_version, samples, grads.items(), request_id),
             timeout=self._timeout_s if timeout_s is None else timeout_s,
         )
         version, tensors, push = _read_pull(responses)
@@ -298,11 +308,11 @@ class ParameterClient:
 
     def push(
         self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor],
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, request_id: str = "",
     ) -> PushReply:
         reply = call(
             self._stub.Push,
-            _push_messages(member, base_version, samples, grads.items()),
+            _push_messages(member, base_version, samples, grads.items(), request_id),
             timeout=self._timeout_s if timeout_s is None else timeout_s,
         )
         return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)

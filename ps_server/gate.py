@@ -15,6 +15,7 @@ All decisions take ``now``; waiting for a step to close is the only blocking cal
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -43,6 +44,7 @@ STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 @dataclass
 class GateCounters:
     pushes_received: int = 0
+    pushes_deduplicated: int = 0  # retries answered from memory, not applied again
     pushes_stale: int = 0
     updates_applied: int = 0
     steps_timed_out: int = 0
@@ -81,6 +83,9 @@ class ConsistencyGate:
         self._accum: dict[str, torch.Tensor] = {}
         self._accum_samples = 0
         self._step_opened_at: float | None = None
+        # Answers to recent pushes by (member, request id), oldest first: retries get them again.
+        self._answered: OrderedDict[tuple[str, str], PushResult] = OrderedDict()
+        self.dedup_window = 4096
 
     @property
     def version(self) -> int:
@@ -99,10 +104,17 @@ class ConsistencyGate:
         grads: Mapping[str, torch.Tensor],
         samples: int,
         now: float,
+        request_id: str = "",
     ) -> PushResult | int:
         """Offers a checked gradient. Returns a PushResult when the outcome is known now (async,
-        stale), or the version to wait for (sync) — pass it to ``wait_for_version``."""
+        stale, or a retry of a push already answered), or the version to wait for (sync) — pass
+        it to ``wait_for_version``. A push repeating an earlier ``request_id`` of the same member
+        is applied at most once and gets the original answer."""
         with self._cond:
+            key = (member_id, request_id)
+            if request_id and key in self._answered:
+                self.counters.pushes_deduplicated += 1
+                return self._answered[key]
             self.counters.pushes_received += 1
             version = self.store.version
             if base_version > version or (self.mode == "sync" and base_version < version):
@@ -114,7 +126,7 @@ class ConsistencyGate:
                 staleness = version - base_version
                 self.counters.observe_staleness(staleness)
                 self._cond.notify_all()
-                return PushResult(PushOutcome.APPLIED, self.store.version, staleness)
+                return self._remember(key, PushResult(PushOutcome.APPLIED, self.store.version, staleness))
             if member_id not in self._contributed:  # a retried push of the same step adds nothing
                 for name, g in grads.items():
                     weighted = g.to(torch.float64) * samples if g.is_floating_point() else g
@@ -130,14 +142,23 @@ class ConsistencyGate:
             self._maybe_close()
             return version + 1
 
-    def wait_for_version(self, version: int, timeout_s: float) -> PushResult:
+    def wait_for_version(
+        self, version: int, timeout_s: float, member_id: str = "", request_id: str = ""
+    ) -> PushResult:
         """Blocks until the store reaches ``version``; raises DeadlineExceeded after timeout_s."""
         with self._cond:
             if not self._cond.wait_for(lambda: self.store.version >= version, timeout=timeout_s):
                 raise DeadlineExceeded(
-                    f"sync step {version - 1} did not close within {timeout_s:.1f}s; pull and retry"
+                    f"sync step {version - 1} did not close within {timeout_s:.1f}s; retry the push"
                 )
-            return PushResult(PushOutcome.APPLIED, self.store.version)
+            return self._remember((member_id, request_id), PushResult(PushOutcome.APPLIED, version))
+
+    def _remember(self, key: tuple[str, str], result: PushResult) -> PushResult:
+        if key[1]:
+            self._answered[key] = result
+            while len(self._answered) > self.dedup_window:
+                self._answered.popitem(last=False)
+        return result
 
     def leave(self, member_id: str) -> None:
         """The worker has no shard: steps stop waiting for it until it pushes again."""

@@ -147,6 +147,7 @@ class ParameterServerNode:
         sample_count: int,
         grads: Mapping[str, torch.Tensor],
         timeout_s: float,
+        request_id: str = "",
     ) -> PushResult:
         gate = self.gate
         try:
@@ -160,10 +161,10 @@ class ParameterServerNode:
             self._count(rejected=1)
             raise
         self._count(bytes_pushed=sum(g.numel() * g.element_size() for g in grads.values()))
-        outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic())
+        outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic(), request_id)
         if isinstance(outcome, PushResult):
             return outcome
-        return gate.wait_for_version(outcome, timeout_s)
+        return gate.wait_for_version(outcome, timeout_s, member_id, request_id)
 
     def push_pull(
         self,
@@ -173,9 +174,10 @@ class ParameterServerNode:
         sample_count: int,
         grads: Mapping[str, torch.Tensor],
         timeout_s: float,
+        request_id: str = "",
     ) -> tuple[PushResult, int, list[tuple[str, torch.Tensor]]]:
         """Push, then the parameters as they are once it was applied (or found stale)."""
-        result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s)
+        result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id)
         version, tensors = self.gate.snapshot(None)
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return result, version, tensors

@@ -71,7 +71,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             raise
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
-        return (*_member(header.member), header.base_version, header.sample_count, grads, timeout_s)
+        return (
+            *_member(header.member), header.base_version, header.sample_count, grads, timeout_s, header.request_id
+        )
 
     def Pull(self, request, context):
         version, tensors = self._node.pull(*_member(request.member), list(request.names))

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 import torch
 
-from lepton.clients import CoordinatorClient, LayoutInfo, MemberId, ParameterClient
+from lepton.clients import CoordinatorClient, LayoutInfo, MemberId, ParameterClient, new_request_id
 from lepton.config import JobSpec
 from lepton.errors import (
     DeadlineExceeded,
@@ -153,7 +153,7 @@ class WorkerAgent:
             self._versions[server_id] = version
         self._params_fresh = True
 
-    def _push_pull_all(self, samples: int, grads: dict[str, torch.Tensor]) -> bool:
+    def _push_pull_all(self, samples: int, grads: dict[str, torch.Tensor], request_id: str) -> bool:
         """Pushes each server its share; installs the returned parameters. True if every server
         applied the push; False if any found it stale (the batch must be recomputed)."""
         member = self._member
@@ -163,7 +163,8 @@ class WorkerAgent:
         def push(server):
             share = {t.name: grads[t.name] for t in server.tensors}
             reply, version, tensors = self._clients[server.address].push_pull(
-                member, self._versions.get(server.member_id, 0), samples, share, timeout_s=timeout_s
+                member, self._versions.get(server.member_id, 0), samples, share,
+                timeout_s=timeout_s, request_id=request_id,
             )
             return server.member_id, reply, version, tensors
 
@@ -193,32 +194,43 @@ class WorkerAgent:
         self._params_fresh = False
 
     def _step(self, indices: torch.Tensor) -> float:
-        """Trains one batch through the servers; returns its loss. Retries stale steps, deadline
-        misses and unreachable servers (re-pulling first), within bounds."""
+        """Trains one batch through the servers; returns its loss.
+
+        A push whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED) is retried as it was, with
+        the same request id, so a server that already applied it answers from memory instead of
+        applying it twice. A stale step (sync) or an unknown identity re-pulls and recomputes.
+        Everything is bounded by the retry policy.
+        """
         assert self._trainer is not None
         attempt = 0
+        pending: tuple[float, dict[str, torch.Tensor], str] | None = None
         while True:
             attempt += 1
             try:
-                if not self._params_fresh:
-                    self._pull_all()
-                loss, grads = self._trainer.gradients(indices)
-                if self._push_pull_all(len(indices), grads):
+                if pending is None:
+                    if not self._params_fresh:
+                        self._pull_all()
+                    loss, grads = self._trainer.gradients(indices)
+                    pending = (loss, grads, new_request_id())
+                loss, grads, request_id = pending
+                applied = self._push_pull_all(len(indices), grads, request_id)
+                pending = None
+                if applied:
                     self.steps += 1
                     self.samples += len(indices)
                     return loss
                 self.stale_steps += 1
                 log.debug("step_stale", attempt=attempt)
             except (Unavailable, DeadlineExceeded) as exc:
-                self._params_fresh = False
                 if attempt >= self._retry.max_attempts:
                     raise
                 delay = self._retry.backoff_s(attempt, self._rng)
-                log.warning("step_retry", error=str(exc), attempt=attempt, backoff_s=round(delay, 3))
+                log.warning("push_retry", error=str(exc), attempt=attempt, backoff_s=round(delay, 3))
                 if self._stop.wait(delay):
                     raise
             except NotFound as exc:
                 # The server has not heard of this incarnation yet, or was replaced: re-pull.
+                pending = None
                 self._params_fresh = False
                 if attempt >= self._retry.max_attempts:
                     raise

@@ -198,3 +198,17 @@ def test_coordinator_rejects_bad_shard_reports_precisely(raw, idle_cluster):
     assert after.shard_completions == before.shard_completions
     assert after.shards_pending == before.shards_pending
     assert serving(idle_cluster.coordinator)
+
+
+def test_a_retried_push_with_the_same_request_id_is_applied_at_most_once(raw):
+    _, ps, member, _ = raw
+    version, before = pull(ps, member)
+
+    def attempt():
+        stream = list(push_messages(member, version, zero_grads(before)))
+        stream[0].header.request_id = "retry-me-1"
+        return ps.Push(iter(stream), timeout=10)
+
+    first, second = attempt(), attempt()
+    assert first == second and first.version == version + 1
+    assert pull(ps, member)[0] == version + 1

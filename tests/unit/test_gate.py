@@ -339,3 +339,27 @@ def test_the_store_owns_copies_of_the_initial_tensors():
 def test_an_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError):
         ParameterStore(initial(), "nosuchopt", LR, {})
+
+
+# --- idempotent pushes ---------------------------------------------------------------------------
+
+
+def test_a_retried_async_push_with_the_same_request_id_is_applied_once_and_answered_again():
+    store = ParameterStore({"w": torch.zeros(2)}, "sgd", 1.0, {})
+    gate = ConsistencyGate(store, "async", step_timeout_s=5.0)
+    first = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
+    again = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
+    assert first == again and first.version == 1
+    assert store.version == 1 and torch.equal(dict(store.snapshot())["w"], -torch.ones(2))
+    assert gate.counters.pushes_deduplicated == 1
+    other = gate.push("w-1", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")  # same id, other member
+    assert other.version == 2
+
+
+def test_a_retried_sync_push_after_its_step_closed_gets_the_original_answer():
+    store = ParameterStore({"w": torch.zeros(2)}, "sgd", 1.0, {})
+    gate = ConsistencyGate(store, "sync", step_timeout_s=5.0)
+    target = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
+    first = gate.wait_for_version(target, 0.0, "w-0", "r1")
+    retry = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
+    assert retry == first and store.version == 1
