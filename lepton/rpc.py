@@ -175,7 +175,8 @@ class Server:
         address: str,
         registrations: Iterable[tuple[Callable[[Any, grpc.Server], None], Any, str]],
         *,
-        max_workers: int = 32,
+        max_workers: int = 64,
+        max_concurrent_rpcs: int = 256,
         max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB,
         security: Security = INSECURE,
         registry: CollectorRegistry | None = None,
@@ -191,6 +192,8 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
             options=server_options(max_message_mib),
+            # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED instead of queueing.
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
