@@ -109,6 +109,8 @@ class JobStatus:
     members: tuple[MemberSnapshot, ...]
     evaluation: EvaluationResult | None
     failure: str = ""
+    ps_restarts: int = 0
+    steps_rolled_back: int = 0
 
 
 @dataclass
@@ -162,6 +164,11 @@ class Job:
         self._last_epoch_announced = -1
         self.leases_granted = 0
         self.heartbeats_missed = 0
+        self.ps_restarts = 0
+        self.steps_rolled_back = 0
+        self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
+        self._ps_versions: dict[str, int] = {}
+        self._ps_lost_at: dict[str, float] = {}
         self._store = store
         self.restored = False
         saved = store.load() if store is not None else None
@@ -199,6 +206,10 @@ class Job:
             "layout": layout,
             "ready": sorted(self._ready),
             "next_event_sequence": self.events.next_sequence,
+            "ps_restarts": self.ps_restarts,
+            "steps_rolled_back": self.steps_rolled_back,
+            "ps_versions": self._ps_versions,
+            "ps_lost": sorted(self._ps_lost_at),
         }
         extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
         self._store.save(
@@ -236,6 +247,10 @@ class Job:
                 {s: tuple(specs[n] for n in names) for s, names in layout["assignment"].items()},
             )
         self._ready = set(job["ready"])
+        self.ps_restarts = job.get("ps_restarts", 0)
+        self.steps_rolled_back = job.get("steps_rolled_back", 0)
+        self._ps_versions = dict(job.get("ps_versions", {}))
+        self._ps_lost_at = {s: now for s in job.get("ps_lost", [])}
         self.events.resume_from(job["next_event_sequence"])
         self._members.restore(saved.documents["members"], now)
         self._ledger.restore(
@@ -320,6 +335,10 @@ class Job:
                         f"member {member_id} registered as {previous.role.value}, not {role.value}"
                     )
                 self._forget(member_id, now, departed=False, why="re-registered")
+                if role is Role.PARAMETER_SERVER and self._layout is not None and member_id in self._layout.servers:
+                    # A restarted server: same tensors, new address; workers re-read the layout.
+                    self._layout = dataclasses.replace(self._layout, version=self._layout.version + 1)
+                    self.ps_restarts += 1
             member = self._members.register(role, address, now, member_id, hostname, pid)
             self.events.append(
                 EventKind.MEMBER_REGISTERED,
@@ -342,7 +361,7 @@ class Job:
         self._layout = balance(self._specs, servers, version=1)
         self._set_state(JobState.INITIALIZING, now)
 
-    def heartbeat(self, member_id: str, incarnation: int, now: float) -> HeartbeatReply:
+    def heartbeat(self, member_id: str, incarnation: int, now: float, version: int = 0) -> HeartbeatReply:
         with self._lock:
             previous = self._members.get(member_id)
             gap = now - previous.last_heartbeat if previous is not None else 0.0
@@ -350,6 +369,8 @@ class Job:
             self.heartbeats_missed += max(0, int(gap / self.spec.heartbeat_interval_s) - 1)
             workers: tuple[WorkerView, ...] = ()
             if member.role is Role.PARAMETER_SERVER:
+                if member_id in self._ready:
+                    self._ps_versions[member_id] = max(version, self._ps_versions.get(member_id, 0))
                 workers = tuple(
                     WorkerView(m.member_id, m.incarnation, m.alive)
                     for m in self._members.members(Role.WORKER)
@@ -384,7 +405,15 @@ class Job:
                     incarnation=member.incarnation,
                 )
                 self._forget(member.member_id, now, departed=False, why="declared dead")
-            if dead:
+            failed = False
+            for server, since in list(self._ps_lost_at.items()):
+                if now - since > self.ps_recovery_timeout_s and not self._state.terminal:
+                    self._failure = (
+                        f"parameter server {server} did not come back within {self.ps_recovery_timeout_s:g}s"
+                    )
+                    self._set_state(JobState.FAILED, now, self._failure)
+                    failed = True
+            if dead or failed:
                 self._persist(now)
             return dead
 
@@ -395,12 +424,15 @@ class Job:
         if member.role is Role.PARAMETER_SERVER:
             self._ready.discard(member_id)
             if self._layout is not None and member_id in self._layout.servers and not self._state.terminal:
-                self._set_state(
-                    JobState.FAILED,
-                    now,
-                    f"parameter server {member_id} {why}; this version cannot restore a lost server",
+                # Training pauses (no new leases) until the server is back from its checkpoint.
+                self._ps_lost_at.setdefault(member_id, now)
+                self.events.append(
+                    EventKind.JOB_STATE_CHANGED,
+                    f"parameter server {member_id} {why}; waiting up to {self.ps_recovery_timeout_s:g}s "
+                    "for it to restart from its checkpoint",
+                    member_id=member_id,
+                    job_state=self._state.name,
                 )
-                self._failure = f"parameter server {member_id} {why}"
             return 0
         moved = self._ledger.requeue(member_id)
         for lease in moved:
@@ -436,7 +468,7 @@ class Job:
                 self._layout.version, specs, {s.name: self._initial[s.name] for s in specs}
             )
 
-    def ready(self, member_id: str, incarnation: int, layout_version: int, now: float) -> None:
+    def ready(self, member_id: str, incarnation: int, layout_version: int, now: float, version: int = 0) -> None:
         with self._lock:
             member = self._members.check(member_id, incarnation)
             if member.role is not Role.PARAMETER_SERVER:
@@ -446,6 +478,11 @@ class Job:
                     f"layout version {layout_version} is not current ({self.layout_version})"
                 )
             self._ready.add(member_id)
+            self._ps_lost_at.pop(member_id, None)
+            last = self._ps_versions.get(member_id, 0)
+            if version < last:
+                self.steps_rolled_back += last - version
+            self._ps_versions[member_id] = version
             if self._state is JobState.INITIALIZING and self._ready >= set(self._layout.servers):
                 self._set_state(JobState.TRAINING, now)
             self._persist(now)
@@ -488,8 +525,8 @@ class Job:
                     if self._evaluator == (member_id, incarnation)
                     else wait
                 )
-            if self._state is not JobState.TRAINING:
-                return wait
+            if self._state is not JobState.TRAINING or self._ps_lost_at:
+                return wait  # not started, or a parameter server is restarting
             lease = self._ledger.lease(member_id, incarnation)
             if lease is None:
                 return wait
@@ -634,6 +671,8 @@ class Job:
                 members=snapshots,
                 evaluation=self._evaluation,
                 failure=self._failure,
+                ps_restarts=self.ps_restarts,
+                steps_rolled_back=self.steps_rolled_back,
             )
 
     @property

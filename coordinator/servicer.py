@@ -62,6 +62,8 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         training_seconds=status.training_seconds,
         layout_version=status.layout_version,
         failure=status.failure,
+        ps_restarts=status.ps_restarts,
+        steps_rolled_back=status.steps_rolled_back,
     )
     for snap in status.members:
         m = snap.member
@@ -127,7 +129,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def Heartbeat(self, request, context):
-        reply = self._job.heartbeat(*_member(request.member), self._now())
+        reply = self._job.heartbeat(*_member(request.member), self._now(), request.version)
         return pb.HeartbeatResponse(
             job_state=reply.state.value,
             layout_version=reply.layout_version,
@@ -153,7 +155,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.GetAssignmentResponse(chunks=chunks)
 
     def ReportReady(self, request, context):
-        self._job.ready(*_member(request.member), request.layout_version, self._now())
+        self._job.ready(*_member(request.member), request.layout_version, self._now(), request.version)
         return pb.ReportReadyResponse()
 
     def GetLayout(self, request, context):

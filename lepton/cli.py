@@ -29,6 +29,7 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "seed of model initialisation and shuffling"),
     "--heartbeat-interval": ("heartbeat_interval_s", float, "seconds between heartbeats"),
     "--heartbeat-timeout": ("heartbeat_timeout_s", float, "seconds of silence before a member is declared dead"),
+    "--checkpoint-every": ("checkpoint_every_steps", int, "parameter servers checkpoint every N updates (0: never)"),
 }
 
 
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_member(s)
     s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--advertise", default="", metavar="HOST:PORT", help="address workers dial, if not --listen")
-    s.add_argument("--state-dir", default=None, help="directory for this server's state")
+    s.add_argument("--state-dir", default=None, help="checkpoints of this server; a restart with the same --id and --state-dir restores the newest")
     s.add_argument("--ready-file", default=None)
     _add_service(s)
     _add_common(s)
@@ -229,6 +230,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             member_id=args.id,
             ready_file=args.ready_file,
             options=service_options(args),
+            state_dir=args.state_dir,
         )
     if args.command == "worker":
         from worker.main import serve as serve_worker

@@ -111,8 +111,12 @@ class CoordinatorClient:
         )
         return MemberId(reply.member.member_id, reply.member.incarnation), job_from_proto(reply.job)
 
-    def heartbeat(self, member: MemberId) -> cpb.HeartbeatResponse:
-        return call(self._stub.Heartbeat, cpb.HeartbeatRequest(member=member.to_proto()), timeout=self._timeout_s)
+    def heartbeat(self, member: MemberId, version: int = 0) -> cpb.HeartbeatResponse:
+        return call(
+            self._stub.Heartbeat,
+            cpb.HeartbeatRequest(member=member.to_proto(), version=version),
+            timeout=self._timeout_s,
+        )
 
     def deregister(self, member: MemberId) -> int:
         reply = call(self._stub.Deregister, cpb.DeregisterRequest(member=member.to_proto()), timeout=self._timeout_s)
@@ -143,10 +147,10 @@ class CoordinatorClient:
             mode=MODE_FROM_WIRE[head.mode],
         )
 
-    def report_ready(self, member: MemberId, layout_version: int) -> None:
+    def report_ready(self, member: MemberId, layout_version: int, version: int = 0) -> None:
         self._idempotent(
             self._stub.ReportReady,
-            cpb.ReportReadyRequest(member=member.to_proto(), layout_version=layout_version),
+            cpb.ReportReadyRequest(member=member.to_proto(), layout_version=layout_version, version=version),
         )
 
     def layout(self) -> LayoutInfo:

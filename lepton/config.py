@@ -38,10 +38,11 @@ class JobSpec:
     heartbeat_timeout_s: float = 3.0
     parameter_servers: int = 2
     seed: int = 0
+    checkpoint_every_steps: int = 25
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed"):
+        for name in ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
@@ -70,6 +71,8 @@ class JobSpec:
                 "heartbeat_timeout_s must exceed twice heartbeat_interval_s "
                 f"({self.heartbeat_timeout_s} <= 2 x {self.heartbeat_interval_s})"
             )
+        if self.checkpoint_every_steps < 0:
+            problems.append(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
         if self.parameter_servers < 1:
             problems.append(f"parameter_servers must be >= 1, got {self.parameter_servers}")
         if not isinstance(self.optimizer_kwargs, Mapping):

@@ -76,6 +76,7 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--heartbeat-interval", repr(spec.heartbeat_interval_s),
         "--heartbeat-timeout", repr(spec.heartbeat_timeout_s),
         "--parameter-servers", str(spec.parameter_servers),
+        "--checkpoint-every", str(spec.checkpoint_every_steps),
     ]
 
 
@@ -279,6 +280,8 @@ def build_report(
             samples_trained=status.samples_trained,
             training_seconds=status.training_seconds,
             failure=status.failure or None,
+            ps_restarts=status.ps_restarts,
+            steps_rolled_back=status.steps_rolled_back,
             final_status=status_dict(status),
         )
     if tally is not None:
@@ -345,7 +348,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         for i in range(spec.parameter_servers):
             children.start(
                 f"ps-{i}",
-                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0", *ready_file(f"ps-{i}"),
+                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0", "--id", f"ps-{i}", *ready_file(f"ps-{i}"),
                  "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token["ps"], *child_log],
             )
         for i in range(cluster.workers):
@@ -364,7 +367,6 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         line = ProgressLine()
         deadline = started + timeout_s
         coordinator_args = [a if a != f"127.0.0.1:{cluster.coordinator_port}" else address for a in coordinator.args]
-        job_over = False
         while True:
             if stop.wait(POLL_S):
                 outcome = "interrupted"
@@ -376,7 +378,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                     break
                 children.restart(coordinator, coordinator_args)  # same port and state directory
             for child in children.items:
-                if child.name.startswith("worker") and child.failed and not job_over and child.restarts < MAX_RESTARTS:
+                # Workers start afresh; a parameter server comes back under its id from its checkpoint.
+                if child.name.startswith(("worker", "ps")) and child.failed and child.restarts < MAX_RESTARTS:
                     children.restart(child)
             try:
                 status = client.status()
@@ -388,7 +391,6 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             )
             line.show(status, alive, cluster.workers)
             if status.state in TERMINAL:
-                job_over = True
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
             if time.monotonic() > deadline:

@@ -28,6 +28,7 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         heartbeat_timeout_s=spec.heartbeat_timeout_s,
         parameter_servers=spec.parameter_servers,
         seed=spec.seed,
+        checkpoint_every_steps=spec.checkpoint_every_steps,
     )
 
 
@@ -54,6 +55,7 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         heartbeat_timeout_s=msg.heartbeat_timeout_s,
         parameter_servers=msg.parameter_servers,
         seed=msg.seed,
+        checkpoint_every_steps=msg.checkpoint_every_steps,
     )
 
 

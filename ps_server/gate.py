@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -70,10 +70,17 @@ class GateCounters:
 class ConsistencyGate:
     """Serialises access to a ParameterStore and applies the consistency mode. Thread-safe."""
 
-    def __init__(self, store: ParameterStore, mode: str, step_timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: ParameterStore,
+        mode: str,
+        step_timeout_s: float,
+        after_apply: Callable[[ParameterStore], None] | None = None,
+    ) -> None:
         if mode not in ("async", "sync"):
             raise ValueError(f"unknown mode {mode!r}")
         self.store = store
+        self._after_apply = after_apply  # e.g. a periodic checkpoint; runs under the gate's lock
         self.mode = mode
         self.step_timeout_s = step_timeout_s
         self.counters = GateCounters()
@@ -121,8 +128,7 @@ class ConsistencyGate:
                 self.counters.pushes_stale += 1
                 return PushResult(PushOutcome.STALE, version)
             if self.mode == "async":
-                self.store.apply(grads)
-                self.counters.updates_applied += 1
+                self._apply(grads)
                 staleness = version - base_version
                 self.counters.observe_staleness(staleness)
                 self._cond.notify_all()
@@ -184,6 +190,12 @@ class ConsistencyGate:
             self._close()
             return True
 
+    def _apply(self, grads: Mapping[str, torch.Tensor]) -> None:
+        self.store.apply(grads)
+        self.counters.updates_applied += 1
+        if self._after_apply is not None:
+            self._after_apply(self.store)
+
     def _maybe_close(self) -> None:
         if self._contributed and self._participants <= set(self._contributed):
             self._close()
@@ -193,8 +205,7 @@ class ConsistencyGate:
         grads = {
             name: (acc / total).to(self.store.specs[name].dtype) for name, acc in self._accum.items()
         }
-        self.store.apply(grads)
-        self.counters.updates_applied += 1
+        self._apply(grads)
         self._accum = {}
         self._accum_samples = 0
         self._contributed = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import structlog
 
@@ -21,6 +22,7 @@ from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
+from ps_server.checkpoint import CheckpointDirectory
 from ps_server.metrics import ParameterServerCollector
 from ps_server.node import ParameterServerNode
 from ps_server.roster import WorkerEntry
@@ -41,6 +43,7 @@ def serve(
     ready_file: str | None = None,
     grace_s: float = 2.0,
     options: ServiceOptions = ServiceOptions(),
+    state_dir: str | None = None,
 ) -> int:
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     member_box: list[MemberId] = []
@@ -78,7 +81,8 @@ def serve(
 
     def heartbeat() -> None:
         try:
-            reply = client.heartbeat(member)
+            gate = node.gate_or_none()
+            reply = client.heartbeat(member, gate.version if gate is not None else 0)
         except Fenced as exc:
             log.error("ps_fenced", reason=str(exc))
             outcome["code"] = EXIT_JOB_FAILED
@@ -100,15 +104,17 @@ def serve(
     while not stop.is_set():
         try:
             assignment = client.assignment(member)
-            node.load(
+            version = node.load(
                 assignment.tensors,
                 assignment.optimizer,
                 assignment.lr,
                 assignment.optimizer_kwargs,
                 assignment.mode,
                 step_timeout_s=spec.heartbeat_timeout_s,
+                checkpoints=CheckpointDirectory(Path(state_dir) / "checkpoints") if state_dir else None,
+                checkpoint_every_steps=spec.checkpoint_every_steps,
             )
-            client.report_ready(member, assignment.layout_version)
+            client.report_ready(member, assignment.layout_version, version)
         except Fenced as exc:
             log.error("ps_fenced", reason=str(exc))
             outcome["code"] = EXIT_JOB_FAILED
@@ -124,6 +130,7 @@ def serve(
             continue
         log.info(
             "assignment_loaded",
+            restored_version=version,
             tensors=len(assignment.tensors),
             layout_version=assignment.layout_version,
             mode=assignment.mode,

@@ -13,6 +13,7 @@ import torch
 
 from lepton.tensors import TensorSpec
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
+from ps_server.checkpoint import CheckpointDirectory
 from ps_server.gate import ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.store import ParameterStore
@@ -62,6 +63,7 @@ class ParameterServerNode:
         self._roster = WorkerRoster()
         self._last_refresh = float("-inf")
         self.pushes_rejected = 0
+        self.checkpoint_version = -1
         self.bytes_pulled = 0
         self.bytes_pushed = 0
 
@@ -73,10 +75,31 @@ class ParameterServerNode:
         optimizer_kwargs: Mapping[str, Any],
         mode: str,
         step_timeout_s: float,
-    ) -> None:
+        checkpoints: CheckpointDirectory | None = None,
+        checkpoint_every_steps: int = 0,
+    ) -> int:
+        """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
+        when there is one; returns the version it serves from (0 for a fresh start)."""
         store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs)
+        restored = checkpoints.latest() if checkpoints is not None else None
+        if restored is not None:
+            store.load_state_dict(restored[1])
+        after_apply = (
+            self._checkpointer(checkpoints, checkpoint_every_steps)
+            if checkpoints is not None and checkpoint_every_steps > 0
+            else None
+        )
         with self._lock:
-            self._gate = ConsistencyGate(store, mode, step_timeout_s)
+            self._gate = ConsistencyGate(store, mode, step_timeout_s, after_apply)
+        return store.version
+
+    def _checkpointer(self, checkpoints: CheckpointDirectory, every_steps: int) -> Callable[[ParameterStore], None]:
+        def after_apply(store: ParameterStore) -> None:
+            if store.version % every_steps == 0:
+                checkpoints.save(store.version, store.state_dict())
+                self.checkpoint_version = store.version
+
+        return after_apply
 
     @property
     def gate(self) -> ConsistencyGate:

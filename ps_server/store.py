@@ -69,6 +69,30 @@ class ParameterStore:
         self.version += 1
         return self.version
 
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of everything a restart needs: version, tensors and optimizer state."""
+        return {
+            "version": self.version,
+            "params": {n: p.detach().clone() for n, p in self._params.items()},
+            "optimizer": self._optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a checkpoint of the same tensors. Raises InvalidArgument if they differ."""
+        params = state["params"]
+        if set(params) != set(self._params):
+            raise InvalidArgument(
+                f"checkpoint holds tensors {sorted(params)[:8]}, this server holds {sorted(self._params)[:8]}"
+            )
+        with torch.no_grad():
+            for name, value in params.items():
+                spec = self.specs[name]
+                if value.dtype != spec.dtype or tuple(value.shape) != spec.shape:
+                    raise InvalidArgument(f"checkpoint tensor {name!r} does not match {spec}")
+                self._params[name].copy_(value)
+        self._optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+
     def snapshot(self, names: Iterable[str] | None = None) -> list[tuple[str, torch.Tensor]]:
         """Copies of the named tensors (all when ``names`` is None or empty)."""
         wanted = list(names) if names else list(self._params)

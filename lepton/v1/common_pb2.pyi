@@ -86,7 +86,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed")
+    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class JobSpec(_message.Message):
     HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SERVERS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     epochs: int
@@ -109,7 +110,8 @@ class JobSpec(_message.Message):
     heartbeat_timeout_s: float
     parameter_servers: int
     seed: int
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    checkpoint_every_steps: int
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape")

@@ -86,10 +86,12 @@ class RegisterMemberResponse(_message.Message):
     def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("member",)
+    __slots__ = ("member", "version")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class WorkerMembership(_message.Message):
     __slots__ = ("member_id", "incarnation", "alive")
@@ -144,12 +146,14 @@ class GetAssignmentResponse(_message.Message):
     def __init__(self, layout_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorInfo, _Mapping]]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class ReportReadyRequest(_message.Message):
-    __slots__ = ("member", "layout_version")
+    __slots__ = ("member", "layout_version", "version")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     layout_version: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., layout_version: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., layout_version: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ReportReadyResponse(_message.Message):
     __slots__ = ()
@@ -308,7 +312,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure")
+    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +332,8 @@ class GetStatusResponse(_message.Message):
     TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PS_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.JobSpec
     state: JobState
     epoch: int
@@ -347,7 +353,9 @@ class GetStatusResponse(_message.Message):
     training_seconds: float
     layout_version: int
     failure: str
-    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
+    ps_restarts: int
+    steps_rolled_back: int
+    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("after_sequence",)

@@ -154,3 +154,32 @@ def test_job_survives_sigkill_of_the_coordinator_mid_epoch(processes, tmp_path):
     assert report["test_accuracy"] >= 0.95
     assert_exactly_once(report)
     assert tagged_pids(processes.tag) == []
+
+
+def test_a_killed_parameter_server_restarts_from_its_checkpoint_and_the_job_succeeds(processes, tmp_path):
+    state = tmp_path / "state"
+    report_path = tmp_path / "report.json"
+    up = processes.start(
+        "up", lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), "--epochs", "12")
+    )
+    ready = wait_until(lambda: read_json(state / "coordinator.ready.json"), 120, "the coordinator")
+    server = wait_until(lambda: read_json(state / "ps-1.ready.json"), 120, "ps-1")
+    client = CoordinatorClient(ready["address"])
+    try:
+        wait_until(lambda: client.status().epoch >= 2, 180, "epoch 2")
+    finally:
+        client.close()
+    assert "lepton ps" in cmdline(server["pid"])
+    assert list((state / "ps-1" / "checkpoints").glob("ckpt-*.pt")), "no checkpoint written before the kill"
+    os.kill(server["pid"], signal.SIGKILL)
+
+    up.wait(timeout=RUN_TIMEOUT_S)
+    report = read_json(report_path)
+    assert report is not None, processes.log("up")
+    assert up.returncode == 0, processes.log("up")
+    assert report["status"] == "succeeded"
+    assert report["ps_restarts"] >= 1 and report["restarts"].get("ps-1", 0) >= 1
+    assert report["steps_rolled_back"] >= 0
+    assert report["test_accuracy"] >= 0.93
+    assert_exactly_once(report)
+    assert tagged_pids(processes.tag) == []

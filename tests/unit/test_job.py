@@ -366,28 +366,42 @@ def test_a_new_evaluator_is_chosen_when_the_first_one_dies(job, clock):
 # --- parameter server failure ------------------------------------------------------------------
 
 
-def test_a_parameter_server_dying_after_the_layout_fails_the_job(job, clock):
+def test_a_parameter_server_dying_after_the_layout_pauses_leasing_until_it_restarts(job, clock):
     ps0, ps1 = start_training(job, clock)
     w = worker(job, clock)
-    job.lease(w.member_id, w.incarnation, clock.now())
+    held = job.lease(w.member_id, w.incarnation, clock.now()).lease
+    job.heartbeat(ps1.member_id, ps1.incarnation, clock.now(), version=5)
     clock.advance(SPEC.heartbeat_timeout_s + 1)
     beat(job, clock, [ps0, w])
     assert [m.member_id for m in job.tick(clock.now())] == [ps1.member_id]
-    assert job.state is JobState.FAILED
+    assert job.state is JobState.TRAINING
+    late = worker(job, clock)
+    assert job.lease(late.member_id, late.incarnation, clock.now()).outcome is LeaseOutcome.WAIT
+    layout_before = job.layout_version
+
+    back = job.register(Role.PARAMETER_SERVER, "10.0.0.5:7000", clock.now(), member_id=ps1.member_id)
+    assert back.incarnation == 2 and job.layout_version == layout_before + 1
+    assignment = job.assignment(back.member_id, back.incarnation)
+    job.ready(back.member_id, back.incarnation, assignment.layout_version, clock.now(), version=3)
     status = job.status(clock.now())
-    assert ps1.member_id in status.failure
-    assert status.members_declared_dead == 1
-    assert kinds(job, EventKind.JOB_STATE_CHANGED)[-1].job_state == "FAILED"
-    assert job.lease(w.member_id, w.incarnation, clock.now()).outcome is LeaseOutcome.JOB_DONE
-    with pytest.raises(FailedPrecondition):  # it cannot come back
-        job.register(Role.PARAMETER_SERVER, "10.0.0.5:7000", clock.now())
+    assert status.ps_restarts == 1 and status.steps_rolled_back == 2
+    resumed = job.lease(late.member_id, late.incarnation, clock.now())
+    assert resumed.outcome is LeaseOutcome.GRANTED and resumed.lease.shard.index != held.shard.index
 
 
-def test_a_parameter_server_leaving_during_initialization_fails_the_job(job, clock):
-    ps0, _ = register_servers(job, clock)
-    job.deregister(ps0.member_id, ps0.incarnation, clock.now())
+def test_a_parameter_server_that_never_returns_fails_the_job_after_the_recovery_timeout(job, clock):
+    ps0, ps1 = start_training(job, clock)
+    clock.advance(SPEC.heartbeat_timeout_s + 1)
+    beat(job, clock, [ps0])
+    job.tick(clock.now())
+    assert job.state is JobState.TRAINING
+    for _ in range(int(job.ps_recovery_timeout_s // SPEC.heartbeat_interval_s) + 2):
+        clock.advance(SPEC.heartbeat_interval_s)
+        beat(job, clock, [ps0])
+        job.tick(clock.now())
     assert job.state is JobState.FAILED
-    assert ps0.member_id in job.status(clock.now()).failure
+    assert ps1.member_id in job.status(clock.now()).failure
+    assert kinds(job, EventKind.JOB_STATE_CHANGED)[-1].job_state == "FAILED"
 
 
 def test_a_parameter_server_dying_before_the_layout_is_replaced(job, clock):
@@ -514,7 +528,7 @@ def test_a_failed_job_stays_failed_when_a_late_completion_ends_the_last_epoch(cl
     ps0, ps1 = start_training(job, clock)
     w = worker(job, clock)
     lease = job.lease(w.member_id, 1, clock.now()).lease
-    job.deregister(ps1.member_id, ps1.incarnation, clock.now())
+    job.cancel("operator stopped it", clock.now())
     assert job.state is JobState.FAILED
     try:
         job.complete(w.member_id, 1, lease.epoch, lease.shard.index, 1.0, lease.shard.size, clock.now())
