@@ -21,7 +21,7 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
         "coordinator",
         lepton_argv(
             "coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "c.json"),
-            "--parameter-servers", "1", "--epochs", "40", "--shards", "6",
+            "--parameter-servers", "1", "--epochs", "40", "--shards", "1",
             "--heartbeat-interval", "0.5", "--heartbeat-timeout", "60",
         ),
     )
@@ -33,7 +33,9 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
 
         def leaver_lease():
             for m in client.status().members:
-                if m.role == common_pb2.ROLE_WORKER and m.pid == leaver.pid and m.has_lease and m.lease.offset > 0:
+                # One shard per epoch, picked in its first half: it cannot finish before the signal lands.
+                half = (m.lease.end - m.lease.start) // 2
+                if m.role == common_pb2.ROLE_WORKER and m.pid == leaver.pid and m.has_lease and 0 < m.lease.offset < half:
                     return m
             return None
 
