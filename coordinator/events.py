@@ -20,6 +20,7 @@ class EventKind(Enum):
     EPOCH_STARTED = 8
     JOB_STATE_CHANGED = 9
     EVALUATED = 10
+    SHARD_QUARANTINED = 11
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class HeartbeatReply:
     state: JobState
     layout_version: int
     workers: tuple[WorkerView, ...] = ()
+    roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class JobStatus:
     failure: str = ""
     ps_restarts: int = 0
     steps_rolled_back: int = 0
+    quarantined_shards: tuple[int, ...] = ()
 
 
 @dataclass
@@ -143,12 +145,15 @@ class Job:
         events: EventLog | None = None,
         store: JobStore | None = None,
         now: float = 0.0,
+        max_shard_attempts: int = 3,
     ) -> None:
         self.spec = spec
         self.events = events or EventLog(staged=True)
         self._lock = threading.RLock()
         self._members = MembershipTable(spec.heartbeat_timeout_s)
-        self._ledger = ShardLedger(num_train_samples, spec.shards_per_epoch, spec.epochs)
+        self._ledger = ShardLedger(
+            num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts
+        )
         self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
         self._specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._initial.items()]
         self._layout: Layout | None = None
@@ -169,6 +174,11 @@ class Job:
         self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
         self._ps_versions: dict[str, int] = {}
         self._ps_lost_at: dict[str, float] = {}
+        # Fencing order: each requeue after a death or departure bumps _fence_version; new leases
+        # wait until every ready server has applied a roster at least that new (its heartbeat
+        # acknowledges the version), so a zombie's pushes are refused before its shard moves on.
+        self._fence_version = 0
+        self._roster_acks: dict[str, int] = {}
         self._store = store
         self.restored = False
         saved = store.load() if store is not None else None
@@ -210,6 +220,7 @@ class Job:
             "steps_rolled_back": self.steps_rolled_back,
             "ps_versions": self._ps_versions,
             "ps_lost": sorted(self._ps_lost_at),
+            "fence_version": self._fence_version,
         }
         extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
         self._store.save(
@@ -251,6 +262,7 @@ class Job:
         self.steps_rolled_back = job.get("steps_rolled_back", 0)
         self._ps_versions = dict(job.get("ps_versions", {}))
         self._ps_lost_at = {s: now for s in job.get("ps_lost", [])}
+        self._fence_version = job.get("fence_version", 0)
         self.events.resume_from(job["next_event_sequence"])
         self._members.restore(saved.documents["members"], now)
         self._ledger.restore(
@@ -361,7 +373,9 @@ class Job:
         self._layout = balance(self._specs, servers, version=1)
         self._set_state(JobState.INITIALIZING, now)
 
-    def heartbeat(self, member_id: str, incarnation: int, now: float, version: int = 0) -> HeartbeatReply:
+    def heartbeat(
+        self, member_id: str, incarnation: int, now: float, version: int = 0, roster_version: int = 0
+    ) -> HeartbeatReply:
         with self._lock:
             previous = self._members.get(member_id)
             gap = now - previous.last_heartbeat if previous is not None else 0.0
@@ -371,11 +385,12 @@ class Job:
             if member.role is Role.PARAMETER_SERVER:
                 if member_id in self._ready:
                     self._ps_versions[member_id] = max(version, self._ps_versions.get(member_id, 0))
+                self._roster_acks[member_id] = roster_version
                 workers = tuple(
                     WorkerView(m.member_id, m.incarnation, m.alive)
                     for m in self._members.members(Role.WORKER)
                 )
-            return HeartbeatReply(self._state, self.layout_version, workers)
+            return HeartbeatReply(self._state, self.layout_version, workers, self._fence_version)
 
     def deregister(self, member_id: str, incarnation: int, now: float) -> int:
         """A graceful leave: the member's leases go back to the queue at once."""
@@ -434,18 +449,34 @@ class Job:
                     job_state=self._state.name,
                 )
             return 0
-        moved = self._ledger.requeue(member_id)
+        epoch_before = self._ledger.epoch
+        moved = self._ledger.requeue(member_id, died=not departed)
         for lease in moved:
+            quarantined = lease.shard.index in self._ledger.quarantined
             self.events.append(
-                EventKind.SHARD_REQUEUED,
-                f"shard {lease.shard.index} of epoch {lease.epoch} requeued at offset "
-                f"{lease.offset} ({member_id} {why})",
+                EventKind.SHARD_QUARANTINED if quarantined else EventKind.SHARD_REQUEUED,
+                (
+                    f"shard {lease.shard.index} quarantined: {self._ledger.max_attempts} holders died "
+                    f"on it (last {member_id})"
+                    if quarantined
+                    else f"shard {lease.shard.index} of epoch {lease.epoch} requeued at offset "
+                    f"{lease.offset} ({member_id} {why})"
+                ),
                 member_id=member_id,
                 incarnation=lease.incarnation,
                 epoch=lease.epoch,
                 shard=lease.shard.index,
                 offset=lease.offset,
             )
+        if moved and not departed:
+            # A fenced incarnation may still push (a zombie): the revocation must reach every
+            # server before its shards are handed out again. A departed worker stopped by itself.
+            self._fence_version += 1
+        if self._ledger.epoch != epoch_before:  # a quarantine ended the epoch
+            if self._ledger.finished:
+                self._set_state(JobState.EVALUATING, now)
+            else:
+                self._announce_epoch()
         if self._evaluator is not None and self._evaluator[0] == member_id:
             self._evaluator = None
         return len(moved)
@@ -527,6 +558,8 @@ class Job:
                 )
             if self._state is not JobState.TRAINING or self._ps_lost_at:
                 return wait  # not started, or a parameter server is restarting
+            if any(self._roster_acks.get(s, 0) < self._fence_version for s in self._ready):
+                return wait  # a revocation has not reached every server yet
             lease = self._ledger.lease(member_id, incarnation)
             if lease is None:
                 return wait
@@ -673,6 +706,7 @@ class Job:
                 failure=self._failure,
                 ps_restarts=self.ps_restarts,
                 steps_rolled_back=self.steps_rolled_back,
+                quarantined_shards=tuple(sorted(ledger.quarantined)),
             )
 
     @property

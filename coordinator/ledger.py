@@ -67,8 +67,11 @@ class ShardLedger:
     DuplicateCompletion (already completed).
     """
 
-    def __init__(self, num_samples: int, shards_per_epoch: int, epochs: int) -> None:
+    def __init__(self, num_samples: int, shards_per_epoch: int, epochs: int, max_attempts: int = 0) -> None:
         self.shards = split(num_samples, shards_per_epoch)
+        self.max_attempts = max_attempts  # 0: never quarantine
+        self._deaths: dict[int, int] = {}
+        self.quarantined: set[int] = set()
         self.epochs = epochs
         self.epoch = 0
         self._pending: deque[tuple[int, int]] = deque((s.index, 0) for s in self.shards)
@@ -153,22 +156,38 @@ class ShardLedger:
         del self._leases[shard]
         self._done.add(shard)
         self.completions.append(Completion(epoch, shard, member_id, incarnation))
-        if len(self._done) < len(self.shards):
-            return gained, False
+        return gained, self._advance_if_done()
+
+    def requeue(self, member_id: str, died: bool = False) -> list[Lease]:
+        """Puts every lease of ``member_id`` back at the front of the queue at its offset.
+
+        With ``died``, the shard's failure count grows; a shard whose holders died
+        ``max_attempts`` times is quarantined instead (skipped for the rest of the job) so that
+        one poison shard cannot kill worker after worker forever. Quarantined leases are returned
+        too; ``quarantined`` says which shards they are.
+        """
+        moved = [lease for lease in self._leases.values() if lease.member_id == member_id]
+        for lease in moved:
+            index = lease.shard.index
+            del self._leases[index]
+            if died:
+                self._deaths[index] = self._deaths.get(index, 0) + 1
+            if self.max_attempts and self._deaths.get(index, 0) >= self.max_attempts:
+                self.quarantined.add(index)
+                self._advance_if_done()
+            else:
+                self._pending.appendleft((index, lease.offset))
+        self.reassignments += len(moved)
+        return moved
+
+    def _advance_if_done(self) -> bool:
+        if len(self._done) + len(self.quarantined - self._done) < len(self.shards):
+            return False
         self.epoch += 1
         self._done = set()
         if not self.finished:
-            self._pending = deque((s.index, 0) for s in self.shards)
-        return gained, True
-
-    def requeue(self, member_id: str) -> list[Lease]:
-        """Puts every lease of ``member_id`` back at the front of the queue at its offset."""
-        moved = [lease for lease in self._leases.values() if lease.member_id == member_id]
-        for lease in moved:
-            del self._leases[lease.shard.index]
-            self._pending.appendleft((lease.shard.index, lease.offset))
-        self.reassignments += len(moved)
-        return moved
+            self._pending = deque((s.index, 0) for s in self.shards if s.index not in self.quarantined)
+        return True
 
     # --- durability ------------------------------------------------------------------------------
 
@@ -183,6 +202,8 @@ class ShardLedger:
             "done": sorted(self._done),
             "duplicates_rejected": self.duplicates_rejected,
             "reassignments": self.reassignments,
+            "deaths": {str(k): v for k, v in self._deaths.items()},
+            "quarantined": sorted(self.quarantined),
         }
 
     def restore(self, state: dict, completions: list[Completion]) -> None:
@@ -195,4 +216,6 @@ class ShardLedger:
         self._done = {int(i) for i in state["done"]}
         self.duplicates_rejected = int(state["duplicates_rejected"])
         self.reassignments = int(state["reassignments"])
+        self._deaths = {int(k): int(v) for k, v in state.get("deaths", {}).items()}
+        self.quarantined = {int(i) for i in state.get("quarantined", [])}
         self.completions = list(completions)

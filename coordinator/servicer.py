@@ -64,6 +64,7 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         failure=status.failure,
         ps_restarts=status.ps_restarts,
         steps_rolled_back=status.steps_rolled_back,
+        quarantined_shards=list(status.quarantined_shards),
     )
     for snap in status.members:
         m = snap.member
@@ -129,10 +130,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def Heartbeat(self, request, context):
-        reply = self._job.heartbeat(*_member(request.member), self._now(), request.version)
+        reply = self._job.heartbeat(*_member(request.member), self._now(), request.version, request.roster_version)
         return pb.HeartbeatResponse(
             job_state=reply.state.value,
             layout_version=reply.layout_version,
+            roster_version=reply.roster_version,
             workers=[
                 pb.WorkerMembership(member_id=w.member_id, incarnation=w.incarnation, alive=w.alive)
                 for w in reply.workers

@@ -111,10 +111,10 @@ class CoordinatorClient:
         )
         return MemberId(reply.member.member_id, reply.member.incarnation), job_from_proto(reply.job)
 
-    def heartbeat(self, member: MemberId, version: int = 0) -> cpb.HeartbeatResponse:
+    def heartbeat(self, member: MemberId, version: int = 0, roster_version: int = 0) -> cpb.HeartbeatResponse:
         return call(
             self._stub.Heartbeat,
-            cpb.HeartbeatRequest(member=member.to_proto(), version=version),
+            cpb.HeartbeatRequest(member=member.to_proto(), version=version, roster_version=roster_version),
             timeout=self._timeout_s,
         )
 

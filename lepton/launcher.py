@@ -282,6 +282,7 @@ def build_report(
             failure=status.failure or None,
             ps_restarts=status.ps_restarts,
             steps_rolled_back=status.steps_rolled_back,
+            quarantined_shards=list(status.quarantined_shards),
             final_status=status_dict(status),
         )
     if tally is not None:

@@ -48,8 +48,13 @@ def serve(
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     member_box: list[MemberId] = []
 
+    # The roster version this server has applied; heartbeats acknowledge it to the coordinator,
+    # which hands out a dead worker's shards only after every server has acknowledged its fencing.
+    applied_roster = [0]
+
     def refresh() -> list[WorkerEntry]:
-        reply = client.heartbeat(member_box[0])
+        reply = client.heartbeat(member_box[0], roster_version=applied_roster[0])
+        applied_roster[0] = max(applied_roster[0], reply.roster_version)  # applied by the caller now
         return [WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers]
 
     node = ParameterServerNode(refresh_roster=refresh)
@@ -82,7 +87,7 @@ def serve(
     def heartbeat() -> None:
         try:
             gate = node.gate_or_none()
-            reply = client.heartbeat(member, gate.version if gate is not None else 0)
+            reply = client.heartbeat(member, gate.version if gate is not None else 0, applied_roster[0])
         except Fenced as exc:
             log.error("ps_fenced", reason=str(exc))
             outcome["code"] = EXIT_JOB_FAILED
@@ -92,6 +97,7 @@ def serve(
             log.warning("heartbeat_failed", error=str(exc))
             return
         node.update_roster(WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers)
+        applied_roster[0] = max(applied_roster[0], reply.roster_version)
         if reply.job_state in TERMINAL:
             log.info("job_over", state=cpb.JobState.Name(reply.job_state))
             if reply.job_state == cpb.JOB_STATE_FAILED:

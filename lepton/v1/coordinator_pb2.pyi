@@ -39,6 +39,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_EPOCH_STARTED: _ClassVar[EventKind]
     EVENT_KIND_JOB_STATE_CHANGED: _ClassVar[EventKind]
     EVENT_KIND_EVALUATED: _ClassVar[EventKind]
+    EVENT_KIND_SHARD_QUARANTINED: _ClassVar[EventKind]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_WAITING_FOR_SERVERS: JobState
 JOB_STATE_INITIALIZING: JobState
@@ -62,6 +63,7 @@ EVENT_KIND_DUPLICATE_COMPLETION_REJECTED: EventKind
 EVENT_KIND_EPOCH_STARTED: EventKind
 EVENT_KIND_JOB_STATE_CHANGED: EventKind
 EVENT_KIND_EVALUATED: EventKind
+EVENT_KIND_SHARD_QUARANTINED: EventKind
 
 class RegisterMemberRequest(_message.Message):
     __slots__ = ("role", "address", "member_id", "hostname", "pid")
@@ -86,12 +88,14 @@ class RegisterMemberResponse(_message.Message):
     def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("member", "version")
+    __slots__ = ("member", "version", "roster_version")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     version: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    roster_version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., version: _Optional[int] = ..., roster_version: _Optional[int] = ...) -> None: ...
 
 class WorkerMembership(_message.Message):
     __slots__ = ("member_id", "incarnation", "alive")
@@ -104,14 +108,16 @@ class WorkerMembership(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("job_state", "layout_version", "workers")
+    __slots__ = ("job_state", "layout_version", "workers", "roster_version")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_state: JobState
     layout_version: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerMembership]
-    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ...) -> None: ...
+    roster_version: int
+    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ..., roster_version: _Optional[int] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("member",)
@@ -312,7 +318,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back")
+    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +340,7 @@ class GetStatusResponse(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     PS_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.JobSpec
     state: JobState
     epoch: int
@@ -355,7 +362,8 @@ class GetStatusResponse(_message.Message):
     failure: str
     ps_restarts: int
     steps_rolled_back: int
-    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ...) -> None: ...
+    quarantined_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("after_sequence",)

@@ -59,8 +59,11 @@ def start_training(job: Job, clock: FakeClock) -> list[Member]:
 
 
 def beat(job: Job, clock: FakeClock, members: list[Member]) -> None:
+    """Each member heartbeats; a server also acknowledges the roster it was just sent."""
     for m in members:
-        job.heartbeat(m.member_id, m.incarnation, clock.now())
+        reply = job.heartbeat(m.member_id, m.incarnation, clock.now())
+        if m.role is Role.PARAMETER_SERVER:
+            job.heartbeat(m.member_id, m.incarnation, clock.now(), roster_version=reply.roster_version)
 
 
 def worker(job: Job, clock: FakeClock, member_id: str = "") -> Member:
@@ -269,6 +272,9 @@ def test_lease_returns_to_queue_when_worker_misses_heartbeats(job, clock):
     assert (requeued.member_id, requeued.epoch) == (doomed.member_id, 0)
     assert (requeued.shard, requeued.offset) == (0, 4)
 
+    # The dead worker's shard moves on only once every server has acknowledged its fencing.
+    assert job.lease(survivor.member_id, survivor.incarnation, clock.now()).outcome is LeaseOutcome.WAIT
+    beat(job, clock, servers)
     again = job.lease(survivor.member_id, survivor.incarnation, clock.now())
     assert (again.lease.shard.index, again.lease.offset) == (0, 4)
 
@@ -307,18 +313,20 @@ def test_a_dead_worker_that_re_registers_gets_a_new_incarnation_and_can_lease(jo
     assert len(job.tick(clock.now())) == 1
     back = worker(job, clock, member_id=w.member_id)
     assert back.incarnation == 2
+    beat(job, clock, servers)
     lease = job.lease(back.member_id, back.incarnation, clock.now()).lease
     assert (lease.shard.index, lease.incarnation) == (0, 2)
 
 
 def test_re_registering_a_worker_requeues_the_old_incarnations_lease(job, clock):
-    start_training(job, clock)
+    servers = start_training(job, clock)
     w = worker(job, clock)
     job.lease(w.member_id, w.incarnation, clock.now())
     job.progress(w.member_id, 1, 0, 0, 3, loss=1.0, samples=3, now=clock.now())
     back = worker(job, clock, member_id=w.member_id)
     status = job.status(clock.now())
     assert status.reassignments == 1 and status.shards_leased == 0
+    beat(job, clock, servers)  # the servers acknowledge that incarnation 1 is fenced
     lease = job.lease(back.member_id, back.incarnation, clock.now()).lease
     assert (lease.shard.index, lease.offset, lease.incarnation) == (0, 3, 2)
     with pytest.raises(Fenced):
@@ -536,3 +544,31 @@ def test_a_failed_job_stays_failed_when_a_late_completion_ends_the_last_epoch(cl
         pass  # refusing the completion is as good as ignoring it
     assert job.state is JobState.FAILED
     assert job.lease(w.member_id, 1, clock.now()).outcome is LeaseOutcome.JOB_DONE
+
+
+def test_a_shard_whose_holders_keep_dying_is_quarantined_and_the_job_goes_on(clock):
+    job = Job(SPEC.replace(epochs=2, shards_per_epoch=2), SAMPLES, INITIAL, max_shard_attempts=2)
+    servers = start_training(job, clock)
+    poison = None
+    for attempt in range(2):
+        victim = worker(job, clock)
+        beat(job, clock, servers)
+        lease = job.lease(victim.member_id, victim.incarnation, clock.now()).lease
+        poison = lease.shard.index if poison is None else poison
+        assert lease.shard.index == poison  # the requeued shard comes back first
+        clock.advance(SPEC.heartbeat_timeout_s + 1)
+        beat(job, clock, servers)
+        job.tick(clock.now())
+    (event,) = kinds(job, EventKind.SHARD_QUARANTINED)
+    assert event.shard == poison
+    status = job.status(clock.now())
+    assert status.quarantined_shards == (poison,)
+
+    survivor = worker(job, clock)
+    beat(job, clock, servers)
+    done = []
+    while (d := job.lease(survivor.member_id, 1, clock.now())).outcome is LeaseOutcome.GRANTED:
+        job.complete(survivor.member_id, 1, d.lease.epoch, d.lease.shard.index, 0.1, 1, clock.now())
+        done.append((d.lease.epoch, d.lease.shard.index))
+    assert d.outcome is LeaseOutcome.EVALUATE
+    assert done == [(0, 1 - poison), (1, 1 - poison)]  # every epoch skips the quarantined shard
