@@ -450,7 +450,7 @@ class Job:
                 )
             return 0
         epoch_before = self._ledger.epoch
-        moved = self._ledger.requeue(member_id, died=not departed)
+        moved = self._ledger.requeue(member_id, died=why == "declared dead")
         for lease in moved:
             quarantined = lease.shard.index in self._ledger.quarantined
             self.events.append(

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,13 @@ class Children:
         self.stop([c for c in order if c.name == "coordinator"])
 
 
+def read_ready(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -297,6 +305,26 @@ def build_report(
     return report
 
 
+STALE_COUNTERS = ("lepton_stale_requests_rejected_total", "lepton_ps_stale_requests_rejected_total")
+
+
+def scrape_counter(address: str | None, names: tuple[str, ...]) -> float | None:
+    """Sum of the named unlabelled counters on a /metrics endpoint; None if unreachable."""
+    if not address:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=1.0) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            total += float(value)
+    return total
+
+
 def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     spec = cluster.spec
     state_dir = Path(cluster.state_dir or tempfile.mkdtemp(prefix="lepton-up-"))
@@ -315,6 +343,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     client_flags: list[str] = []
     security = INSECURE
     metrics: dict[str, str | None] = {}
+    stale_seen: dict[str, float] = {}
     try:
         if cluster.secure:
             pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
@@ -391,6 +420,17 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 1 for c in children.items if c.name.startswith("worker") and c.process.poll() is None
             )
             line.show(status, alive, cluster.workers)
+            for child in children.items:  # a restarted child serves metrics on a new port
+                if child.restarts and child.name in ready_files:
+                    facts = read_ready(ready_files[child.name])
+                    if facts and facts.get("pid") == child.process.pid:
+                        metrics[child.name] = facts.get("metrics")
+            # Fenced requests refused so far, per process (a counter survives until its process dies).
+            for name, where in metrics.items():
+                if not name.startswith("worker"):
+                    seen = scrape_counter(where, STALE_COUNTERS)
+                    if seen is not None:
+                        stale_seen[name] = max(stale_seen.get(name, 0.0), seen)
             if status.state in TERMINAL:
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
@@ -420,6 +460,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     exit_codes = {c.name: c.process.returncode for c in children.items}
     report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
     report["metrics_endpoints"] = metrics
+    report["stale_requests_rejected"] = int(sum(stale_seen.values()))
     report["restarts"] = {c.name: c.restarts for c in children.items if c.restarts}
     report["coordinator_restarts"] = sum(c.restarts for c in children.items if c.name == "coordinator")
     report["secure"] = cluster.secure

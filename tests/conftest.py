@@ -16,3 +16,12 @@ def processes(tmp_path):
         yield procs
     finally:
         procs.close()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        default=False,
+        help="run the whole chaos matrix (tests/chaos) and print the fault x outcome table",
+    )

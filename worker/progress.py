@@ -50,6 +50,7 @@ class ProgressReporter:
         with self._lock:
             self._pending = _Pending(epoch, shard, offset, sent_offset=offset)
             self.lost.clear()
+            self.fenced.clear()  # a new lease is held by the current incarnation
 
     def update(self, offset: int, loss: float, samples: int) -> None:
         with self._lock:

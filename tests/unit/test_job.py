@@ -572,3 +572,14 @@ def test_a_shard_whose_holders_keep_dying_is_quarantined_and_the_job_goes_on(clo
         done.append((d.lease.epoch, d.lease.shard.index))
     assert d.outcome is LeaseOutcome.EVALUATE
     assert done == [(0, 1 - poison), (1, 1 - poison)]  # every epoch skips the quarantined shard
+
+
+def test_re_registering_does_not_count_towards_quarantine(clock):
+    job = Job(SPEC, SAMPLES, INITIAL, max_shard_attempts=1)
+    servers = start_training(job, clock)
+    w = worker(job, clock)
+    job.lease(w.member_id, 1, clock.now())
+    worker(job, clock, member_id=w.member_id)  # a fenced worker comes back as incarnation 2
+    beat(job, clock, servers)
+    assert job.status(clock.now()).quarantined_shards == ()
+    assert job.lease(w.member_id, 2, clock.now()).outcome is LeaseOutcome.GRANTED

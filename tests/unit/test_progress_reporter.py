@@ -61,3 +61,16 @@ def test_a_refused_lease_and_fencing_are_flagged_for_the_training_loop():
     r.flush()
     assert r.fenced.is_set()
     r.close()
+
+
+def test_a_new_lease_clears_the_fenced_flag_of_the_previous_incarnation():
+    c = Coordinator()
+    r = reporter(c)
+    r.begin(0, 0, 0)
+    r.update(4, 0.5, 4)
+    c.fail_with = Fenced("declared dead")
+    r.flush()
+    assert r.fenced.is_set()
+    r.begin(0, 3, 0)  # after re-registering, a fresh lease
+    assert not r.fenced.is_set() and not r.lost.is_set()
+    r.close()
