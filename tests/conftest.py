@@ -25,3 +25,20 @@ def pytest_addoption(parser):
         default=False,
         help="run the whole chaos matrix (tests/chaos) and print the fault x outcome table",
     )
+
+
+def pytest_terminal_summary(terminalreporter):
+    from support import CHAOS_TABLE
+
+    if not CHAOS_TABLE:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(f"{'fault':<22} {'outcome':<8} {'accuracy':>8} {'done':>5} {'dead':>4} {'moved':>5} {'fenced':>6} "
+          f"{'restarts':<24} problems")
+    for row in CHAOS_TABLE:
+        write(
+            f"{row['fault']:<22} {'pass' if row['ok'] else 'FAIL':<8} {row['accuracy'] or 0:>8.4f} "
+            f"{row.get('done', '-'):>5} {row.get('dead', '-'):>4} {row.get('moved', '-'):>5} "
+            f"{row.get('fenced', '-'):>6} {str(row.get('restarts', '')):<24} {'; '.join(row['problems'])}"
+        )

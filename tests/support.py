@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+CHAOS_TABLE: list[dict] = []  # rows of the chaos matrix, printed at the end of the session
 TAG_VAR = "LEPTON_TEST_TAG"
 
 

@@ -28,14 +28,14 @@ import pytest
 from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
 from lepton.v1 import common_pb2
-from support import Processes, cmdline, lepton_argv, read_json, tagged_pids, wait_until
+from support import CHAOS_TABLE, Processes, cmdline, lepton_argv, read_json, tagged_pids, wait_until
 
 pytestmark = pytest.mark.chaos
 SEED = 20261126
 EPOCHS = 8
 RUN_TIMEOUT_S = 300
 CI_SUBSET = ("worker-zombie", "worker-short-pause")
-TABLE: list[dict] = []
+TABLE = CHAOS_TABLE  # printed by tests/conftest.py at the end of the session
 
 
 @dataclass
@@ -210,23 +210,6 @@ def baseline_accuracy(tmp_path_factory, request) -> float | None:
     assert report["status"] == "succeeded"
     TABLE.append({"fault": "(none: baseline)", "ok": True, "accuracy": report["test_accuracy"], "problems": []})
     return report["test_accuracy"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def print_table(request):
-    yield
-    if not TABLE:
-        return
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = reporter.write_line if reporter else print
-    write("")
-    write(f"{'fault':<22} {'outcome':<8} {'accuracy':>8} {'done':>5} {'dead':>4} {'moved':>5} {'fenced':>6} {'restarts':<22} problems")
-    for row in TABLE:
-        write(
-            f"{row['fault']:<22} {'pass' if row['ok'] else 'FAIL':<8} {row['accuracy'] or 0:>8.4f} "
-            f"{row.get('done', '-'):>5} {row.get('dead', '-'):>4} {row.get('moved', '-'):>5} "
-            f"{row.get('fenced', '-'):>6} {str(row.get('restarts', '')):<22} {'; '.join(row['problems'])}"
-        )
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
