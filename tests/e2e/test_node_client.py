@@ -1,0 +1,118 @@
+"""A client in another language: examples/node/client.js (grpc-js, protos loaded at run time)
+watches, registers as a worker, pulls, pushes and pulls again against a real in-process cluster.
+
+The cluster has one parameter server and no Python workers, so the Node client's push is the only
+update: the server's version goes 0 -> 1 and the pulled tensor moves by exactly one Adam step,
+which this test recomputes independently with torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from integration.conftest import start_cluster, stop_cluster
+from lepton.config import JobSpec
+from lepton.v1 import parameter_server_pb2 as ps_pb
+from lepton.v1 import parameter_server_pb2_grpc as ps_grpc
+from lepton.workloads import build_model, load_workload
+
+pytestmark = pytest.mark.e2e
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
+NODE = shutil.which("node")
+NPM = shutil.which("npm")
+
+
+def gradient_like(t: torch.Tensor) -> torch.Tensor:
+    """The client's synthetic gradient: +0.5 at even flat indices, -0.25 at odd ones."""
+    flat = torch.where(torch.arange(t.numel()) % 2 == 0, 0.5, -0.25).to(t.dtype)
+    return flat.reshape(t.shape)
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    if NODE is None or NPM is None:
+        pytest.skip("node and npm must be on PATH to run the Node.js client example")
+    modules = NODE_DIR / "node_modules"
+    if not (modules / "@grpc" / "grpc-js").is_dir() or not (modules / "@grpc" / "proto-loader").is_dir():
+        result = subprocess.run(
+            [NPM, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
+    return modules
+
+
+def test_node_client_pulls_pushes_and_sees_one_adam_step(node_modules, tmp_path):
+    spec = JobSpec(
+        epochs=1, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=0.2, heartbeat_timeout_s=600.0
+    )
+    assert spec.optimizer == "adam" and spec.mode == "async" and not spec.optimizer_kwargs
+    cluster = start_cluster(tmp_path, spec)
+    try:
+        result = subprocess.run(
+            [NODE, str(NODE_DIR / "client.js"), "--coordinator", cluster.coordinator,
+             "--watch-seconds", "0.5", "--timeout", "60"],
+            capture_output=True, text=True, timeout=90,
+        )
+        assert result.returncode == 0, f"node client failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert lines, f"no JSON summary on stdout:\n{result.stdout}\n{result.stderr}"
+        summary = json.loads(lines[-1])
+
+        with grpc.insecure_channel(cluster.servers[0]) as channel:
+            server = ps_grpc.ParameterServerStub(channel).GetServerStatus(
+                ps_pb.GetServerStatusRequest(), timeout=10
+            )
+    finally:
+        stop_cluster(cluster)
+
+    assert summary["ok"] is True and summary["longs"] == "String"
+    assert summary["job_state"] == "JOB_STATE_TRAINING"
+    assert summary["events_received"] > 0 and summary["events_before_register"] > 0
+    assert "EVENT_KIND_MEMBER_REGISTERED" in summary["event_kinds"]
+    assert summary["own_registration_seen"] is True
+    assert summary["status_polls"] >= 1
+    assert summary["deregistered"] is True
+    assert summary["member"]["member_id"] and int(summary["member"]["incarnation"]) == 1
+
+    # int64 fields arrive as decimal strings (longs: String).
+    assert summary["version_before"] == "0"
+    assert summary["version_after"] == "1"
+    assert summary["push"] == {
+        "outcome": "PUSH_OUTCOME_APPLIED", "version": "1", "staleness": "0",
+        "tensors": summary["server"]["tensors"], "bytes": summary["push"]["bytes"],
+        "messages": summary["push"]["messages"],
+    }
+    assert server.version == 1 and server.updates_applied == 1 and server.pushes_rejected == 0
+
+    # The client decoded the bytes as the coordinator's initial parameters, and what it pulled
+    # after its push is exactly one torch Adam step with its gradient.
+    model = build_model(spec.model, load_workload(spec.dataset, spec.seed), spec.seed)
+    params = dict(model.named_parameters())
+    name = summary["tensor"]["name"]
+    initial = params[name].detach().clone()
+    assert summary["tensor"]["shape"] == list(initial.shape)
+    assert summary["tensor"]["dtype"] == "DTYPE_FLOAT32"
+    assert summary["numel"] == initial.numel()
+    assert summary["push"]["tensors"] == len(params)  # the only server holds every tensor
+    assert summary["push"]["bytes"] == sum(p.numel() * 4 for p in params.values())
+    head = initial.reshape(-1)[:4].tolist()
+    assert summary["values_before_head"] == head  # float32 widened exactly in both languages
+
+    p = torch.nn.Parameter(initial.clone())
+    optimizer = torch.optim.Adam([p], lr=spec.lr)
+    p.grad = gradient_like(p)
+    optimizer.step()
+    expected_head = p.detach().reshape(-1)[:4].tolist()
+    assert summary["values_after_head"] == pytest.approx(expected_head, abs=1e-6)
+    assert summary["changed_elements"] == initial.numel()
+    assert summary["max_abs_delta"] == pytest.approx(spec.lr, rel=1e-3)
+    assert summary["adam_first_step_checked"] is True
+    assert summary["adam_first_step_max_error"] <= 1e-5
