@@ -407,8 +407,11 @@ class Job:
             return moved
 
     def tick(self, now: float) -> list[Member]:
-        """Declares silent members dead and requeues their work; returns the dead."""
+        """Declares silent members dead and requeues their work; returns the dead. Once the job
+        is over members leave by themselves: nobody is declared dead any more."""
         with self._lock:
+            if self._state.terminal:
+                return []
             dead = self._members.expire(now)
             for member in dead:
                 self._dead_count += 1

@@ -425,7 +425,7 @@ def test_a_parameter_server_dying_before_the_layout_is_replaced(job, clock):
     assert layout.servers == (ps1.member_id, ps2.member_id)
 
 
-def test_a_parameter_server_dying_after_success_leaves_the_job_succeeded(job, clock):
+def test_members_leaving_after_success_are_not_declared_dead(job, clock):
     start_training(job, clock)
     w = worker(job, clock)
     for _ in range(6):
@@ -433,8 +433,9 @@ def test_a_parameter_server_dying_after_success_leaves_the_job_succeeded(job, cl
     job.lease(w.member_id, 1, clock.now())
     job.report_evaluation(w.member_id, 1, RESULT, clock.now())
     clock.advance(SPEC.heartbeat_timeout_s + 1)
-    assert len(job.tick(clock.now())) == 3
-    assert job.state is JobState.SUCCEEDED and job.status(clock.now()).failure == ""
+    assert job.tick(clock.now()) == []
+    status = job.status(clock.now())
+    assert job.state is JobState.SUCCEEDED and status.failure == "" and status.members_declared_dead == 0
 
 
 # --- status, heartbeats, duplicates ------------------------------------------------------------
