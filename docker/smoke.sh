@@ -28,6 +28,13 @@ export LEPTON_EPOCHS="${LEPTON_EPOCHS:-3}"
 export LEPTON_SHARDS="${LEPTON_SHARDS:-12}"
 PROJECT="lepton-smoke-$(date +%s)-$$"
 COMPOSE=(docker-compose -f docker/docker-compose.yml -f docker/docker-compose.host.yml -p "$PROJECT")
+SECURE="${SECURE:-0}"   # 1: mutual TLS and role tokens on every service (docker-compose.secure.yml)
+STATUS_FLAGS=()
+if [ "$SECURE" = "1" ]; then
+  COMPOSE+=(-f docker/docker-compose.secure.yml)
+  STATUS_FLAGS=(--tls-ca /etc/lepton/ca.pem --tls-cert /etc/lepton/node.pem --tls-key /etc/lepton/node-key.pem
+                --token-file /etc/lepton/reader.token)
+fi
 STARTED=$(date +%s)
 BUILD_SECONDS="skipped"
 UP=0   # 1 once `up` was attempted: teardown has something to do
@@ -96,6 +103,7 @@ teardown() {
       log "nothing of project $PROJECT is left (containers, volumes, networks)"
     fi
   fi
+  [ -n "${LEPTON_SECRETS_DIR:-}" ] && rm -rf "$LEPTON_SECRETS_DIR"
   log "$([ "$rc" -eq 0 ] && echo PASSED || echo FAILED) in $(( $(date +%s) - STARTED )) s"
   exit "$rc"
 }
@@ -113,6 +121,19 @@ fi
 docker image inspect "$LEPTON_IMAGE" >/dev/null 2>&1 || die "image $LEPTON_IMAGE does not exist"
 IMAGE_MB=$(( $(docker image inspect -f '{{.Size}}' "$LEPTON_IMAGE") / 1000000 ))
 log "image $LEPTON_IMAGE: ${IMAGE_MB} MB, build ${BUILD_SECONDS} s"
+
+# -------------------------------------------------------------------------------------- secrets
+if [ "$SECURE" = "1" ]; then
+  export LEPTON_SECRETS_DIR
+  LEPTON_SECRETS_DIR=$(mktemp -d /tmp/lepton-smoke-secrets.XXXXXX)
+  chmod 0755 "$LEPTON_SECRETS_DIR"  # the containers' user must be able to enter it
+  # Made by the image itself (lepton certs); world-readable because the containers run as another uid.
+  timeout 120 docker run --rm --user 0 --network none --entrypoint sh -v "$LEPTON_SECRETS_DIR:/out" "$LEPTON_IMAGE" \
+    -c 'lepton certs --out /out --hosts localhost,127.0.0.1,coordinator,ps-0,ps-1 >/dev/null && chmod 0644 /out/*' \
+    || die "lepton certs failed"
+  log "secure: mutual TLS and role tokens from $LEPTON_SECRETS_DIR"
+  # Without a token the coordinator must refuse (checked once the cluster is up).
+fi
 
 # ------------------------------------------------------------------------------------------- up
 log "project $PROJECT: coordinator $COORD, servers 127.0.0.1:$LEPTON_PS0_PORT and :$LEPTON_PS1_PORT, $WORKERS workers, $LEPTON_EPOCHS epochs"
@@ -135,7 +156,7 @@ container_state() {  # "<status> <health or -> <exit code> <restart count>"
   docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.State.ExitCode}} {{.RestartCount}}' "$1"
 }
 status_json() {
-  timeout 60 "${COMPOSE[@]}" exec -T coordinator lepton status --coordinator "$COORD" --json 2>/dev/null
+  timeout 60 "${COMPOSE[@]}" exec -T coordinator lepton status --coordinator "$COORD" --json "${STATUS_FLAGS[@]}" 2>/dev/null
 }
 field() {  # field NAME < status json: state, completions, expected, workers, ps, epoch
   python3 -c '
@@ -155,18 +176,31 @@ print({
 }
 
 COORD_ID=$(cid coordinator); PS_IDS="$(cid ps-0) $(cid ps-1)"; WORKER_IDS=$(cid worker)
-[ -n "$COORD_ID" ] && [ "$(echo $PS_IDS | wc -w)" -eq 2 ] || die "coordinator or parameter server containers missing"
-[ "$(echo $WORKER_IDS | wc -w)" -eq "$WORKERS" ] || die "expected $WORKERS worker containers, found $(echo $WORKER_IDS | wc -w)"
-
-# ------------------------------------------------------------------------------------- the run
 declare -A SEEN_HEALTHY=()
-MAX_WORKERS=0; MAX_PS=0; STATE=""; STATUS=""
-deadline=$(( $(date +%s) + SMOKE_TIMEOUT ))
-while :; do
+sample_health() {
   for id in $COORD_ID $PS_IDS; do
     read -r st health _ _ < <(container_state "$id")
     [ "$health" = healthy ] && SEEN_HEALTHY[$id]=1
   done
+  return 0
+}
+sample_health  # right after `up`: the workers started only once the servers were healthy
+if [ "$SECURE" = "1" ]; then
+  denied=$(timeout 60 "${COMPOSE[@]}" exec -T coordinator lepton status --coordinator "$COORD" --json \
+    --tls-ca /etc/lepton/ca.pem --tls-cert /etc/lepton/node.pem --tls-key /etc/lepton/node-key.pem 2>&1 || true)
+  grep -q "Unauthenticated\|UNAUTHENTICATED\|invalid bearer token" <<<"$denied" || die "a call without a token was not refused: $denied"
+  plain=$(timeout 60 "${COMPOSE[@]}" exec -T coordinator lepton status --coordinator "$COORD" --json 2>&1 || true)
+  grep -q "cannot reach" <<<"$plain" || die "a plaintext client was not refused: $plain"
+  log "secure: no-token call refused (UNAUTHENTICATED), plaintext client refused"
+fi
+[ -n "$COORD_ID" ] && [ "$(echo $PS_IDS | wc -w)" -eq 2 ] || die "coordinator or parameter server containers missing"
+[ "$(echo $WORKER_IDS | wc -w)" -eq "$WORKERS" ] || die "expected $WORKERS worker containers, found $(echo $WORKER_IDS | wc -w)"
+
+# ------------------------------------------------------------------------------------- the run
+MAX_WORKERS=0; MAX_PS=0; STATE=""; STATUS=""
+deadline=$(( $(date +%s) + SMOKE_TIMEOUT ))
+while :; do
+  sample_health
   if STATUS=$(status_json) && [ -n "$STATUS" ]; then
     STATE=$(field state <<<"$STATUS")
     w=$(field workers <<<"$STATUS"); p=$(field ps <<<"$STATUS")

@@ -36,12 +36,14 @@ def _docker_unavailable() -> str | None:
     return None
 
 
-def test_compose_cluster_trains_a_job_to_success_and_leaves_nothing_behind():
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "mutual-tls-and-tokens"])
+def test_compose_cluster_trains_a_job_to_success_and_leaves_nothing_behind(secure):
     reason = _docker_unavailable()
     if reason:
         pytest.skip(reason)
     proc = subprocess.Popen(
         ["bash", str(SMOKE)],
+        env={**os.environ, "SECURE": "1" if secure else "0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -60,3 +62,5 @@ def test_compose_cluster_trains_a_job_to_success_and_leaves_nothing_behind():
     assert proc.returncode == 0, f"docker/smoke.sh exited {proc.returncode}:\n{output[-8000:]}"
     assert "job succeeded" in output and "PASSED" in output, output[-4000:]
     assert "is left (containers, volumes, networks)" in output, output[-4000:]
+    if secure:
+        assert "no-token call refused (UNAUTHENTICATED), plaintext client refused" in output, output[-4000:]
