@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from lepton.config import MODES, JobSpec, job_from_mapping, load_job_file
+from lepton.config import LR_SCHEDULES, MODES, JobSpec, job_from_mapping, load_job_file
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
 from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, stop_event_on_signals
@@ -30,7 +30,11 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--heartbeat-interval": ("heartbeat_interval_s", float, "seconds between heartbeats"),
     "--heartbeat-timeout": ("heartbeat_timeout_s", float, "seconds of silence before a member is declared dead"),
     "--checkpoint-every": ("checkpoint_every_steps", int, "parameter servers checkpoint every N updates (0: never)"),
+    "--staleness": ("staleness", int, "ssp: pushes a worker may run ahead of the slowest (0: lockstep)"),
+    "--lr-schedule": ("lr_schedule", str, f"learning-rate schedule, in server updates: {', '.join(LR_SCHEDULES)}"),
 }
+# JSON-object flags: flag -> JobSpec field.
+_JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}
 
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -44,6 +48,13 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help='extra optimizer arguments as a JSON object, e.g. \'{"momentum": 0.9}\'',
     )
+    g.add_argument(
+        "--lr-schedule-kwargs",
+        metavar="JSON",
+        default=None,
+        help='schedule arguments as a JSON object, counts in updates: step {"step_size": 100, "gamma": 0.5}, '
+        'cosine {"t_max": 1000, "eta_min": 0.0}',
+    )
 
 
 def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
@@ -53,11 +64,13 @@ def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             values[name] = value
-    if args.optimizer_kwargs:
-        try:
-            values["optimizer_kwargs"] = json.loads(args.optimizer_kwargs)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--optimizer-kwargs is not JSON: {exc}") from exc
+    for flag, name in _JSON_FLAGS.items():
+        text = getattr(args, flag[2:].replace("-", "_"))
+        if text:
+            try:
+                values[name] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{flag} is not JSON: {exc}") from exc
     values.update(overrides)
     return job_from_mapping(values, base)
 

@@ -14,7 +14,43 @@ from typing import Any
 
 from lepton.errors import ConfigError
 
-MODES = ("async", "sync")
+MODES = ("async", "sync", "ssp")
+# Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
+# the keyword arguments each takes: {name: (required, optional)}.
+LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "constant": ((), ()),
+    "step": (("step_size",), ("gamma",)),  # lr x gamma every step_size updates (gamma: 0.1)
+    "cosine": (("t_max",), ("eta_min",)),  # cosine from lr to eta_min over t_max updates (eta_min: 0)
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lr_schedule_problems(schedule: str, kwargs: Any) -> list[str]:
+    if schedule not in LR_SCHEDULES:
+        return [f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {schedule!r}"]
+    if not isinstance(kwargs, Mapping):
+        return ["lr_schedule_kwargs must be a table"]
+    required, optional = LR_SCHEDULES[schedule]
+    problems = []
+    missing = [k for k in required if k not in kwargs]
+    unknown = sorted(set(kwargs) - set(required) - set(optional))
+    if missing:
+        problems.append(f"lr_schedule {schedule!r} needs lr_schedule_kwargs {missing}")
+    if unknown:
+        problems.append(f"lr_schedule {schedule!r} takes no lr_schedule_kwargs {unknown}")
+    for name in ("step_size", "t_max"):
+        value = kwargs.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"lr_schedule_kwargs.{name} must be an integer >= 1 (updates), got {value!r}")
+    gamma, eta_min = kwargs.get("gamma", 0.1), kwargs.get("eta_min", 0.0)
+    if not _is_number(gamma) or not gamma > 0:
+        problems.append(f"lr_schedule_kwargs.gamma must be a number > 0, got {gamma!r}")
+    if not _is_number(eta_min) or not eta_min >= 0:
+        problems.append(f"lr_schedule_kwargs.eta_min must be a number >= 0, got {eta_min!r}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -39,10 +75,16 @@ class JobSpec:
     parameter_servers: int = 2
     seed: int = 0
     checkpoint_every_steps: int = 25
+    # The parameter servers' learning-rate schedule, stepped once per applied update (version).
+    lr_schedule: str = "constant"
+    lr_schedule_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # ssp: how many pushes a worker may be ahead of the slowest one (0: lockstep).
+    staleness: int = 0
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps"):
+        counts = ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps")
+        for name in (*counts, "staleness"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
@@ -73,10 +115,13 @@ class JobSpec:
             )
         if self.checkpoint_every_steps < 0:
             problems.append(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        if self.staleness < 0:
+            problems.append(f"staleness must be >= 0, got {self.staleness}")
         if self.parameter_servers < 1:
             problems.append(f"parameter_servers must be >= 1, got {self.parameter_servers}")
         if not isinstance(self.optimizer_kwargs, Mapping):
             problems.append("optimizer_kwargs must be a table")
+        problems += _lr_schedule_problems(self.lr_schedule, self.lr_schedule_kwargs)
         if problems:
             raise ConfigError("invalid job: " + "; ".join(problems))
 

@@ -71,6 +71,8 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--lr", repr(spec.lr),
         "--optimizer", spec.optimizer,
         "--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs)),
+        "--lr-schedule", spec.lr_schedule, "--lr-schedule-kwargs", json.dumps(dict(spec.lr_schedule_kwargs)),
+        "--staleness", str(spec.staleness),
         "--mode", spec.mode,
         "--shards", str(spec.shards_per_epoch),
         "--seed", str(spec.seed),

@@ -1,4 +1,5 @@
-"""Server-side optimizers: any ``torch.optim`` class by name, with keyword arguments."""
+"""Server-side optimizers: any ``torch.optim`` class by name, with keyword arguments, and the
+learning-rate schedules a job may name."""
 
 from __future__ import annotations
 
@@ -34,3 +35,24 @@ def build_optimizer(
         return cls(list(params), lr=lr, **args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer {name} rejects {dict(kwargs)}: {exc}") from exc
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, kwargs: Mapping[str, Any]
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The torch scheduler for a JobSpec ``lr_schedule`` (None for "constant"), to be stepped once
+    per optimizer step, so its epoch is the number of updates applied. Raises ConfigError."""
+    if schedule == "constant":
+        return None
+    try:
+        if schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=int(kwargs["step_size"]), gamma=float(kwargs.get("gamma", 0.1))
+            )
+        if schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=int(kwargs["t_max"]), eta_min=float(kwargs.get("eta_min", 0.0))
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"lr_schedule {schedule} rejects {dict(kwargs)}: {exc!r}") from exc
+    raise ConfigError(f"no learning-rate schedule {schedule!r} (constant, step, cosine)")

@@ -9,13 +9,19 @@ from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
 from lepton.v1 import common_pb2 as pb
 
-MODE_TO_WIRE = {"async": pb.CONSISTENCY_MODE_ASYNC, "sync": pb.CONSISTENCY_MODE_SYNC}
+MODE_TO_WIRE = {
+    "async": pb.CONSISTENCY_MODE_ASYNC,
+    "sync": pb.CONSISTENCY_MODE_SYNC,
+    "ssp": pb.CONSISTENCY_MODE_SSP,
+}
 MODE_FROM_WIRE = {v: k for k, v in MODE_TO_WIRE.items()}
 
 
 def job_to_proto(spec: JobSpec) -> pb.JobSpec:
     kwargs = struct_pb2.Struct()
     kwargs.update(dict(spec.optimizer_kwargs))
+    schedule_kwargs = struct_pb2.Struct()
+    schedule_kwargs.update(dict(spec.lr_schedule_kwargs))
     return pb.JobSpec(
         dataset=spec.dataset,
         model=spec.model,
@@ -29,13 +35,20 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         parameter_servers=spec.parameter_servers,
         seed=spec.seed,
         checkpoint_every_steps=spec.checkpoint_every_steps,
+        lr_schedule=spec.lr_schedule,
+        lr_schedule_kwargs=schedule_kwargs,
+        staleness=spec.staleness,
     )
 
 
-def optimizer_kwargs(msg: pb.OptimizerSpec) -> dict:
-    kwargs = json_format.MessageToDict(msg.kwargs)
+def _struct_kwargs(struct: struct_pb2.Struct) -> dict:
+    kwargs = json_format.MessageToDict(struct)
     # Struct numbers are doubles; integral values are what torch expects for ints.
     return {k: int(v) if isinstance(v, float) and v.is_integer() and k != "lr" else v for k, v in kwargs.items()}
+
+
+def optimizer_kwargs(msg: pb.OptimizerSpec) -> dict:
+    return _struct_kwargs(msg.kwargs)
 
 
 def job_from_proto(msg: pb.JobSpec) -> JobSpec:
@@ -56,6 +69,9 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         parameter_servers=msg.parameter_servers,
         seed=msg.seed,
         checkpoint_every_steps=msg.checkpoint_every_steps,
+        lr_schedule=msg.lr_schedule or "constant",
+        lr_schedule_kwargs=_struct_kwargs(msg.lr_schedule_kwargs),
+        staleness=msg.staleness,
     )
 
 

@@ -9,7 +9,17 @@ Participants are the workers that pushed recently: a worker joins by pushing, le
 ``step_timeout_s`` has passed since its first push, without the missing workers, who stop being
 participants: nothing ever waits longer than the timeout for a slow, dead or idle worker.
 
-All decisions take ``now``; waiting for a step to close is the only blocking call.
+``ssp`` (stale synchronous parallel, bound ``staleness`` = s): applied on arrival like async, and
+each worker's clock is the number of its pushes this server applied. A push that takes its
+worker's clock beyond min(clocks of the participants) + s is applied, but its caller waits until
+the slowest catches up, so what it pulls next holds every participant's updates up to its own clock
+minus s; with s = 0 workers move in lockstep. Participants join by pushing (at the clock of the
+slowest, so a newcomer neither holds anybody back nor is held back), leave by ``leave`` or
+``retain_live``, and a participant holding others back that has not pushed for ``step_timeout_s``
+is dropped by ``tick``.
+
+All decisions take ``now``; waiting for a step to close (sync) or for the slowest worker (ssp) are
+the only blocking calls.
 """
 
 from __future__ import annotations
@@ -38,7 +48,18 @@ class PushResult:
     staleness: int = 0
 
 
+@dataclass(frozen=True)
+class ClockWait:
+    """An ssp push that was applied: its caller may return ``result`` once ``member_id``'s clock
+    ``clock`` is within the staleness bound of the slowest participant (``wait_for_clock``)."""
+
+    member_id: str
+    clock: int
+    result: PushResult
+
+
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+MODES = ("async", "sync", "ssp")
 
 
 @dataclass
@@ -47,7 +68,8 @@ class GateCounters:
     pushes_deduplicated: int = 0  # retries answered from memory, not applied again
     pushes_stale: int = 0
     updates_applied: int = 0
-    steps_timed_out: int = 0
+    steps_timed_out: int = 0  # sync steps closed, or ssp laggards dropped, by the timeout
+    clock_gap_max: int = 0  # ssp: largest fastest-minus-slowest clock seen (staleness + 1 if callers wait)
     staleness_max: int = 0
     staleness_sum: int = 0
     staleness_count: int = 0
@@ -76,9 +98,12 @@ class ConsistencyGate:
         mode: str,
         step_timeout_s: float,
         after_apply: Callable[[ParameterStore], None] | None = None,
+        staleness: int = 0,
     ) -> None:
-        if mode not in ("async", "sync"):
+        if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {staleness}")
         self.store = store
         self._after_apply = after_apply  # e.g. a periodic checkpoint; runs under the gate's lock
         self.mode = mode
@@ -90,8 +115,11 @@ class ConsistencyGate:
         self._accum: dict[str, torch.Tensor] = {}
         self._accum_samples = 0
         self._step_opened_at: float | None = None
+        self.staleness = staleness
+        self._clocks: dict[str, int] = {}  # ssp participants: pushes applied
+        self._last_push_at: dict[str, float] = {}  # ssp participants: when they last pushed
         # Answers to recent pushes by (member, request id), oldest first: retries get them again.
-        self._answered: OrderedDict[tuple[str, str], PushResult] = OrderedDict()
+        self._answered: OrderedDict[tuple[str, str], PushResult | ClockWait] = OrderedDict()
         self.dedup_window = 4096
 
     @property
@@ -102,7 +130,13 @@ class ConsistencyGate:
     @property
     def participants(self) -> set[str]:
         with self._cond:
-            return set(self._participants)
+            return set(self._clocks) if self.mode == "ssp" else set(self._participants)
+
+    @property
+    def clocks(self) -> dict[str, int]:
+        """ssp: each participant's clock (pushes applied)."""
+        with self._cond:
+            return dict(self._clocks)
 
     def push(
         self,
@@ -112,11 +146,12 @@ class ConsistencyGate:
         samples: int,
         now: float,
         request_id: str = "",
-    ) -> PushResult | int:
+    ) -> PushResult | ClockWait | int:
         """Offers a checked gradient. Returns a PushResult when the outcome is known now (async,
-        stale, or a retry of a push already answered), or the version to wait for (sync) — pass
-        it to ``wait_for_version``. A push repeating an earlier ``request_id`` of the same member
-        is applied at most once and gets the original answer."""
+        stale, or a retry of a push already answered), a ClockWait (ssp: applied; pass it to
+        ``wait_for_clock``) or the version to wait for (sync: pass it to ``wait_for_version``). A
+        push repeating an earlier ``request_id`` of the same member is applied at most once and
+        gets the original answer."""
         with self._cond:
             key = (member_id, request_id)
             if request_id and key in self._answered:
@@ -127,6 +162,8 @@ class ConsistencyGate:
             if base_version > version or (self.mode == "sync" and base_version < version):
                 self.counters.pushes_stale += 1
                 return PushResult(PushOutcome.STALE, version)
+            if self.mode == "ssp":
+                return self._push_ssp(key, member_id, version - base_version, grads, now)
             if self.mode == "async":
                 self._apply(grads)
                 staleness = version - base_version
@@ -148,6 +185,47 @@ class ConsistencyGate:
             self._maybe_close()
             return version + 1
 
+    def _push_ssp(
+        self,
+        key: tuple[str, str],
+        member_id: str,
+        staleness: int,
+        grads: Mapping[str, torch.Tensor],
+        now: float,
+    ) -> ClockWait:
+        if member_id not in self._clocks:
+            self._clocks[member_id] = min(self._clocks.values(), default=0)
+        self._apply(grads)
+        self.counters.observe_staleness(staleness)
+        self._clocks[member_id] += 1
+        self._last_push_at[member_id] = now
+        gap = max(self._clocks.values()) - min(self._clocks.values())
+        self.counters.clock_gap_max = max(self.counters.clock_gap_max, gap)
+        self._cond.notify_all()
+        result = PushResult(PushOutcome.APPLIED, self.store.version, staleness)
+        wait = ClockWait(member_id, self._clocks[member_id], result)
+        self._remember(key, wait)
+        return wait
+
+    def may_proceed(self, wait: ClockWait) -> bool:
+        """ssp: whether the caller of this push is within the bound (or no longer a participant,
+        so nobody's clock binds it)."""
+        with self._cond:
+            if wait.member_id not in self._clocks:
+                return True
+            return wait.clock <= min(self._clocks.values()) + self.staleness
+
+    def wait_for_clock(self, wait: ClockWait, timeout_s: float) -> PushResult:
+        """Blocks until ``may_proceed(wait)``; raises DeadlineExceeded after timeout_s (the push
+        stays applied: retry it with the same request id to wait again)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.may_proceed(wait), timeout=timeout_s):
+                raise DeadlineExceeded(
+                    f"{wait.member_id} at clock {wait.clock} is more than {self.staleness} ahead of the "
+                    f"slowest worker after {timeout_s:.1f}s; retry the push with the same request id"
+                )
+            return wait.result
+
     def wait_for_version(
         self, version: int, timeout_s: float, member_id: str = "", request_id: str = ""
     ) -> PushResult:
@@ -157,9 +235,11 @@ class ConsistencyGate:
                 raise DeadlineExceeded(
                     f"sync step {version - 1} did not close within {timeout_s:.1f}s; retry the push"
                 )
-            return self._remember((member_id, request_id), PushResult(PushOutcome.APPLIED, version))
+            result = PushResult(PushOutcome.APPLIED, version)
+            self._remember((member_id, request_id), result)
+            return result
 
-    def _remember(self, key: tuple[str, str], result: PushResult) -> PushResult:
+    def _remember(self, key: tuple[str, str], result: PushResult | ClockWait) -> PushResult | ClockWait:
         if key[1]:
             self._answered[key] = result
             while len(self._answered) > self.dedup_window:
@@ -170,18 +250,25 @@ class ConsistencyGate:
         """The worker has no shard: steps stop waiting for it until it pushes again."""
         with self._cond:
             self._participants.discard(member_id)
+            self._drop_clocks({member_id})
             self._maybe_close()
 
     def retain_live(self, live: set[str]) -> None:
         """Drops participants the coordinator no longer lists as alive."""
         with self._cond:
             self._participants &= live
+            self._drop_clocks(set(self._clocks) - live)
             self._maybe_close()
 
     def tick(self, now: float) -> bool:
         """Closes a step that has waited ``step_timeout_s`` for missing workers; returns whether it
-        did. The missing workers stop being participants (they rejoin by pushing)."""
+        did. The missing workers stop being participants (they rejoin by pushing).
+
+        ssp: drops the participants that hold another more than ``staleness`` behind and have not
+        pushed for ``step_timeout_s``; returns whether it dropped any."""
         with self._cond:
+            if self.mode == "ssp":
+                return self._tick_ssp(now)
             opened = self._step_opened_at
             if opened is None or now - opened < self.step_timeout_s:
                 return False
@@ -189,6 +276,28 @@ class ConsistencyGate:
             self.counters.steps_timed_out += 1
             self._close()
             return True
+
+    def _tick_ssp(self, now: float) -> bool:
+        if not self._clocks:
+            return False
+        fastest = max(self._clocks.values())
+        laggards = {
+            member
+            for member, clock in self._clocks.items()
+            if clock + self.staleness < fastest and now - self._last_push_at[member] >= self.step_timeout_s
+        }
+        if not laggards:
+            return False
+        self.counters.steps_timed_out += 1
+        self._drop_clocks(laggards)
+        return True
+
+    def _drop_clocks(self, members: set[str]) -> None:
+        for member in members & set(self._clocks):
+            del self._clocks[member]
+            del self._last_push_at[member]
+        if members:
+            self._cond.notify_all()
 
     def _apply(self, grads: Mapping[str, torch.Tensor]) -> None:
         self.store.apply(grads)

@@ -14,7 +14,7 @@ import torch
 from lepton.tensors import TensorSpec
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
 from ps_server.checkpoint import CheckpointDirectory
-from ps_server.gate import ConsistencyGate, PushResult
+from ps_server.gate import ClockWait, ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.store import ParameterStore
 
@@ -31,6 +31,7 @@ class NodeStatus:
     pushes_stale: int
     pushes_rejected: int
     steps_timed_out: int
+    max_clock_gap: int
     max_staleness: int
     mean_staleness: float
     bytes_pulled: int
@@ -77,10 +78,13 @@ class ParameterServerNode:
         step_timeout_s: float,
         checkpoints: CheckpointDirectory | None = None,
         checkpoint_every_steps: int = 0,
+        lr_schedule: str = "constant",
+        lr_schedule_kwargs: Mapping[str, Any] | None = None,
+        staleness: int = 0,
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
         when there is one; returns the version it serves from (0 for a fresh start)."""
-        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs)
+        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs)
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:
             store.load_state_dict(restored[1])
@@ -90,7 +94,7 @@ class ParameterServerNode:
             else None
         )
         with self._lock:
-            self._gate = ConsistencyGate(store, mode, step_timeout_s, after_apply)
+            self._gate = ConsistencyGate(store, mode, step_timeout_s, after_apply, staleness)
         return store.version
 
     def _checkpointer(self, checkpoints: CheckpointDirectory, every_steps: int) -> Callable[[ParameterStore], None]:
@@ -187,6 +191,8 @@ class ParameterServerNode:
         outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic(), request_id)
         if isinstance(outcome, PushResult):
             return outcome
+        if isinstance(outcome, ClockWait):
+            return gate.wait_for_clock(outcome, timeout_s)
         return gate.wait_for_version(outcome, timeout_s, member_id, request_id)
 
     def push_pull(
@@ -229,6 +235,7 @@ class ParameterServerNode:
             pushes_stale=c.pushes_stale if c else 0,
             pushes_rejected=self.pushes_rejected,
             steps_timed_out=c.steps_timed_out if c else 0,
+            max_clock_gap=c.clock_gap_max if c else 0,
             max_staleness=c.staleness_max if c else 0,
             mean_staleness=c.staleness_mean if c else 0.0,
             bytes_pulled=self.bytes_pulled,

@@ -1,4 +1,6 @@
-"""The parameter store: this server's tensors and the torch.optim optimizer that updates them."""
+"""The parameter store: this server's tensors, the torch.optim optimizer that updates them and the
+learning-rate schedule, which advances once per applied update: the lr of the update that makes
+version ``v + 1`` is the schedule's value at ``v``."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import torch
 
 from lepton.tensors import TensorSpec
 from lepton.errors import InvalidArgument, NotFound
-from lepton.optimizers import build_optimizer
+from lepton.optimizers import build_lr_scheduler, build_optimizer
 
 
 class ParameterStore:
-    """Owns named parameters and their optimizer. Not thread-safe: the gate serialises access.
+    """Owns named parameters, their optimizer and its learning-rate schedule. Not thread-safe: the
+    gate serialises access.
 
-    Raises InvalidArgument (bad gradient) and NotFound (unknown tensor name).
+    Raises ConfigError (unknown optimizer or schedule, bad arguments), InvalidArgument (bad
+    gradient or checkpoint) and NotFound (unknown tensor name).
     """
 
     def __init__(
@@ -24,6 +28,8 @@ class ParameterStore:
         optimizer: str,
         lr: float,
         optimizer_kwargs: Mapping[str, Any],
+        lr_schedule: str = "constant",
+        lr_schedule_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self._params = {
             name: torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
@@ -32,7 +38,14 @@ class ParameterStore:
         self.specs = {n: TensorSpec(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()}
         trainable = [p for p in self._params.values() if p.requires_grad]
         self._optimizer = build_optimizer(trainable, optimizer, lr, optimizer_kwargs)
+        self._lr_schedule = lr_schedule
+        self._scheduler = build_lr_scheduler(self._optimizer, lr_schedule, lr_schedule_kwargs or {})
         self.version = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update will use."""
+        return float(self._optimizer.param_groups[0]["lr"])
 
     @property
     def names(self) -> list[str]:
@@ -64,22 +77,34 @@ class ParameterStore:
             if p.requires_grad:
                 p.grad = grads[name]
         self._optimizer.step()
+        if self._scheduler is not None:
+            self._scheduler.step()
         for p in self._params.values():
             p.grad = None
         self.version += 1
         return self.version
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of everything a restart needs: version, tensors and optimizer state."""
-        return {
+        """Copies of everything a restart needs: version, tensors, optimizer and schedule state."""
+        state = {
             "version": self.version,
             "params": {n: p.detach().clone() for n, p in self._params.items()},
             "optimizer": self._optimizer.state_dict(),
         }
+        if self._scheduler is not None:
+            state["lr_schedule"] = self._lr_schedule
+            state["lr_scheduler"] = self._scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a checkpoint of the same tensors. Raises InvalidArgument if they differ."""
+        """Restores a checkpoint of the same tensors and schedule. Raises InvalidArgument if they
+        differ."""
         params = state["params"]
+        schedule = state.get("lr_schedule", "constant")  # checkpoints before schedules: constant
+        if schedule != self._lr_schedule:
+            raise InvalidArgument(
+                f"checkpoint was written under lr_schedule {schedule!r}, this job has {self._lr_schedule!r}"
+            )
         if set(params) != set(self._params):
             raise InvalidArgument(
                 f"checkpoint holds tensors {sorted(params)[:8]}, this server holds {sorted(self._params)[:8]}"
@@ -90,7 +115,9 @@ class ParameterStore:
                 if value.dtype != spec.dtype or tuple(value.shape) != spec.shape:
                     raise InvalidArgument(f"checkpoint tensor {name!r} does not match {spec}")
                 self._params[name].copy_(value)
-        self._optimizer.load_state_dict(state["optimizer"])
+        self._optimizer.load_state_dict(state["optimizer"])  # holds the current lr
+        if self._scheduler is not None:
+            self._scheduler.load_state_dict(state["lr_scheduler"])
         self.version = int(state["version"])
 
     def snapshot(self, names: Iterable[str] | None = None) -> list[tuple[str, torch.Tensor]]:

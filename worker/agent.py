@@ -175,7 +175,7 @@ class WorkerAgent:
             self._trainer.set_parameters(tensors)
             self._versions[server_id] = version
             all_applied &= reply.applied
-        self._participating = self._spec.mode == "sync"
+        self._participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
         return all_applied
 
     def _leave_steps(self) -> None:

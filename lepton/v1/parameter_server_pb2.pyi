@@ -80,7 +80,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("member_id", "version", "updates_applied", "pushes_received", "pushes_stale", "pushes_rejected", "steps_timed_out", "max_staleness", "mean_staleness", "bytes_pulled", "bytes_pushed", "mode")
+    __slots__ = ("member_id", "version", "updates_applied", "pushes_received", "pushes_stale", "pushes_rejected", "steps_timed_out", "max_staleness", "mean_staleness", "bytes_pulled", "bytes_pushed", "mode", "max_clock_gap")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class GetServerStatusResponse(_message.Message):
     BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
     BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLOCK_GAP_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     version: int
     updates_applied: int
@@ -105,4 +106,5 @@ class GetServerStatusResponse(_message.Message):
     bytes_pulled: int
     bytes_pushed: int
     mode: _common_pb2.ConsistencyMode
-    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ...) -> None: ...
+    max_clock_gap: int
+    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., max_clock_gap: _Optional[int] = ...) -> None: ...

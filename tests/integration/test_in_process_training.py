@@ -14,10 +14,10 @@ from worker.agent import WorkerAgent
 from .conftest import start_cluster, stop_cluster
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["async", "sync", "ssp"])
 def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
     spec = JobSpec(
-        mode=mode, epochs=3, shards_per_epoch=6, parameter_servers=2,
+        mode=mode, staleness=1 if mode == "ssp" else 0, epochs=3, shards_per_epoch=6, parameter_servers=2,
         heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0,
     )
     cluster = start_cluster(tmp_path, spec)
@@ -54,6 +54,7 @@ def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
     assert sum(a.shards_completed for a in agents) == 18
     for s in server_status:
         assert s.pushes_rejected == 0
+        assert s.max_clock_gap <= spec.staleness + 1
 
 
 def test_a_users_own_dataset_and_model_train_by_factory_string(tmp_path):
@@ -63,6 +64,8 @@ def test_a_users_own_dataset_and_model_train_by_factory_string(tmp_path):
         optimizer="sgd",
         lr=0.1,
         optimizer_kwargs={"momentum": 0.9, "nesterov": True},
+        lr_schedule="cosine",  # the servers build it from the spec they register with
+        lr_schedule_kwargs={"t_max": 10_000},  # far beyond this job's updates: lr stays near 0.1
         epochs=2,
         shards_per_epoch=4,
         parameter_servers=1,
@@ -82,6 +85,7 @@ def test_a_users_own_dataset_and_model_train_by_factory_string(tmp_path):
     assert status.state == cpb.JOB_STATE_SUCCEEDED
     assert status.job.optimizer.name == "sgd"
     assert dict(status.job.optimizer.kwargs) == {"momentum": 0.9, "nesterov": True}
+    assert status.job.lr_schedule == "cosine" and dict(status.job.lr_schedule_kwargs) == {"t_max": 10_000}
     assert status.shard_completions == 8
     assert status.evaluation.samples == 100
     assert status.evaluation.accuracy > 0.95

@@ -241,3 +241,15 @@ def test_unexpected_exception_is_internal_and_the_servicer_keeps_working(ps, mon
     assert error.code is grpc.StatusCode.INTERNAL
     monkeypatch.undo()
     assert unary(servicer, "GetServerStatus", ppb.GetServerStatusRequest()).member_id == "ps-0"
+
+
+def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
+    node = ParameterServerNode("ps-0")
+    node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "ssp", step_timeout_s=5.0, staleness=1)
+    node.update_roster([WorkerEntry("worker-0", 1, True), WorkerEntry("worker-1", 1, True)])
+    servicer = ParameterServerServicer(node)
+    for member, base in ((("worker-0", 1), 0), (("worker-1", 1), 1)):  # worker-1 one ahead: within 1
+        reply = unary(servicer, "Push", push(member, {"w": torch.ones(2, 3)}, base_version=base))
+        assert reply.outcome == ppb.PUSH_OUTCOME_APPLIED and reply.version == base + 1
+    status = unary(servicer, "GetServerStatus", ppb.GetServerStatusRequest())
+    assert status.mode == common.CONSISTENCY_MODE_SSP and status.max_clock_gap == 1

@@ -25,6 +25,25 @@ def test_optimizer_kwargs_flag_must_be_json():
         job_from_args(args)
 
 
+def test_schedule_flags_set_the_learning_rate_schedule_and_its_json_arguments():
+    args = build_parser().parse_args(
+        ["coordinator", "--lr-schedule", "cosine", "--lr-schedule-kwargs", '{"t_max": 200, "eta_min": 0.001}']
+    )
+    spec = job_from_args(args)
+    assert spec.lr_schedule == "cosine" and dict(spec.lr_schedule_kwargs) == {"t_max": 200, "eta_min": 0.001}
+
+
+def test_mode_and_staleness_flags_make_an_ssp_job():
+    spec = job_from_args(build_parser().parse_args(["coordinator", "--mode", "ssp", "--staleness", "2"]))
+    assert (spec.mode, spec.staleness) == ("ssp", 2)
+
+
+def test_lr_schedule_kwargs_flag_must_be_json():
+    args = build_parser().parse_args(["coordinator", "--lr-schedule", "step", "--lr-schedule-kwargs", "{step_size"])
+    with pytest.raises(ConfigError, match="--lr-schedule-kwargs is not JSON"):
+        job_from_args(args)
+
+
 def test_an_invalid_flag_value_is_a_config_error_naming_the_field():
     args = build_parser().parse_args(["coordinator", "--mode", "bulk"])
     with pytest.raises(ConfigError, match="mode"):

@@ -29,11 +29,43 @@ def test_the_defaults_are_a_valid_job():
         ({"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 2.0}, "heartbeat_timeout_s"),
         ({"parameter_servers": 0}, "parameter_servers"),
         ({"optimizer_kwargs": [1, 2]}, "optimizer_kwargs"),
+        ({"staleness": -1}, "staleness"),
+        ({"staleness": 1.5}, "staleness"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"lr_schedule": "step"}, "step_size"),
+        ({"lr_schedule": "step", "lr_schedule_kwargs": {"step_size": 0}}, "step_size"),
+        ({"lr_schedule": "step", "lr_schedule_kwargs": {"step_size": 2.5}}, "step_size"),
+        ({"lr_schedule": "step", "lr_schedule_kwargs": {"step_size": 3, "gamma": 0}}, "gamma"),
+        ({"lr_schedule": "step", "lr_schedule_kwargs": {"step_size": 3, "t_max": 9}}, "t_max"),
+        ({"lr_schedule": "cosine", "lr_schedule_kwargs": {"eta_min": 0.0}}, "t_max"),
+        ({"lr_schedule": "cosine", "lr_schedule_kwargs": {"t_max": 10, "eta_min": -0.1}}, "eta_min"),
+        ({"lr_schedule": "cosine", "lr_schedule_kwargs": {"t_max": True}}, "t_max"),
+        ({"lr_schedule_kwargs": {"gamma": 0.5}}, "gamma"),
+        ({"lr_schedule_kwargs": [1]}, "lr_schedule_kwargs"),
     ],
 )
 def test_an_out_of_range_value_is_a_config_error(changes, fragment):
     with pytest.raises(ConfigError, match=fragment):
         JobSpec(**changes)
+
+
+@pytest.mark.parametrize(
+    "schedule,kwargs",
+    [
+        ("constant", {}),
+        ("step", {"step_size": 10}),
+        ("step", {"step_size": 1, "gamma": 0.5}),
+        ("cosine", {"t_max": 100}),
+        ("cosine", {"t_max": 100, "eta_min": 0.001}),
+    ],
+)
+def test_each_learning_rate_schedule_with_its_arguments_is_a_valid_job(schedule, kwargs):
+    spec = JobSpec(lr_schedule=schedule, lr_schedule_kwargs=kwargs)
+    assert (spec.lr_schedule, dict(spec.lr_schedule_kwargs)) == (schedule, kwargs)
+
+
+def test_the_default_schedule_is_a_constant_learning_rate():
+    assert (JobSpec().lr_schedule, dict(JobSpec().lr_schedule_kwargs)) == ("constant", {})
 
 
 def test_every_problem_is_reported_at_once():
@@ -89,6 +121,13 @@ def test_a_job_file_with_a_job_table_loads_including_nested_optimizer_kwargs(tmp
     spec = load_job_file(str(path))
     assert (spec.epochs, spec.optimizer, spec.parameter_servers) == (2, "adam", 3)
     assert dict(spec.optimizer_kwargs) == {"betas": [0.8, 0.9], "weight_decay": 0.01}
+
+
+def test_a_job_file_names_a_learning_rate_schedule_with_a_table_of_arguments(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\nlr_schedule = "step"\nlr_schedule_kwargs = { step_size = 50, gamma = 0.5 }\n')
+    spec = load_job_file(path)
+    assert (spec.lr_schedule, dict(spec.lr_schedule_kwargs)) == ("step", {"step_size": 50, "gamma": 0.5})
 
 
 def test_unknown_keys_in_a_job_file_are_a_config_error(tmp_path):

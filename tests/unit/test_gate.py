@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lepton.errors import ConfigError, DeadlineExceeded, InvalidArgument, NotFound
-from ps_server.gate import ConsistencyGate, PushOutcome, PushResult
+from ps_server.gate import ClockWait, ConsistencyGate, PushOutcome, PushResult
 from ps_server.store import ParameterStore
 
 LR = 0.1
@@ -267,6 +267,146 @@ def test_sync_mean_is_cast_back_to_the_parameter_dtype():
     gate.push("a", 0, {"h": torch.full((3,), 0.5, dtype=torch.float16)}, 1, T0)
     h = dict(gate.snapshot()[1])["h"]
     assert h.dtype == torch.float16 and h.tolist() == [0.5, 0.5, 0.5]
+
+
+# --- ssp ---------------------------------------------------------------------------------------
+
+
+def make_ssp(staleness: int) -> ConsistencyGate:
+    return ConsistencyGate(ParameterStore(initial(), "sgd", LR, {}), "ssp", TIMEOUT_S, staleness=staleness)
+
+
+def blocked(gate: ConsistencyGate, wait: ClockWait) -> bool:
+    """Whether the caller of this push would still be waiting (checked without waiting)."""
+    if gate.may_proceed(wait):
+        assert gate.wait_for_clock(wait, 0.0) == wait.result
+        return False
+    with pytest.raises(DeadlineExceeded):
+        gate.wait_for_clock(wait, 0.0)
+    return True
+
+
+def test_ssp_push_is_applied_on_arrival_and_records_staleness():
+    gate = make_ssp(staleness=3)
+    first = gate.push("a", 0, grads(1.0), 4, T0)
+    second = gate.push("b", 0, grads(2.0), 4, T0)  # computed from version 0, applied at version 1
+    assert isinstance(first, ClockWait) and first.result == PushResult(PushOutcome.APPLIED, 1, 0)
+    assert second.result == PushResult(PushOutcome.APPLIED, 2, 1)
+    assert gate.version == 2 and gate.counters.updates_applied == 2
+    assert gate.counters.staleness_max == 1
+    assert_params(gate, sgd_reference([grads(1.0), grads(2.0)]))
+
+
+def test_ssp_a_newcomer_joins_at_the_clock_of_the_slowest_so_its_push_counts_for_the_next_round():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)  # a alone: round 1
+    b = gate.push("b", 1, grads(1.0), 1, T0)
+    assert gate.clocks == {"a": 1, "b": 2} and blocked(gate, b)
+    c = gate.push("c", 2, grads(1.0), 1, T0)
+    assert gate.clocks == {"a": 1, "b": 2, "c": 2} and blocked(gate, c)
+    gate.push("a", 3, grads(1.0), 1, T0)  # a completes round 2: everyone may go on
+    assert not blocked(gate, b) and not blocked(gate, c)
+
+
+def test_ssp_push_from_a_future_version_is_stale_and_does_not_advance_the_clock():
+    gate = make_ssp(staleness=1)
+    assert gate.push("a", 5, grads(1.0), 1, T0) == PushResult(PushOutcome.STALE, 0)
+    assert gate.clocks == {} and gate.version == 0
+
+
+def test_ssp_a_worker_more_than_s_pushes_ahead_of_the_slowest_waits_until_it_catches_up():
+    gate = make_ssp(staleness=2)
+    gate.push("b", 0, grads(1.0), 1, T0)  # b joins at clock 1
+    waits = [gate.push("a", v, grads(1.0), 1, T0) for v in range(1, 4)]  # a joins at 1, reaches 4
+    assert gate.clocks == {"a": 4, "b": 1}
+    assert [blocked(gate, w) for w in waits] == [False, False, True]  # clocks 2, 3 within 1 + 2; 4 not
+    assert gate.version == 4  # applied on arrival all the same
+    assert gate.counters.clock_gap_max == 3
+    gate.push("b", 4, grads(1.0), 1, T0)
+    assert not blocked(gate, waits[2])
+
+
+def test_ssp_with_zero_staleness_moves_in_lockstep():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)  # a alone: round 1, as the first push of a sync job
+    for round_ in range(2, 5):
+        base = gate.version
+        first = gate.push("b", base, grads(2.0), 1, T0)
+        assert blocked(gate, first)  # b's answer waits for a's push of the same round
+        second = gate.push("a", base, grads(1.0), 1, T0)
+        assert not blocked(gate, second) and not blocked(gate, first)
+        # what either pulls now holds both pushes of the round
+        assert gate.version == base + 2 and gate.clocks == {"a": round_, "b": round_}
+    assert gate.counters.clock_gap_max == 1
+
+
+def test_ssp_a_worker_that_leaves_no_longer_holds_the_others_back():
+    gate = make_ssp(staleness=1)
+    gate.push("slow", 0, grads(1.0), 1, T0)
+    gate.push("fast", 1, grads(1.0), 1, T0)
+    waiting = gate.push("fast", 2, grads(1.0), 1, T0)
+    assert gate.clocks == {"slow": 1, "fast": 3} and blocked(gate, waiting)
+    gate.leave("slow")
+    assert gate.participants == {"fast"} and not blocked(gate, waiting)
+    gate.push("slow", 3, grads(1.0), 1, T0)  # back again: from fast's clock, not its old one
+    assert gate.clocks == {"slow": 4, "fast": 3}
+
+
+def test_ssp_retain_live_dropping_the_slowest_releases_the_waiters():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)
+    b = gate.push("b", 1, grads(1.0), 1, T0)
+    c = gate.push("c", 2, grads(1.0), 1, T0)
+    assert blocked(gate, b) and blocked(gate, c)
+    gate.retain_live({"b", "c", "d"})
+    assert gate.participants == {"b", "c"} and not blocked(gate, b) and not blocked(gate, c)
+
+
+def test_ssp_retain_live_keeping_everyone_still_holds_the_bound():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)
+    b = gate.push("b", 1, grads(1.0), 1, T0)
+    gate.retain_live({"a", "b"})
+    assert gate.participants == {"a", "b"} and blocked(gate, b)
+
+
+def test_ssp_tick_drops_a_silent_laggard_only_after_the_timeout():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)
+    waiting = gate.push("b", 1, grads(1.0), 1, T0 + 1)
+    assert blocked(gate, waiting)
+    assert gate.tick(T0 + TIMEOUT_S - 0.001) is False and blocked(gate, waiting)
+    assert gate.tick(T0 + TIMEOUT_S) is True
+    assert gate.participants == {"b"} and not blocked(gate, waiting)
+    assert gate.counters.steps_timed_out == 1
+    assert gate.tick(T0 + 10 * TIMEOUT_S) is False  # b alone holds nobody back
+
+
+def test_ssp_tick_keeps_a_slow_worker_that_holds_nobody_back():
+    gate = make_ssp(staleness=2)
+    gate.push("a", 0, grads(1.0), 1, T0)
+    gate.push("b", 1, grads(1.0), 1, T0)
+    gate.push("b", 2, grads(1.0), 1, T0)  # b two ahead of a: within the bound
+    assert gate.clocks == {"a": 1, "b": 3}
+    assert gate.tick(T0 + 100 * TIMEOUT_S) is False and gate.participants == {"a", "b"}
+
+
+def test_ssp_a_retried_push_is_applied_once_and_waits_again():
+    gate = make_ssp(staleness=0)
+    gate.push("a", 0, grads(1.0), 1, T0)
+    first = gate.push("b", 1, grads(1.0), 1, T0, request_id="r1")
+    again = gate.push("b", 1, grads(1.0), 1, T0, request_id="r1")  # the answer to the first was lost
+    assert again == first and blocked(gate, again)
+    assert gate.version == 2 and gate.clocks == {"a": 1, "b": 2}
+    assert gate.counters.pushes_deduplicated == 1
+    gate.push("a", 2, grads(1.0), 1, T0)
+    assert gate.push("b", 1, grads(1.0), 1, T0, request_id="r1") == first and not blocked(gate, first)
+    assert gate.version == 3 and gate.clocks == {"a": 2, "b": 2}
+
+
+def test_a_negative_staleness_is_refused():
+    with pytest.raises(ValueError):
+        make_ssp(staleness=-1)
 
 
 # --- the store ---------------------------------------------------------------------------------
