@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from lepton.handlers import rewrap
+
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -75,21 +77,7 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         m = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(m, handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(m, handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(m, handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(m, handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+        return rewrap(handler, lambda fn: self._unary(m, fn), lambda fn: self._stream(m, fn))
 
 
 class MetricsEndpoint:

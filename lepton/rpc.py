@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from lepton import errors
+from lepton.handlers import rewrap
 from lepton.metrics import RpcMetricsInterceptor
 from lepton.security import INSECURE, Security
 
@@ -113,29 +114,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                guard_unary(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                guard_unary(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                guard_stream(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            guard_stream(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        return rewrap(handler, lambda fn: guard_unary(method, fn), lambda fn: guard_stream(method, fn))
 
 
 def message_options(max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> list[tuple[str, int]]:

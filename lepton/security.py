@@ -27,6 +27,7 @@ import grpc
 import structlog
 
 from lepton.errors import ConfigError
+from lepton.handlers import rewrap
 
 audit = structlog.get_logger("lepton.audit")
 
@@ -104,20 +105,20 @@ class TokenTable:
 
 
 def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    def reject(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, details)
+    def reject(_fn: Any) -> Any:
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, details)
 
-    def reject_stream(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, details)
-        yield  # pragma: no cover
+        return behaviour
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject, handler.request_deserializer, handler.response_serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject, handler.request_deserializer, handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
+    def reject_stream(_fn: Any) -> Any:
+        def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, details)
+            yield  # pragma: no cover
+
+        return behaviour
+
+    return rewrap(handler, reject, reject_stream)
 
 
 def _audited(handler: grpc.RpcMethodHandler, method: str, principal: Principal) -> grpc.RpcMethodHandler:
