@@ -19,10 +19,12 @@ def rewrap(
     handler: grpc.RpcMethodHandler,
     unary_response: Callable[[Behaviour], Behaviour],
     stream_response: Callable[[Behaviour], Behaviour],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """A handler of the same kind whose behaviour is ``unary_response(old)`` for RPCs answering
-    one message, or ``stream_response(old)`` for RPCs answering a stream."""
-    ser = (handler.request_deserializer, handler.response_serializer)
+    one message, or ``stream_response(old)`` for RPCs answering a stream (and, if given, another
+    request deserializer)."""
+    ser = (request_deserializer or handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), *ser)
     if handler.stream_unary:

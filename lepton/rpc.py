@@ -77,10 +77,42 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
     context.abort(code, _details(exc))
 
 
+class Undecodable:
+    """Stands for request bytes that are not a valid message: the handler answers
+    INVALID_ARGUMENT instead of grpc's own INTERNAL 'Exception deserializing request!'."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's fault
+            return Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return decode
+
+
+def _checked(request: Any) -> Any:
+    """The request, or for a request stream an iterator that stops at undecodable messages."""
+    if isinstance(request, Undecodable):
+        raise errors.InvalidArgument(f"the request is not a valid message ({request.reason})")
+    if hasattr(request, "__next__"):
+        return (_checked(item) for item in request)
+    return request
+
+
 def guard_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(request, context)
+            return fn(_checked(request), context)
         except errors.LeptonError as exc:
             _abort(context, method, exc)
         except Exception as exc:  # a request must never kill the server
@@ -94,7 +126,7 @@ def guard_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def guard_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from fn(request, context)
+            yield from fn(_checked(request), context)
         except errors.LeptonError as exc:
             _abort(context, method, exc)
         except Exception as exc:
@@ -114,7 +146,12 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        return rewrap(handler, lambda fn: guard_unary(method, fn), lambda fn: guard_stream(method, fn))
+        return rewrap(
+            handler,
+            lambda fn: guard_unary(method, fn),
+            lambda fn: guard_stream(method, fn),
+            tolerant(handler.request_deserializer),
+        )
 
 
 def message_options(max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> list[tuple[str, int]]:
