@@ -68,8 +68,10 @@ class AssignmentInfo:
     mode: str
 
 
-class CoordinatorClient:
-    """Client of one coordinator. Raises lepton.errors on failure."""
+class _Client:
+    """One reused channel to ``address``, its stub, a deadline and a retry policy."""
+
+    _stub_class: type
 
     def __init__(
         self,
@@ -80,7 +82,7 @@ class CoordinatorClient:
     ) -> None:
         self.address = address
         self._channel = dial(address, security)
-        self._stub = cpb_grpc.CoordinatorStub(self._channel)
+        self._stub = self._stub_class(self._channel)
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
         self._rng = random.Random()
@@ -92,6 +94,12 @@ class CoordinatorClient:
         return call_with_retry(
             lambda: call(method, request, timeout=self._timeout_s), self._retry, rng=self._rng
         )
+
+
+class CoordinatorClient(_Client):
+    """Client of one coordinator. Raises lepton.errors on failure."""
+
+    _stub_class = cpb_grpc.CoordinatorStub
 
     def register(self, role: int, address: str = "", member_id: str = "") -> tuple[MemberId, JobSpec]:
         reply = call_with_retry(
@@ -260,25 +268,10 @@ def _read_pull(responses: Iterator[ppb.PullResponse]) -> tuple[int, dict[str, to
     return version, assembler.finish(), push
 
 
-class ParameterClient:
+class ParameterClient(_Client):
     """Client of one parameter server. Raises lepton.errors on failure."""
 
-    def __init__(
-        self,
-        address: str,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy | None = None,
-        security: Security = INSECURE,
-    ) -> None:
-        self.address = address
-        self._channel = dial(address, security)
-        self._stub = ppb_grpc.ParameterServerStub(self._channel)
-        self._timeout_s = timeout_s
-        self._retry = retry or RetryPolicy()
-        self._rng = random.Random()
-
-    def close(self) -> None:
-        self._channel.close()
+    _stub_class = ppb_grpc.ParameterServerStub
 
     def pull(self, member: MemberId, names: Iterable[str] = ()) -> tuple[int, dict[str, torch.Tensor]]:
         def once():
@@ -322,11 +315,7 @@ class ParameterClient:
         return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)
 
     def leave_steps(self, member: MemberId) -> None:
-        call_with_retry(
-            lambda: call(self._stub.LeaveSteps, ppb.LeaveStepsRequest(member=member.to_proto()), timeout=self._timeout_s),
-            self._retry,
-            rng=self._rng,
-        )
+        self._idempotent(self._stub.LeaveSteps, ppb.LeaveStepsRequest(member=member.to_proto()))
 
     def server_status(self) -> ppb.GetServerStatusResponse:
         return call(self._stub.GetServerStatus, ppb.GetServerStatusRequest(), timeout=self._timeout_s)
