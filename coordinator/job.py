@@ -113,6 +113,7 @@ class JobStatus:
     ps_restarts: int = 0
     steps_rolled_back: int = 0
     quarantined_shards: tuple[int, ...] = ()
+    leases_expired: int = 0
 
 
 @dataclass
@@ -152,7 +153,8 @@ class Job:
         self._lock = threading.RLock()
         self._members = MembershipTable(spec.heartbeat_timeout_s)
         self._ledger = ShardLedger(
-            num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts
+            num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts,
+            lease_timeout_s=spec.lease_timeout_s,
         )
         self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
         self._specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._initial.items()]
@@ -171,6 +173,7 @@ class Job:
         self.heartbeats_missed = 0
         self.ps_restarts = 0
         self.steps_rolled_back = 0
+        self.leases_expired = 0
         self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
         self._ps_versions: dict[str, int] = {}
         self._ps_lost_at: dict[str, float] = {}
@@ -179,6 +182,7 @@ class Job:
         # acknowledges the version), so a zombie's pushes are refused before its shard moves on.
         self._fence_version = 0
         self._roster_acks: dict[str, int] = {}
+        self._lease_expired_now: set[str] = set()
         self._store = store
         self.restored = False
         saved = store.load() if store is not None else None
@@ -218,6 +222,7 @@ class Job:
             "next_event_sequence": self.events.next_sequence,
             "ps_restarts": self.ps_restarts,
             "steps_rolled_back": self.steps_rolled_back,
+            "leases_expired": self.leases_expired,
             "ps_versions": self._ps_versions,
             "ps_lost": sorted(self._ps_lost_at),
             "fence_version": self._fence_version,
@@ -260,6 +265,7 @@ class Job:
         self._ready = set(job["ready"])
         self.ps_restarts = job.get("ps_restarts", 0)
         self.steps_rolled_back = job.get("steps_rolled_back", 0)
+        self.leases_expired = job.get("leases_expired", 0)
         self._ps_versions = dict(job.get("ps_versions", {}))
         self._ps_lost_at = {s: now for s in job.get("ps_lost", [])}
         self._fence_version = job.get("fence_version", 0)
@@ -268,6 +274,7 @@ class Job:
         self._ledger.restore(
             saved.documents["ledger"],
             [Completion(c.epoch, c.shard, c.member_id, c.incarnation) for c in saved.completions],
+            now,
         )
         self.restored = True
         self.events.append(
@@ -382,6 +389,8 @@ class Job:
             member = self._members.heartbeat(member_id, incarnation, now)
             self.heartbeats_missed += max(0, int(gap / self.spec.heartbeat_interval_s) - 1)
             workers: tuple[WorkerView, ...] = ()
+            if member.role is Role.WORKER:
+                self._ledger.renew(member_id, incarnation, now)
             if member.role is Role.PARAMETER_SERVER:
                 if member_id in self._ready:
                     self._ps_versions[member_id] = max(version, self._ps_versions.get(member_id, 0))
@@ -413,12 +422,17 @@ class Job:
             if self._state.terminal:
                 return []
             dead = self._members.expire(now)
+            dead += self._expire_leases(now)
             for member in dead:
                 self._dead_count += 1
                 self.events.append(
                     EventKind.MEMBER_DECLARED_DEAD,
                     f"{member.member_id} incarnation {member.incarnation} declared dead after "
-                    f"{self.spec.heartbeat_timeout_s:g}s without heartbeat",
+                    + (
+                        f"{self.spec.lease_timeout_s:g}s without renewing its lease"
+                        if member.member_id in self._lease_expired_now
+                        else f"{self.spec.heartbeat_timeout_s:g}s without heartbeat"
+                    ),
                     member_id=member.member_id,
                     incarnation=member.incarnation,
                 )
@@ -434,6 +448,21 @@ class Job:
             if dead or failed:
                 self._persist(now)
             return dead
+
+    def _expire_leases(self, now: float) -> list[Member]:
+        """Holders of leases past their deadline, fenced (marked dead) so that their shards move
+        on only after the servers refuse them, like any dead member's."""
+        self._lease_expired_now = set()
+        fenced = []
+        for lease in self._ledger.expired(now):
+            member = self._members.get(lease.member_id)
+            if member is None or not member.alive or member.incarnation != lease.incarnation:
+                continue
+            member.alive = False
+            self.leases_expired += 1
+            self._lease_expired_now.add(member.member_id)
+            fenced.append(member)
+        return fenced
 
     def _forget(self, member_id: str, now: float, *, departed: bool, why: str) -> int:
         member = self._members.get(member_id)
@@ -563,7 +592,7 @@ class Job:
                 return wait  # not started, or a parameter server is restarting
             if any(self._roster_acks.get(s, 0) < self._fence_version for s in self._ready):
                 return wait  # a revocation has not reached every server yet
-            lease = self._ledger.lease(member_id, incarnation)
+            lease = self._ledger.lease(member_id, incarnation, now)
             if lease is None:
                 return wait
             self.leases_granted += 1
@@ -590,11 +619,12 @@ class Job:
         loss: float,
         samples: int,
         now: float,
+        lease_id: int = 0,
     ) -> None:
         with self._lock:
             member = self._worker(member_id, incarnation)
             member.last_heartbeat = now  # progress proves life as well as a heartbeat does
-            gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset)
+            gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset, now, lease_id)
             self._progress.samples += gained
             self._progress.add(loss, samples)
             self._persist(now)
@@ -608,13 +638,14 @@ class Job:
         loss: float,
         samples: int,
         now: float,
+        lease_id: int = 0,
     ) -> bool:
         """Counts a shard complete; returns whether it finished the epoch."""
         with self._lock:
             member = self._worker(member_id, incarnation)
             member.last_heartbeat = now
             try:
-                gained, epoch_done = self._ledger.complete(member_id, incarnation, epoch, shard)
+                gained, epoch_done = self._ledger.complete(member_id, incarnation, epoch, shard, lease_id)
             except DuplicateCompletion as exc:
                 self.events.append(
                     EventKind.DUPLICATE_COMPLETION_REJECTED,
@@ -710,6 +741,7 @@ class Job:
                 ps_restarts=self.ps_restarts,
                 steps_rolled_back=self.steps_rolled_back,
                 quarantined_shards=tuple(sorted(ledger.quarantined)),
+                leases_expired=self.leases_expired,
             )
 
     @property

@@ -4,6 +4,11 @@ A pull-based work queue (ElasticDL's todo/doing/done): workers lease one shard a
 the offset they reached, and complete it. Each (epoch, shard) is counted once; a second completion
 raises DuplicateCompletion and is counted. ``requeue(member)`` returns what moved, for the caller
 to log and publish.
+
+Every lease has an id (never reused in the job) and a deadline on the coordinator's monotonic
+clock: granted at ``now + lease_timeout_s``, pushed out by ``renew`` (heartbeats) and ``progress``.
+``expired(now)`` lists the leases past their deadline; the caller revokes them (fencing the
+holder first). Deadlines are not saved: a restored ledger gives every lease a fresh one.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Lease:
     member_id: str
     incarnation: int
     offset: int
+    lease_id: int = 0
+    deadline: float = 0.0  # coordinator monotonic seconds
 
 
 def split(num_samples: int, num_shards: int) -> list[Shard]:
@@ -67,8 +74,19 @@ class ShardLedger:
     DuplicateCompletion (already completed).
     """
 
-    def __init__(self, num_samples: int, shards_per_epoch: int, epochs: int, max_attempts: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        shards_per_epoch: int,
+        epochs: int,
+        max_attempts: int = 0,
+        lease_timeout_s: float = 10.0,
+    ) -> None:
+        if not lease_timeout_s > 0:
+            raise InvalidArgument(f"lease_timeout_s must be > 0, got {lease_timeout_s}")
         self.shards = split(num_samples, shards_per_epoch)
+        self.lease_timeout_s = lease_timeout_s
+        self._last_lease_id = 0
         self.max_attempts = max_attempts  # 0: never quarantine
         self._deaths: dict[int, int] = {}
         self.quarantined: set[int] = set()
@@ -103,19 +121,40 @@ class ShardLedger:
                 return lease
         return None
 
-    def lease(self, member_id: str, incarnation: int) -> Lease | None:
-        """The member's current lease, or a new one from the queue; None if the queue is empty."""
+    def lease(self, member_id: str, incarnation: int, now: float = 0.0) -> Lease | None:
+        """The member's current lease (renewed), or a new one from the queue; None if the queue
+        is empty."""
         held = self.lease_of(member_id)
         if held is not None and held.incarnation == incarnation:
+            held.deadline = now + self.lease_timeout_s
             return held  # a retried LeaseShard gets the same answer
         if self.finished or not self._pending:
             return None
         index, offset = self._pending.popleft()
-        lease = Lease(self.epoch, self.shards[index], member_id, incarnation, offset)
+        self._last_lease_id += 1
+        lease = Lease(
+            self.epoch, self.shards[index], member_id, incarnation, offset,
+            lease_id=self._last_lease_id, deadline=now + self.lease_timeout_s,
+        )
         self._leases[index] = lease
         return lease
 
-    def _held(self, member_id: str, incarnation: int, epoch: int, shard: int) -> Lease:
+    def renew(self, member_id: str, incarnation: int, now: float) -> int:
+        """Pushes out the deadline of every lease this incarnation holds; returns how many."""
+        renewed = 0
+        for lease in self._leases.values():
+            if (lease.member_id, lease.incarnation) == (member_id, incarnation):
+                lease.deadline = max(lease.deadline, now + self.lease_timeout_s)
+                renewed += 1
+        return renewed
+
+    def expired(self, now: float) -> list[Lease]:
+        """Leases whose deadline has passed (nothing changes; the caller revokes them)."""
+        return [lease for lease in self._leases.values() if lease.deadline < now]
+
+    def _held(
+        self, member_id: str, incarnation: int, epoch: int, shard: int, lease_id: int = 0
+    ) -> Lease:
         if not 0 <= shard < len(self.shards):
             raise NotFound(f"no shard {shard}; shards are 0..{len(self.shards) - 1}")
         if epoch > self.epoch or epoch < 0:
@@ -125,24 +164,35 @@ class ShardLedger:
             raise FailedPrecondition(
                 f"{member_id}/{incarnation} does not hold shard {shard} of epoch {epoch}"
             )
+        if lease_id and lease.lease_id and lease.lease_id != lease_id:
+            raise FailedPrecondition(
+                f"lease {lease_id} of shard {shard} was revoked; the shard is held under lease "
+                f"{lease.lease_id}; ask for a new lease"
+            )
         return lease
 
-    def progress(self, member_id: str, incarnation: int, epoch: int, shard: int, offset: int) -> int:
-        """Records the offset reached; returns the samples newly trained."""
+    def progress(
+        self, member_id: str, incarnation: int, epoch: int, shard: int, offset: int,
+        now: float = 0.0, lease_id: int = 0,
+    ) -> int:
+        """Records the offset reached and renews the lease; returns the samples newly trained."""
         if 0 <= shard < len(self.shards) and (
             0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
         ):
             raise FailedPrecondition(f"shard {shard} of epoch {epoch} is already complete")
-        lease = self._held(member_id, incarnation, epoch, shard)
+        lease = self._held(member_id, incarnation, epoch, shard, lease_id)
         if not lease.offset <= offset <= lease.shard.size:
             raise InvalidArgument(
                 f"offset {offset} outside [{lease.offset}, {lease.shard.size}] for shard {shard}"
             )
         gained = offset - lease.offset
         lease.offset = offset
+        lease.deadline = max(lease.deadline, now + self.lease_timeout_s)
         return gained
 
-    def complete(self, member_id: str, incarnation: int, epoch: int, shard: int) -> tuple[int, bool]:
+    def complete(
+        self, member_id: str, incarnation: int, epoch: int, shard: int, lease_id: int = 0
+    ) -> tuple[int, bool]:
         """Counts the shard done. Returns (samples newly trained, whether the epoch ended)."""
         if 0 <= shard < len(self.shards) and (
             0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
@@ -151,7 +201,7 @@ class ShardLedger:
             raise DuplicateCompletion(
                 f"shard {shard} of epoch {epoch} was already completed; not counted again"
             )
-        lease = self._held(member_id, incarnation, epoch, shard)
+        lease = self._held(member_id, incarnation, epoch, shard, lease_id)
         gained = lease.shard.size - lease.offset
         del self._leases[shard]
         self._done.add(shard)
@@ -197,8 +247,10 @@ class ShardLedger:
             "epoch": self.epoch,
             "pending": [list(p) for p in self._pending],
             "leases": [
-                [l.shard.index, l.epoch, l.member_id, l.incarnation, l.offset] for l in self._leases.values()
+                [l.shard.index, l.epoch, l.member_id, l.incarnation, l.offset, l.lease_id]
+                for l in self._leases.values()
             ],
+            "last_lease_id": self._last_lease_id,
             "done": sorted(self._done),
             "duplicates_rejected": self.duplicates_rejected,
             "reassignments": self.reassignments,
@@ -206,13 +258,20 @@ class ShardLedger:
             "quarantined": sorted(self.quarantined),
         }
 
-    def restore(self, state: dict, completions: list[Completion]) -> None:
-        """Replaces this ledger's progress with a saved one (same shards and epochs)."""
+    def restore(self, state: dict, completions: list[Completion], now: float = 0.0) -> None:
+        """Replaces this ledger's progress with a saved one (same shards and epochs). Every lease
+        gets a fresh deadline from ``now``: a holder counts its own from its last renewal before
+        the restart, so it stops first."""
         self.epoch = state["epoch"]
         self._pending = deque((int(i), int(o)) for i, o in state["pending"])
-        self._leases = {
-            int(i): Lease(int(e), self.shards[int(i)], m, int(inc), int(o)) for i, e, m, inc, o in state["leases"]
-        }
+        self._leases = {}
+        for row in state["leases"]:
+            i, e, m, inc, o = row[:5]
+            lease_id = int(row[5]) if len(row) > 5 else 0
+            self._leases[int(i)] = Lease(
+                int(e), self.shards[int(i)], m, int(inc), int(o), lease_id, now + self.lease_timeout_s
+            )
+        self._last_lease_id = int(state.get("last_lease_id", 0))
         self._done = {int(i) for i in state["done"]}
         self.duplicates_rejected = int(state["duplicates_rejected"])
         self.reassignments = int(state["reassignments"])

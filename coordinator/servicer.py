@@ -34,6 +34,12 @@ def _member(ref: common.MemberRef) -> tuple[str, int]:
     return ref.member_id, ref.incarnation
 
 
+def _lease_id(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument(f"lease_id must be >= 0 (0: unspecified), got {value}")
+    return value
+
+
 def _lease(lease: Lease) -> pb.ShardLease:
     return pb.ShardLease(
         epoch=lease.epoch,
@@ -41,6 +47,7 @@ def _lease(lease: Lease) -> pb.ShardLease:
         start=lease.shard.start,
         end=lease.shard.end,
         offset=lease.offset,
+        lease_id=lease.lease_id,
     )
 
 
@@ -65,6 +72,7 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         ps_restarts=status.ps_restarts,
         steps_rolled_back=status.steps_rolled_back,
         quarantined_shards=list(status.quarantined_shards),
+        leases_expired=status.leases_expired,
     )
     for snap in status.members:
         m = snap.member
@@ -181,6 +189,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         if decision.lease is not None:
             msg.lease.CopyFrom(_lease(decision.lease))
+            msg.lease_timeout_s = self._job.spec.lease_timeout_s
         return msg
 
     def ReportProgress(self, request, context):
@@ -192,6 +201,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             request.loss,
             request.samples,
             self._now(),
+            _lease_id(request.lease_id),
         )
         return pb.ReportProgressResponse()
 
@@ -203,6 +213,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             request.loss,
             request.samples,
             self._now(),
+            _lease_id(request.lease_id),
         )
         return pb.CompleteShardResponse(epoch_completed=done)
 

@@ -174,31 +174,38 @@ class CoordinatorClient(_Client):
     def lease(self, member: MemberId) -> cpb.LeaseShardResponse:
         return self._idempotent(self._stub.LeaseShard, cpb.LeaseShardRequest(member=member.to_proto()))
 
-    def progress(self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int) -> None:
+    def progress(
+        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, lease_id: int = 0
+    ) -> None:
         self._idempotent(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
-                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples
+                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples,
+                lease_id=lease_id,
             ),
         )
 
     def progress_once(
-        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, timeout_s: float = 5.0
+        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int,
+        timeout_s: float = 5.0, lease_id: int = 0,
     ) -> None:
         """One attempt, short deadline: for reporters that retry by sending newer progress."""
         call(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
-                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples
+                member=member.to_proto(), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples,
+                lease_id=lease_id,
             ),
             timeout=min(timeout_s, self._timeout_s),
         )
 
-    def complete(self, member: MemberId, epoch: int, shard: int, loss: float, samples: int) -> bool:
+    def complete(
+        self, member: MemberId, epoch: int, shard: int, loss: float, samples: int, lease_id: int = 0
+    ) -> bool:
         reply = call(
             self._stub.CompleteShard,
             cpb.CompleteShardRequest(
-                member=member.to_proto(), epoch=epoch, shard=shard, loss=loss, samples=samples
+                member=member.to_proto(), epoch=epoch, shard=shard, loss=loss, samples=samples, lease_id=lease_id
             ),
             timeout=self._timeout_s,
         )

@@ -80,6 +80,8 @@ class JobSpec:
     lr_schedule_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # ssp: how many pushes a worker may be ahead of the slowest one (0: lockstep).
     staleness: int = 0
+    # A shard lease not renewed (by its holder's heartbeats or progress) for this long is revoked.
+    lease_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,7 +90,7 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
-        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s"):
+        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be a number, got {value!r}")
@@ -112,6 +114,11 @@ class JobSpec:
             problems.append(
                 "heartbeat_timeout_s must exceed twice heartbeat_interval_s "
                 f"({self.heartbeat_timeout_s} <= 2 x {self.heartbeat_interval_s})"
+            )
+        if not (self.lease_timeout_s > 2 * self.heartbeat_interval_s):
+            problems.append(
+                "lease_timeout_s must exceed twice heartbeat_interval_s "
+                f"({self.lease_timeout_s} <= 2 x {self.heartbeat_interval_s})"
             )
         if self.checkpoint_every_steps < 0:
             problems.append(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")

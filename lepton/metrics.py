@@ -8,16 +8,57 @@ bytes), ``_total`` for counters, and labels with bounded values (service, method
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from lepton.handlers import rewrap
 
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A call or handler that ends this long after its deadline counts as one that outlived it (a hang).
+PAST_DEADLINE_SLACK_S = 1.0
+
+
+class ClientCallStats:
+    """Process-wide client-side deadline hygiene, counted by ``lepton.rpc.call``: unary calls made
+    without a deadline, and calls that returned more than the slack after theirs. A process that
+    was itself stopped (SIGSTOP) while waiting counts its own calls as late: its clock ran on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.without_deadline = 0
+        self.past_deadline = 0
+
+    def record(self, timeout_s: float | None, elapsed_s: float) -> None:
+        if timeout_s is None:
+            with self._lock:
+                self.without_deadline += 1
+        elif elapsed_s > timeout_s + PAST_DEADLINE_SLACK_S:
+            with self._lock:
+                self.past_deadline += 1
+
+
+CLIENT_CALLS = ClientCallStats()
+
+
+class ClientCallCollector(Collector):
+    def collect(self) -> Iterator:
+        yield CounterMetricFamily(
+            "lepton_rpc_client_past_deadline",
+            "Unary calls of this process that returned more than 1 s after their deadline.",
+            value=CLIENT_CALLS.past_deadline,
+        )
+        yield CounterMetricFamily(
+            "lepton_rpc_client_without_deadline",
+            "Unary calls of this process made without a deadline.",
+            value=CLIENT_CALLS.without_deadline,
+        )
 
 
 class RpcMetricsInterceptor(grpc.ServerInterceptor):
@@ -37,9 +78,18 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
             buckets=RPC_BUCKETS_S,
             registry=registry,
         )
+        self.past_deadline = Counter(
+            "lepton_rpc_server_past_deadline",
+            "Handlers that finished more than 1 s after their client's deadline (requests that hung).",
+            ["service", "method"],
+            registry=registry,
+        )
 
     def _observe(self, full_method: str, context: grpc.ServicerContext, start: float, failed: bool) -> None:
         service, _, method = full_method.lstrip("/").partition("/")
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        if remaining is not None and remaining < -PAST_DEADLINE_SLACK_S:
+            self.past_deadline.labels(service, method).inc()
         code = context.code() if hasattr(context, "code") else None
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK

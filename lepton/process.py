@@ -78,9 +78,10 @@ class ServiceOptions:
             return None, None
         from prometheus_client import CollectorRegistry
 
-        from lepton.metrics import MetricsEndpoint
+        from lepton.metrics import ClientCallCollector, MetricsEndpoint
 
         registry = CollectorRegistry()
+        registry.register(ClientCallCollector())
         if collector_factory is not None:
             registry.register(collector_factory())  # type: ignore[arg-type]
         return registry, MetricsEndpoint(registry, self.metrics_host, self.metrics_port)

@@ -4,6 +4,7 @@ translation of status codes back into domain errors."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from lepton import errors
 from lepton.handlers import rewrap
-from lepton.metrics import RpcMetricsInterceptor
+from lepton.metrics import CLIENT_CALLS, RpcMetricsInterceptor
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
@@ -275,11 +276,15 @@ def translate(exc: grpc.RpcError) -> errors.LeptonError:
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Invokes a stub method, raising the domain error instead of grpc.RpcError."""
+    """Invokes a stub method, raising the domain error instead of grpc.RpcError. Counts calls
+    without a deadline and calls that outlived theirs (``lepton.metrics.CLIENT_CALLS``)."""
+    start = time.monotonic()
     try:
         return fn(*args, **kwargs)
     except grpc.RpcError as exc:
         raise translate(exc) from None
+    finally:
+        CLIENT_CALLS.record(kwargs.get("timeout"), time.monotonic() - start)
 
 
 def iterate(responses: Iterator[T]) -> Iterator[T]:

@@ -38,6 +38,7 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         lr_schedule=spec.lr_schedule,
         lr_schedule_kwargs=schedule_kwargs,
         staleness=spec.staleness,
+        lease_timeout_s=spec.lease_timeout_s,
     )
 
 
@@ -72,6 +73,7 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         lr_schedule=msg.lr_schedule or "constant",
         lr_schedule_kwargs=_struct_kwargs(msg.lr_schedule_kwargs),
         staleness=msg.staleness,
+        lease_timeout_s=msg.lease_timeout_s or JobSpec.lease_timeout_s,
     )
 
 

@@ -22,10 +22,11 @@ from lepton.errors import (
     NotFound,
     Unavailable,
 )
-from lepton.logs import bind
 from lepton.retry import RetryPolicy, call_with_retry
+from lepton.logs import bind
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
+from worker.lease import LeaseClock
 from worker.progress import ProgressReporter
 from worker.trainer import ShardRange, Trainer
 
@@ -74,6 +75,9 @@ class WorkerAgent:
         self._participating = False
         self._pool: ThreadPoolExecutor | None = None
         self._reporter = ProgressReporter(self._send_progress, PROGRESS_INTERVAL_S)
+        self._lease_clock = LeaseClock()
+        self._lease_id = 0
+        self.lease_pauses = 0
         self.shards_completed = 0
         self.steps = 0
         self.samples = 0
@@ -103,9 +107,12 @@ class WorkerAgent:
             member = self._member
             if member is None or self._fenced.is_set():
                 continue
+            sent = self._lease_clock.now()
             try:
                 reply = self._coord.heartbeat(member)
                 failures = 0
+                if member == self._member:
+                    self._lease_clock.renewed(sent)  # a heartbeat renews the member's leases
             except Fenced as exc:
                 if member == self._member:
                     log.warning("worker_fenced", reason=str(exc))
@@ -206,6 +213,7 @@ class WorkerAgent:
         pending: tuple[float, dict[str, torch.Tensor], str] | None = None
         while True:
             attempt += 1
+            self._await_lease()
             try:
                 if pending is None:
                     if not self._params_fresh:
@@ -240,6 +248,30 @@ class WorkerAgent:
                 raise Fenced("fenced while stepping")
             if attempt >= MAX_STEP_ATTEMPTS * 4:
                 raise DeadlineExceeded(f"batch failed {attempt} times")
+
+    def _await_lease(self) -> None:
+        """Pushes nothing while the lease is overdue by this worker's clock (see worker/lease.py):
+        waits for a heartbeat or progress report to renew it, or for the coordinator to refuse it.
+        Gives up with Unavailable (a retryable exit) when the coordinator stays unreachable."""
+        if self._lease_clock.may_work():
+            return
+        self.lease_pauses += 1
+        log.warning("lease_overdue_pausing", lease_id=self._lease_id)
+        give_up = self._lease_clock.now() + self._retry.max_total_s
+        while not self._lease_clock.may_work():
+            if self._fenced.is_set() or self._reporter.fenced.is_set():
+                raise Fenced("fenced while the lease was overdue")
+            if self._reporter.lost.is_set():
+                raise FailedPrecondition("the coordinator no longer lists this lease")
+            if self._stop.is_set():
+                raise LeaseLost  # leaving: the coordinator requeues the shard at the last offset
+            if self._lease_clock.now() > give_up:
+                raise Unavailable(
+                    f"could not renew lease {self._lease_id} for {self._retry.max_total_s:g}s: "
+                    "the coordinator is unreachable"
+                )
+            self._stop.wait(0.05)
+        log.info("lease_renewed_resuming", lease_id=self._lease_id)
 
     def _train(self, lease: cpb.ShardLease) -> None:
         assert self._trainer is not None and self._member is not None
@@ -280,7 +312,7 @@ class WorkerAgent:
         def once() -> bool:
             nonlocal attempts
             attempts += 1
-            return self._coord.complete(member, shard.epoch, shard.shard, loss, samples)
+            return self._coord.complete(member, shard.epoch, shard.shard, loss, samples, lease_id=self._lease_id)
 
         try:
             call_with_retry(once, self._retry, rng=self._rng)
@@ -292,7 +324,9 @@ class WorkerAgent:
         member = self._member
         if member is None:
             return
-        self._coord.progress_once(member, epoch, shard, offset, loss, samples)
+        sent = self._lease_clock.now()
+        self._coord.progress_once(member, epoch, shard, offset, loss, samples, lease_id=self._lease_id)
+        self._lease_clock.renewed(sent)
 
     def _evaluate(self) -> None:
         assert self._trainer is not None and self._member is not None
@@ -336,18 +370,24 @@ class WorkerAgent:
             if self._fenced.is_set():
                 log.info("worker_reregistering")
                 self._register()
+            sent = self._lease_clock.now()
             try:
                 decision = self._coord.lease(self._member)  # type: ignore[arg-type]
             except Fenced:
                 self._fenced.set()
                 continue
             if decision.outcome == cpb.LEASE_OUTCOME_GRANTED:
+                assert self._spec is not None
+                self._lease_id = decision.lease.lease_id
+                self._lease_clock.grant(sent, decision.lease_timeout_s or self._spec.lease_timeout_s)
                 try:
                     self._ensure_layout()
                     self._train(decision.lease)
                 except LeaseLost:
                     self._leave_steps()
                     continue
+                finally:
+                    self._lease_clock.release()
             elif decision.outcome == cpb.LEASE_OUTCOME_EVALUATE:
                 try:
                     self._evaluate()

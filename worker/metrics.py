@@ -24,5 +24,6 @@ class WorkerCollector(Collector):
             ("lepton_worker_registrations_total", "Registrations (1 + re-registrations after fencing).", a.registrations),
             ("lepton_worker_bytes_pushed_total", "Gradient bytes pushed.", a.bytes_pushed),
             ("lepton_worker_bytes_pulled_total", "Parameter bytes pulled.", a.bytes_pulled),
+            ("lepton_worker_lease_pauses_total", "Times training paused because its lease was overdue for renewal.", a.lease_pauses),
         ]:
             yield CounterMetricFamily(name, text, value=value)

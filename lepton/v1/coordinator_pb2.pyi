@@ -194,62 +194,70 @@ class LeaseShardRequest(_message.Message):
     def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ...) -> None: ...
 
 class ShardLease(_message.Message):
-    __slots__ = ("epoch", "shard", "start", "end", "offset")
+    __slots__ = ("epoch", "shard", "start", "end", "offset", "lease_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     shard: int
     start: int
     end: int
     offset: int
-    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    lease_id: int
+    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., offset: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
 
 class LeaseShardResponse(_message.Message):
-    __slots__ = ("outcome", "lease", "retry_after_s")
+    __slots__ = ("outcome", "lease", "retry_after_s", "lease_timeout_s")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     outcome: LeaseOutcome
     lease: ShardLease
     retry_after_s: float
-    def __init__(self, outcome: _Optional[_Union[LeaseOutcome, str]] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    lease_timeout_s: float
+    def __init__(self, outcome: _Optional[_Union[LeaseOutcome, str]] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("member", "epoch", "shard", "offset", "loss", "samples")
+    __slots__ = ("member", "epoch", "shard", "offset", "loss", "samples", "lease_id")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     epoch: int
     shard: int
     offset: int
     loss: float
     samples: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    lease_id: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CompleteShardRequest(_message.Message):
-    __slots__ = ("member", "epoch", "shard", "loss", "samples")
+    __slots__ = ("member", "epoch", "shard", "loss", "samples", "lease_id")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     epoch: int
     shard: int
     loss: float
     samples: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    lease_id: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
 
 class CompleteShardResponse(_message.Message):
     __slots__ = ("epoch_completed",)
@@ -318,7 +326,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards")
+    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +349,7 @@ class GetStatusResponse(_message.Message):
     PS_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.JobSpec
     state: JobState
     epoch: int
@@ -363,7 +372,8 @@ class GetStatusResponse(_message.Message):
     ps_restarts: int
     steps_rolled_back: int
     quarantined_shards: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ...) -> None: ...
+    leases_expired: int
+    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ..., leases_expired: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("after_sequence",)

@@ -114,8 +114,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Keeps a member alive; send every heartbeat_interval_s. Returns the job state and, to parameter
-        servers, the worker membership they fence pushes against.
+        """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s. Returns the
+        job state and, to parameter servers, the worker membership they fence pushes against.
         Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -163,8 +163,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportProgress(self, request, context):
-        """Reports how far into a leased shard the worker has trained (and pushed). If the worker dies,
-        the shard resumes from the last reported offset.
+        """Reports how far into a leased shard the worker has trained (and pushed), and renews the lease
+        (as a heartbeat does). If the worker dies, the shard resumes from the last reported offset. A
+        lease that is not renewed within JobSpec.lease_timeout_s is revoked and its holder fenced.
         Errors: NOT_FOUND (member or shard), FAILED_PRECONDITION (fenced, lease not held, epoch over),
         INVALID_ARGUMENT (offset outside the shard or moving backwards).
         """
