@@ -1,4 +1,4 @@
-"""The ``lepton`` command line: one subcommand per role, plus ``up`` and ``status``.
+"""The ``lepton`` command line: one subcommand per role, plus ``up``, ``scale`` and ``status``.
 
 Only this module reads flags; it builds settings and hands them to each role's ``serve``.
 """
@@ -30,6 +30,7 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--heartbeat-interval": ("heartbeat_interval_s", float, "seconds between heartbeats"),
     "--heartbeat-timeout": ("heartbeat_timeout_s", float, "seconds of silence before a member is declared dead"),
     "--checkpoint-every": ("checkpoint_every_steps", int, "parameter servers checkpoint every N updates (0: never)"),
+    "--lease-timeout": ("lease_timeout_s", float, "seconds a shard lease lives without renewal (heartbeats, progress)"),
     "--staleness": ("staleness", int, "ssp: pushes a worker may run ahead of the slowest (0: lockstep)"),
     "--lr-schedule": ("lr_schedule", str, f"learning-rate schedule, in server updates: {', '.join(LR_SCHEDULES)}"),
 }
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="run a whole local cluster (coordinator, servers, workers) and train")
     u.add_argument("--ps", type=int, default=2, help="parameter servers (default 2)")
     u.add_argument("--workers", type=int, default=3, help="workers (default 3)")
+    u.add_argument(
+        "--max-workers", type=int, default=None,
+        help="most workers `lepton scale` may ask for (default: max(--workers, 8))",
+    )
     u.add_argument("--coordinator-port", type=int, default=0, help="coordinator port (default: a free one)")
     u.add_argument("--state-dir", default=None, help="logs and state of every child (default: a temp dir)")
     u.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
@@ -157,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--secure", action="store_true", help="TLS (mutual) and role tokens on every service, made fresh in the state dir")
     _add_job_flags(u)
     _add_common(u)
+
+    sc = sub.add_parser("scale", help="grow or shrink the workers of a running `lepton up`")
+    sc.add_argument("--state-dir", required=True, help="the --state-dir of the running lepton up")
+    sc.add_argument("--workers", type=int, required=True, help="worker count wanted (1 to its --max-workers)")
+    sc.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for lepton up to acknowledge (default 30)")
 
     st = sub.add_parser("status", help="show a running job as the coordinator sees it")
     st.add_argument("--coordinator", required=True, metavar="HOST:PORT")
@@ -196,6 +206,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lepton.status import cancel_job
 
         return cancel_job(args.coordinator, args.reason, security=_client_security(args))
+    if args.command == "scale":
+        from lepton.errors import DeadlineExceeded
+        from lepton.scale import request_scale
+
+        try:
+            before, after = request_scale(args.state_dir, args.workers, args.timeout)
+        except DeadlineExceeded as exc:
+            print(f"lepton scale: {exc}", file=sys.stderr)
+            return EXIT_LOST_CONTACT
+        print(f"workers: {before} -> {after}")
+        return 0
     if args.command == "certs":
         from lepton.certs import make_dev_pki
 
@@ -209,19 +230,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = job_from_args(args, parameter_servers=args.ps)
         if args.workers < 1 or args.ps < 1:
             raise ConfigError("--workers and --ps must be >= 1")
-        configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
-        return run_up(
-            Cluster(
-                spec=spec,
-                workers=args.workers,
-                coordinator_port=args.coordinator_port,
-                state_dir=args.state_dir,
-                log_format=args.log_format,
-                secure=args.secure,
-            ),
-            report_path=args.report,
-            timeout_s=args.timeout,
+        cluster = Cluster(
+            spec=spec,
+            workers=args.workers,
+            max_workers=args.max_workers,
+            coordinator_port=args.coordinator_port,
+            state_dir=args.state_dir,
+            log_format=args.log_format,
+            secure=args.secure,
         )
+        configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
+        return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
     configure_logging(args.log_format, args.log_level, role=args.command)
     stop = stop_event_on_signals()
     if args.command == "coordinator":

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +28,11 @@ import structlog
 from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
+from lepton.placement import Placements
 from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
+from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
 from lepton.security import INSECURE, load_security
 from lepton.status import state_name, status_dict
 from lepton.v1 import coordinator_pb2 as cpb
@@ -45,12 +48,29 @@ MAX_RESTARTS = 5
 
 @dataclass(frozen=True)
 class Cluster:
+    """What ``lepton up`` runs: the job, how many workers (now and at most), where, how.
+
+    Raises:
+        ConfigError: fewer than one worker, or ``max_workers`` below ``workers``.
+    """
+
     spec: JobSpec
     workers: int
     coordinator_port: int = 0
     state_dir: str | None = None
     log_format: str = "auto"
     secure: bool = False
+    max_workers: int | None = None  # None: max(workers, lepton.scale.DEFAULT_MAX_WORKERS)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ConfigError(f"--max-workers {self.max_workers} is below --workers {self.workers}")
+
+    @property
+    def worker_cap(self) -> int:
+        return default_max_workers(self.workers) if self.max_workers is None else self.max_workers
 
 
 def lepton_command() -> list[str]:
@@ -78,6 +98,7 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--seed", str(spec.seed),
         "--heartbeat-interval", repr(spec.heartbeat_interval_s),
         "--heartbeat-timeout", repr(spec.heartbeat_timeout_s),
+        "--lease-timeout", repr(spec.lease_timeout_s),
         "--parameter-servers", str(spec.parameter_servers),
         "--checkpoint-every", str(spec.checkpoint_every_steps),
     ]
@@ -111,12 +132,13 @@ class Children:
 
     log_dir: Path
     items: list[Child] = field(default_factory=list)
+    placements: Placements = field(default_factory=Placements)
 
-    def _spawn(self, log_path: Path, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, log_path: Path, args: list[str]) -> subprocess.Popen:
         out = open(log_path, "ab")
         try:
             return subprocess.Popen(
-                [*lepton_command(), *args],
+                [*self.placements(name).prefix, *lepton_command(), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -127,7 +149,7 @@ class Children:
 
     def start(self, name: str, args: list[str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
-        child = Child(name, self._spawn(log_path, args), log_path, list(args))
+        child = Child(name, self._spawn(name, log_path, args), log_path, list(args))
         self.items.append(child)
         log.debug("child_started", child=name, pid=child.process.pid)
         return child
@@ -137,7 +159,7 @@ class Children:
         code = child.process.returncode
         if args is not None:
             child.args = list(args)
-        child.process = self._spawn(child.log_path, child.args)
+        child.process = self._spawn(child.name, child.log_path, child.args)
         child.restarts += 1
         print(f"\n{child.name} exited with {code}; restarted (pid {child.process.pid})", flush=True)
 
@@ -160,6 +182,58 @@ class Children:
         self.stop([c for c in order if not c.name.startswith(("ps", "coordinator"))])
         self.stop([c for c in order if c.name.startswith("ps")])
         self.stop([c for c in order if c.name == "coordinator"])
+
+
+@dataclass
+class Workers:
+    """The launcher's workers: the active ones it keeps at the target count (and restarts on
+    failure), and the ones scaling down retired (SIGTERM: they hand their lease back and exit 0; never
+    restarted, and SIGKILLed if still running ``STOP_GRACE_S`` later)."""
+
+    children: Children
+    worker_args: Callable[[str], list[str]]  # a worker's flags, by name
+    next_index: int = 0
+    retiring: dict[str, float] = field(default_factory=dict)  # name -> monotonic SIGKILL deadline
+    retired: set[str] = field(default_factory=set)
+
+    def active(self) -> list[Child]:
+        return [c for c in self.children.items if c.name.startswith("worker") and c.name not in self.retired]
+
+    def alive(self) -> int:
+        return sum(1 for c in self.active() if c.process.poll() is None)
+
+    def start(self, names: tuple[str, ...] | list[str]) -> None:
+        for name in names:
+            self.children.start(name, self.worker_args(name))
+            self.next_index = max(self.next_index, worker_index(name) + 1)
+
+    def scale(self, target: int, max_workers: int, now: float) -> tuple[list[str], list[str]]:
+        """Starts or retires workers to reach ``target``; returns (started, stopped) names.
+
+        Raises:
+            ConfigError: ``target`` is out of range (nothing changed).
+        """
+        plan = plan_scale([c.name for c in self.active()], self.next_index, target, max_workers)
+        self.start(plan.start)
+        for child in self.active():
+            if child.name in plan.stop:
+                self.retired.add(child.name)
+                self.retiring[child.name] = now + STOP_GRACE_S
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+        return list(plan.start), list(plan.stop)
+
+    def reap(self, now: float) -> None:
+        """SIGKILLs retired workers that outlived their grace period."""
+        for name, deadline in list(self.retiring.items()):
+            child = next(c for c in self.children.items if c.name == name)
+            if child.process.poll() is not None:
+                del self.retiring[name]
+            elif now > deadline:
+                log.warning("child_killed", child=name, pid=child.process.pid)
+                child.process.kill()
+                child.process.wait()
+                del self.retiring[name]
 
 
 def read_ready(path: Path) -> dict | None:
@@ -293,6 +367,7 @@ def build_report(
             ps_restarts=status.ps_restarts,
             steps_rolled_back=status.steps_rolled_back,
             quarantined_shards=list(status.quarantined_shards),
+            leases_expired=status.leases_expired,
             final_status=status_dict(status),
         )
     if tally is not None:
@@ -308,10 +383,13 @@ def build_report(
 
 
 STALE_COUNTERS = ("lepton_stale_requests_rejected_total", "lepton_ps_stale_requests_rejected_total")
+SERVER_PAST_DEADLINE = ("lepton_rpc_server_past_deadline_total",)
+CLIENT_PAST_DEADLINE = ("lepton_rpc_client_past_deadline_total",)
 
 
-def scrape_counter(address: str | None, names: tuple[str, ...]) -> float | None:
-    """Sum of the named unlabelled counters on a /metrics endpoint; None if unreachable."""
+def scrape_counters(address: str | None, groups: dict[str, tuple[str, ...]]) -> dict[str, float] | None:
+    """For each group, the sum of the named counters (over all their labels) on a /metrics
+    endpoint; None if unreachable."""
     if not address:
         return None
     try:
@@ -319,12 +397,17 @@ def scrape_counter(address: str | None, names: tuple[str, ...]) -> float | None:
             text = response.read().decode()
     except OSError:
         return None
-    total = 0.0
+    totals = dict.fromkeys(groups, 0.0)
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in names:
-            total += float(value)
-    return total
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.split("{", 1)[0]
+        for group, names in groups.items():
+            if name in names:
+                totals[group] += float(value)
+    return totals
+
 
 
 def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
@@ -333,7 +416,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = stop_event_on_signals()
-    children = Children(log_dir)
+    placements = Placements.from_env()
+    children = Children(log_dir, placements=placements)
     started = time.monotonic()
     outcome = "failed"
     status: cpb.GetStatusResponse | None = None
@@ -346,6 +430,10 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     security = INSECURE
     metrics: dict[str, str | None] = {}
     stale_seen: dict[str, float] = {}
+    past_deadline: dict[str, dict[str, float]] = {}
+    workers: Workers | None = None
+    control: ScaleControl | None = None
+    scale_events: list[dict] = []
     try:
         if cluster.secure:
             pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
@@ -369,7 +457,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
 
         coordinator = children.start(
             "coordinator",
-            ["coordinator", "--listen", f"127.0.0.1:{cluster.coordinator_port}", *ready_file("coordinator"),
+            ["coordinator", "--listen", f"{placements('coordinator').host}:{cluster.coordinator_port}",
+             *ready_file("coordinator"),
              "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags, *child_log],
         )
         facts = wait_ready_file(ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
@@ -380,15 +469,16 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         for i in range(spec.parameter_servers):
             children.start(
                 f"ps-{i}",
-                ["ps", "--coordinator", address, "--listen", "127.0.0.1:0", "--id", f"ps-{i}", *ready_file(f"ps-{i}"),
+                ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
+                 *ready_file(f"ps-{i}"),
                  "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token["ps"], *child_log],
             )
-        for i in range(cluster.workers):
-            children.start(
-                f"worker-{i}",
-                ["worker", "--coordinator", address, *ready_file(f"worker-{i}"), *client_flags, *token["worker"],
-                 *child_log],
-            )
+        workers = Workers(
+            children,
+            lambda name: ["worker", "--coordinator", address, *ready_file(name),
+                          "--metrics-host", placements(name).host, *client_flags, *token["worker"], *child_log],
+        )
+        workers.start([worker_name(i) for i in range(cluster.workers)])
         for child in children.items[1:]:
             metrics[child.name] = wait_ready_file(ready_files[child.name], child, READY_TIMEOUT_S).get("metrics")
         print("metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in metrics.items()), flush=True)
@@ -398,7 +488,11 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         tally = EventTally(client)
         line = ProgressLine()
         deadline = started + timeout_s
-        coordinator_args = [a if a != f"127.0.0.1:{cluster.coordinator_port}" else address for a in coordinator.args]
+        listen = f"{placements('coordinator').host}:{cluster.coordinator_port}"
+        coordinator_args = [a if a != listen else address for a in coordinator.args]
+        control = ScaleControl(state_dir, address, cluster.workers, cluster.worker_cap)
+        print(f"scale with: lepton scale --state-dir {state_dir} --workers K  (1 <= K <= {cluster.worker_cap})",
+              flush=True)
         while True:
             if stop.wait(POLL_S):
                 outcome = "interrupted"
@@ -411,28 +505,39 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 children.restart(coordinator, coordinator_args)  # same port and state directory
             for child in children.items:
                 # Workers start afresh; a parameter server comes back under its id from its checkpoint.
-                if child.name.startswith(("worker", "ps")) and child.failed and child.restarts < MAX_RESTARTS:
+                if (child.name.startswith(("worker", "ps")) and child.name not in workers.retired and child.failed
+                        and child.restarts < MAX_RESTARTS):
                     children.restart(child)
+            workers.reap(time.monotonic())
+            request = control.take_request()
+            if request is not None:
+                event = apply_scale(request, workers, control, cluster.worker_cap, time.monotonic() - started)
+                if event is not None:
+                    scale_events.append(event)
             try:
                 status = client.status()
             except LeptonError as exc:
                 log.warning("status_failed", error=str(exc))
                 continue
-            alive = sum(
-                1 for c in children.items if c.name.startswith("worker") and c.process.poll() is None
-            )
-            line.show(status, alive, cluster.workers)
-            for child in children.items:  # a restarted child serves metrics on a new port
-                if child.restarts and child.name in ready_files:
+            line.show(status, workers.alive(), len(workers.active()))
+            for child in children.items:  # a restarted or added child serves metrics on a new port
+                if child.name in ready_files and (child.restarts or child.name not in metrics):
                     facts = read_ready(ready_files[child.name])
                     if facts and facts.get("pid") == child.process.pid:
                         metrics[child.name] = facts.get("metrics")
-            # Fenced requests refused so far, per process (a counter survives until its process dies).
+            # Fenced requests refused and requests that outlived their deadline so far, per process
+            # (a counter survives until its process dies; a restarted one starts again from 0).
             for name, where in metrics.items():
+                seen = scrape_counters(
+                    where, {"stale": STALE_COUNTERS, "server": SERVER_PAST_DEADLINE, "client": CLIENT_PAST_DEADLINE}
+                )
+                if seen is None:
+                    continue
                 if not name.startswith("worker"):
-                    seen = scrape_counter(where, STALE_COUNTERS)
-                    if seen is not None:
-                        stale_seen[name] = max(stale_seen.get(name, 0.0), seen)
+                    stale_seen[name] = max(stale_seen.get(name, 0.0), seen["stale"])
+                past = past_deadline.setdefault(name, {"server": 0.0, "client": 0.0})
+                for side in ("server", "client"):
+                    past[side] = max(past[side], seen[side])
             if status.state in TERMINAL:
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
@@ -453,6 +558,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         print(f"lepton up: {exc}", file=sys.stderr)
         outcome = "failed"
     finally:
+        if control is not None:
+            control.close()
         if tally is not None:
             tally.close()
         children.stop_all()
@@ -463,14 +570,39 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
     report["metrics_endpoints"] = metrics
     report["stale_requests_rejected"] = int(sum(stale_seen.values()))
+    report["requests_past_deadline"] = {
+        name: {side: int(n) for side, n in sides.items()} for name, sides in past_deadline.items()
+    }
     report["restarts"] = {c.name: c.restarts for c in children.items if c.restarts}
     report["coordinator_restarts"] = sum(c.restarts for c in children.items if c.name == "coordinator")
     report["secure"] = cluster.secure
+    report["max_workers"] = cluster.worker_cap
+    report["workers_at_end"] = len(workers.active()) if workers is not None else 0
+    report["scale_events"] = scale_events
     print_summary(report)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))
         print(f"report written to {report_path}")
     return EXIT_OK if outcome == "succeeded" else EXIT_JOB_FAILED
+
+
+def apply_scale(request: dict, workers: Workers, control: ScaleControl, max_workers: int, at_s: float) -> dict | None:
+    """Carries out one ``lepton scale`` request and acknowledges it; returns the report's scale event,
+    or None when the request was refused (the refusal goes back to the requester)."""
+    before = len(workers.active())
+    try:
+        if request["workers"] is None:
+            raise ConfigError("the request names no integer worker count")
+        started, stopped = workers.scale(request["workers"], max_workers, time.monotonic())
+    except ConfigError as exc:
+        control.acknowledge(request["id"], before, before, error=str(exc))
+        log.warning("scale_refused", error=str(exc))
+        return None
+    after = len(workers.active())
+    control.acknowledge(request["id"], before, after)
+    changes = [f"started {', '.join(started)}"] * bool(started) + [f"stopping {', '.join(stopped)}"] * bool(stopped)
+    print(f"\nworkers: {before} -> {after}" + (f" ({'; '.join(changes)})" if changes else ""), flush=True)
+    return {"at_s": round(at_s, 3), "from": before, "to": after, "started": started, "stopped": stopped}
 
 
 def print_summary(report: dict) -> None:

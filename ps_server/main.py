@@ -89,8 +89,10 @@ def serve(
             gate = node.gate_or_none()
             reply = client.heartbeat(member, gate.version if gate is not None else 0, applied_roster[0])
         except Fenced as exc:
+            # Declared dead (e.g. cut off longer than the timeout): retryable. Restarted with the
+            # same --id and --state-dir it comes back from its checkpoint.
             log.error("ps_fenced", reason=str(exc))
-            outcome["code"] = EXIT_JOB_FAILED
+            outcome["code"] = EXIT_LOST_CONTACT
             stop.set()
             return
         except LeptonError as exc:
@@ -126,7 +128,7 @@ def serve(
             client.report_ready(member, assignment.layout_version, version)
         except Fenced as exc:
             log.error("ps_fenced", reason=str(exc))
-            outcome["code"] = EXIT_JOB_FAILED
+            outcome["code"] = EXIT_LOST_CONTACT
             stop.set()
             break
         except FailedPrecondition as exc:

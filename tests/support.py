@@ -68,9 +68,10 @@ class Processes:
         self.tag = uuid.uuid4().hex
         self.log_dir = log_dir
         self.started: list[subprocess.Popen] = []
+        self.extra_env: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **self.extra_env, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1"}
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
