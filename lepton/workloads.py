@@ -42,7 +42,95 @@ def _digits(seed: int = 0) -> Workload:
     return Workload(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 64, 10)
 
 
-DATASETS: dict[str, Callable[..., Workload]] = {"digits": _digits}
+@dataclass(frozen=True)
+class GaussianMixture:
+    """The recipe of a synthetic classification set: clusters in a small latent space, projected
+    into many features, plus noise. Every number that shapes the data is a field here.
+
+    Generation, for each split (train, then test, each from its own stream):
+
+    1. Labels: exactly ``n // classes`` samples of every class (the first ``n % classes`` classes
+       get one more), in a random order.
+    2. Latent points: each class owns ``clusters_per_class`` centres drawn once from
+       ``N(0, centre_scale**2 * I)`` in ``latent_dim`` dimensions; a sample picks one of its class's
+       centres uniformly and adds ``N(0, latent_std**2 * I)``. Several centres per class make the
+       classes non-convex, so a linear model falls well short of the MLP.
+    3. Features: the latent point times one fixed ``latent_dim x features`` Gaussian matrix with
+       entries ``N(0, 1/latent_dim)``, plus ``N(0, noise_std**2)`` on every feature. Only a
+       ``latent_dim``-dimensional subspace carries signal; the rest is noise a model must learn
+       to ignore.
+
+    The centres and projection come from ``seed``; the train and test splits from ``seed + 1`` and
+    ``seed + 2`` (so the test split does not depend on ``n_train``). Samples are drawn in blocks
+    of ``chunk_rows`` rows straight into the preallocated feature matrix, so peak memory is the
+    float32 matrix itself. The result depends only on these fields (and the torch build), never on
+    the job's seed.
+
+    Raises:
+        ConfigError: from ``__post_init__`` when a size or a spread is out of range.
+    """
+
+    n_train: int
+    n_test: int
+    features: int
+    classes: int
+    latent_dim: int = 16
+    clusters_per_class: int = 4
+    centre_scale: float = 1.15
+    latent_std: float = 1.0
+    noise_std: float = 1.0
+    seed: int = 1
+    chunk_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        sizes = ("n_train", "n_test", "features", "classes", "latent_dim", "clusters_per_class", "chunk_rows")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GaussianMixture.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("centre_scale", "latent_std", "noise_std"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"GaussianMixture.{name} must be >= 0, got {getattr(self, name)}")
+
+    def generate(self) -> Workload:
+        """Both splits as float32 features and int64 labels."""
+        structure = torch.Generator().manual_seed(self.seed)
+        centres = self.centre_scale * torch.randn(
+            self.classes, self.clusters_per_class, self.latent_dim, generator=structure
+        )
+        projection = torch.randn(self.latent_dim, self.features, generator=structure) / self.latent_dim**0.5
+        train = self._split(self.n_train, centres, projection, torch.Generator().manual_seed(self.seed + 1))
+        test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2))
+        return Workload(train, test, self.features, self.classes)
+
+    def _split(
+        self, n: int, centres: torch.Tensor, projection: torch.Tensor, generator: torch.Generator
+    ) -> TensorDataset:
+        y = (torch.arange(n) % self.classes)[torch.randperm(n, generator=generator)]
+        cluster = torch.randint(0, self.clusters_per_class, (n,), generator=generator)
+        x = torch.empty(n, self.features, dtype=torch.float32)
+        for lo in range(0, n, self.chunk_rows):
+            hi = min(n, lo + self.chunk_rows)
+            latent = centres[y[lo:hi], cluster[lo:hi]]
+            latent += self.latent_std * torch.randn(hi - lo, self.latent_dim, generator=generator)
+            rows = x[lo:hi]
+            rows.normal_(0.0, self.noise_std, generator=generator)
+            rows.addmm_(latent, projection)
+        return TensorDataset(x, y)
+
+
+# 100,000 samples of 1,000 features, 10 classes: 90,000 train, 10,000 test. On the test split the
+# MLP 1000-64-10 (Adam, lr 1e-3, batch 128, 3 epochs) reaches about 0.90, a linear model about
+# 0.47, and the Bayes-optimal classifier (it knows the centres and the projection) 0.949.
+SYNTHETIC_IMAGE = GaussianMixture(n_train=90_000, n_test=10_000, features=1_000, classes=10)
+
+
+def _synthetic_image(seed: int = 0) -> Workload:
+    """``SYNTHETIC_IMAGE``: image-sized vectors (no spatial structure), identical in every process
+    whatever the job's seed; about 1 s and 400 MB to build."""
+    return SYNTHETIC_IMAGE.generate()
+
+
+DATASETS: dict[str, Callable[..., Workload]] = {"digits": _digits, "synthetic-image": _synthetic_image}
 
 
 def _mlp(input_dim: int, num_classes: int, hidden: int = 64) -> nn.Module:

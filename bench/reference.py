@@ -1,0 +1,303 @@
+"""Accuracy reference: the job trained by plain PyTorch in one process, optionally beside Lepton.
+
+What is compared:
+    *reference*: one process builds the workload and the model through ``lepton.workloads`` (so the
+    data and the initial parameters are those of every Lepton process), builds the optimizer
+    through ``lepton.optimizers.build_optimizer`` (the ``torch.optim`` class and arguments the
+    parameter servers use) and trains ``--epochs`` epochs with ``loss.backward(); opt.step()``. The
+    batching follows Lepton's: each epoch the training set is cut into ``--shards`` contiguous
+    shards (``coordinator.ledger.split``), each shard is visited in a seeded random order and cut
+    into batches of ``--batch-size`` that never cross a shard boundary, so the reference makes
+    exactly as many optimizer steps, of the same sizes, as the cluster does. The order inside a
+    shard is seeded as a worker seeds it (``worker/trainer.py``), so the batches are the cluster's
+    own; what differs is that the reference trains them one after another on fresh parameters,
+    where Lepton's workers train three shards at once on parameters a few updates old. Test accuracy comes
+    from ``lepton.workloads.evaluate``, the function the evaluating worker calls.
+
+    *lepton* (with ``--lepton``): ``python -m lepton up`` as a subprocess with the same dataset,
+    model, epochs, batch size, shards, optimizer, learning rate and seed, plus ``--workers``,
+    ``--ps`` and ``--mode``; its JSON report (``--report``) gives the test accuracy, the wall time
+    and the training throughput. Its state directory and log are in a temporary directory that is
+    kept (and named) when the run fails.
+
+    ``--runs K`` repeats both K times with seeds ``--seed``, ``--seed + 1``, ... (the seed moves the
+    initialisation and the sample order; built-in data sets do not depend on it) and prints the
+    median of each column. The difference is Lepton minus reference, in accuracy points.
+
+How to run::
+
+    python bench/reference.py                               # synthetic-image, reference only
+    python bench/reference.py --lepton                      # ... and 3 workers, 2 servers, async
+    python bench/reference.py --lepton --runs 3 --json accuracy.json
+    python bench/reference.py --dataset digits --epochs 10 --batch-size 32 --lr 0.01 --shards 12 --lepton
+
+With ``--lepton`` the exit status is 1 when the median difference is beyond ``--tolerance-pt``
+(or a Lepton run did not succeed), so the script doubles as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from coordinator.ledger import split  # noqa: E402
+from lepton.config import JobSpec  # noqa: E402
+from lepton.optimizers import build_optimizer  # noqa: E402
+from lepton.workloads import build_model, evaluate, load_workload, take  # noqa: E402
+
+# Defaults sized for a small machine: a Lepton run of synthetic-image (6 processes) takes minutes.
+DEFAULTS = {
+    "dataset": "synthetic-image",
+    "model": "mlp",
+    "epochs": 3,
+    "batch_size": 128,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "shards": 12,
+    "seed": 0,
+}
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    test_accuracy: float
+    test_loss: float
+    steps: int
+    samples_trained: int
+    load_seconds: float
+    training_seconds: float
+    samples_per_second: float
+
+
+@dataclass(frozen=True)
+class LeptonResult:
+    status: str
+    test_accuracy: float | None
+    wall_seconds: float
+    training_seconds: float | None
+    samples_trained: int | None
+    samples_per_second: float | None
+    shard_completions: int | None
+    log_dir: str | None  # kept only when the run did not succeed
+
+
+def reference_batches(num_samples: int, spec: JobSpec, epoch: int) -> Iterator[torch.Tensor]:
+    """Sample indices of every step of one epoch: shard after shard, each in the order a worker
+    (``Trainer.batches``) gives it."""
+    for shard in split(num_samples, spec.shards_per_epoch):
+        seed = (spec.seed * 1_000_003 + epoch * 10_007 + shard.index) % (2**63)
+        generator = torch.Generator().manual_seed(seed)
+        order = shard.start + torch.randperm(shard.end - shard.start, generator=generator)
+        for lo in range(0, len(order), spec.batch_size):
+            yield order[lo : lo + spec.batch_size]
+
+
+def train_reference(spec: JobSpec) -> ReferenceResult:
+    """Trains ``spec`` in this process with torch.optim; returns test accuracy and timings."""
+    start = time.perf_counter()
+    workload = load_workload(spec.dataset, spec.seed)
+    model = build_model(spec.model, workload, spec.seed)
+    optimizer = build_optimizer(model.parameters(), spec.optimizer, spec.lr, spec.optimizer_kwargs)
+    loss_fn = nn.CrossEntropyLoss()
+    loaded = time.perf_counter()
+    steps = samples = 0
+    model.train()
+    for epoch in range(spec.epochs):
+        for indices in reference_batches(len(workload.train), spec, epoch):  # type: ignore[arg-type]
+            x, y = take(workload.train, indices)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            steps += 1
+            samples += len(indices)
+    trained = time.perf_counter()
+    result = evaluate(model, workload.test, workload.num_classes)
+    return ReferenceResult(
+        test_accuracy=result.accuracy,
+        test_loss=result.loss,
+        steps=steps,
+        samples_trained=samples,
+        load_seconds=loaded - start,
+        training_seconds=trained - loaded,
+        samples_per_second=samples / max(trained - loaded, 1e-9),
+    )
+
+
+def lepton_command(spec: JobSpec, workers: int, report: Path, state_dir: Path, timeout_s: float) -> list[str]:
+    """``lepton up`` with every job setting the reference uses, spelled as CLI flags."""
+    return [
+        sys.executable, "-m", "lepton", "up",
+        "--dataset", spec.dataset,
+        "--model", spec.model,
+        "--epochs", str(spec.epochs),
+        "--batch-size", str(spec.batch_size),
+        "--optimizer", spec.optimizer,
+        "--lr", repr(spec.lr),
+        "--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs)),
+        "--shards", str(spec.shards_per_epoch),
+        "--seed", str(spec.seed),
+        "--mode", spec.mode,
+        "--ps", str(spec.parameter_servers),
+        "--workers", str(workers),
+        "--report", str(report),
+        "--state-dir", str(state_dir),
+        "--timeout", str(timeout_s),
+    ]  # fmt: skip
+
+
+def run_lepton(spec: JobSpec, workers: int, timeout_s: float) -> LeptonResult:
+    """One ``lepton up`` in a subprocess; its report read back. The temporary directory (state
+    and the command's output) is removed on success and kept on any other outcome."""
+    tmp = Path(tempfile.mkdtemp(prefix="lepton-reference-"))
+    report_path, log_path = tmp / "report.json", tmp / "up.log"
+    command = lepton_command(spec, workers, report_path, tmp / "state", timeout_s)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        try:
+            subprocess.run(
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s + 60
+            )
+        except subprocess.TimeoutExpired:
+            pass
+    wall = time.perf_counter() - start
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    status = report.get("status", "no report")
+    if status == "succeeded":
+        shutil.rmtree(tmp, ignore_errors=True)
+    return LeptonResult(
+        status=status,
+        test_accuracy=report.get("test_accuracy"),
+        wall_seconds=float(report.get("wall_seconds", wall)),
+        training_seconds=report.get("training_seconds"),
+        samples_trained=report.get("samples_trained"),
+        samples_per_second=report.get("samples_per_second"),
+        shard_completions=report.get("shard_completions"),
+        log_dir=None if status == "succeeded" else str(tmp),
+    )
+
+
+def _spec(args: argparse.Namespace, seed: int) -> JobSpec:
+    return JobSpec(
+        dataset=args.dataset,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        optimizer_kwargs=json.loads(args.optimizer_kwargs),
+        shards_per_epoch=args.shards,
+        seed=seed,
+        mode=args.mode,
+        parameter_servers=args.ps,
+    )
+
+
+def _acc(value: float | None) -> str:
+    return "  n/a " if value is None else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=DEFAULTS["dataset"], help="built-in or package.module:factory")
+    p.add_argument("--model", default=DEFAULTS["model"])
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--optimizer-kwargs", default="{}", metavar="JSON")
+    p.add_argument("--shards", type=int, default=DEFAULTS["shards"], help="shards per epoch (the batching)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of run 1; run i: seed + i - 1")
+    p.add_argument("--runs", type=int, default=1, help="repeat with consecutive seeds; medians are printed")
+    p.add_argument("--lepton", action="store_true", help="also run `lepton up` with the same job")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--ps", type=int, default=2)
+    p.add_argument("--mode", default="async")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds one `lepton up` may take")
+    p.add_argument("--tolerance-pt", type=float, default=1.0, help="allowed |median difference| in points")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every figure here")
+    args = p.parse_args(argv)
+
+    print(
+        f"{args.dataset} / {args.model}: {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.shards} shards, "
+        f"{args.optimizer} lr {args.lr}"
+        + (f"; lepton: {args.workers} workers, {args.ps} servers, {args.mode}" if args.lepton else "")
+        + f"  [{platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads]",
+        flush=True,
+    )
+    runs: list[dict] = []
+    for i in range(args.runs):
+        spec = _spec(args, args.seed + i)
+        ref = train_reference(spec)
+        line = (
+            f"run {i + 1} seed {spec.seed}: reference {ref.test_accuracy:.4f} "
+            f"({ref.training_seconds:.1f} s training, {ref.samples_per_second:.0f} samples/s)"
+        )
+        run: dict = {"seed": spec.seed, "reference": asdict(ref)}
+        if args.lepton:
+            lep = run_lepton(replace(spec), args.workers, args.timeout)
+            run["lepton"] = asdict(lep)
+            sps = f"{lep.samples_per_second:.0f}" if lep.samples_per_second else "n/a"
+            line += (
+                f"  lepton {_acc(lep.test_accuracy)} "
+                f"({lep.status}, {lep.wall_seconds:.1f} s wall, {sps} samples/s)"
+            )
+            if lep.test_accuracy is not None:
+                run["diff_pt"] = 100.0 * (lep.test_accuracy - ref.test_accuracy)
+                line += f"  diff {run['diff_pt']:+.2f} pt"
+            if lep.log_dir:
+                line += f"  [kept {lep.log_dir}]"
+        print(line, flush=True)
+        runs.append(run)
+
+    ref_median = statistics.median(r["reference"]["test_accuracy"] for r in runs)
+    summary: dict = {"reference_median": ref_median}
+    code = 0
+    if args.lepton:
+        accs = [r["lepton"]["test_accuracy"] for r in runs if r["lepton"]["test_accuracy"] is not None]
+        diffs = [r["diff_pt"] for r in runs if "diff_pt" in r]
+        failed = sum(r["lepton"]["status"] != "succeeded" for r in runs)
+        summary.update(
+            lepton_median=statistics.median(accs) if accs else None,
+            diff_pt_median=statistics.median(diffs) if diffs else None,
+            lepton_failed_runs=failed,
+        )
+        within = bool(diffs) and abs(summary["diff_pt_median"]) <= args.tolerance_pt and failed == 0
+        summary["within_tolerance"] = within
+        diff_text = f"{summary['diff_pt_median']:+.2f} pt" if diffs else "n/a"
+        print(
+            f"median of {args.runs}: reference {ref_median:.4f}  lepton {_acc(summary['lepton_median'])}  "
+            f"diff {diff_text}  (tolerance {args.tolerance_pt} pt: {'within' if within else 'NOT within'})"
+        )
+        code = 0 if within else 1
+    else:
+        print(f"median of {args.runs}: reference {ref_median:.4f}")
+    if args.json:
+        figures = {"args": vars(args), "runs": runs, "summary": summary}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
