@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+# Read once, when grpc is first imported, so before anything below imports it. Lepton never uses gRPC
+# across a fork, and with fork support on, grpcio >= 1.81 can abort a child that `lepton up` forks
+# (subprocess with preexec_fn) before it execs, when the launcher's own calls are in flight
+# (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", exit -6).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from lepton.config import LR_SCHEDULES, MODES, JobSpec, job_from_mapping, load_job_file
 from lepton.errors import ConfigError, LeptonError
