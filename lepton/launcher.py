@@ -545,6 +545,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 outcome = "timeout"
                 break
         line.done()
+        control.close()  # no more scale requests: the job is over or being stopped
         if outcome in ("succeeded", "failed"):
             # Members leave by themselves once they see the job is over.
             members = [c for c in children.items if c.name != "coordinator"]
