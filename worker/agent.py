@@ -103,7 +103,9 @@ class WorkerAgent:
     def _heartbeat_loop(self) -> None:
         assert self._spec is not None
         failures = 0
-        while not self._stop.wait(self._spec.heartbeat_interval_s) and not self._job_over.is_set():
+        # Beats on after a stop is asked for (a SIGTERM while loading data and model must not let
+        # the member be declared dead before it deregisters) until run() returns.
+        while not self._job_over.wait(self._spec.heartbeat_interval_s):
             member = self._member
             if member is None or self._fenced.is_set():
                 continue
