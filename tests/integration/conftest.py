@@ -63,10 +63,14 @@ def start_cluster(
 
 
 def stop_cluster(cluster: InProcessCluster) -> None:
-    for stop in cluster.stops:
+    """Servers first, then the coordinator: a server still loading its assignment finishes that
+    call against a live coordinator and then sees its stop, as in `lepton up`'s stop order."""
+    for stop in cluster.stops[1:]:
         stop.set()
-    for t in cluster.threads:
+    for t in cluster.threads[1:]:
         t.join(timeout=10)
+    cluster.stops[0].set()
+    cluster.threads[0].join(timeout=10)
     assert not any(t.is_alive() for t in cluster.threads), "a server thread did not stop"
 
 
