@@ -21,6 +21,9 @@ class EventKind(Enum):
     JOB_STATE_CHANGED = 9
     EVALUATED = 10
     SHARD_QUARANTINED = 11
+    CHECKPOINT_REQUESTED = 12
+    CHECKPOINT_COMPLETED = 13
+    CHECKPOINT_FAILED = 14
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
+from coordinator.checkpoints import Checkpoint, CheckpointManifest, CheckpointOrder, CheckpointReport
 from coordinator.events import EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Completion, Lease, ShardLedger
@@ -65,6 +67,7 @@ class HeartbeatReply:
     layout_version: int
     workers: tuple[WorkerView, ...] = ()
     roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
+    checkpoint: CheckpointOrder | None = None  # parameter servers: a checkpoint to take
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class JobStatus:
     steps_rolled_back: int = 0
     quarantined_shards: tuple[int, ...] = ()
     leases_expired: int = 0
+    last_checkpoint: Checkpoint | None = None  # the newest complete coordinated checkpoint
 
 
 @dataclass
@@ -147,8 +151,11 @@ class Job:
         store: JobStore | None = None,
         now: float = 0.0,
         max_shard_attempts: int = 3,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.spec = spec
+        self._wall_clock = wall_clock
+        self._checkpoints = CheckpointManifest(spec.mode, spec.heartbeat_interval_s)
         self.events = events or EventLog(staged=True)
         self._lock = threading.RLock()
         self._members = MembershipTable(spec.heartbeat_timeout_s)
@@ -226,6 +233,7 @@ class Job:
             "ps_versions": self._ps_versions,
             "ps_lost": sorted(self._ps_lost_at),
             "fence_version": self._fence_version,
+            "checkpoints": self._checkpoints.to_state(),
         }
         extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
         self._store.save(
@@ -269,6 +277,8 @@ class Job:
         self._ps_versions = dict(job.get("ps_versions", {}))
         self._ps_lost_at = {s: now for s in job.get("ps_lost", [])}
         self._fence_version = job.get("fence_version", 0)
+        if "checkpoints" in job:
+            self._checkpoints.restore(job["checkpoints"], now)
         self.events.resume_from(job["next_event_sequence"])
         self._members.restore(saved.documents["members"], now)
         self._ledger.restore(
@@ -312,6 +322,10 @@ class Job:
         )
         if state is JobState.TRAINING:
             self._announce_epoch()
+        if state is JobState.EVALUATING and self._layout is not None:
+            # Training is over: the servers snapshot their final parameters (what `lepton export`
+            # turns into a state_dict), coalesced with a checkpoint already pending.
+            self._request_checkpoint(now, "final", final=True)
 
     def _announce_epoch(self) -> None:
         if not self._ledger.finished and self._ledger.epoch != self._last_epoch_announced:
@@ -381,9 +395,22 @@ class Job:
         self._set_state(JobState.INITIALIZING, now)
 
     def heartbeat(
-        self, member_id: str, incarnation: int, now: float, version: int = 0, roster_version: int = 0
+        self,
+        member_id: str,
+        incarnation: int,
+        now: float,
+        version: int = 0,
+        roster_version: int = 0,
+        checkpoint: CheckpointReport | None = None,
     ) -> HeartbeatReply:
+        """Renews a member. Parameter servers also report the version they serve and their answer
+        to a checkpoint order, and get the worker roster and the pending checkpoint order back."""
         with self._lock:
+            if checkpoint is not None:
+                checkpoint.check()  # a malformed report rejects the heartbeat before anything changes
+                known = self._members.get(member_id)
+                if known is not None and known.role is not Role.PARAMETER_SERVER:
+                    raise InvalidArgument("only parameter servers report checkpoints")
             previous = self._members.get(member_id)
             gap = now - previous.last_heartbeat if previous is not None else 0.0
             member = self._members.heartbeat(member_id, incarnation, now)
@@ -399,6 +426,12 @@ class Job:
                     WorkerView(m.member_id, m.incarnation, m.alive)
                     for m in self._members.members(Role.WORKER)
                 )
+                if member_id in self._ready:
+                    self._checkpoints.observe(member_id, version, now)
+                if checkpoint is not None:
+                    self._record_checkpoint(member_id, checkpoint, now)
+                order = self._checkpoints.order(self._training_moves(), now)
+                return HeartbeatReply(self._state, self.layout_version, workers, self._fence_version, order)
             return HeartbeatReply(self._state, self.layout_version, workers, self._fence_version)
 
     def deregister(self, member_id: str, incarnation: int, now: float) -> int:
@@ -708,6 +741,84 @@ class Job:
                 self._persist(now)
             return self._state
 
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _training_moves(self) -> bool:
+        """Whether workers may still move the servers' versions (a sync target lies ahead)."""
+        return self._state is JobState.TRAINING and self._ledger.leased > 0
+
+    def _request_checkpoint(self, now: float, reason: str, final: bool = False) -> tuple[Checkpoint, bool]:
+        assert self._layout is not None
+        tensors = {s: [t.name for t in self._layout.tensors_of(s)] for s in self._layout.servers}
+        checkpoint, new = self._checkpoints.request(
+            tensors, self._ps_versions, self._training_moves(), now, self._wall_clock(), reason, final
+        )
+        if new:
+            self.events.append(
+                EventKind.CHECKPOINT_REQUESTED,
+                f"checkpoint {checkpoint.checkpoint_id} requested"
+                + (f" at version {checkpoint.target_version}" if checkpoint.target_version else "")
+                + (f": {reason}" if reason else ""),
+                job_state=self._state.name,
+            )
+        return checkpoint, new
+
+    def request_checkpoint(self, reason: str, now: float) -> tuple[Checkpoint, bool]:
+        """Job control: asks every parameter server for a checkpoint (or returns the pending one);
+        returns it and whether it is new. Raises FailedPrecondition before the layout exists or
+        once the job is over, InvalidArgument for an over-long reason."""
+        with self._lock:
+            if self._layout is None:
+                raise FailedPrecondition("no parameter layout yet: nothing to checkpoint; retry once training starts")
+            if self._state.terminal:
+                raise FailedPrecondition(
+                    f"the job is {self._state.name.lower()}: its servers have stopped; "
+                    "the final checkpoint (if any) is in GetCheckpoint"
+                )
+            checkpoint, new = self._request_checkpoint(now, reason.strip())
+            if new:
+                self._persist(now)
+            return checkpoint, new
+
+    def _record_checkpoint(self, member_id: str, report: CheckpointReport, now: float) -> None:
+        checkpoint = self._checkpoints.report(member_id, report, now, self._wall_clock())
+        if checkpoint is None:
+            return
+        if checkpoint.error:
+            self.events.append(
+                EventKind.CHECKPOINT_FAILED,
+                f"checkpoint {checkpoint.checkpoint_id} failed: {checkpoint.error}",
+                member_id=member_id,
+            )
+        else:
+            versions = ", ".join(f"{r.member_id}@{r.version}" for r in checkpoint.reports.values())
+            self.events.append(
+                EventKind.CHECKPOINT_COMPLETED,
+                f"checkpoint {checkpoint.checkpoint_id} complete ({versions}) after "
+                f"{checkpoint.completed_after_s:.2f}s",
+                member_id=member_id,
+            )
+        if self._store is not None and checkpoint.complete:
+            checkpoint.manifest_path = self._store.write_manifest(
+                checkpoint.checkpoint_id, self._manifest_document(checkpoint)
+            )
+        self._persist(now)
+
+    def _manifest_document(self, checkpoint: Checkpoint) -> dict:
+        """The JSON manifest ``lepton export`` reads: enough to rebuild the model without a cluster."""
+        return {
+            "format": "lepton-checkpoint-manifest/1",
+            **checkpoint.to_state(),
+            "consistent": checkpoint.consistent,
+            "job": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
+        }
+
+    def checkpoint(self, checkpoint_id: str = "") -> Checkpoint:
+        """The named checkpoint, or the newest complete one for "". Raises InvalidArgument
+        (malformed id) and NotFound."""
+        with self._lock:
+            return self._checkpoints.get(checkpoint_id)
+
     # --- reading -------------------------------------------------------------------------------
 
     def status(self, now: float) -> JobStatus:
@@ -742,6 +853,7 @@ class Job:
                 steps_rolled_back=self.steps_rolled_back,
                 quarantined_shards=tuple(sorted(ledger.quarantined)),
                 leases_expired=self.leases_expired,
+                last_checkpoint=self._checkpoints.latest_complete(),
             )
 
     @property

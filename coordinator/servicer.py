@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from coordinator.checkpoints import Checkpoint, CheckpointReport
 from coordinator.events import Event
 from coordinator.job import EvaluationResult, Job, JobState, JobStatus, LeaseOutcome
 from coordinator.ledger import Lease
@@ -51,6 +52,40 @@ def _lease(lease: Lease) -> pb.ShardLease:
     )
 
 
+def checkpoint_to_proto(checkpoint: Checkpoint) -> pb.CheckpointManifest:
+    state = (
+        pb.CHECKPOINT_STATE_FAILED
+        if checkpoint.error
+        else pb.CHECKPOINT_STATE_COMPLETE if checkpoint.complete else pb.CHECKPOINT_STATE_PENDING
+    )
+    return pb.CheckpointManifest(
+        checkpoint_id=checkpoint.checkpoint_id,
+        state=state,
+        reason=checkpoint.reason,
+        servers=[
+            pb.ServerCheckpoint(
+                member_id=r.member_id, version=r.version, path=r.path, tensors=checkpoint.tensors.get(r.member_id, ())
+            )
+            for r in checkpoint.reports.values()
+        ],
+        target_version=checkpoint.target_version,
+        consistent=checkpoint.consistent,
+        final=checkpoint.final,
+        error=checkpoint.error,
+        requested_unix_s=checkpoint.requested_unix_s,
+        completed_unix_s=checkpoint.completed_unix_s,
+        completed_after_s=checkpoint.completed_after_s,
+        manifest_path=checkpoint.manifest_path,
+    )
+
+
+def _checkpoint_report(request: pb.HeartbeatRequest) -> CheckpointReport | None:
+    if not request.HasField("checkpoint"):
+        return None
+    c = request.checkpoint
+    return CheckpointReport(c.checkpoint_id, c.target_version, c.version, c.path, c.missed, c.error)
+
+
 def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
     msg = pb.GetStatusResponse(
         job=job_to_proto(status.spec),
@@ -74,6 +109,8 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         quarantined_shards=list(status.quarantined_shards),
         leases_expired=status.leases_expired,
     )
+    if status.last_checkpoint is not None:
+        msg.last_checkpoint.CopyFrom(checkpoint_to_proto(status.last_checkpoint))
     for snap in status.members:
         m = snap.member
         entry = msg.members.add(
@@ -138,8 +175,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def Heartbeat(self, request, context):
-        reply = self._job.heartbeat(*_member(request.member), self._now(), request.version, request.roster_version)
-        return pb.HeartbeatResponse(
+        reply = self._job.heartbeat(
+            *_member(request.member), self._now(), request.version, request.roster_version, _checkpoint_report(request)
+        )
+        msg = pb.HeartbeatResponse(
             job_state=reply.state.value,
             layout_version=reply.layout_version,
             roster_version=reply.roster_version,
@@ -148,6 +187,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 for w in reply.workers
             ],
         )
+        if reply.checkpoint is not None:
+            msg.checkpoint.CopyFrom(
+                pb.CheckpointOrder(
+                    checkpoint_id=reply.checkpoint.checkpoint_id, target_version=reply.checkpoint.target_version
+                )
+            )
+        return msg
 
     def Deregister(self, request, context):
         moved = self._job.deregister(*_member(request.member), self._now())
@@ -230,6 +276,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def CancelJob(self, request, context):
         return pb.CancelJobResponse(state=self._job.cancel(request.reason, self._now()).value)
+
+    def RequestCheckpoint(self, request, context):
+        checkpoint, new = self._job.request_checkpoint(request.reason, self._now())
+        return pb.RequestCheckpointResponse(
+            checkpoint_id=checkpoint.checkpoint_id, coalesced=not new, target_version=checkpoint.target_version
+        )
+
+    def GetCheckpoint(self, request, context):
+        return pb.GetCheckpointResponse(checkpoint=checkpoint_to_proto(self._job.checkpoint(request.checkpoint_id)))
 
     def GetStatus(self, request, context):
         return status_to_proto(self._job.status(self._now()))

@@ -9,6 +9,7 @@ SIGKILLed (it is in the OS once committed); power loss may lose the last few com
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -42,6 +43,11 @@ class JobStore(Protocol):
 
     def save(self, documents: dict[str, dict], new_completions: Iterable[SavedCompletion] = ()) -> None:
         """Atomically replaces the given documents and appends the completions."""
+        ...
+
+    def write_manifest(self, checkpoint_id: str, document: dict) -> str:
+        """Publishes a complete checkpoint's manifest where people and ``lepton export`` find it;
+        returns its path."""
         ...
 
     def close(self) -> None: ...
@@ -99,6 +105,25 @@ class SqliteJobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def write_manifest(self, checkpoint_id: str, document: dict) -> str:
+        """``<state_dir>/checkpoints/<id>.json``, written as temporary file, fsync, rename, fsync
+        of the directory (the SQLite job document stays the coordinator's own record)."""
+        directory = self.path.parent / "checkpoints"
+        directory.mkdir(exist_ok=True)
+        final = directory / f"{checkpoint_id}.json"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({**document, "manifest_path": str(final)}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return str(final)
 
     def close(self) -> None:
         with self._lock:

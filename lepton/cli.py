@@ -185,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--reason", required=True)
     _add_client_security(k)
 
+    cp = sub.add_parser("checkpoint", help="ask every parameter server for a coordinated checkpoint (needs an admin token)")
+    cp.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    cp.add_argument("--reason", default="", help="recorded in the manifest")
+    cp.add_argument("--wait", action="store_true", help="wait until every server has written its file")
+    cp.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+    _add_client_security(cp)
+
+    ex = sub.add_parser("export", help="merge a checkpoint into one plain PyTorch state_dict file")
+    ex.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="a `lepton up --state-dir`, a coordinator --state-dir, or a manifest JSON file")
+    ex.add_argument("--out", required=True, metavar="PATH", help="where to torch.save the state_dict")
+    ex.add_argument("--id", default="", help="checkpoint id (default: the newest complete one)")
+
     ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role tokens")
     ce.add_argument("--out", required=True, help="directory to write into")
     ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers")
@@ -213,6 +226,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lepton.status import cancel_job
 
         return cancel_job(args.coordinator, args.reason, security=_client_security(args))
+    if args.command == "checkpoint":
+        from lepton.export import request_checkpoint
+
+        return request_checkpoint(
+            args.coordinator, args.reason, wait_s=args.timeout if args.wait else None, security=_client_security(args)
+        )
+    if args.command == "export":
+        from lepton.export import export_checkpoint
+
+        result = export_checkpoint(args.checkpoint, args.out, args.id)
+        print(
+            f"exported {result.checkpoint_id} ({len(result.tensors)} tensors, versions "
+            f"{', '.join(f'{s}@{v}' for s, v in result.versions.items())}) to {result.out}"
+        )
+        return 0
     if args.command == "scale":
         from lepton.errors import DeadlineExceeded
         from lepton.scale import request_scale

@@ -119,10 +119,18 @@ class CoordinatorClient(_Client):
         )
         return MemberId(reply.member.member_id, reply.member.incarnation), job_from_proto(reply.job)
 
-    def heartbeat(self, member: MemberId, version: int = 0, roster_version: int = 0) -> cpb.HeartbeatResponse:
+    def heartbeat(
+        self,
+        member: MemberId,
+        version: int = 0,
+        roster_version: int = 0,
+        checkpoint: cpb.CheckpointReport | None = None,
+    ) -> cpb.HeartbeatResponse:
         return call(
             self._stub.Heartbeat,
-            cpb.HeartbeatRequest(member=member.to_proto(), version=version, roster_version=roster_version),
+            cpb.HeartbeatRequest(
+                member=member.to_proto(), version=version, roster_version=roster_version, checkpoint=checkpoint
+            ),
             timeout=self._timeout_s,
         )
 
@@ -223,6 +231,17 @@ class CoordinatorClient(_Client):
 
     def cancel(self, reason: str) -> None:
         call(self._stub.CancelJob, cpb.CancelJobRequest(reason=reason), timeout=self._timeout_s)
+
+    def request_checkpoint(self, reason: str = "") -> cpb.RequestCheckpointResponse:
+        """One attempt (a retry after the checkpoint completed would start another one)."""
+        return call(
+            self._stub.RequestCheckpoint, cpb.RequestCheckpointRequest(reason=reason), timeout=self._timeout_s
+        )
+
+    def checkpoint(self, checkpoint_id: str = "") -> cpb.CheckpointManifest:
+        """The named checkpoint's manifest, or the newest complete one ("")."""
+        reply = self._idempotent(self._stub.GetCheckpoint, cpb.GetCheckpointRequest(checkpoint_id=checkpoint_id))
+        return reply.checkpoint
 
     def watch(self, after_sequence: int = 0, timeout_s: float | None = None) -> Iterator[cpb.JobEvent]:
         return iterate(

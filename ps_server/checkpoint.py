@@ -4,18 +4,51 @@ Each checkpoint is one file ``ckpt-<version>.pt`` (torch.save of tensors and the
 loaded with ``weights_only=True``, so loading runs no pickled code) written as temporary file,
 fsync, rename, fsync of the directory: a crash leaves either the old or the new checkpoint, never
 a torn one. The newest ``keep`` checkpoints are kept.
+
+Checkpoints the coordinator orders (``lepton checkpoint``, and the final one when training ends)
+go to ``snapshots/<checkpoint_id>.pt`` beside them, in the same format and written the same way;
+they are kept (the coordinator's manifest names them) and never used for restarts.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+def write_atomically(final: Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temporary file, fsync, rename over ``final``, fsync of the directory."""
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+@dataclass(frozen=True)
+class SnapshotReport:
+    """This server's answer to a checkpoint order (see CheckpointReport in coordinator.proto)."""
+
+    checkpoint_id: str
+    target_version: int
+    version: int
+    path: str = ""
+    missed: bool = False
+    error: str = ""
 
 
 class CheckpointDirectory:
@@ -27,21 +60,16 @@ class CheckpointDirectory:
         self.keep = max(1, keep)
 
     def save(self, version: int, state: dict[str, Any]) -> Path:
-        final = self.directory / f"ckpt-{version:012d}.pt"
-        tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        final = write_atomically(self.directory / f"ckpt-{version:012d}.pt", state)
         for old in self.versions()[: -self.keep]:
             (self.directory / f"ckpt-{old:012d}.pt").unlink(missing_ok=True)
         return final
+
+    def save_snapshot(self, checkpoint_id: str, state: dict[str, Any]) -> Path:
+        """An ordered checkpoint, ``snapshots/<checkpoint_id>.pt``; returns its absolute path."""
+        directory = self.directory / "snapshots"
+        directory.mkdir(exist_ok=True)
+        return write_atomically(directory.resolve() / f"{checkpoint_id}.pt", state)
 
     def versions(self) -> list[int]:
         found = []

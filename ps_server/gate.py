@@ -49,6 +49,17 @@ class PushResult:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """The outcome of ``ConsistencyGate.capture``: the store's full state at the target version
+    (``state``), or that the target is still ahead (armed; ask again) or already passed
+    (``missed``). ``version`` is the version the state holds, or the current one."""
+
+    version: int
+    state: dict | None = None
+    missed: bool = False
+
+
+@dataclass(frozen=True)
 class ClockWait:
     """An ssp push that was applied: its caller may return ``result`` once ``member_id``'s clock
     ``clock`` is within the staleness bound of the slowest participant (``wait_for_clock``)."""
@@ -121,6 +132,8 @@ class ConsistencyGate:
         # Answers to recent pushes by (member, request id), oldest first: retries get them again.
         self._answered: OrderedDict[tuple[str, str], PushResult | ClockWait] = OrderedDict()
         self.dedup_window = 4096
+        self._capture_at: int | None = None  # a checkpoint's target version, armed by capture()
+        self._captured: tuple[int, dict] | None = None
 
     @property
     def version(self) -> int:
@@ -299,9 +312,28 @@ class ConsistencyGate:
         if members:
             self._cond.notify_all()
 
+    def capture(self, target_version: int) -> Capture:
+        """The store's full state (parameters, optimizer, schedule, version) when its version is
+        exactly ``target_version`` (0: now), taken under the lock so it holds whole updates (a sync
+        step entirely or not at all). A target still ahead is armed: the state is copied the
+        moment an update reaches it, and a later call returns it."""
+        with self._cond:
+            version = self.store.version
+            if self._captured is not None and self._captured[0] == target_version:
+                return Capture(target_version, self._captured[1])
+            if target_version <= 0 or version == target_version:
+                return Capture(version, self.store.state_dict())
+            if version > target_version:
+                return Capture(version, missed=True)
+            self._capture_at = target_version
+            return Capture(version)
+
     def _apply(self, grads: Mapping[str, torch.Tensor]) -> None:
         self.store.apply(grads)
         self.counters.updates_applied += 1
+        if self._capture_at == self.store.version:
+            self._captured = (self.store.version, self.store.state_dict())
+            self._capture_at = None
         if self._after_apply is not None:
             self._after_apply(self.store)
 

@@ -22,7 +22,7 @@ from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
-from ps_server.checkpoint import CheckpointDirectory
+from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.metrics import ParameterServerCollector
 from ps_server.node import ParameterServerNode
 from ps_server.roster import WorkerEntry
@@ -83,11 +83,32 @@ def serve(
     log.info("ps_registered", address=address, coordinator=coordinator, tls=server.tls, metrics=metrics_address)
     write_ready_file(ready_file, address=server.address, member_id=member.member_id, metrics=metrics_address)
     outcome = {"code": EXIT_OK}
+    # The answer to the coordinator's standing checkpoint order, sent with every heartbeat until
+    # the order goes away.
+    snapshot: list[SnapshotReport | None] = [None]
+
+    def send_heartbeat() -> cpb.HeartbeatResponse:
+        gate = node.gate_or_none()
+        report = snapshot[0]
+        wire = None
+        if report is not None:
+            wire = cpb.CheckpointReport(
+                checkpoint_id=report.checkpoint_id, target_version=report.target_version, version=report.version,
+                path=report.path, missed=report.missed, error=report.error,
+            )
+        return client.heartbeat(member, gate.version if gate is not None else 0, applied_roster[0], wire)
+
+    def answer_order(reply: cpb.HeartbeatResponse) -> None:
+        order = reply.checkpoint
+        answer = node.answer_checkpoint(order.checkpoint_id, order.target_version) if order.checkpoint_id else None
+        if answer is not None and answer is not snapshot[0]:
+            log.info("checkpoint_written", checkpoint=answer.checkpoint_id, version=answer.version,
+                     path=answer.path, missed=answer.missed, error=answer.error)
+        snapshot[0] = answer
 
     def heartbeat() -> None:
         try:
-            gate = node.gate_or_none()
-            reply = client.heartbeat(member, gate.version if gate is not None else 0, applied_roster[0])
+            reply = send_heartbeat()
         except Fenced as exc:
             # Declared dead (e.g. cut off longer than the timeout): retryable. Restarted with the
             # same --id and --state-dir it comes back from its checkpoint.
@@ -100,7 +121,15 @@ def serve(
             return
         node.update_roster(WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers)
         applied_roster[0] = max(applied_roster[0], reply.roster_version)
+        answer_order(reply)
         if reply.job_state in TERMINAL:
+            if snapshot[0] is not None:
+                # The job ended with a checkpoint order standing (the final one): report it before
+                # leaving, or the manifest would miss this server's file.
+                try:
+                    send_heartbeat()
+                except LeptonError as exc:
+                    log.warning("final_checkpoint_report_failed", error=str(exc))
             log.info("job_over", state=cpb.JobState.Name(reply.job_state))
             if reply.job_state == cpb.JOB_STATE_FAILED:
                 outcome["code"] = EXIT_JOB_FAILED

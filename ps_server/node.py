@@ -13,7 +13,7 @@ import torch
 
 from lepton.tensors import TensorSpec
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
-from ps_server.checkpoint import CheckpointDirectory
+from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.gate import ClockWait, ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.store import ParameterStore
@@ -65,6 +65,9 @@ class ParameterServerNode:
         self._last_refresh = float("-inf")
         self.pushes_rejected = 0
         self.checkpoint_version = -1
+        self._checkpoints: CheckpointDirectory | None = None
+        self._no_state_dir = False  # loaded without a checkpoint directory: ordered checkpoints fail
+        self._snapshot: SnapshotReport | None = None  # the answer to the latest checkpoint order
         self.bytes_pulled = 0
         self.bytes_pushed = 0
 
@@ -95,7 +98,41 @@ class ParameterServerNode:
         )
         with self._lock:
             self._gate = ConsistencyGate(store, mode, step_timeout_s, after_apply, staleness)
+            self._checkpoints = checkpoints
+            self._no_state_dir = checkpoints is None
         return store.version
+
+    def answer_checkpoint(self, checkpoint_id: str, target_version: int) -> SnapshotReport | None:
+        """Carries out the coordinator's checkpoint order: the report to send with the next
+        heartbeat, or None while the target version is still ahead (or nothing is loaded yet).
+        The same order gets the same answer (the file is written once)."""
+        done = self._snapshot
+        if done is not None and (done.checkpoint_id, done.target_version) == (checkpoint_id, target_version):
+            return done
+        gate = self._gate
+        if gate is None:
+            return None
+        if self._no_state_dir:
+            report = SnapshotReport(
+                checkpoint_id, target_version, gate.version,
+                error=f"parameter server {self.member_id} runs without --state-dir: nowhere to write a checkpoint",
+            )
+        else:
+            capture = gate.capture(target_version)
+            if capture.missed:
+                report = SnapshotReport(checkpoint_id, target_version, capture.version, missed=True)
+            elif capture.state is None:
+                return None
+            else:
+                assert self._checkpoints is not None
+                try:
+                    path = str(self._checkpoints.save_snapshot(checkpoint_id, capture.state))
+                except OSError as exc:  # disk full, permissions: the checkpoint fails, training goes on
+                    report = SnapshotReport(checkpoint_id, target_version, capture.version, error=str(exc))
+                else:
+                    report = SnapshotReport(checkpoint_id, target_version, capture.version, path)
+        self._snapshot = report
+        return report
 
     def _checkpointer(self, checkpoints: CheckpointDirectory, every_steps: int) -> Callable[[ParameterStore], None]:
         def after_apply(store: ParameterStore) -> None:

@@ -40,6 +40,16 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_JOB_STATE_CHANGED: _ClassVar[EventKind]
     EVENT_KIND_EVALUATED: _ClassVar[EventKind]
     EVENT_KIND_SHARD_QUARANTINED: _ClassVar[EventKind]
+    EVENT_KIND_CHECKPOINT_REQUESTED: _ClassVar[EventKind]
+    EVENT_KIND_CHECKPOINT_COMPLETED: _ClassVar[EventKind]
+    EVENT_KIND_CHECKPOINT_FAILED: _ClassVar[EventKind]
+
+class CheckpointState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_STATE_UNSPECIFIED: _ClassVar[CheckpointState]
+    CHECKPOINT_STATE_PENDING: _ClassVar[CheckpointState]
+    CHECKPOINT_STATE_COMPLETE: _ClassVar[CheckpointState]
+    CHECKPOINT_STATE_FAILED: _ClassVar[CheckpointState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_WAITING_FOR_SERVERS: JobState
 JOB_STATE_INITIALIZING: JobState
@@ -64,6 +74,13 @@ EVENT_KIND_EPOCH_STARTED: EventKind
 EVENT_KIND_JOB_STATE_CHANGED: EventKind
 EVENT_KIND_EVALUATED: EventKind
 EVENT_KIND_SHARD_QUARANTINED: EventKind
+EVENT_KIND_CHECKPOINT_REQUESTED: EventKind
+EVENT_KIND_CHECKPOINT_COMPLETED: EventKind
+EVENT_KIND_CHECKPOINT_FAILED: EventKind
+CHECKPOINT_STATE_UNSPECIFIED: CheckpointState
+CHECKPOINT_STATE_PENDING: CheckpointState
+CHECKPOINT_STATE_COMPLETE: CheckpointState
+CHECKPOINT_STATE_FAILED: CheckpointState
 
 class RegisterMemberRequest(_message.Message):
     __slots__ = ("role", "address", "member_id", "hostname", "pid")
@@ -88,14 +105,40 @@ class RegisterMemberResponse(_message.Message):
     def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("member", "version", "roster_version")
+    __slots__ = ("member", "version", "roster_version", "checkpoint")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     version: int
     roster_version: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., version: _Optional[int] = ..., roster_version: _Optional[int] = ...) -> None: ...
+    checkpoint: CheckpointReport
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., version: _Optional[int] = ..., roster_version: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointReport, _Mapping]] = ...) -> None: ...
+
+class CheckpointReport(_message.Message):
+    __slots__ = ("checkpoint_id", "target_version", "version", "path", "missed", "error")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MISSED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    target_version: int
+    version: int
+    path: str
+    missed: bool
+    error: str
+    def __init__(self, checkpoint_id: _Optional[str] = ..., target_version: _Optional[int] = ..., version: _Optional[int] = ..., path: _Optional[str] = ..., missed: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CheckpointOrder(_message.Message):
+    __slots__ = ("checkpoint_id", "target_version")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    target_version: int
+    def __init__(self, checkpoint_id: _Optional[str] = ..., target_version: _Optional[int] = ...) -> None: ...
 
 class WorkerMembership(_message.Message):
     __slots__ = ("member_id", "incarnation", "alive")
@@ -108,16 +151,18 @@ class WorkerMembership(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("job_state", "layout_version", "workers", "roster_version")
+    __slots__ = ("job_state", "layout_version", "workers", "roster_version", "checkpoint")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     job_state: JobState
     layout_version: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerMembership]
     roster_version: int
-    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ..., roster_version: _Optional[int] = ...) -> None: ...
+    checkpoint: CheckpointOrder
+    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ..., roster_version: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointOrder, _Mapping]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("member",)
@@ -326,7 +371,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired")
+    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired", "last_checkpoint")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +395,7 @@ class GetStatusResponse(_message.Message):
     STEPS_ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.JobSpec
     state: JobState
     epoch: int
@@ -373,7 +419,8 @@ class GetStatusResponse(_message.Message):
     steps_rolled_back: int
     quarantined_shards: _containers.RepeatedScalarFieldContainer[int]
     leases_expired: int
-    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ..., leases_expired: _Optional[int] = ...) -> None: ...
+    last_checkpoint: CheckpointManifest
+    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ..., leases_expired: _Optional[int] = ..., last_checkpoint: _Optional[_Union[CheckpointManifest, _Mapping]] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("after_sequence",)
@@ -416,3 +463,71 @@ class CancelJobResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     def __init__(self, state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class RequestCheckpointRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class RequestCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint_id", "coalesced", "target_version")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    COALESCED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    coalesced: bool
+    target_version: int
+    def __init__(self, checkpoint_id: _Optional[str] = ..., coalesced: _Optional[bool] = ..., target_version: _Optional[int] = ...) -> None: ...
+
+class GetCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id",)
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    def __init__(self, checkpoint_id: _Optional[str] = ...) -> None: ...
+
+class GetCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: CheckpointManifest
+    def __init__(self, checkpoint: _Optional[_Union[CheckpointManifest, _Mapping]] = ...) -> None: ...
+
+class ServerCheckpoint(_message.Message):
+    __slots__ = ("member_id", "version", "path", "tensors")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    member_id: str
+    version: int
+    path: str
+    tensors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., path: _Optional[str] = ..., tensors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckpointManifest(_message.Message):
+    __slots__ = ("checkpoint_id", "state", "reason", "servers", "target_version", "consistent", "final", "error", "requested_unix_s", "completed_unix_s", "completed_after_s", "manifest_path")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_PATH_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    state: CheckpointState
+    reason: str
+    servers: _containers.RepeatedCompositeFieldContainer[ServerCheckpoint]
+    target_version: int
+    consistent: bool
+    final: bool
+    error: str
+    requested_unix_s: float
+    completed_unix_s: float
+    completed_after_s: float
+    manifest_path: str
+    def __init__(self, checkpoint_id: _Optional[str] = ..., state: _Optional[_Union[CheckpointState, str]] = ..., reason: _Optional[str] = ..., servers: _Optional[_Iterable[_Union[ServerCheckpoint, _Mapping]]] = ..., target_version: _Optional[int] = ..., consistent: _Optional[bool] = ..., final: _Optional[bool] = ..., error: _Optional[str] = ..., requested_unix_s: _Optional[float] = ..., completed_unix_s: _Optional[float] = ..., completed_after_s: _Optional[float] = ..., manifest_path: _Optional[str] = ...) -> None: ...

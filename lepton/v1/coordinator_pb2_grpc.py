@@ -99,6 +99,16 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.RequestCheckpoint = channel.unary_unary(
+                '/lepton.v1.Coordinator/RequestCheckpoint',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/lepton.v1.Coordinator/GetCheckpoint',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -214,6 +224,31 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestCheckpoint(self, request, context):
+        """Job control (role admin): asks every parameter server of the layout for a coordinated
+        checkpoint and returns its id at once (poll GetCheckpoint until it is complete). Servers learn
+        of it from their heartbeat replies (HeartbeatResponse.checkpoint), write their parameters,
+        optimizer state and version atomically under their --state-dir, and report the file in their
+        next heartbeat; the coordinator keeps the manifest durably. One checkpoint is pending at a
+        time: a request while one is pending returns the pending one (coalesced = true).
+        sync: every server snapshots at the same version (global step); async and ssp: each server
+        snapshots the version it has (recorded per server; not a global cut). See CheckpointManifest.
+        Errors: INVALID_ARGUMENT (reason over 200 characters), FAILED_PRECONDITION (no layout yet,
+        or the job is over), PERMISSION_DENIED (not an admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """One checkpoint's manifest, or the newest complete one when checkpoint_id is empty.
+        Errors: INVALID_ARGUMENT (checkpoint_id not of the form ckpt-000001), NOT_FOUND (no such
+        checkpoint, or none complete yet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +316,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.WatchJobRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.JobEvent.SerializeToString,
+            ),
+            'RequestCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCheckpoint,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -634,6 +679,60 @@ class Coordinator:
             '/lepton.v1.Coordinator/WatchJob',
             lepton_dot_v1_dot_coordinator__pb2.WatchJobRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/RequestCheckpoint',
+            lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.RequestCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/GetCheckpoint',
+            lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

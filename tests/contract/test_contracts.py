@@ -31,6 +31,7 @@ DOMAIN_MODULES = [
     "coordinator.layout",
     "coordinator.events",
     "coordinator.job",
+    "coordinator.checkpoints",
     "ps_server.store",
     "ps_server.gate",
     "ps_server.roster",

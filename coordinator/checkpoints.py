@@ -1,0 +1,314 @@
+"""The checkpoint manifest: which coordinated checkpoints were asked for, what each parameter server
+wrote for them, and which are complete. Pure bookkeeping; every decision takes ``now``.
+
+How a checkpoint is cut (one request is pending at a time; a second request while one is pending
+gets the pending one's id):
+
+- ``sync``: every server snapshots at the same *target version* T (the same global step: in sync
+  mode a server's version is the number of steps it applied, and no two servers are more than one
+  step apart). T is the newest version servers reported plus a lead of a few heartbeats' worth of
+  steps, so each server sees the order before it gets there and captures its state when its
+  version becomes T. A server that is already past T reports a miss and the checkpoint is
+  retargeted further ahead, with twice the lead. While no worker trains (nothing can move the
+  versions) T is "now".
+- ``async`` and ``ssp``: each server snapshots the version it has when the order reaches it (T is
+  "now"); the manifest records every server's version. This is a per-server snapshot, not a global
+  cut: updates keep arriving between the servers' snapshots.
+- Once training is over (evaluating or finished), or when a checkpoint has been pending for
+  ``stall_s``, T becomes "now": the servers no longer move (or one will never reach T), so they
+  snapshot what they have. ``consistent`` says whether the versions of a complete checkpoint are
+  all equal in sync mode (a global cut).
+
+A checkpoint is complete when every server of the layout has reported its file; a server that
+cannot write one (no state directory) fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from lepton.errors import InvalidArgument, NotFound
+
+ID_PATTERN = re.compile(r"^ckpt-(\d{6,})$")
+NOW = 0  # target version meaning "the version you have when you see the order"
+MIN_LEAD_STEPS = 4
+LEAD_HEARTBEATS = 3  # lead = steps the fastest server makes in this many heartbeat intervals
+MAX_REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class ServerCheckpoint:
+    """What one server wrote for a checkpoint."""
+
+    member_id: str
+    version: int
+    path: str
+
+
+@dataclass(frozen=True)
+class CheckpointOrder:
+    """What a server is asked to do (sent in its heartbeat replies while the checkpoint is pending)."""
+
+    checkpoint_id: str
+    target_version: int  # NOW: snapshot at once
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """A server's answer to an order: the file it wrote at ``version``, or that it was past the
+    target already (``missed``), or why it could not write one (``error``)."""
+
+    checkpoint_id: str
+    target_version: int
+    version: int
+    path: str = ""
+    missed: bool = False
+    error: str = ""
+
+    def check(self) -> None:
+        """Raises InvalidArgument for a malformed report."""
+        parse_id(self.checkpoint_id)
+        if self.version < 0 or self.target_version < 0:
+            raise InvalidArgument("checkpoint version and target_version must be >= 0")
+        if not (self.missed or self.error or self.path):
+            raise InvalidArgument("a checkpoint report needs a path, missed or an error")
+
+
+@dataclass
+class Checkpoint:
+    """One coordinated checkpoint. ``servers`` are the layout's servers when it was requested."""
+
+    checkpoint_id: str
+    reason: str
+    mode: str
+    servers: tuple[str, ...]
+    target_version: int
+    lead_steps: int
+    requested_at: float
+    requested_unix_s: float
+    final: bool = False
+    tensors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # server -> tensor names
+    reports: dict[str, ServerCheckpoint] = field(default_factory=dict)
+    error: str = ""
+    completed_unix_s: float = 0.0
+    completed_after_s: float = 0.0
+    manifest_path: str = ""  # where the coordinator published the JSON manifest (with --state-dir)
+
+    @property
+    def complete(self) -> bool:
+        return not self.error and set(self.reports) >= set(self.servers)
+
+    @property
+    def pending(self) -> bool:
+        return not self.error and not self.complete
+
+    @property
+    def consistent(self) -> bool:
+        """A complete sync checkpoint whose servers are all at the same version."""
+        return self.complete and self.mode == "sync" and len({r.version for r in self.reports.values()}) == 1
+
+    @property
+    def sequence(self) -> int:
+        return int(self.checkpoint_id.removeprefix("ckpt-"))
+
+    def to_state(self) -> dict:
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "reason": self.reason,
+            "mode": self.mode,
+            "servers": list(self.servers),
+            "target_version": self.target_version,
+            "lead_steps": self.lead_steps,
+            "requested_unix_s": self.requested_unix_s,
+            "final": self.final,
+            "tensors": {s: list(names) for s, names in self.tensors.items()},
+            "reports": {m: {"version": r.version, "path": r.path} for m, r in self.reports.items()},
+            "error": self.error,
+            "completed_unix_s": self.completed_unix_s,
+            "completed_after_s": self.completed_after_s,
+            "manifest_path": self.manifest_path,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping, now: float) -> Checkpoint:
+        return cls(
+            checkpoint_id=state["checkpoint_id"],
+            reason=state["reason"],
+            mode=state["mode"],
+            servers=tuple(state["servers"]),
+            target_version=state["target_version"],
+            lead_steps=state["lead_steps"],
+            requested_at=now,  # monotonic time does not survive a restart: the stall clock restarts
+            requested_unix_s=state["requested_unix_s"],
+            final=state["final"],
+            tensors={s: tuple(names) for s, names in state.get("tensors", {}).items()},
+            reports={m: ServerCheckpoint(m, r["version"], r["path"]) for m, r in state["reports"].items()},
+            error=state["error"],
+            completed_unix_s=state["completed_unix_s"],
+            completed_after_s=state["completed_after_s"],
+            manifest_path=state.get("manifest_path", ""),
+        )
+
+
+def parse_id(checkpoint_id: str) -> str:
+    """Raises InvalidArgument unless ``checkpoint_id`` looks like one this coordinator hands out."""
+    if not ID_PATTERN.match(checkpoint_id):
+        raise InvalidArgument(f"checkpoint_id must look like ckpt-000001, got {checkpoint_id[:40]!r}")
+    return checkpoint_id
+
+
+class CheckpointManifest:
+    """Every coordinated checkpoint of one job, by id. Not thread-safe: the Job's lock guards it.
+
+    Raises InvalidArgument (malformed id or reason) and NotFound (unknown id, nothing complete).
+    """
+
+    def __init__(self, mode: str, heartbeat_interval_s: float, stall_s: float | None = None) -> None:
+        self.mode = mode
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.stall_s = stall_s if stall_s is not None else max(10.0, 20 * heartbeat_interval_s)
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._next = 1
+        self._seen: dict[str, tuple[int, float]] = {}  # server -> (version, at) of its last heartbeat
+        self._rate: dict[str, float] = {}  # server -> versions per second between its last heartbeats
+
+    # --- observing -----------------------------------------------------------------------------
+
+    def observe(self, server: str, version: int, now: float) -> None:
+        """A server's heartbeat reported ``version``: keeps its rate of steps for the lead."""
+        previous = self._seen.get(server)
+        if previous is not None and now > previous[1] and version >= previous[0]:
+            self._rate[server] = (version - previous[0]) / (now - previous[1])
+        self._seen[server] = (version, now)
+
+    def _lead(self) -> int:
+        rate = max(self._rate.values(), default=0.0)
+        return max(MIN_LEAD_STEPS, math.ceil(rate * LEAD_HEARTBEATS * self.heartbeat_interval_s))
+
+    # --- deciding ------------------------------------------------------------------------------
+
+    def request(
+        self,
+        tensors: Mapping[str, Sequence[str]],
+        versions: Mapping[str, int],
+        training: bool,
+        now: float,
+        unix_s: float,
+        reason: str = "",
+        final: bool = False,
+    ) -> tuple[Checkpoint, bool]:
+        """Opens a checkpoint of the servers in ``tensors`` (server -> the tensor names it holds), or
+        returns the pending one; returns it and whether it is new. ``training``: whether workers may still move the versions (sync picks a target
+        ahead of them)."""
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"reason is {len(reason)} characters; at most {MAX_REASON_CHARS}")
+        pending = self.pending()
+        if pending is not None:
+            if final:
+                pending.final = True
+            return pending, False
+        servers = tuple(tensors)
+        target, lead = NOW, 0
+        if self.mode == "sync" and training:
+            lead = self._lead()
+            target = max((versions.get(s, 0) for s in servers), default=0) + lead
+        checkpoint = Checkpoint(
+            checkpoint_id=f"ckpt-{self._next:06d}",
+            reason=reason,
+            mode=self.mode,
+            servers=servers,
+            target_version=target,
+            lead_steps=lead,
+            requested_at=now,
+            requested_unix_s=unix_s,
+            final=final,
+            tensors={s: tuple(names) for s, names in tensors.items()},
+        )
+        self._next += 1
+        self._checkpoints[checkpoint.checkpoint_id] = checkpoint
+        return checkpoint, True
+
+    def order(self, training: bool, now: float) -> CheckpointOrder | None:
+        """What servers are asked to do now (None: nothing pending). Training over, or a
+        checkpoint pending longer than ``stall_s``: snapshot at once."""
+        pending = self.pending()
+        if pending is None:
+            return None
+        if pending.target_version != NOW and (not training or now - pending.requested_at > self.stall_s):
+            pending.target_version = NOW
+        return CheckpointOrder(pending.checkpoint_id, pending.target_version)
+
+    def report(self, server: str, report: CheckpointReport, now: float, unix_s: float) -> Checkpoint | None:
+        """A server's answer to an order; returns the checkpoint if this report completed or failed
+        it (the caller publishes it), else None. Reports on anything but the pending checkpoint's
+        current order (an older target, an earlier checkpoint, a server outside its layout) are
+        expected after retargets and restarts, and ignored. Raises InvalidArgument for a report
+        that is malformed (nothing changes)."""
+        report.check()
+        checkpoint = self._checkpoints.get(report.checkpoint_id)
+        if (
+            checkpoint is None
+            or not checkpoint.pending
+            or server not in checkpoint.servers
+            or report.target_version != checkpoint.target_version
+        ):
+            return None
+        if report.error:
+            checkpoint.error = f"{server}: {report.error}"
+            return checkpoint
+        if report.missed:
+            # Past the target before it saw the order: aim further ahead, with twice the lead.
+            checkpoint.reports.clear()
+            checkpoint.lead_steps = max(MIN_LEAD_STEPS, 2 * checkpoint.lead_steps, self._lead())
+            newest = max([report.version] + [v for v, _ in self._seen.values()])
+            checkpoint.target_version = newest + checkpoint.lead_steps
+            return None
+        if checkpoint.target_version != NOW and report.version != checkpoint.target_version:
+            return None  # not what was ordered; the next reply asks again
+        checkpoint.reports[server] = ServerCheckpoint(server, report.version, report.path)
+        if checkpoint.complete:
+            checkpoint.completed_unix_s = unix_s
+            checkpoint.completed_after_s = max(0.0, now - checkpoint.requested_at)
+            return checkpoint
+        return None
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def pending(self) -> Checkpoint | None:
+        for checkpoint in self._checkpoints.values():
+            if checkpoint.pending:
+                return checkpoint
+        return None
+
+    def get(self, checkpoint_id: str = "") -> Checkpoint:
+        """The named checkpoint, or the newest complete one for "". Raises NotFound."""
+        if not checkpoint_id:
+            latest = self.latest_complete()
+            if latest is None:
+                raise NotFound("no checkpoint is complete yet")
+            return latest
+        checkpoint = self._checkpoints.get(parse_id(checkpoint_id))
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint {checkpoint_id}")
+        return replace(checkpoint, reports=dict(checkpoint.reports))
+
+    def latest_complete(self) -> Checkpoint | None:
+        done = [c for c in self._checkpoints.values() if c.complete]
+        if not done:
+            return None
+        newest = max(done, key=lambda c: c.sequence)
+        return replace(newest, reports=dict(newest.reports))
+
+    # --- durability ----------------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        return {"next": self._next, "checkpoints": [c.to_state() for c in self._checkpoints.values()]}
+
+    def restore(self, state: Mapping, now: float) -> None:
+        self._next = state["next"]
+        self._checkpoints = {
+            c["checkpoint_id"]: Checkpoint.from_state(c, now) for c in state["checkpoints"]
+        }

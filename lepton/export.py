@@ -1,0 +1,170 @@
+"""``lepton checkpoint`` (ask a running job for a coordinated checkpoint) and ``lepton export``
+(turn a complete checkpoint into one plain PyTorch ``state_dict`` file, no cluster needed).
+
+Where export looks: ``--checkpoint`` names a manifest JSON file, a coordinator's ``--state-dir``
+(manifests in ``checkpoints/``), or a ``lepton up --state-dir`` (manifests in
+``coordinator/checkpoints/``). Without ``--id`` it takes the complete checkpoint with the highest
+id, which after a successful job is the final one. Each server's file is read from the absolute
+path in the manifest, or, when the state directory was moved, from the same place relative to it
+(``<up state dir>/<server id>/checkpoints/snapshots/<id>.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lepton.clients import CoordinatorClient
+from lepton.errors import ConfigError, LeptonError, Unavailable
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
+from lepton.security import INSECURE, Security
+from lepton.v1 import coordinator_pb2 as cpb
+
+MANIFEST_FORMAT = "lepton-checkpoint-manifest/1"
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    checkpoint_id: str
+    out: Path
+    tensors: tuple[str, ...]
+    versions: dict[str, int]  # server -> version of its snapshot
+    manifest: Path
+
+
+def _manifests(directory: Path) -> list[Path]:
+    for candidate in (directory / "checkpoints", directory / "coordinator" / "checkpoints"):
+        found = sorted(candidate.glob("ckpt-*.json")) if candidate.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def find_manifest(checkpoint: str | Path, checkpoint_id: str = "") -> Path:
+    """The manifest file ``checkpoint`` names or holds (the newest complete one unless
+    ``checkpoint_id``). Raises ConfigError when there is none."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{path} is neither a checkpoint manifest nor a directory")
+    found = _manifests(path)
+    if checkpoint_id:
+        found = [m for m in found if m.stem == checkpoint_id]
+    if not found:
+        wanted = f"checkpoint {checkpoint_id}" if checkpoint_id else "a complete checkpoint"
+        raise ConfigError(
+            f"no manifest of {wanted} under {path} (looked in checkpoints/ and coordinator/checkpoints/); "
+            "checkpoints are published by a coordinator with --state-dir once every server wrote its file"
+        )
+    return max(found, key=lambda m: int(m.stem.removeprefix("ckpt-")))
+
+
+def _server_file(manifest_path: Path, checkpoint_id: str, server: str, recorded: str) -> Path:
+    recorded_path = Path(recorded)
+    if recorded_path.is_file():
+        return recorded_path
+    # A moved `lepton up` state directory: <root>/coordinator/checkpoints/<id>.json beside <root>/<server>/.
+    root = manifest_path.resolve().parent.parent.parent
+    moved = root / server / "checkpoints" / "snapshots" / recorded_path.name
+    if moved.is_file():
+        return moved
+    raise ConfigError(f"checkpoint {checkpoint_id}: the file of {server} is missing ({recorded}, nor {moved})")
+
+
+def merge(manifest_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest and the model's tensors merged from every server's file (each tensor whole on
+    one server). Raises ConfigError for an incomplete or inconsistent checkpoint."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{manifest_path} is not a readable manifest: {exc}") from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{manifest_path} is not a Lepton checkpoint manifest ({MANIFEST_FORMAT})")
+    checkpoint_id = manifest["checkpoint_id"]
+    missing = sorted(set(manifest["servers"]) - set(manifest["reports"]))
+    if manifest.get("error") or missing:
+        raise ConfigError(f"checkpoint {checkpoint_id} is not complete: {manifest.get('error') or missing}")
+    tensors: dict[str, torch.Tensor] = {}
+    for server in manifest["servers"]:
+        report = manifest["reports"][server]
+        path = _server_file(manifest_path, checkpoint_id, server, report["path"])
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if int(state["version"]) != int(report["version"]):
+            raise ConfigError(f"{path} holds version {state['version']}, the manifest says {report['version']}")
+        expected = set(manifest["tensors"].get(server, ()))
+        if set(state["params"]) != expected:
+            raise ConfigError(f"{path} holds tensors {sorted(state['params'])[:8]}, the manifest {sorted(expected)[:8]}")
+        for name, value in state["params"].items():
+            if name in tensors:
+                raise ConfigError(f"tensor {name!r} is in more than one server's file")
+            tensors[name] = value.detach().clone().contiguous()
+    return manifest, tensors
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, checkpoint_id: str = "") -> ExportResult:
+    """Writes the checkpoint's parameters as a plain ``state_dict`` (names as the model's
+    ``named_parameters``, tensors only, so ``torch.load(out, weights_only=True)`` reads it),
+    atomically. Raises ConfigError."""
+    manifest_path = find_manifest(checkpoint, checkpoint_id)
+    manifest, tensors = merge(manifest_path)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(tensors, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    versions = {s: int(r["version"]) for s, r in manifest["reports"].items()}
+    return ExportResult(manifest["checkpoint_id"], out_path, tuple(tensors), versions, manifest_path)
+
+
+def describe(checkpoint: cpb.CheckpointManifest) -> str:
+    lines = [
+        f"checkpoint {checkpoint.checkpoint_id} {cpb.CheckpointState.Name(checkpoint.state).removeprefix('CHECKPOINT_STATE_').lower()}"
+        + (f" after {checkpoint.completed_after_s:.2f}s" if checkpoint.completed_after_s else "")
+        + (", consistent (every server at the same step)" if checkpoint.consistent else ""),
+    ]
+    if checkpoint.error:
+        lines.append(f"  error: {checkpoint.error}")
+    for s in checkpoint.servers:
+        lines.append(f"  {s.member_id:<12} version {s.version:<8} {s.path}")
+    if checkpoint.manifest_path:
+        lines.append(f"  manifest {checkpoint.manifest_path}")
+    return "\n".join(lines)
+
+
+def request_checkpoint(
+    address: str, reason: str = "", wait_s: float | None = None, security: Security = INSECURE
+) -> int:
+    """``lepton checkpoint``: asks for one; with ``wait_s``, polls until it is complete (or failed,
+    or the time is up: exit code 160). Prints its id and, once complete, where the files are."""
+    client = CoordinatorClient(address, timeout_s=5.0, security=security)
+    try:
+        reply = client.request_checkpoint(reason)
+        print(f"checkpoint {reply.checkpoint_id} {'already pending' if reply.coalesced else 'requested'}", flush=True)
+        if wait_s is None:
+            return 0
+        deadline = time.monotonic() + wait_s
+        while True:
+            checkpoint = client.checkpoint(reply.checkpoint_id)
+            if checkpoint.state != cpb.CHECKPOINT_STATE_PENDING:
+                print(describe(checkpoint))
+                return 0 if checkpoint.state == cpb.CHECKPOINT_STATE_COMPLETE else EXIT_CONFIG
+            if time.monotonic() > deadline:
+                print(f"lepton checkpoint: {reply.checkpoint_id} not complete after {wait_s:g}s", file=sys.stderr)
+                return EXIT_LOST_CONTACT
+            time.sleep(POLL_S)
+    except LeptonError as exc:
+        print(f"lepton checkpoint: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_LOST_CONTACT if isinstance(exc, Unavailable) else EXIT_CONFIG
+    finally:
+        client.close()

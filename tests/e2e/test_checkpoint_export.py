@@ -1,0 +1,45 @@
+"""A finished `lepton up` job exported with `lepton export` loads into a plain PyTorch model and
+scores exactly the test accuracy the job reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lepton.export import find_manifest
+from lepton.workloads import build_model, load_workload, take
+from support import lepton_argv, read_json
+
+pytestmark = pytest.mark.e2e
+RUN_TIMEOUT_S = 300
+
+
+def test_exported_final_checkpoint_gives_the_reported_test_accuracy(processes, tmp_path):
+    state, report_path, out = tmp_path / "state", tmp_path / "report.json", tmp_path / "model.pt"
+    up = processes.start(
+        "up", lepton_argv("up", "--epochs", "3", "--state-dir", str(state), "--report", str(report_path))
+    )
+    up.wait(timeout=RUN_TIMEOUT_S)
+    report = read_json(report_path)
+    assert up.returncode == 0 and report is not None and report["status"] == "succeeded", processes.log("up")
+    # The newest complete manifest (what export picks) is the final one, taken once training ended.
+    manifest = json.loads(find_manifest(state).read_text())
+    assert manifest["final"] and sorted(manifest["reports"]) == ["ps-0", "ps-1"], manifest
+
+    export = processes.start("export", lepton_argv("export", "--checkpoint", str(state), "--out", str(out)))
+    assert export.wait(timeout=120) == 0, processes.log("export")
+    assert manifest["checkpoint_id"] in processes.log("export")
+
+    # Plain PyTorch from here on: the job's model factory, the exported state_dict, the test split.
+    workload = load_workload(report["dataset"], 0)
+    model = build_model(report["model"], workload, 0)
+    model.load_state_dict(torch.load(out, weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        x, y = take(workload.test, torch.arange(len(workload.test)))
+        accuracy = float((model(x).argmax(dim=1) == y).sum()) / len(y)
+    assert accuracy == report["test_accuracy"], (accuracy, report["test_accuracy"])
+    print(f"exported accuracy {accuracy:.6f} == reported {report['test_accuracy']:.6f}; final checkpoint "
+          f"{manifest['checkpoint_id']} {manifest['reports']} after {manifest['completed_after_s']:.3f}s")
