@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker")
     _add_member(w)
     w.add_argument("--ready-file", default=None, help="write {metrics, pid} as JSON here once started")
+    w.add_argument(
+        "--step-delay", type=float, default=0.0, metavar="SECONDS",
+        help="test/demo hook, not for production: sleep this long before each push, making this worker "
+        "slow on purpose (default 0)",
+    )
     _add_service(w, server=False)
     _add_common(w)
 
@@ -167,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
     u.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     u.add_argument("--secure", action="store_true", help="TLS (mutual) and role tokens on every service, made fresh in the state dir")
+    u.add_argument(
+        "--worker-delay", type=float, default=0.0, metavar="SECONDS",
+        help="test/demo hook: worker-0 alone (also when restarted) sleeps this long before each push "
+        "(`lepton worker --step-delay`), so one worker is slow on purpose (default 0)",
+    )
     _add_job_flags(u)
     _add_common(u)
 
@@ -273,6 +283,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             log_format=args.log_format,
             secure=args.secure,
+            worker_delay_s=args.worker_delay,
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
@@ -303,7 +314,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from worker.main import serve as serve_worker
 
         return serve_worker(
-            args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args)
+            args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
+            step_delay_s=args.step_delay,
         )
     raise AssertionError(args.command)
 

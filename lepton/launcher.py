@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from lepton.clients import CoordinatorClient
+from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.placement import Placements
@@ -33,8 +33,8 @@ from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
-from lepton.security import INSECURE, load_security
-from lepton.status import state_name, status_dict
+from lepton.security import INSECURE, Security, load_security
+from lepton.status import state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
 
 log = structlog.get_logger("lepton.up")
@@ -61,12 +61,19 @@ class Cluster:
     log_format: str = "auto"
     secure: bool = False
     max_workers: int | None = None  # None: max(workers, lepton.scale.DEFAULT_MAX_WORKERS)
+    worker_delay_s: float = 0.0  # test/demo hook: worker-0 sleeps this long before each push
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
         if self.max_workers is not None and self.max_workers < self.workers:
             raise ConfigError(f"--max-workers {self.max_workers} is below --workers {self.workers}")
+        if self.worker_delay_s < 0:
+            raise ConfigError(f"--worker-delay must be >= 0 (got {self.worker_delay_s})")
+
+    def worker_flags(self, name: str) -> list[str]:
+        """Flags for worker ``name`` beyond the common ones: the slow-worker hook for worker-0 only."""
+        return ["--step-delay", repr(self.worker_delay_s)] if self.worker_delay_s and name == worker_name(0) else []
 
     @property
     def worker_cap(self) -> int:
@@ -288,6 +295,42 @@ class EventTally:
         self._done.set()
 
 
+class ServerStatusTally:
+    """Asks each parameter server for GetServerStatus (every poll): keeps its newest answer and the
+    largest ssp clock gap any of its incarnations reported (a restarted server counts from 0 again),
+    so the report has them even though servers exit on their own once the job is over."""
+
+    def __init__(self, security: Security = INSECURE, timeout_s: float = 1.0) -> None:
+        self._security = security
+        self._timeout_s = timeout_s
+        self._clients: dict[str, ParameterClient] = {}  # by address: a restarted server has a new one
+        self.latest: dict[str, dict] = {}
+        self.max_clock_gap: dict[str, int] = {}
+
+    def poll(self, name: str, address: str) -> None:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = ParameterClient(address, self._timeout_s, security=self._security)
+        try:
+            answer = client.server_status()
+        except LeptonError:
+            return  # gone or restarting: keep what it said last
+        self.max_clock_gap[name] = max(self.max_clock_gap.get(name, 0), answer.max_clock_gap)
+        self.latest[name] = {**to_plain(answer), "max_clock_gap": self.max_clock_gap[name]}
+
+    def report(self) -> dict:
+        """The report's ``parameter_server_status`` (by child name) and ``max_clock_gap`` (over all
+        servers; None if none ever answered)."""
+        return {
+            "parameter_server_status": dict(sorted(self.latest.items())),
+            "max_clock_gap": max(self.max_clock_gap.values(), default=None),
+        }
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
 class ProgressLine:
     """One status line: rewritten in place on a terminal, printed on change (at most every few
     seconds) otherwise."""
@@ -434,6 +477,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     workers: Workers | None = None
     control: ScaleControl | None = None
     scale_events: list[dict] = []
+    servers: ServerStatusTally | None = None
     try:
         if cluster.secure:
             pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
@@ -475,7 +519,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             )
         workers = Workers(
             children,
-            lambda name: ["worker", "--coordinator", address, *ready_file(name),
+            lambda name: ["worker", "--coordinator", address, *ready_file(name), *cluster.worker_flags(name),
                           "--metrics-host", placements(name).host, *client_flags, *token["worker"], *child_log],
         )
         workers.start([worker_name(i) for i in range(cluster.workers)])
@@ -486,6 +530,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0), security=security
         )
         tally = EventTally(client)
+        servers = ServerStatusTally(security)
         line = ProgressLine()
         deadline = started + timeout_s
         listen = f"{placements('coordinator').host}:{cluster.coordinator_port}"
@@ -538,6 +583,12 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 past = past_deadline.setdefault(name, {"server": 0.0, "client": 0.0})
                 for side in ("server", "client"):
                     past[side] = max(past[side], seen[side])
+            # Before the terminal check: servers leave soon after the job ends.
+            for child in children.items:
+                if child.name.startswith("ps"):
+                    facts = read_ready(ready_files[child.name])
+                    if facts and facts.get("pid") == child.process.pid and facts.get("address"):
+                        servers.poll(child.name, facts["address"])
             if status.state in TERMINAL:
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
@@ -563,6 +614,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             control.close()
         if tally is not None:
             tally.close()
+        if servers is not None:
+            servers.close()
         children.stop_all()
         if client is not None:
             client.close()
@@ -580,6 +633,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     report["max_workers"] = cluster.worker_cap
     report["workers_at_end"] = len(workers.active()) if workers is not None else 0
     report["scale_events"] = scale_events
+    report.update(servers.report() if servers is not None else {"parameter_server_status": {}, "max_clock_gap": None})
     print_summary(report)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))

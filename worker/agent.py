@@ -14,6 +14,7 @@ import torch
 from lepton.clients import CoordinatorClient, LayoutInfo, MemberId, ParameterClient, new_request_id
 from lepton.config import JobSpec
 from lepton.errors import (
+    ConfigError,
     DeadlineExceeded,
     DuplicateCompletion,
     FailedPrecondition,
@@ -45,6 +46,7 @@ class WorkerAgent:
 
     Args:
         ps_client: builds a ParameterClient for an address (tests inject their own).
+        step_delay_s: a test and demo hook: sleep this long before each push (a slow worker).
     """
 
     def __init__(
@@ -55,7 +57,11 @@ class WorkerAgent:
         member_id: str = "",
         ps_client: Callable[[str], ParameterClient] = ParameterClient,
         retry: RetryPolicy | None = None,
+        step_delay_s: float = 0.0,
     ) -> None:
+        if step_delay_s < 0:
+            raise ConfigError(f"the step delay must be >= 0 s (got {step_delay_s})")
+        self._step_delay_s = step_delay_s
         self._requested_id = member_id
         self._coord = coordinator
         self._stop = stop
@@ -222,6 +228,8 @@ class WorkerAgent:
                         self._pull_all()
                     loss, grads = self._trainer.gradients(indices)
                     pending = (loss, grads, new_request_id())
+                    if self._step_delay_s:
+                        self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
                 loss, grads, request_id = pending
                 applied = self._push_pull_all(len(indices), grads, request_id)
                 pending = None

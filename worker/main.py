@@ -26,10 +26,12 @@ def serve(
     *,
     ready_file: str | None = None,
     options: ServiceOptions = ServiceOptions(),
+    step_delay_s: float = 0.0,
 ) -> int:
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     agent = WorkerAgent(
-        client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security)
+        client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security),
+        step_delay_s=step_delay_s,
     )
     _, metrics = options.metrics(lambda: WorkerCollector(agent))
     write_ready_file(ready_file, metrics=metrics.address if metrics else None)
