@@ -306,6 +306,7 @@ class ServerStatusTally:
         self._clients: dict[str, ParameterClient] = {}  # by address: a restarted server has a new one
         self.latest: dict[str, dict] = {}
         self.max_clock_gap: dict[str, int] = {}
+        self.max_compute_gap: dict[str, int] = {}
 
     def poll(self, name: str, address: str) -> None:
         client = self._clients.get(address)
@@ -316,7 +317,12 @@ class ServerStatusTally:
         except LeptonError:
             return  # gone or restarting: keep what it said last
         self.max_clock_gap[name] = max(self.max_clock_gap.get(name, 0), answer.max_clock_gap)
-        self.latest[name] = {**to_plain(answer), "max_clock_gap": self.max_clock_gap[name]}
+        self.max_compute_gap[name] = max(self.max_compute_gap.get(name, 0), answer.max_compute_gap)
+        self.latest[name] = {
+            **to_plain(answer),
+            "max_clock_gap": self.max_clock_gap[name],
+            "max_compute_gap": self.max_compute_gap[name],
+        }
 
     def report(self) -> dict:
         """The report's ``parameter_server_status`` (by child name) and ``max_clock_gap`` (over all
@@ -324,6 +330,7 @@ class ServerStatusTally:
         return {
             "parameter_server_status": dict(sorted(self.latest.items())),
             "max_clock_gap": max(self.max_clock_gap.values(), default=None),
+            "max_compute_gap": max(self.max_compute_gap.values(), default=None),
         }
 
     def close(self) -> None:
@@ -633,7 +640,10 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     report["max_workers"] = cluster.worker_cap
     report["workers_at_end"] = len(workers.active()) if workers is not None else 0
     report["scale_events"] = scale_events
-    report.update(servers.report() if servers is not None else {"parameter_server_status": {}, "max_clock_gap": None})
+    report.update(
+        servers.report() if servers is not None
+        else {"parameter_server_status": {}, "max_clock_gap": None, "max_compute_gap": None}
+    )
     print_summary(report)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))

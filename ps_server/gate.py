@@ -81,6 +81,7 @@ class GateCounters:
     updates_applied: int = 0
     steps_timed_out: int = 0  # sync steps closed, or ssp laggards dropped, by the timeout
     clock_gap_max: int = 0  # ssp: largest fastest-minus-slowest clock seen (staleness + 1 if callers wait)
+    compute_gap_max: int = 0  # ssp: largest lead over the slowest a worker computed a gradient at (<= staleness)
     staleness_max: int = 0
     staleness_sum: int = 0
     staleness_count: int = 0
@@ -210,6 +211,9 @@ class ConsistencyGate:
             self._clocks[member_id] = min(self._clocks.values(), default=0)
         self._apply(grads)
         self.counters.observe_staleness(staleness)
+        # The worker computed this gradient at its clock before the push, after its previous wait.
+        lead = self._clocks[member_id] - min(self._clocks.values())
+        self.counters.compute_gap_max = max(self.counters.compute_gap_max, lead)
         self._clocks[member_id] += 1
         self._last_push_at[member_id] = now
         gap = max(self._clocks.values()) - min(self._clocks.values())

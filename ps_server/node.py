@@ -32,6 +32,7 @@ class NodeStatus:
     pushes_rejected: int
     steps_timed_out: int
     max_clock_gap: int
+    max_compute_gap: int
     max_staleness: int
     mean_staleness: float
     bytes_pulled: int
@@ -273,6 +274,7 @@ class ParameterServerNode:
             pushes_rejected=self.pushes_rejected,
             steps_timed_out=c.steps_timed_out if c else 0,
             max_clock_gap=c.clock_gap_max if c else 0,
+            max_compute_gap=c.compute_gap_max if c else 0,
             max_staleness=c.staleness_max if c else 0,
             mean_staleness=c.staleness_mean if c else 0.0,
             bytes_pulled=self.bytes_pulled,

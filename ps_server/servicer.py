@@ -101,6 +101,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             pushes_rejected=s.pushes_rejected,
             steps_timed_out=s.steps_timed_out,
             max_clock_gap=s.max_clock_gap,
+            max_compute_gap=s.max_compute_gap,
             max_staleness=s.max_staleness,
             mean_staleness=s.mean_staleness,
             bytes_pulled=s.bytes_pulled,

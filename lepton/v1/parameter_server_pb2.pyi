@@ -80,7 +80,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("member_id", "version", "updates_applied", "pushes_received", "pushes_stale", "pushes_rejected", "steps_timed_out", "max_staleness", "mean_staleness", "bytes_pulled", "bytes_pushed", "mode", "max_clock_gap")
+    __slots__ = ("member_id", "version", "updates_applied", "pushes_received", "pushes_stale", "pushes_rejected", "steps_timed_out", "max_staleness", "mean_staleness", "bytes_pulled", "bytes_pushed", "mode", "max_clock_gap", "max_compute_gap")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class GetServerStatusResponse(_message.Message):
     BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CLOCK_GAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_COMPUTE_GAP_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     version: int
     updates_applied: int
@@ -107,4 +108,5 @@ class GetServerStatusResponse(_message.Message):
     bytes_pushed: int
     mode: _common_pb2.ConsistencyMode
     max_clock_gap: int
-    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., max_clock_gap: _Optional[int] = ...) -> None: ...
+    max_compute_gap: int
+    def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., max_clock_gap: _Optional[int] = ..., max_compute_gap: _Optional[int] = ...) -> None: ...

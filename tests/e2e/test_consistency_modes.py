@@ -81,6 +81,11 @@ def test_ssp_keeps_fast_workers_within_the_staleness_bound_of_a_slowed_worker(pr
     # would need per-worker clocks in GetServerStatus.
     assert all(gap == STALENESS + 1 for gap in gaps.values()), gaps
     assert report["max_clock_gap"] == STALENESS + 1
+    # How far ahead of the slowest any worker was when it computed an applied gradient: the bound
+    # itself, reached (so the test shows a worker held at the bound) and never exceeded.
+    leads = {name: s["max_compute_gap"] for name, s in servers.items()}
+    assert all(lead == STALENESS for lead in leads.values()), leads
+    assert report["max_compute_gap"] == STALENESS
     assert all(s["mode"] == "CONSISTENCY_MODE_SSP" and s["updates_applied"] > 0 for s in servers.values())
     assert report["members_declared_dead"] == 0
 

@@ -322,6 +322,9 @@ def test_ssp_a_worker_more_than_s_pushes_ahead_of_the_slowest_waits_until_it_cat
     assert [blocked(gate, w) for w in waits] == [False, False, True]  # clocks 2, 3 within 1 + 2; 4 not
     assert gate.version == 4  # applied on arrival all the same
     assert gate.counters.clock_gap_max == 3
+    # a computed its third push at clock 3, two ahead of b: the lead the bound allows, no more
+    # (the test sends it without waiting; a real worker waits after the push that reached 4)
+    assert gate.counters.compute_gap_max == 2
     gate.push("b", 4, grads(1.0), 1, T0)
     assert not blocked(gate, waits[2])
 
@@ -338,6 +341,7 @@ def test_ssp_with_zero_staleness_moves_in_lockstep():
         # what either pulls now holds both pushes of the round
         assert gate.version == base + 2 and gate.clocks == {"a": round_, "b": round_}
     assert gate.counters.clock_gap_max == 1
+    assert gate.counters.compute_gap_max == 0  # lockstep: nobody computes ahead
 
 
 def test_ssp_a_worker_that_leaves_no_longer_holds_the_others_back():
