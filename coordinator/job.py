@@ -189,7 +189,6 @@ class Job:
         # acknowledges the version), so a zombie's pushes are refused before its shard moves on.
         self._fence_version = 0
         self._roster_acks: dict[str, int] = {}
-        self._lease_expired_now: set[str] = set()
         self._store = store
         self.restored = False
         saved = store.load() if store is not None else None
@@ -454,18 +453,13 @@ class Job:
         with self._lock:
             if self._state.terminal:
                 return []
-            dead = self._members.expire(now)
-            dead += self._expire_leases(now)
-            for member in dead:
+            dead = [(m, f"{self.spec.heartbeat_timeout_s:g}s without heartbeat") for m in self._members.expire(now)]
+            dead += [(m, f"{self.spec.lease_timeout_s:g}s without renewing its lease") for m in self._expire_leases(now)]
+            for member, why in dead:
                 self._dead_count += 1
                 self.events.append(
                     EventKind.MEMBER_DECLARED_DEAD,
-                    f"{member.member_id} incarnation {member.incarnation} declared dead after "
-                    + (
-                        f"{self.spec.lease_timeout_s:g}s without renewing its lease"
-                        if member.member_id in self._lease_expired_now
-                        else f"{self.spec.heartbeat_timeout_s:g}s without heartbeat"
-                    ),
+                    f"{member.member_id} incarnation {member.incarnation} declared dead after {why}",
                     member_id=member.member_id,
                     incarnation=member.incarnation,
                 )
@@ -480,12 +474,11 @@ class Job:
                     failed = True
             if dead or failed:
                 self._persist(now)
-            return dead
+            return [member for member, _ in dead]
 
     def _expire_leases(self, now: float) -> list[Member]:
         """Holders of leases past their deadline, fenced (marked dead) so that their shards move
         on only after the servers refuse them, like any dead member's."""
-        self._lease_expired_now = set()
         fenced = []
         for lease in self._ledger.expired(now):
             member = self._members.get(lease.member_id)
@@ -493,7 +486,6 @@ class Job:
                 continue
             member.alive = False
             self.leases_expired += 1
-            self._lease_expired_now.add(member.member_id)
             fenced.append(member)
         return fenced
 

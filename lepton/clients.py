@@ -144,7 +144,7 @@ class CoordinatorClient(_Client):
         )
         head: cpb.GetAssignmentResponse | None = None
         assembler: codec.TensorAssembler | None = None
-        for msg in iterate(responses):
+        for msg in iterate(responses, self._timeout_s * 6):
             if head is None:
                 head = msg
                 specs = {t.name: spec_from_proto(t) for t in msg.tensors}
@@ -281,11 +281,13 @@ def _push_messages(
         yield ppb.PushRequest(header=header)
 
 
-def _read_pull(responses: Iterator[ppb.PullResponse]) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
+def _read_pull(
+    responses: Iterator[ppb.PullResponse], timeout_s: float
+) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
     assembler = codec.TensorAssembler()
     version = -1
     push = None
-    for msg in iterate(responses):
+    for msg in iterate(responses, timeout_s):
         if version < 0:
             version = msg.version
             push = msg.push if msg.HasField("push") else None
@@ -302,7 +304,8 @@ class ParameterClient(_Client):
     def pull(self, member: MemberId, names: Iterable[str] = ()) -> tuple[int, dict[str, torch.Tensor]]:
         def once():
             version, tensors, _ = _read_pull(
-                self._stub.Pull(ppb.PullRequest(member=member.to_proto(), names=list(names)), timeout=self._timeout_s)
+                self._stub.Pull(ppb.PullRequest(member=member.to_proto(), names=list(names)), timeout=self._timeout_s),
+                self._timeout_s,
             )
             return version, tensors
 
@@ -319,11 +322,11 @@ class ParameterClient(_Client):
     ) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         """Not retried here. To retry safely, call again with the same ``request_id``: the server
         applies a push at most once and answers a retry with the original outcome."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         responses = self._stub.PushPull(
-            _push_messages(member, base_version, samples, grads.items(), request_id),
-            timeout=self._timeout_s if timeout_s is None else timeout_s,
+            _push_messages(member, base_version, samples, grads.items(), request_id), timeout=timeout_s
         )
-        version, tensors, push = _read_pull(responses)
+        version, tensors, push = _read_pull(responses, timeout_s)
         if push is None:
             raise InvalidArgument(f"{self.address} answered PushPull without the push outcome")
         reply = PushReply(push.outcome == ppb.PUSH_OUTCOME_APPLIED, push.version, push.staleness)

@@ -435,6 +435,7 @@ def build_report(
 STALE_COUNTERS = ("lepton_stale_requests_rejected_total", "lepton_ps_stale_requests_rejected_total")
 SERVER_PAST_DEADLINE = ("lepton_rpc_server_past_deadline_total",)
 CLIENT_PAST_DEADLINE = ("lepton_rpc_client_past_deadline_total",)
+GUARD_CANCELLED = ("lepton_rpc_client_cancelled_past_deadline_total",)
 
 
 def scrape_counters(address: str | None, groups: dict[str, tuple[str, ...]]) -> dict[str, float] | None:
@@ -581,14 +582,16 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             # (a counter survives until its process dies; a restarted one starts again from 0).
             for name, where in metrics.items():
                 seen = scrape_counters(
-                    where, {"stale": STALE_COUNTERS, "server": SERVER_PAST_DEADLINE, "client": CLIENT_PAST_DEADLINE}
+                    where,
+                    {"stale": STALE_COUNTERS, "server": SERVER_PAST_DEADLINE, "client": CLIENT_PAST_DEADLINE,
+                     "guard_cancelled": GUARD_CANCELLED},
                 )
                 if seen is None:
                     continue
                 if not name.startswith("worker"):
                     stale_seen[name] = max(stale_seen.get(name, 0.0), seen["stale"])
-                past = past_deadline.setdefault(name, {"server": 0.0, "client": 0.0})
-                for side in ("server", "client"):
+                past = past_deadline.setdefault(name, {"server": 0.0, "client": 0.0, "guard_cancelled": 0.0})
+                for side in past:
                     past[side] = max(past[side], seen[side])
             # Before the terminal check: servers leave soon after the job ends.
             for child in children.items:

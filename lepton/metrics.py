@@ -49,6 +49,13 @@ CLIENT_CALLS = ClientCallStats()
 
 class ClientCallCollector(Collector):
     def collect(self) -> Iterator:
+        from lepton.rpc import DEADLINE_GUARD
+
+        yield CounterMetricFamily(
+            "lepton_rpc_client_cancelled_past_deadline",
+            "Response streams of this process still open 0.5 s after their deadline, cancelled by the deadline guard.",
+            value=DEADLINE_GUARD.cancelled,
+        )
         yield CounterMetricFamily(
             "lepton_rpc_client_past_deadline",
             "Unary calls of this process that returned more than 1 s after their deadline.",

@@ -35,12 +35,13 @@ def pytest_terminal_summary(terminalreporter):
     write = terminalreporter.write_line
     write("")
     write(f"{'fault':<22} {'outcome':<8} {'accuracy':>8} {'done':>5} {'dead':>4} {'moved':>5} {'fenced':>6} "
-          f"{'hung':>4} {'wall s':>6} {'restarts':<24} problems")
+          f"{'hung':>4} {'cut':>3} {'wall s':>6} {'restarts':<24} problems")
     for row in CHAOS_TABLE:
         wall = row.get("wall")
         write(
             f"{row['fault']:<22} {'pass' if row['ok'] else 'FAIL':<8} {row['accuracy'] or 0:>8.4f} "
             f"{row.get('done', '-'):>5} {row.get('dead', '-'):>4} {row.get('moved', '-'):>5} "
-            f"{row.get('fenced', '-'):>6} {row.get('hung', '-'):>4} {'-' if wall is None else round(wall):>6} "
+            f"{row.get('fenced', '-'):>6} {row.get('hung', '-'):>4} {row.get('cut', '-'):>3} "
+            f"{'-' if wall is None else round(wall):>6} "
             f"{str(row.get('restarts', '')):<24} {'; '.join(row['problems'])}"
         )

@@ -8,9 +8,9 @@ must hold whatever the fault:
 * no request hung: no server handler finished more than 1 s past its client's deadline, and no
   client call returned more than 1 s past its deadline (except the calls of a process the fault
   itself stopped with SIGSTOP: its clock ran on while it was frozen);
-* accuracy: in the full matrix, within 1 point of a fault-free run of the same job (three
-  fault-free runs are made; the lowest is the bar, since one async run varies by about a point on
-  its own); in the CI subset, at least 0.93.
+* accuracy: in the full matrix (synthetic-image, 10,000 test samples), within 1 point of a
+  fault-free run of the same job (three fault-free runs are made; the lowest is the bar); in the CI
+  subset (digits, 360 test samples, where one fault-free run varies by a few points), at least 0.93.
 
 Faults are chosen and timed from a fixed seed; every wait is bounded. The CI subset runs by
 default; ``pytest tests/chaos --chaos-full -s`` runs the whole matrix and prints a fault x outcome
@@ -43,7 +43,11 @@ from support import CHAOS_TABLE, Processes, cmdline, lepton_argv, read_json, tag
 
 pytestmark = pytest.mark.chaos
 SEED = 20261126
-EPOCHS = 8
+# The CI subset trains digits (fast; 360 test samples, so one run's accuracy varies by a few
+# points and only a floor is checked). The full matrix trains synthetic-image: 10,000 test samples
+# (a point is 100 of them), so "within 1 point of a fault-free run" measures the fault, not noise.
+CI_JOB = ("--epochs", "8", "--seed", "1")
+FULL_JOB = ("--dataset", "synthetic-image", "--epochs", "4", "--batch-size", "128", "--lr", "0.001", "--seed", "1")
 RUN_TIMEOUT_S = 300
 CI_SUBSET = ("worker-zombie", "worker-short-pause")
 TABLE = CHAOS_TABLE  # printed by tests/conftest.py at the end of the session
@@ -271,15 +275,16 @@ FAULTS = [
 ]
 
 
-def run_cluster(tmp_path: Path, tag: str, fault: Fault | None) -> tuple[dict, dict, list[int]]:
+def run_cluster(
+    tmp_path: Path, tag: str, fault: Fault | None, job: tuple[str, ...] = CI_JOB
+) -> tuple[dict, dict, list[int]]:
     processes = Processes(tmp_path)
     state = tmp_path / "state"
     report_path = tmp_path / "report.json"
     notes: dict = {}
     fabric = None
     try:
-        argv = lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), "--epochs", str(EPOCHS),
-                           "--seed", "1")
+        argv = lepton_argv("up", "--report", str(report_path), "--state-dir", str(state), *job)
         if fault is not None and fault.network:
             fabric = netns.Fabric(MEMBERS)
             processes.extra_env["LEPTON_UP_PLACEMENT"] = str(fabric.placement_file(tmp_path / "placement.json"))
@@ -311,7 +316,7 @@ def baseline_accuracy(tmp_path_factory, request) -> float | None:
         return None
     accuracies = []
     for i in range(BASELINE_RUNS):
-        report, _, _ = run_cluster(tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None)
+        report, _, _ = run_cluster(tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None, FULL_JOB)
         assert report["status"] == "succeeded"
         accuracies.append(report["test_accuracy"])
         TABLE.append({"fault": f"(none: baseline {i + 1})", "ok": True, "accuracy": report["test_accuracy"],
@@ -328,6 +333,12 @@ def hung_requests(report: dict, frozen: str | None) -> int:
     return int(total)
 
 
+def guard_cancelled(report: dict) -> int:
+    """Streams the client-side deadline guard had to cut 0.5 s past their deadline (not hangs:
+    within the slack; a sign the transport did not end them itself)."""
+    return int(sum(v.get("guard_cancelled", 0) for v in report.get("requests_past_deadline", {}).values()))
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_the_job_survives(fault, tmp_path, request, baseline_accuracy):
     full = request.config.getoption("--chaos-full")
@@ -335,7 +346,7 @@ def test_the_job_survives(fault, tmp_path, request, baseline_accuracy):
         pytest.skip("in the full chaos matrix only (--chaos-full)")
     if fault.network and (why := netns.available()) is not None:
         pytest.skip(f"network partitions need namespaces: {why}")
-    report, notes, leaked = run_cluster(tmp_path, fault.name, fault)
+    report, notes, leaked = run_cluster(tmp_path, fault.name, fault, FULL_JOB if full else CI_JOB)
     epochs, shards = report["epochs"], report["shards_per_epoch"]
     problems = list(fault.expect(report)) if report["status"] == "succeeded" else []
     if report["status"] != "succeeded":
@@ -370,6 +381,7 @@ def test_the_job_survives(fault, tmp_path, request, baseline_accuracy):
             "fenced": report.get("stale_requests_rejected"),
             "restarts": report.get("restarts"),
             "hung": hung,
+            "cut": guard_cancelled(report),
             "wall": report.get("wall_seconds"),
             "problems": problems,
         }
