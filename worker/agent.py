@@ -23,8 +23,8 @@ from lepton.errors import (
     NotFound,
     Unavailable,
 )
-from lepton.retry import RetryPolicy, call_with_retry
 from lepton.logs import bind
+from lepton.retry import RetryPolicy, call_with_retry
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from worker.lease import LeaseClock
