@@ -9,13 +9,14 @@ SIGKILLed (it is in the OS once committed); power loss may lose the last few com
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from lepton.files import write_atomically
 
 SCHEMA_VERSION = 1
 
@@ -112,18 +113,8 @@ class SqliteJobStore:
         directory = self.path.parent / "checkpoints"
         directory.mkdir(exist_ok=True)
         final = directory / f"{checkpoint_id}.json"
-        tmp = final.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({**document, "manifest_path": str(final)}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return str(final)
+        body = json.dumps({**document, "manifest_path": str(final)}, indent=2).encode()
+        return str(write_atomically(final, lambda f: f.write(body)))
 
     def close(self) -> None:
         with self._lock:

@@ -12,7 +12,6 @@ path in the manifest, or, when the state directory was moved, from the same plac
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 
 from lepton.clients import CoordinatorClient
 from lepton.errors import ConfigError, LeptonError, Unavailable
+from lepton.files import write_atomically
 from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
 from lepton.security import INSECURE, Security
 from lepton.v1 import coordinator_pb2 as cpb
@@ -117,12 +117,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, checkpoint_id: st
     manifest, tensors = merge(manifest_path)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(tensors, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
+    write_atomically(out_path, lambda f: torch.save(tensors, f))
     versions = {s: int(r["version"]) for s, r in manifest["reports"].items()}
     return ExportResult(manifest["checkpoint_id"], out_path, tuple(tensors), versions, manifest_path)
 

@@ -12,7 +12,6 @@ they are kept (the coordinator's manifest names them) and never used for restart
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,23 +19,14 @@ from typing import Any
 
 import torch
 
+from lepton import files
+
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 
 
 def write_atomically(final: Path, state: dict[str, Any]) -> Path:
     """torch.save to a temporary file, fsync, rename over ``final``, fsync of the directory."""
-    tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return final
+    return files.write_atomically(final, lambda f: torch.save(state, f))
 
 
 @dataclass(frozen=True)
