@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from lepton.clients import CoordinatorClient
-from lepton.errors import ConfigError, LeptonError, Unavailable
+from lepton.errors import ConfigError, LeptonError
 from lepton.files import write_atomically
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
+from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, exit_code_for
 from lepton.security import INSECURE, Security
 from lepton.v1 import coordinator_pb2 as cpb
 
@@ -160,6 +160,6 @@ def request_checkpoint(
             time.sleep(POLL_S)
     except LeptonError as exc:
         print(f"lepton checkpoint: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_LOST_CONTACT if isinstance(exc, Unavailable) else EXIT_CONFIG
+        return exit_code_for(exc)
     finally:
         client.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from lepton.errors import Unavailable
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.process")
@@ -21,6 +22,12 @@ EXIT_OK = 0
 EXIT_CONFIG = 2            # permanent: bad flags or job file
 EXIT_JOB_FAILED = 3        # permanent: the job ended in FAILED
 EXIT_LOST_CONTACT = 160  # retryable (128-255, above the signal range): a peer could not be reached in time
+
+
+def exit_code_for(exc: Exception) -> int:
+    """A client command's exit code for a failed call: retryable if the peer was unreachable,
+    permanent otherwise (refused: bad input, permission, state)."""
+    return EXIT_LOST_CONTACT if isinstance(exc, Unavailable) else EXIT_CONFIG
 
 
 def stop_event_on_signals() -> threading.Event:

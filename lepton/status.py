@@ -10,8 +10,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lepton.clients import CoordinatorClient
-from lepton.errors import LeptonError, Unavailable
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT
+from lepton.errors import LeptonError
+from lepton.process import EXIT_LOST_CONTACT, exit_code_for
 from lepton.security import INSECURE, Security
 from lepton.retry import RetryPolicy
 from lepton.v1 import common_pb2 as common
@@ -90,7 +90,7 @@ def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
         client.cancel(reason)
     except LeptonError as exc:
         print(f"lepton cancel: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_LOST_CONTACT if isinstance(exc, Unavailable) else EXIT_CONFIG
+        return exit_code_for(exc)
     finally:
         client.close()
     print(f"job at {address} cancelled: {reason}")
