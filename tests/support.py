@@ -107,3 +107,28 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def frozen_lease_holder(status: Callable[[], object | None], pick: Callable[[object], object | None]):
+    """A worker stopped (SIGSTOP) while it holds a lease, or None for now.
+
+    ``pick(status)`` chooses a lease holder from one status answer; the worker is stopped and a
+    second answer must still show it alive with a lease. A shard can finish between the two looks
+    (digits shards take milliseconds), and a stopped worker cannot finish it afterwards, so what the
+    caller does next (SIGKILL, a long pause) happens to a worker that really holds work. A worker
+    that no longer holds one is continued (SIGCONT) and None is returned.
+    """
+    first = status()
+    victim = pick(first) if first is not None else None
+    if victim is None:
+        return None
+    os.kill(victim.pid, signal.SIGSTOP)
+    second = status()
+    if second is not None and any(
+        m.member.member_id == victim.member.member_id and m.member.incarnation == victim.member.incarnation
+        and m.alive and m.has_lease
+        for m in second.members
+    ):
+        return victim
+    os.kill(victim.pid, signal.SIGCONT)
+    return None

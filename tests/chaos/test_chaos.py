@@ -39,7 +39,16 @@ from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
 from lepton.v1 import common_pb2
 from lepton.v1 import coordinator_pb2 as cpb
-from support import CHAOS_TABLE, Processes, cmdline, lepton_argv, read_json, tagged_pids, wait_until
+from support import (
+    CHAOS_TABLE,
+    Processes,
+    cmdline,
+    frozen_lease_holder,
+    lepton_argv,
+    read_json,
+    tagged_pids,
+    wait_until,
+)
 
 pytestmark = pytest.mark.chaos
 SEED = 20261126
@@ -106,8 +115,13 @@ class Cluster:
     def leasing_worker(self):
         """A live worker process holding a lease early in its shard."""
         status = self.status()
-        if status is None:
-            return None
+        return self.pick_holder(status) if status is not None else None
+
+    def frozen_holder(self):
+        """A leasing worker, stopped while it still holds its lease (see support.frozen_lease_holder)."""
+        return frozen_lease_holder(self.status, self.pick_holder)
+
+    def pick_holder(self, status):
         holders = [
             m for m in status.members
             if m.role == common_pb2.ROLE_WORKER and m.alive and m.has_lease
@@ -121,7 +135,7 @@ class Cluster:
 
 
 def kill_worker(c: Cluster) -> None:
-    victim = wait_until(c.leasing_worker, 60, "a worker holding a lease")
+    victim = wait_until(c.frozen_holder, 60, "a worker holding a lease")
     os.kill(victim.pid, signal.SIGKILL)
     c.notes["victim"] = victim.member.member_id
 
@@ -141,8 +155,7 @@ def kill_coordinator(c: Cluster) -> None:
 
 def zombie_worker(c: Cluster) -> None:
     """SIGSTOP past the heartbeat timeout, wait until it is declared dead, SIGCONT."""
-    victim = wait_until(c.leasing_worker, 60, "a worker holding a lease")
-    os.kill(victim.pid, signal.SIGSTOP)
+    victim = wait_until(c.frozen_holder, 60, "a worker holding a lease")
     try:
         def declared_dead():
             s = c.status()
@@ -177,7 +190,7 @@ def join_worker(c: Cluster) -> None:
 
 def repeated_worker_kills(c: Cluster) -> None:
     for i in range(3):
-        victim = wait_until(c.leasing_worker, 90, f"a worker holding a lease (kill {i + 1})")
+        victim = wait_until(c.frozen_holder, 90, f"a worker holding a lease (kill {i + 1})")
         os.kill(victim.pid, signal.SIGKILL)
         wait_until(lambda v=victim: v.pid not in tagged_pids(c.processes.tag), 30, "the victim to exit")
 

@@ -13,7 +13,7 @@ import pytest
 from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
 from lepton.v1 import common_pb2
-from support import cmdline, lepton_argv, read_json, tagged_pids, wait_until
+from support import cmdline, frozen_lease_holder, lepton_argv, read_json, tagged_pids, wait_until
 
 pytestmark = pytest.mark.e2e
 EPOCHS = 2
@@ -90,13 +90,16 @@ def test_ssp_keeps_fast_workers_within_the_staleness_bound_of_a_slowed_worker(pr
     assert report["members_declared_dead"] == 0
 
 
-def a_leasing_worker(client: CoordinatorClient, rng: random.Random):
-    """A live worker process holding a lease in the first half of its shard, once a few shards are
-    done (mid-run), or None."""
+def status_or_none(client: CoordinatorClient):
     try:
-        status = client.status()
+        return client.status()
     except LeptonError:
         return None
+
+
+def a_leasing_worker(status, rng: random.Random):
+    """A live worker process holding a lease in the first half of its shard, once a few shards are
+    done (mid-run), or None."""
     if status.shard_completions < 4:
         return None
     holders = [
@@ -115,11 +118,15 @@ def test_a_worker_sigkilled_mid_run_deadlocks_no_mode(processes, tmp_path, mode)
     ready = wait_until(lambda: read_json(paths["state"] / "coordinator.ready.json"), 120, "the coordinator")
     client = CoordinatorClient(ready["address"])
     try:
-        victim = wait_until(lambda: a_leasing_worker(client, random.Random()), 120, "a worker holding a lease")
+        rng = random.Random()
+        victim = wait_until(
+            lambda: frozen_lease_holder(lambda: status_or_none(client), lambda s: a_leasing_worker(s, rng)),
+            120, "a worker holding a lease",
+        )
     finally:
         client.close()
     assert victim.pid in tagged_pids(processes.tag)
-    os.kill(victim.pid, signal.SIGKILL)
+    os.kill(victim.pid, signal.SIGKILL)  # stopped while holding its lease: it dies holding it
 
     report = finish(processes, up, paths)
 
