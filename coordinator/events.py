@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+EVENT_RETENTION = 10_000  # events kept in memory and in the coordinator's store
 
 
 class EventKind(Enum):
@@ -41,18 +45,28 @@ class Event:
     loss: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """A JSON-ready form (for the coordinator's store)."""
+        return {**dataclasses.asdict(self), "kind": self.kind.name}
+
+    @classmethod
+    def from_dict(cls, body: dict) -> "Event":
+        return cls(**{**body, "kind": EventKind[body["kind"]]})
+
 
 class EventLog:
     """Appends events and lets readers wait for ones after a sequence number.
 
     Keeps the newest ``retention`` events; a reader that falls further behind skips the gap. With
-    ``staged=True`` appended events stay invisible until ``publish()``: the job publishes only after
-    the state change they describe is durably committed, so no watcher ever sees an event that a
-    crash could take back.
+    ``staged=True`` appended events stay invisible until ``publish()``: the job commits them
+    (``staged()``) in the same transaction as the state change they describe and publishes only
+    after that, so no watcher ever sees an event that a crash could take back, and a restarted
+    coordinator ``restore()``s the committed history: a watcher that resumes from the last sequence
+    it saw misses nothing, even events that were published but never delivered before a SIGKILL.
     """
 
     def __init__(
-        self, retention: int = 10_000, wall_clock=time.time, next_sequence: int = 1, staged: bool = False
+        self, retention: int = EVENT_RETENTION, wall_clock=time.time, next_sequence: int = 1, staged: bool = False
     ) -> None:
         self._events: deque[Event] = deque(maxlen=retention)
         self._staged: list[Event] | None = [] if staged else None
@@ -71,6 +85,19 @@ class EventLog:
                 self._events.append(event)
                 self._cond.notify_all()
             return event
+
+    def staged(self) -> list[Event]:
+        """Events appended but not yet published (what the next commit must carry)."""
+        with self._cond:
+            return list(self._staged or ())
+
+    def restore(self, history: list[Event]) -> None:
+        """After a restart: the committed history (oldest first) becomes readable again."""
+        with self._cond:
+            self._events.extend(history)
+            if history:
+                self._next = max(self._next, history[-1].sequence + 1)
+            self._cond.notify_all()
 
     def publish(self) -> None:
         """Makes staged events visible to readers."""

@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 
 from coordinator.checkpoints import Checkpoint, CheckpointManifest, CheckpointOrder, CheckpointReport
-from coordinator.events import EventKind, EventLog
+from coordinator.events import Event, EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Completion, Lease, ShardLedger
 from coordinator.membership import Member, MembershipTable, Role
@@ -236,7 +236,9 @@ class Job:
         }
         extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
         self._store.save(
-            {"job": job, "members": self._members.to_state(), "ledger": self._ledger.to_state()}, extra
+            {"job": job, "members": self._members.to_state(), "ledger": self._ledger.to_state()},
+            extra,
+            [event.to_dict() for event in self.events.staged()],
         )
         self.events.publish()
 
@@ -278,6 +280,7 @@ class Job:
         self._fence_version = job.get("fence_version", 0)
         if "checkpoints" in job:
             self._checkpoints.restore(job["checkpoints"], now)
+        self.events.restore([Event.from_dict(body) for body in saved.events])
         self.events.resume_from(job["next_event_sequence"])
         self._members.restore(saved.documents["members"], now)
         self._ledger.restore(
@@ -291,7 +294,7 @@ class Job:
             f"coordinator restarted; job {self._state.name.lower()} restored at epoch {self._ledger.epoch}",
             job_state=self._state.name,
         )
-        self.events.publish()
+        self._persist(now)
 
     def _training_seconds(self, now: float) -> float:
         if self._train_started is None:

@@ -1,7 +1,8 @@
 """Durable coordinator state behind a small interface, with SQLite as the first backend.
 
 The job's control state is a handful of small JSON documents (job, members, ledger) rewritten
-together in one transaction per state change, plus an append-only table of shard completions.
+together in one transaction per state change, plus an append-only table of shard completions and
+the job's event history (the newest EVENT_RETENTION events, committed with the change they describe).
 WAL journaling with synchronous=NORMAL: a committed change survives the coordinator being
 SIGKILLed (it is in the OS once committed); power loss may lose the last few commits.
 """
@@ -12,10 +13,11 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from coordinator.events import EVENT_RETENTION
 from lepton.files import write_atomically
 
 SCHEMA_VERSION = 1
@@ -33,6 +35,7 @@ class SavedCompletion:
 class SavedJob:
     documents: dict[str, dict]
     completions: list[SavedCompletion]
+    events: list[dict] = field(default_factory=list)  # oldest first, at most EVENT_RETENTION
 
 
 class JobStore(Protocol):
@@ -42,8 +45,14 @@ class JobStore(Protocol):
         """The saved job, or None for a fresh state directory."""
         ...
 
-    def save(self, documents: dict[str, dict], new_completions: Iterable[SavedCompletion] = ()) -> None:
-        """Atomically replaces the given documents and appends the completions."""
+    def save(
+        self,
+        documents: dict[str, dict],
+        new_completions: Iterable[SavedCompletion] = (),
+        new_events: Iterable[dict] = (),
+    ) -> None:
+        """Atomically replaces the given documents and appends the completions and events (each
+        event a JSON-ready dict with an increasing ``sequence``)."""
         ...
 
     def write_manifest(self, checkpoint_id: str, document: dict) -> str:
@@ -71,6 +80,8 @@ class SqliteJobStore:
             "CREATE TABLE IF NOT EXISTS completions (epoch INTEGER NOT NULL, shard INTEGER NOT NULL,"
             " member_id TEXT NOT NULL, incarnation INTEGER NOT NULL, PRIMARY KEY (epoch, shard))"
         )
+        # Added after schema 1 went out; a state directory without it simply has no history yet.
+        self._db.execute("CREATE TABLE IF NOT EXISTS events (sequence INTEGER PRIMARY KEY, body TEXT NOT NULL)")
         self._db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -86,9 +97,22 @@ class SqliteJobStore:
                     "SELECT epoch, shard, member_id, incarnation FROM completions ORDER BY rowid"
                 )
             ]
-        return SavedJob({name: json.loads(body) for name, body in rows}, completions)
+            events = [
+                json.loads(body)
+                for (body,) in self._db.execute(
+                    "SELECT body FROM events ORDER BY sequence DESC LIMIT ?", (EVENT_RETENTION,)
+                )
+            ]
+        events.reverse()
+        return SavedJob({name: json.loads(body) for name, body in rows}, completions, events)
 
-    def save(self, documents: dict[str, dict], new_completions: Iterable[SavedCompletion] = ()) -> None:
+    def save(
+        self,
+        documents: dict[str, dict],
+        new_completions: Iterable[SavedCompletion] = (),
+        new_events: Iterable[dict] = (),
+    ) -> None:
+        events = [(e["sequence"], json.dumps(e)) for e in new_events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -102,6 +126,9 @@ class SqliteJobStore:
                     "INSERT INTO completions (epoch, shard, member_id, incarnation) VALUES (?, ?, ?, ?)",
                     [(c.epoch, c.shard, c.member_id, c.incarnation) for c in new_completions],
                 )
+                if events:
+                    self._db.executemany("INSERT INTO events (sequence, body) VALUES (?, ?)", events)
+                    self._db.execute("DELETE FROM events WHERE sequence <= ?", (events[-1][0] - EVENT_RETENTION,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

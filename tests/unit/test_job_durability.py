@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator.events import EventKind
 from coordinator.job import Job, JobState, LeaseOutcome
 from coordinator.membership import Role
 from coordinator.store import SqliteJobStore
@@ -103,7 +104,8 @@ def test_event_sequence_keeps_increasing_across_a_restart(tmp_path):
     start(job, clock)
     last = job.events.after(0)[-1].sequence
     again = open_job(tmp_path, clock)
-    assert again.events.after(0)[0].sequence > last
+    assert again.events.after(last)[0].sequence == last + 1
+    assert again.events.after(last)[0].kind is EventKind.JOB_STATE_CHANGED
 
 
 def test_a_state_directory_of_another_job_is_refused(tmp_path):
@@ -126,3 +128,42 @@ def test_members_that_do_not_reattach_after_a_restart_are_declared_dead(tmp_path
     assert {m.member_id for m in dead} == {w.member_id, "ps-0"}
     assert again.status(clock.now()).reassignments == 1
     assert again.status(clock.now()).shards_pending == SPEC.shards_per_epoch
+
+
+def test_events_committed_before_a_crash_are_readable_after_the_restart(tmp_path):
+    """A watcher that lost its stream when the coordinator was SIGKILLed resumes from the last
+    sequence it saw; completions committed (and published) but not yet delivered are still there,
+    with the same sequence numbers, and new events continue the numbering."""
+    clock = FakeClock()
+    job = open_job(tmp_path, clock)
+    start(job, clock)
+    w = job.register(Role.WORKER, "", clock.now())
+    lease = job.lease(w.member_id, 1, clock.now()).lease
+    seen = job.events.after(0)[-1].sequence  # the watcher got this far
+    job.complete(w.member_id, 1, lease.epoch, lease.shard.index, 0.5, 10, clock.now())
+    undelivered = job.events.after(seen)
+    assert [e.kind for e in undelivered if e.kind is EventKind.SHARD_COMPLETED]
+
+    again = open_job(tmp_path, clock)  # the old process is gone without another word
+
+    resumed = again.events.after(seen)
+    assert resumed[: len(undelivered)] == undelivered
+    assert resumed[len(undelivered)].kind is EventKind.JOB_STATE_CHANGED  # "coordinator restarted"
+    assert [e.sequence for e in resumed] == list(range(seen + 1, seen + 1 + len(resumed)))
+    assert [e.sequence for e in again.events.after(0)] == list(range(1, resumed[-1].sequence + 1))
+    # and that restart notice is itself durable
+    third = open_job(tmp_path, clock)
+    assert third.events.after(0)[: len(again.events.after(0))] == again.events.after(0)
+
+
+def test_the_store_keeps_only_the_newest_events(tmp_path):
+    from coordinator.events import EVENT_RETENTION
+
+    store = SqliteJobStore(tmp_path)
+    bodies = [{"sequence": n, "kind": "EPOCH_STARTED"} for n in range(1, EVENT_RETENTION + 6)]
+    store.save({"job": {}}, (), bodies[:10])
+    store.save({"job": {}}, (), bodies[10:])
+    kept = store.load().events
+    assert len(kept) == EVENT_RETENTION
+    assert kept[0]["sequence"] == 6 and kept[-1]["sequence"] == EVENT_RETENTION + 5
+    store.close()
