@@ -3,8 +3,10 @@
 What is compared:
     *reference*: one process builds the workload and the model through ``lepton.workloads`` (so the
     data and the initial parameters are those of every Lepton process), builds the optimizer
-    through ``lepton.optimizers.build_optimizer`` (the ``torch.optim`` class and arguments the
-    parameter servers use) and trains ``--epochs`` epochs with ``loss.backward(); opt.step()``. The
+    through ``lepton.optimizers.build_sparse_aware_optimizer`` (the ``torch.optim`` class and
+    arguments the parameter servers use; for a model with sparse embeddings, such as
+    ``embedding-bag``, the sparse-aware rule: SGD/Adagrad as they are, Adam as SparseAdam on the
+    tables) and trains ``--epochs`` epochs with ``loss.backward(); opt.step()``. The
     batching follows Lepton's: each epoch the training set is cut into ``--shards`` contiguous
     shards (``coordinator.ledger.split``), each shard is visited in a seeded random order and cut
     into batches of ``--batch-size`` that never cross a shard boundary, so the reference makes
@@ -24,9 +26,23 @@ What is compared:
     initialisation and the sample order; built-in data sets do not depend on it) and prints the
     median of each column. The difference is Lepton minus reference, in accuracy points.
 
+    ``--lepton`` is refused (exit 2) for a model with sparse parameters until the parameter
+    servers and workers carry row-sparse gradients (issue 3, point 5).
+
+Defaults depend on ``--dataset`` (flags given override them): synthetic-image: ``mlp``, 3 epochs,
+batch 128, Adam lr 0.001; synthetic-text: ``embedding-bag``, 3 epochs, batch 128, Adam lr 0.01;
+any other data set takes synthetic-image's. Both use 12 shards and seed 0.
+
+Measured, synthetic-text / embedding-bag with its defaults (2,124 steps; torch 2.13 CPU, a 2-core
+VM; ``--runs 3`` with OMP_NUM_THREADS=1 on a loaded machine): test accuracy 0.8970 (seed 0), 0.8996
+(seed 1), 0.8979 (seed 2), median 0.8979; training 19.7-23.8 s and data generation 0.6-2.6 s a run.
+Alone with 2 threads, seed 0 gave the same 0.8970 in 16.4 s of training and 21.5 s wall for the
+whole script (460 MB peak). For scale: the Bayes-optimal classifier of the generator scores 0.957.
+
 How to run::
 
     python bench/reference.py                               # synthetic-image, reference only
+    python bench/reference.py --dataset synthetic-text      # embedding-bag, sparse Adam, reference only
     python bench/reference.py --lepton                      # ... and 3 workers, 2 servers, async
     python bench/reference.py --lepton --runs 3 --json accuracy.json
     python bench/reference.py --dataset digits --epochs 10 --batch-size 32 --lr 0.01 --shards 12 --lepton
@@ -60,8 +76,14 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from coordinator.ledger import split  # noqa: E402
 from lepton.config import JobSpec  # noqa: E402
-from lepton.optimizers import build_optimizer  # noqa: E402
-from lepton.workloads import build_model, evaluate, load_workload, take  # noqa: E402
+from lepton.optimizers import build_sparse_aware_optimizer  # noqa: E402
+from lepton.workloads import (  # noqa: E402
+    build_model,
+    evaluate,
+    load_workload,
+    sparse_parameter_names,
+    take,
+)
 
 # Defaults sized for a small machine: a Lepton run of synthetic-image (6 processes) takes minutes.
 DEFAULTS = {
@@ -73,6 +95,10 @@ DEFAULTS = {
     "lr": 0.001,
     "shards": 12,
     "seed": 0,
+}
+# Per data set, what differs from DEFAULTS (a flag given on the command line wins).
+DATASET_DEFAULTS = {
+    "synthetic-text": {"model": "embedding-bag", "lr": 0.01},
 }
 
 
@@ -115,7 +141,10 @@ def train_reference(spec: JobSpec) -> ReferenceResult:
     start = time.perf_counter()
     workload = load_workload(spec.dataset, spec.seed)
     model = build_model(spec.model, workload, spec.seed)
-    optimizer = build_optimizer(model.parameters(), spec.optimizer, spec.lr, spec.optimizer_kwargs)
+    sparse = sparse_parameter_names(model)
+    optimizer = build_sparse_aware_optimizer(
+        model.named_parameters(), sparse, spec.optimizer, spec.lr, spec.optimizer_kwargs
+    )
     loss_fn = nn.CrossEntropyLoss()
     loaded = time.perf_counter()
     steps = samples = 0
@@ -219,13 +248,13 @@ def _acc(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=DEFAULTS["dataset"], help="built-in or package.module:factory")
-    p.add_argument("--model", default=DEFAULTS["model"])
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--optimizer", default=DEFAULTS["optimizer"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--model", default=None, help="default: per data set (see above)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--optimizer", default=None)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--optimizer-kwargs", default="{}", metavar="JSON")
-    p.add_argument("--shards", type=int, default=DEFAULTS["shards"], help="shards per epoch (the batching)")
+    p.add_argument("--shards", type=int, default=None, help="shards per epoch (the batching)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of run 1; run i: seed + i - 1")
     p.add_argument("--runs", type=int, default=1, help="repeat with consecutive seeds; medians are printed")
     p.add_argument("--lepton", action="store_true", help="also run `lepton up` with the same job")
@@ -236,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance-pt", type=float, default=1.0, help="allowed |median difference| in points")
     p.add_argument("--json", default=None, metavar="PATH", help="write every figure here")
     args = p.parse_args(argv)
+    defaults = {**DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, {})}
+    for name in ("model", "epochs", "batch_size", "optimizer", "lr", "shards"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.lepton:
+        spec = _spec(args, args.seed)
+        model = build_model(spec.model, load_workload(spec.dataset, spec.seed), spec.seed)
+        sparse = sparse_parameter_names(model)
+        if sparse:
+            print(
+                f"--lepton: model {args.model} has sparse parameters {sorted(sparse)}, and Lepton's "
+                "parameter servers and workers do not carry row-sparse gradients yet (issue 3, point 5); "
+                "run without --lepton for the reference alone",
+                file=sys.stderr,
+            )
+            return 2
 
     print(
         f"{args.dataset} / {args.model}: {args.epochs} epochs, batch {args.batch_size}, "

@@ -3,7 +3,7 @@ learning-rate schedules a job may name."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,3 +56,141 @@ def build_lr_scheduler(
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"lr_schedule {schedule} rejects {dict(kwargs)}: {exc!r}") from exc
     raise ConfigError(f"no learning-rate schedule {schedule!r} (constant, step, cosine)")
+
+
+# What torch.optim.SparseAdam takes besides lr; every other Adam/AdamW keyword is the dense part's.
+_SPARSE_ADAM_KEYS = ("betas", "eps", "maximize")
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several torch optimizers over disjoint parameters, stepped as one: a dense optimizer and a
+    sparse one (``torch.optim.SparseAdam``) for a model with embedding tables.
+
+    ``param_groups`` is the list of every child's groups, in the children's order, and those are
+    the children's own group dicts, so a ``torch.optim.lr_scheduler`` built on this object (for
+    example by ``build_lr_scheduler``) sets the learning rate of every child. ``step`` and
+    ``zero_grad`` go to every child; ``state_dict`` is ``{"optimizers": [child state dicts]}``.
+    Hooks and ``add_param_group`` are not supported (the base class's ``__init__`` is not run:
+    the children own the parameters and their state).
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ConfigError("CombinedOptimizer needs at least one optimizer")
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizers[0].defaults
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step of every child; ``closure`` (if any) is evaluated once, before."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restores every child. Raises ValueError when the number of children differs."""
+        states = state_dict["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"state of {len(states)} optimizers, this one combines {len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError("add the group to one of CombinedOptimizer.optimizers")
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def build_sparse_aware_optimizer(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    sparse: Collection[str],
+    name: str,
+    lr: float,
+    kwargs: Mapping[str, Any],
+) -> torch.optim.Optimizer:
+    """The job's optimizer for parameters of which those named in ``sparse`` get row-sparse
+    gradients (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``); the one builder for
+    everyone who must apply the same mathematics (parameter servers, the single-process reference).
+
+    The rule, by optimizer name (case-insensitive):
+
+    - no sparse parameter: exactly ``build_optimizer`` (any torch.optim class).
+    - ``sgd`` and ``adagrad``: one torch optimizer over all the parameters; torch applies sparse
+      gradients itself, and the result equals the dense update with zero gradient on the rows a
+      step does not touch (SGD momentum and Nesterov included: the momentum buffer of a sparse
+      parameter is itself sparse, so a row never touched never moves). Refused, as torch refuses
+      them with sparse gradients: ``weight_decay`` other than 0 and ``fused=True``.
+    - ``adam`` and ``adamw``: ``torch.optim.SparseAdam`` (lazy Adam: only the rows in a step's
+      gradient have their moments and values updated, with bias correction by the global step
+      count) over the sparse parameters, with the job's ``lr`` and its ``betas``, ``eps`` and
+      ``maximize``; the named optimizer with all the job's keywords over the rest. Keywords that
+      SparseAdam lacks (``weight_decay``, AdamW's default 0.01 included, ``amsgrad``, ``foreach``,
+      ...) therefore reach the dense parameters only: embedding rows are never weight-decayed.
+    - ``sparseadam``: only when every parameter is sparse.
+    - any other optimizer: refused (torch has no sparse form of it).
+
+    Returns a torch optimizer when one suffices, else a ``CombinedOptimizer`` (dense first, then
+    SparseAdam) whose ``param_groups`` are its children's: ``build_lr_scheduler`` on either drives
+    the learning rate of every parameter, and ``step``, ``zero_grad``, ``state_dict`` and
+    ``load_state_dict`` cover them all.
+
+    Raises:
+        ConfigError: unknown optimizer or bad arguments, a name in ``sparse`` that is not a
+            parameter, or a combination torch refuses for sparse gradients.
+    """
+    params = dict(named_params)
+    unknown = sorted(set(sparse) - set(params))
+    if unknown:
+        raise ConfigError(f"sparse parameters {unknown[:8]} are not among the parameters")
+    sparse_params = [p for n, p in params.items() if n in sparse]
+    dense_params = [p for n, p in params.items() if n not in sparse]
+    cls = optimizer_class(name)
+    if not sparse_params:
+        return build_optimizer(dense_params, name, lr, kwargs)
+    if cls in (torch.optim.SGD, torch.optim.Adagrad):
+        refused = {
+            key: kwargs[key]
+            for key, harmless in (("weight_decay", 0), ("fused", None))
+            if key in kwargs and kwargs[key] not in (harmless, False)
+        }
+        if refused:
+            raise ConfigError(
+                f"optimizer {name} cannot apply {refused} to sparse gradients (of {sorted(sparse)[:8]}); "
+                "torch refuses it"
+            )
+        return build_optimizer(params.values(), name, lr, kwargs)
+    if cls is torch.optim.SparseAdam and not dense_params:
+        return build_optimizer(sparse_params, name, lr, kwargs)
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
+        sparse_kwargs = {key: kwargs[key] for key in _SPARSE_ADAM_KEYS if key in kwargs}
+        sparse_opt = build_optimizer(sparse_params, "SparseAdam", lr, sparse_kwargs)
+        if not dense_params:
+            return sparse_opt
+        return CombinedOptimizer([build_optimizer(dense_params, name, lr, kwargs), sparse_opt])
+    raise ConfigError(
+        f"optimizer {name} has no sparse-gradient form for {sorted(sparse)[:8]}; "
+        "use sgd, adagrad, adam or adamw"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,15 @@ SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the
 
 @dataclass(frozen=True)
 class Workload:
-    """A dataset pair and the facts a model factory needs."""
+    """A dataset pair and the facts a model factory needs. ``input_dim`` is the number of values in
+    one sample (features, or token ids per document); ``vocab_size`` is set for token-id data: the
+    ids lie in ``[0, vocab_size)``."""
 
     train: Dataset
     test: Dataset
     input_dim: int
     num_classes: int
+    vocab_size: int | None = None
 
 
 def _digits(seed: int = 0) -> Workload:
@@ -130,14 +134,203 @@ def _synthetic_image(seed: int = 0) -> Workload:
     return SYNTHETIC_IMAGE.generate()
 
 
-DATASETS: dict[str, Callable[..., Workload]] = {"digits": _digits, "synthetic-image": _synthetic_image}
+@dataclass(frozen=True)
+class TopicCorpus:
+    """The recipe of a synthetic text-classification set: documents of token ids from a long-tailed
+    background vocabulary, salted with the tokens of their class's topic. Every number that shapes
+    the data is a field here.
+
+    Structure (drawn once from ``seed``):
+
+    1. Background: token ranks ``r = 1 .. vocab`` have Zipf-like frequencies: ``p(r)`` is the
+       mass that a continuous power law with density ``∝ x ** -zipf_s`` on ``[1, vocab + 1)``
+       puts in ``[r, r + 1)``, so ``p(r) ≈ c * r ** -zipf_s`` (with ``zipf_s = 1`` and 100,000
+       ids, rank 1 is about 6% of all tokens and the median id about one token in 500,000).
+       Rank ``r`` is token id ``perm[r - 1]`` for one fixed random permutation, so the frequent
+       ids are scattered over the table (any contiguous row range gets its share of hot rows).
+    2. Topics: each class owns ``topic_tokens`` ids, the classes' sets disjoint and drawn
+       uniformly from the whole vocabulary (so most topic ids are rare in the background and
+       they reach every part of the table). Within a topic, its ``j``-th id has the same
+       power-law probability with exponent ``topic_zipf_s``: a few topic ids are common, most
+       appear in few documents, so a model must learn many rarely seen embedding rows.
+
+    Generation, for each split (train, then test, each from its own stream):
+
+    1. Labels: exactly ``n // classes`` documents of every class (the first ``n % classes``
+       classes get one more), in a random order.
+    2. Tokens: each of a document's ``doc_len`` positions independently is, with probability
+       ``topic_prob``, an id from its class's topic, else an id from the background. Every token
+       of every document is one of ``vocab`` ids in ``[0, vocab)``, stored as int64.
+
+    A document is therefore a bag of words from the mixture ``topic_prob * T_c + (1 - topic_prob)
+    * B`` (``token_probabilities`` gives ``B`` and ``T``), and ``log_likelihoods`` gives the
+    Bayes-optimal classifier. The train and test splits come from ``seed + 1`` and ``seed + 2``
+    (so the test split does not depend on ``n_train``); ranks are drawn by inverting the power
+    law's CDF in closed form, in blocks of ``chunk_rows`` documents, so peak memory is the int64
+    token matrix plus a few blocks. The result depends only on these fields (and the torch
+    build), never on the job's seed.
+
+    Raises:
+        ConfigError: from ``__post_init__`` when a size or a probability is out of range.
+    """
+
+    n_train: int
+    n_test: int
+    doc_len: int
+    classes: int
+    vocab: int
+    topic_tokens: int = 2_000
+    topic_prob: float = 0.04
+    zipf_s: float = 1.0
+    topic_zipf_s: float = 1.0
+    seed: int = 3
+    chunk_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        sizes = ("n_train", "n_test", "doc_len", "classes", "vocab", "topic_tokens", "chunk_rows")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TopicCorpus.{name} must be >= 1, got {getattr(self, name)}")
+        if self.classes * self.topic_tokens > self.vocab:
+            raise ConfigError(
+                f"TopicCorpus needs classes * topic_tokens <= vocab (disjoint topics), got "
+                f"{self.classes} * {self.topic_tokens} > {self.vocab}"
+            )
+        if not 0.0 <= self.topic_prob <= 1.0:
+            raise ConfigError(f"TopicCorpus.topic_prob must be in [0, 1], got {self.topic_prob}")
+        for name in ("zipf_s", "topic_zipf_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"TopicCorpus.{name} must be >= 0, got {getattr(self, name)}")
+
+    def generate(self) -> Workload:
+        """Both splits as int64 token ids ``[n, doc_len]`` and int64 labels."""
+        background, topics = self._structure()
+        train = self._split(self.n_train, background, topics, torch.Generator().manual_seed(self.seed + 1))
+        test = self._split(self.n_test, background, topics, torch.Generator().manual_seed(self.seed + 2))
+        return Workload(train, test, self.doc_len, self.classes, vocab_size=self.vocab)
+
+    def token_probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The background distribution ``B`` over ids, shape ``[vocab]``, and the topic
+        distributions ``T``, shape ``[classes, vocab]`` (float64, each row summing to 1)."""
+        background, topics = self._structure()
+        b = torch.zeros(self.vocab, dtype=torch.float64)
+        b[background] = self._pmf(self.vocab, self.zipf_s)
+        t = torch.zeros(self.classes, self.vocab, dtype=torch.float64)
+        t.scatter_(1, topics, self._pmf(self.topic_tokens, self.topic_zipf_s).expand(self.classes, -1))
+        return b, t
+
+    def log_likelihoods(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``log P(document | class)`` under the generator, shape ``[n, classes]``: its argmax is
+        the Bayes-optimal prediction (the classes are equally likely)."""
+        b, t = self.token_probabilities()
+        per_token = torch.log(self.topic_prob * t + (1.0 - self.topic_prob) * b)  # [classes, vocab]
+        out = torch.empty(len(tokens), self.classes, dtype=torch.float64)
+        for lo in range(0, len(tokens), self.chunk_rows):
+            block = tokens[lo : lo + self.chunk_rows]
+            out[lo : lo + len(block)] = per_token[:, block].sum(dim=2).T
+        return out
+
+    def _structure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        background = torch.randperm(self.vocab, generator=generator)  # rank -> id
+        chosen = torch.randperm(self.vocab, generator=generator)[: self.classes * self.topic_tokens]
+        return background, chosen.view(self.classes, self.topic_tokens)
+
+    @staticmethod
+    def _pmf(n: int, s: float) -> torch.Tensor:
+        """P(rank = r), r = 1 .. n, of ``_ranks``: the mass of a continuous power law with density
+        ``∝ x ** -s`` on ``[1, n + 1)`` that falls in ``[r, r + 1)``."""
+        r = torch.arange(1, n + 2, dtype=torch.float64)
+        cum = torch.log(r) if s == 1.0 else r ** (1.0 - s)
+        return (cum[1:] - cum[:-1]) / (cum[-1] - cum[0])
+
+    @staticmethod
+    def _ranks(u: torch.Tensor, n: int, s: float) -> torch.Tensor:
+        """Zero-based ranks in ``[0, n)`` of uniforms ``u`` in [0, 1) (overwritten), by inverting
+        the continuous power law's CDF in closed form (searching a 100,000-entry table is ten
+        times slower)."""
+        if s == 1.0:
+            x = u.mul_(math.log(n + 1)).exp_()
+        else:
+            x = u.mul_((n + 1) ** (1.0 - s) - 1.0).add_(1.0).pow_(1.0 / (1.0 - s))
+        return x.floor_().clamp_(1, n).long().sub_(1)
+
+    def _split(
+        self, n: int, background: torch.Tensor, topics: torch.Tensor, generator: torch.Generator
+    ) -> TensorDataset:
+        y = (torch.arange(n) % self.classes)[torch.randperm(n, generator=generator)]
+        x = torch.empty(n, self.doc_len, dtype=torch.int64)
+        for lo in range(0, n, self.chunk_rows):
+            hi = min(n, lo + self.chunk_rows)
+            shape = (hi - lo, self.doc_len)
+            # One float32 uniform v per position: v < topic_prob picks the topic, and then
+            # v / topic_prob is uniform on [0, 1) and picks the topic's id.
+            v = torch.rand(shape, generator=generator)
+            from_topic = v < self.topic_prob
+            topic_u = (v / max(self.topic_prob, 1e-300)).clamp_(max=1.0)  # above 1: unused
+            j = self._ranks(topic_u, self.topic_tokens, self.topic_zipf_s)
+            u = torch.rand(shape, generator=generator, dtype=torch.float64)
+            rank = self._ranks(u, self.vocab, self.zipf_s)
+            x[lo:hi] = torch.where(from_topic, topics[y[lo:hi, None], j], background[rank])
+        return TensorDataset(x, y)
+
+
+# 100,000 documents of 100 token ids, 10 classes, 100,000 ids: 90,000 train, 10,000 test; about
+# 4 topic tokens per document. On the test split the Bayes-optimal classifier reaches 0.957, naive
+# Bayes on the training counts 0.900, and embedding-bag (dim 32, mean; Adam lr 0.01 with SparseAdam
+# on the table, batch 128, 3 epochs: bench/reference.py) 0.897-0.900; built in about 0.5 s.
+SYNTHETIC_TEXT = TopicCorpus(n_train=90_000, n_test=10_000, doc_len=100, classes=10, vocab=100_000)
+
+
+def _synthetic_text(seed: int = 0) -> Workload:
+    """``SYNTHETIC_TEXT``: bags of token ids, identical in every process whatever the job's seed;
+    80 MB of int64."""
+    return SYNTHETIC_TEXT.generate()
+
+
+DATASETS: dict[str, Callable[..., Workload]] = {
+    "digits": _digits,
+    "synthetic-image": _synthetic_image,
+    "synthetic-text": _synthetic_text,
+}
 
 
 def _mlp(input_dim: int, num_classes: int, hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp}
+class EmbeddingBagClassifier(nn.Module):
+    """Mean of the documents' token embeddings, then a linear layer. The embedding table is
+    ``embedding.weight`` (``vocab_size x dim``) and gets row-sparse gradients: a batch touches
+    only the rows of the ids it contains."""
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 32) -> None:
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(vocab_size, dim, mode="mean", sparse=True)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, classes]`` of int64 token ids ``[n, doc_len]`` (one bag per row)."""
+        return self.classifier(self.embedding(tokens))
+
+
+def _embedding_bag(num_classes: int, vocab_size: int | None = None, dim: int = 32) -> nn.Module:
+    if vocab_size is None:
+        raise ConfigError("model embedding-bag needs a data set of token ids (e.g. synthetic-text)")
+    return EmbeddingBagClassifier(vocab_size, num_classes, dim)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "embedding-bag": _embedding_bag}
+
+
+def sparse_parameter_names(model: nn.Module) -> frozenset[str]:
+    """Names of the parameters whose gradients are row-sparse: the weights of ``nn.Embedding`` and
+    ``nn.EmbeddingBag`` modules built with ``sparse=True``."""
+    return frozenset(
+        f"{prefix}.weight" if prefix else "weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+    )
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -187,9 +380,10 @@ def build_model(model: str, workload: Workload, seed: int) -> nn.Module:
     """The named model initialised from ``seed`` (identical in every process)."""
     factory = MODELS.get(model) or resolve_factory(model)
     torch.manual_seed(seed)
-    module = _call_with_known_kwargs(
-        factory, input_dim=workload.input_dim, num_classes=workload.num_classes
-    )
+    facts: dict[str, Any] = {"input_dim": workload.input_dim, "num_classes": workload.num_classes}
+    if workload.vocab_size is not None:
+        facts["vocab_size"] = workload.vocab_size
+    module = _call_with_known_kwargs(factory, **facts)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model factory {model!r} returned {type(module).__name__}, not nn.Module")
     return module
