@@ -21,7 +21,7 @@ from coordinator.events import Event, EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Completion, Lease, ShardLedger
 from coordinator.membership import Member, MembershipTable, Role
-from lepton.tensors import TensorSpec
+from lepton.tensors import TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
@@ -209,7 +209,10 @@ class Job:
             layout = {
                 "version": self._layout.version,
                 "servers": list(self._layout.servers),
-                "assignment": {s: [t.name for t in ts] for s, ts in self._layout.assignment.items()},
+                "assignment": {
+                    s: [[t.of, *t.rows] if t.is_slice else t.name for t in ts]
+                    for s, ts in self._layout.assignment.items()
+                },
             }
         job = {
             "spec": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
@@ -269,7 +272,10 @@ class Job:
             self._layout = Layout(
                 layout["version"],
                 tuple(layout["servers"]),
-                {s: tuple(specs[n] for n in names) for s, names in layout["assignment"].items()},
+                {
+                    s: tuple(specs[n] if isinstance(n, str) else row_slice(specs[n[0]], n[1], n[2]) for n in names)
+                    for s, names in layout["assignment"].items()
+                },
             )
         self._ready = set(job["ready"])
         self.ps_restarts = job.get("ps_restarts", 0)
@@ -556,7 +562,7 @@ class Job:
                 )
             specs = self._layout.tensors_of(member_id)
             return Assignment(
-                self._layout.version, specs, {s.name: self._initial[s.name] for s in specs}
+                self._layout.version, specs, {s.name: part(self._initial, s) for s in specs}
             )
 
     def ready(self, member_id: str, incarnation: int, layout_version: int, now: float, version: int = 0) -> None:
@@ -805,6 +811,12 @@ class Job:
             "format": "lepton-checkpoint-manifest/1",
             **checkpoint.to_state(),
             "consistent": checkpoint.consistent,
+            # name -> where a slice's rows go: export concatenates a parameter's slices in row order
+            "slices": {
+                t.name: {"parameter": t.parameter, "row_offset": t.row_offset, "parameter_shape": list(t.parameter_shape)}
+                for t in (self._layout.tensors if self._layout is not None else ())
+                if t.is_slice
+            },
             "job": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
         }
 

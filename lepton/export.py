@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from lepton.clients import CoordinatorClient
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, InvalidArgument, LeptonError
 from lepton.files import write_atomically
 from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, exit_code_for
 from lepton.security import INSECURE, Security
+from lepton.tensors import TensorSpec, assemble
 from lepton.v1 import coordinator_pb2 as cpb
 
 MANIFEST_FORMAT = "lepton-checkpoint-manifest/1"
@@ -80,8 +81,8 @@ def _server_file(manifest_path: Path, checkpoint_id: str, server: str, recorded:
 
 
 def merge(manifest_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The manifest and the model's tensors merged from every server's file (each tensor whole on
-    one server). Raises ConfigError for an incomplete or inconsistent checkpoint."""
+    """The manifest and the model's tensors merged from every server's file (whole tensors as they
+    are, row slices concatenated back into their parameters). Raises ConfigError for an incomplete or inconsistent checkpoint."""
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -106,7 +107,26 @@ def merge(manifest_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             if name in tensors:
                 raise ConfigError(f"tensor {name!r} is in more than one server's file")
             tensors[name] = value.detach().clone().contiguous()
-    return manifest, tensors
+    return manifest, _join_slices(manifest, tensors)
+
+
+def _join_slices(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole parameters from the servers' tensors: slices (manifest "slices") are concatenated in
+    row order; everything else is already whole."""
+    slices = manifest.get("slices", {})
+    specs = [
+        TensorSpec(
+            name, value.dtype, tuple(value.shape),
+            parameter=slices[name]["parameter"] if name in slices else "",
+            row_offset=slices[name]["row_offset"] if name in slices else 0,
+            parameter_shape=tuple(slices[name]["parameter_shape"]) if name in slices else (),
+        )
+        for name, value in tensors.items()
+    ]
+    try:
+        return assemble(specs, tensors)
+    except InvalidArgument as exc:
+        raise ConfigError(f"checkpoint {manifest['checkpoint_id']}: {exc}") from exc
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, checkpoint_id: str = "") -> ExportResult:

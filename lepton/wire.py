@@ -78,8 +78,22 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
 
 
 def spec_to_proto(spec: TensorSpec) -> pb.TensorInfo:
-    return pb.TensorInfo(name=spec.name, dtype=wire_dtype(spec.dtype), shape=list(spec.shape))
+    return pb.TensorInfo(
+        name=spec.name,
+        dtype=wire_dtype(spec.dtype),
+        shape=list(spec.shape),
+        parameter=spec.parameter,
+        row_offset=spec.row_offset,
+        parameter_shape=list(spec.parameter_shape),
+    )
 
 
 def spec_from_proto(msg: pb.TensorInfo) -> TensorSpec:
-    return TensorSpec(msg.name, torch_dtype(msg.dtype), tuple(msg.shape))
+    return TensorSpec(
+        msg.name,
+        torch_dtype(msg.dtype),
+        tuple(msg.shape),
+        parameter=msg.parameter,
+        row_offset=msg.row_offset,
+        parameter_shape=tuple(msg.parameter_shape),
+    )

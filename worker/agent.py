@@ -19,11 +19,13 @@ from lepton.errors import (
     DuplicateCompletion,
     FailedPrecondition,
     Fenced,
+    InvalidArgument,
     LeptonError,
     NotFound,
     Unavailable,
 )
 from lepton.logs import bind
+from lepton.tensors import part
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
@@ -164,7 +166,7 @@ class WorkerAgent:
 
         for server_id, (version, tensors) in self._fan_out(pull):
             self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
-            self._trainer.set_parameters(tensors)
+            self._install(server_id, tensors)
             self._versions[server_id] = version
         self._params_fresh = True
 
@@ -176,7 +178,7 @@ class WorkerAgent:
         timeout_s = 2 * self._spec.heartbeat_timeout_s + 10.0
 
         def push(server):
-            share = {t.name: grads[t.name] for t in server.tensors}
+            share = {t.name: part(grads, t) for t in server.tensors}  # row slices are views
             reply, version, tensors = self._clients[server.address].push_pull(
                 member, self._versions.get(server.member_id, 0), samples, share,
                 timeout_s=timeout_s, request_id=request_id,
@@ -187,11 +189,23 @@ class WorkerAgent:
         self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads.values())
         for server_id, reply, version, tensors in self._fan_out(push):
             self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
-            self._trainer.set_parameters(tensors)
+            self._install(server_id, tensors)
             self._versions[server_id] = version
             all_applied &= reply.applied
         self._participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
         return all_applied
+
+    def _install(self, server_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Puts what a server sent into the model: whole parameters, or slices into their rows."""
+        assert self._trainer is not None and self._layout is not None
+        specs = {t.name: t for s in self._layout.servers if s.member_id == server_id for t in s.tensors}
+        unexpected = sorted(set(tensors) - set(specs))
+        if unexpected:
+            raise InvalidArgument(
+                f"parameter server {server_id} sent {unexpected[:4]}, which layout "
+                f"{self._layout.version} does not place there"
+            )
+        self._trainer.set_parameters(tensors, specs)
 
     def _leave_steps(self) -> None:
         if not self._participating or self._member is None:

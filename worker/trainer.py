@@ -11,6 +11,7 @@ from torch import nn
 
 from lepton.config import JobSpec
 from lepton.workloads import Evaluation, build_model, evaluate, load_workload, take
+from lepton.tensors import TensorSpec, part
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,16 @@ class Trainer:
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self._loss = nn.CrossEntropyLoss()
 
-    def set_parameters(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def set_parameters(
+        self, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec] | None = None
+    ) -> None:
+        """Installs pulled tensors: whole parameters by name, or row slices (named in ``specs``)
+        into their rows of the parameter."""
         with torch.no_grad():
             for name, value in tensors.items():
-                self.params[name].copy_(value)
+                spec = specs.get(name) if specs is not None else None
+                target = part(self.params, spec) if spec is not None else self.params[name]
+                target.copy_(value)
 
     def batches(self, shard: ShardRange) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset after the batch, sample indices) from the shard's offset on. The order within a

@@ -147,7 +147,8 @@ def test_job_orders_servers_through_heartbeats_and_keeps_the_manifest_durably(tm
     assert status.last_checkpoint.checkpoint_id == ckpt.checkpoint_id
     manifest = json.loads((tmp_path / "checkpoints" / f"{ckpt.checkpoint_id}.json").read_text())
     assert manifest["format"] == "lepton-checkpoint-manifest/1" and manifest["reason"] == "before the upgrade"
-    assert sorted(n for names in manifest["tensors"].values() for n in names) == ["b", "w"]
+    assert sorted(n for names in manifest["tensors"].values() for n in names) == ["b", "w[0:2]", "w[2:4]"]
+    assert manifest["slices"]["w[2:4]"] == {"parameter": "w", "row_offset": 2, "parameter_shape": [4, 3]}
     assert {r["path"] for r in manifest["reports"].values()} == {"/ps0.pt", "/ps1.pt"}
     assert [e.kind for e in job.events.after(0)][-1] is EventKind.CHECKPOINT_COMPLETED
     # The coordinator restarts on the same store: the manifest is still there.

@@ -13,6 +13,7 @@ from coordinator.membership import Member, Role
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import DuplicateCompletion, FailedPrecondition, Fenced, InvalidArgument, NotFound
+from lepton.tensors import assemble
 
 SPEC = JobSpec(
     epochs=2,
@@ -105,12 +106,15 @@ def test_a_job_runs_from_waiting_for_servers_to_succeeded(job, clock):
 
     layout, addresses = job.layout()
     assert addresses == {ps0.member_id: "10.0.0.1:7000", ps1.member_id: "10.0.0.2:7000"}
-    assigned = {}
+    assigned, specs = {}, []
     for ps in (ps0, ps1):
         a = job.assignment(ps.member_id, ps.incarnation)
         assert a.layout_version == 1
-        assert [s.name for s in a.tensors] == [s.name for s in layout.tensors_of(ps.member_id)]
+        assert list(a.tensors) == list(layout.tensors_of(ps.member_id))
+        assert abs(layout.bytes_of(ps0.member_id) - layout.bytes_of(ps1.member_id)) <= 4 * 4  # one row
         assigned.update(a.values)
+        specs += a.tensors
+    assigned = assemble(specs, assigned)  # the slices put back together are the initial values
     assert sorted(assigned) == sorted(INITIAL)
     for name, value in INITIAL.items():
         assert torch.equal(assigned[name], value) and assigned[name].dtype == value.dtype
