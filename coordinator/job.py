@@ -10,7 +10,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -152,6 +152,7 @@ class Job:
         now: float = 0.0,
         max_shard_attempts: int = 3,
         wall_clock: Callable[[], float] = time.time,
+        sparse: Collection[str] = (),
     ) -> None:
         self.spec = spec
         self._wall_clock = wall_clock
@@ -164,7 +165,9 @@ class Job:
             lease_timeout_s=spec.lease_timeout_s,
         )
         self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
-        self._specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in self._initial.items()]
+        self._specs = [
+            TensorSpec(k, v.dtype, tuple(v.shape), sparse=k in sparse) for k, v in self._initial.items()
+        ]
         self._layout: Layout | None = None
         self._ready: set[str] = set()
         self._state = JobState.WAITING_FOR_SERVERS

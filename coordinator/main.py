@@ -16,7 +16,7 @@ from lepton.config import JobSpec
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
-from lepton.workloads import build_model, load_workload
+from lepton.workloads import build_model, load_workload, sparse_parameter_names
 
 log = structlog.get_logger("lepton.coordinator")
 
@@ -29,7 +29,9 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     model = build_model(spec.model, workload, spec.seed)
     params = {name: p.detach() for name, p in model.named_parameters()}
     store = SqliteJobStore(state_dir) if state_dir else None
-    return Job(spec, len(workload.train), params, store=store, now=clock())  # type: ignore[arg-type]
+    return Job(
+        spec, len(workload.train), params, store=store, now=clock(), sparse=sparse_parameter_names(model)
+    )  # type: ignore[arg-type]
 
 
 def serve(

@@ -66,6 +66,7 @@ class AssignmentInfo:
     lr: float
     optimizer_kwargs: dict
     mode: str
+    sparse: frozenset[str] = frozenset()  # row-sparse tensors (TensorInfo.sparse)
 
 
 class _Client:
@@ -161,6 +162,7 @@ class CoordinatorClient(_Client):
             lr=head.optimizer.learning_rate,
             optimizer_kwargs=optimizer_kwargs(head.optimizer),
             mode=MODE_FROM_WIRE[head.mode],
+            sparse=frozenset(t.name for t in head.tensors if t.sparse),
         )
 
     def report_ready(self, member: MemberId, layout_version: int, version: int = 0) -> None:
@@ -267,14 +269,26 @@ def _push_messages(
     grads: Iterable[tuple[str, torch.Tensor]],
     request_id: str = "",
 ) -> Iterator[ppb.PushRequest]:
+    """A sparse COO gradient (row-sparse, e.g. from ``nn.Embedding(sparse=True)``) travels as its
+    rows: a RowSelection in the header and the rows' data under the tensor's name."""
+    dense: list[tuple[str, torch.Tensor]] = []
+    selections = []
+    for name, g in grads:
+        if g.is_sparse:
+            rows, values = codec.sparse_to_rows(g)
+            selections.append(common.RowSelection(name=name, rows=rows.tolist()))
+            dense.append((name, values))
+        else:
+            dense.append((name, g))
     header = ppb.PushHeader(
         member=member.to_proto(),
         base_version=base_version,
         sample_count=samples,
         request_id=request_id or new_request_id(),
+        rows=selections,
     )
     first = True
-    for chunks in codec.pack(grads):
+    for chunks in codec.pack(dense):
         yield ppb.PushRequest(header=header, chunks=chunks) if first else ppb.PushRequest(chunks=chunks)
         first = False
     if first:
@@ -301,12 +315,19 @@ class ParameterClient(_Client):
 
     _stub_class = ppb_grpc.ParameterServerStub
 
-    def pull(self, member: MemberId, names: Iterable[str] = ()) -> tuple[int, dict[str, torch.Tensor]]:
+    def pull(
+        self, member: MemberId, names: Iterable[str] = (), rows: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """Whole tensors ``names`` (everything when both are empty) and, of each tensor in ``rows``,
+        only those rows (shape [len(rows), ...], in that order)."""
+        request = ppb.PullRequest(
+            member=member.to_proto(),
+            names=list(names),
+            rows=[common.RowSelection(name=n, rows=r.tolist()) for n, r in (rows or {}).items()],
+        )
+
         def once():
-            version, tensors, _ = _read_pull(
-                self._stub.Pull(ppb.PullRequest(member=member.to_proto(), names=list(names)), timeout=self._timeout_s),
-                self._timeout_s,
-            )
+            version, tensors, _ = _read_pull(self._stub.Pull(request, timeout=self._timeout_s), self._timeout_s)
             return version, tensors
 
         return call_with_retry(once, self._retry, rng=self._rng)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from lepton.errors import InvalidArgument
-from lepton.tensors import TensorSpec  # noqa: F401  (re-exported for receivers)
+from lepton.tensors import TensorSpec, check_rows  # noqa: F401  (TensorSpec re-exported for receivers)
 from lepton.v1 import common_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)
@@ -221,3 +221,23 @@ def from_wire(chunks: Iterable[pb.TensorChunk]) -> dict[str, torch.Tensor]:
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.finish()
+
+
+# --- row-sparse tensors (RowSelection on the wire) --------------------------------------------
+
+
+def sparse_to_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, their rows) of a sparse COO tensor whose sparse dimension is dimension 0 (what
+    ``nn.Embedding(sparse=True)`` produces): duplicates summed, rows in increasing order."""
+    if grad.sparse_dim() != 1:
+        raise InvalidArgument(f"a row-sparse tensor has one sparse dimension, this one {grad.sparse_dim()}")
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+def rows_to_sparse(spec: TensorSpec, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The sparse COO tensor of ``spec``'s shape holding ``values`` at ``rows`` (checked)."""
+    if not spec.shape:
+        raise InvalidArgument(f"tensor {spec.name!r} has no rows (0-dim)")
+    check_rows(spec.name, rows, spec.shape[0])
+    return torch.sparse_coo_tensor(rows.reshape(1, -1), values, spec.shape, is_coalesced=False)

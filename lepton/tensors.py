@@ -27,6 +27,7 @@ class TensorSpec:
     parameter: str = ""
     row_offset: int = 0
     parameter_shape: tuple[int, ...] = ()
+    sparse: bool = False  # row-sparse gradients (an embedding table): pulled and pushed by rows
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +76,7 @@ def row_slice(parameter: TensorSpec, start: int, end: int) -> TensorSpec:
         parameter=parameter.name,
         row_offset=start,
         parameter_shape=parameter.shape,
+        sparse=parameter.sparse,
     )
 
 
@@ -109,3 +111,43 @@ def assemble(specs: Iterable[TensorSpec], values: Mapping[str, torch.Tensor]) ->
             raise InvalidArgument(f"the slices of {parameter} end at row {expected} of {rows}")
         whole[parameter] = torch.cat([values[s.name] for s in slices])
     return whole
+
+
+def rows_in(spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
+    """Those of ``rows`` (indices of the whole parameter) that ``spec`` holds, counted from the
+    spec's first row."""
+    start, end = spec.rows
+    return rows[(rows >= start) & (rows < end)] - start
+
+
+def sparse_part(grad: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The piece of a row-sparse (COO, sparse along dimension 0) gradient of a whole parameter
+    that ``spec`` holds, re-indexed from the spec's first row, coalesced (possibly empty)."""
+    grad = grad.coalesce()
+    if not spec.is_slice:
+        return grad
+    rows, values = grad.indices()[0], grad.values()
+    start, end = spec.rows
+    keep = (rows >= start) & (rows < end)
+    return torch.sparse_coo_tensor(
+        (rows[keep] - start).reshape(1, -1), values[keep], spec.shape, is_coalesced=True
+    )
+
+
+def payload_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies on the wire: a row-sparse one counts its rows and row indices."""
+    if t.is_sparse:
+        values = t._values()
+        return values.numel() * values.element_size() + t._indices().numel() * 8
+    return t.numel() * t.element_size()
+
+
+def check_rows(name: str, rows: torch.Tensor, count: int) -> None:
+    """Raises InvalidArgument unless ``rows`` are distinct indices in [0, count)."""
+    if rows.numel() == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= count:
+        raise InvalidArgument(f"tensor {name!r}: row {low if low < 0 else high} outside [0, {count})")
+    if torch.unique(rows).numel() != rows.numel():
+        raise InvalidArgument(f"tensor {name!r}: a row is selected more than once")

@@ -85,6 +85,7 @@ def spec_to_proto(spec: TensorSpec) -> pb.TensorInfo:
         parameter=spec.parameter,
         row_offset=spec.row_offset,
         parameter_shape=list(spec.parameter_shape),
+        sparse=spec.sparse,
     )
 
 
@@ -96,4 +97,5 @@ def spec_from_proto(msg: pb.TensorInfo) -> TensorSpec:
         parameter=msg.parameter,
         row_offset=msg.row_offset,
         parameter_shape=tuple(msg.parameter_shape),
+        sparse=msg.sparse,
     )

@@ -313,6 +313,12 @@ class EmbeddingBagClassifier(nn.Module):
         """Logits ``[n, classes]`` of int64 token ids ``[n, doc_len]`` (one bag per row)."""
         return self.classifier(self.embedding(tokens))
 
+    def rows_touched(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The embedding rows a batch reads (and so the only rows its gradient touches), sorted:
+        what a Lepton worker pulls before computing the batch. Every model with sparse parameters
+        provides this."""
+        return {"embedding.weight": torch.unique(tokens)}
+
 
 def _embedding_bag(num_classes: int, vocab_size: int | None = None, dim: int = 32) -> nn.Module:
     if vocab_size is None:

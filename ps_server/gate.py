@@ -357,7 +357,9 @@ class ConsistencyGate:
         self._step_opened_at = None
         self._cond.notify_all()
 
-    def snapshot(self, names: list[str] | None = None) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """(version, copies of the tensors) taken atomically."""
+    def snapshot(
+        self, names: list[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """(version, copies of the tensors or of their selected rows) taken atomically."""
         with self._cond:
-            return self.store.version, self.store.snapshot(names)
+            return self.store.version, self.store.snapshot(names, rows)

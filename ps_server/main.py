@@ -150,6 +150,7 @@ def serve(
                 step_timeout_s=spec.heartbeat_timeout_s,
                 checkpoints=CheckpointDirectory(Path(state_dir) / "checkpoints") if state_dir else None,
                 checkpoint_every_steps=spec.checkpoint_every_steps,
+                sparse=assignment.sparse,
                 lr_schedule=spec.lr_schedule,
                 lr_schedule_kwargs=spec.lr_schedule_kwargs,
                 staleness=spec.staleness,

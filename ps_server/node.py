@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lepton.tensors import TensorSpec
+from lepton.tensors import TensorSpec, payload_bytes
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
 from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.gate import ClockWait, ConsistencyGate, PushResult
@@ -85,10 +85,11 @@ class ParameterServerNode:
         lr_schedule: str = "constant",
         lr_schedule_kwargs: Mapping[str, Any] | None = None,
         staleness: int = 0,
+        sparse: Collection[str] = (),
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
         when there is one; returns the version it serves from (0 for a fresh start)."""
-        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs)
+        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse)
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:
             store.load_state_dict(restored[1])
@@ -192,9 +193,12 @@ class ParameterServerNode:
 
     # --- data plane ----------------------------------------------------------------------------
 
-    def pull(self, member_id: str, incarnation: int, names: list[str]) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+    def pull(
+        self, member_id: str, incarnation: int, names: list[str], rows: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``."""
         self._authorise(member_id, incarnation)
-        version, tensors = self.gate.snapshot(names)
+        version, tensors = self.gate.snapshot(names, rows)
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return version, tensors
 
@@ -225,7 +229,7 @@ class ParameterServerNode:
         except LeptonError:
             self._count(rejected=1)
             raise
-        self._count(bytes_pushed=sum(g.numel() * g.element_size() for g in grads.values()))
+        self._count(bytes_pushed=sum(payload_bytes(g) for g in grads.values()))
         outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic(), request_id)
         if isinstance(outcome, PushResult):
             return outcome
@@ -243,9 +247,13 @@ class ParameterServerNode:
         timeout_s: float,
         request_id: str = "",
     ) -> tuple[PushResult, int, list[tuple[str, torch.Tensor]]]:
-        """Push, then the parameters as they are once it was applied (or found stale)."""
+        """Push, then the parameters as they are once it was applied (or found stale): dense
+        tensors whole, of sparse ones the rows this push carried."""
         result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id)
-        version, tensors = self.gate.snapshot(None)
+        sparse = self.gate.store.sparse
+        dense = [n for n in self.gate.store.names if n not in sparse]
+        rows = {n: g._indices()[0] for n, g in grads.items() if n in sparse}
+        version, tensors = self.gate.snapshot(dense, rows) if dense or rows else (self.gate.version, [])
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return result, version, tensors
 

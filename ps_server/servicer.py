@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+
+import torch
 
 from lepton import codec
 from lepton.errors import InvalidArgument, LeptonError
@@ -21,6 +24,16 @@ def _member(ref: common.MemberRef) -> tuple[str, int]:
     if not ref.member_id or ref.incarnation < 1:
         raise InvalidArgument("member.member_id and member.incarnation >= 1 are required")
     return ref.member_id, ref.incarnation
+
+
+def _selections(selections) -> dict[str, torch.Tensor]:
+    """RowSelections by name (INVALID_ARGUMENT for a repeated or empty name)."""
+    out: dict[str, torch.Tensor] = {}
+    for s in selections:
+        if not s.name or s.name in out:
+            raise InvalidArgument(f"row selection with an empty or repeated name {s.name!r}")
+        out[s.name] = torch.tensor(list(s.rows), dtype=torch.int64)
+    return out
 
 
 def _result(result: PushResult) -> pb.PushResponse:
@@ -57,7 +70,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidArgument("the first PushRequest must carry the header")
             header = first.header
-            assembler = codec.TensorAssembler(self._node.specs)
+            specs = self._node.specs
+            selected = _selections(header.rows)
+            expected = dict(specs)
+            for name, rows in selected.items():
+                spec = specs.get(name)
+                if spec is None:
+                    raise InvalidArgument(f"rows of {name!r}, which is not held here")
+                if not spec.sparse:
+                    raise InvalidArgument(f"{name!r} is dense: push it whole, not by rows")
+                if not spec.shape:
+                    raise InvalidArgument(f"tensor {name!r} has no rows (0-dim)")
+                expected[name] = dataclasses.replace(spec, shape=(len(rows), *spec.shape[1:]))
+            assembler = codec.TensorAssembler(expected)
             for chunk in first.chunks:
                 assembler.add(chunk)
             for msg in request_iterator:
@@ -65,7 +90,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     raise InvalidArgument("only the first PushRequest may carry a header")
                 for chunk in msg.chunks:
                     assembler.add(chunk)
-            grads = assembler.finish()
+            grads = assembler.finish(require=list(selected))
+            for name, rows in selected.items():
+                grads[name] = codec.rows_to_sparse(specs[name], rows, grads[name])
         except LeptonError:
             self._node.note_rejected()
             raise
@@ -76,7 +103,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     def Pull(self, request, context):
-        version, tensors = self._node.pull(*_member(request.member), list(request.names))
+        version, tensors = self._node.pull(*_member(request.member), list(request.names), _selections(request.rows))
         yield from _pull_messages(version, tensors)
 
     def Push(self, request_iterator, context):

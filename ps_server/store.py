@@ -4,14 +4,14 @@ version ``v + 1`` is the schedule's value at ``v``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from lepton.tensors import TensorSpec
+from lepton.tensors import TensorSpec, check_rows
 from lepton.errors import InvalidArgument, NotFound
-from lepton.optimizers import build_lr_scheduler, build_optimizer
+from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 
 
 class ParameterStore:
@@ -30,14 +30,23 @@ class ParameterStore:
         optimizer_kwargs: Mapping[str, Any],
         lr_schedule: str = "constant",
         lr_schedule_kwargs: Mapping[str, Any] | None = None,
+        sparse: Collection[str] = (),
     ) -> None:
+        unknown = sorted(set(sparse) - set(tensors))
+        if unknown:
+            raise InvalidArgument(f"sparse tensors {unknown[:8]} are not among this server's tensors")
+        self.sparse = frozenset(sparse)
         self._params = {
             name: torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
             for name, t in tensors.items()
         }
-        self.specs = {n: TensorSpec(n, p.dtype, tuple(p.shape)) for n, p in self._params.items()}
-        trainable = [p for p in self._params.values() if p.requires_grad]
-        self._optimizer = build_optimizer(trainable, optimizer, lr, optimizer_kwargs)
+        self.specs = {
+            n: TensorSpec(n, p.dtype, tuple(p.shape), sparse=n in self.sparse) for n, p in self._params.items()
+        }
+        trainable = [(n, p) for n, p in self._params.items() if p.requires_grad]
+        # Row-sparse tensors get the sparse-aware variant (SparseAdam for adam/adamw), exactly as a
+        # single process would build it for the same model (lepton.optimizers).
+        self._optimizer = build_sparse_aware_optimizer(trainable, self.sparse, optimizer, lr, optimizer_kwargs)
         self._lr_schedule = lr_schedule
         self._scheduler = build_lr_scheduler(self._optimizer, lr_schedule, lr_schedule_kwargs or {})
         self.version = 0
@@ -52,9 +61,10 @@ class ParameterStore:
         return list(self._params)
 
     def check_gradients(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Raises InvalidArgument unless ``grads`` has exactly our tensors, shapes, dtypes and is
+        """Raises InvalidArgument unless ``grads`` has exactly our tensors (a sparse tensor may be
+        absent: no rows touched), shapes, dtypes, sparse COO exactly for the sparse tensors, and is
         finite (NaN/Inf are rejected: one poisoned push would ruin every replica)."""
-        missing = sorted(set(self._params) - set(grads))
+        missing = sorted(set(self._params) - set(grads) - self.sparse)
         extra = sorted(set(grads) - set(self._params))
         if missing or extra:
             raise InvalidArgument(
@@ -68,14 +78,23 @@ class ParameterStore:
                     f"gradient {name!r} is {g.dtype} {list(g.shape)}, expected "
                     f"{spec.dtype} {list(spec.shape)}"
                 )
-            if g.is_floating_point() and not bool(torch.isfinite(g).all()):
+            if g.is_sparse != (name in self.sparse):
+                raise InvalidArgument(
+                    f"gradient {name!r} must be pushed "
+                    + ("by rows (RowSelection): it is row-sparse" if name in self.sparse else "whole: it is dense")
+                )
+            values = g._values() if g.is_sparse else g
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise InvalidArgument(f"gradient {name!r} contains NaN or Inf; rejected")
 
     def apply(self, grads: Mapping[str, torch.Tensor]) -> int:
         """One optimizer step with these gradients; returns the new version."""
         for name, p in self._params.items():
             if p.requires_grad:
-                p.grad = grads[name]
+                g = grads.get(name)
+                if g is None and name in self.sparse:  # no rows touched: an empty row-sparse gradient
+                    g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape)
+                p.grad = g.coalesce() if g.is_sparse else g
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
@@ -120,10 +139,24 @@ class ParameterStore:
             self._scheduler.load_state_dict(state["lr_scheduler"])
         self.version = int(state["version"])
 
-    def snapshot(self, names: Iterable[str] | None = None) -> list[tuple[str, torch.Tensor]]:
-        """Copies of the named tensors (all when ``names`` is None or empty)."""
-        wanted = list(names) if names else list(self._params)
-        unknown = [n for n in wanted if n not in self._params]
+    def snapshot(
+        self, names: Iterable[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Copies of the named tensors (all when both ``names`` and ``rows`` are empty) and of the
+        selected rows of the tensors in ``rows`` (checked: distinct, in range)."""
+        rows = rows or {}
+        wanted = list(names) if names else ([] if rows else list(self._params))
+        unknown = [n for n in [*wanted, *rows] if n not in self._params]
         if unknown:
             raise NotFound(f"tensors not held by this server: {unknown[:8]}")
-        return [(n, self._params[n].detach().clone()) for n in wanted]
+        both = sorted(set(wanted) & set(rows))
+        if both:
+            raise InvalidArgument(f"tensors {both[:8]} asked for both whole and by rows")
+        out = [(n, self._params[n].detach().clone()) for n in wanted]
+        for name, selected in rows.items():
+            p = self._params[name]
+            if p.dim() == 0:
+                raise InvalidArgument(f"tensor {name!r} has no rows (0-dim)")
+            check_rows(name, selected, p.shape[0])
+            out.append((name, p.detach().index_select(0, selected)))
+        return out

@@ -25,7 +25,7 @@ from lepton.errors import (
     Unavailable,
 )
 from lepton.logs import bind
-from lepton.tensors import part
+from lepton.tensors import part, payload_bytes, rows_in, sparse_part
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
@@ -178,25 +178,55 @@ class WorkerAgent:
         timeout_s = 2 * self._spec.heartbeat_timeout_s + 10.0
 
         def push(server):
-            share = {t.name: part(grads, t) for t in server.tensors}  # row slices are views
+            # row slices are views; row-sparse gradients travel as the rows each slice holds
+            share = {t.name: sparse_part(grads[t.of], t) if t.sparse else part(grads, t) for t in server.tensors}
             reply, version, tensors = self._clients[server.address].push_pull(
                 member, self._versions.get(server.member_id, 0), samples, share,
                 timeout_s=timeout_s, request_id=request_id,
             )
-            return server.member_id, reply, version, tensors
+            rows = {n: g.indices()[0] for n, g in share.items() if g.is_sparse}  # what comes back
+            return server.member_id, reply, version, tensors, rows
 
         all_applied = True
-        self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads.values())
-        for server_id, reply, version, tensors in self._fan_out(push):
+        self.bytes_pushed += sum(payload_bytes(g.coalesce() if g.is_sparse else g) for g in grads.values())
+        for server_id, reply, version, tensors, rows in self._fan_out(push):
             self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
-            self._install(server_id, tensors)
+            self._install(server_id, tensors, rows)
             self._versions[server_id] = version
             all_applied &= reply.applied
         self._participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
         return all_applied
 
-    def _install(self, server_id: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Puts what a server sent into the model: whole parameters, or slices into their rows."""
+    def _pull_for(self, indices: torch.Tensor) -> None:
+        """Before a batch of a model with sparse parameters: pulls the rows the batch reads of
+        each sparse tensor and, if stale, the dense tensors, one Pull per server that has any."""
+        member = self._member
+        assert member is not None and self._trainer is not None
+        touched = self._trainer.rows_touched(indices)
+        fresh = self._params_fresh
+
+        def pull(server):
+            rows = {t.name: rows_in(t, touched[t.of]) for t in server.tensors if t.sparse}
+            names = [] if fresh else [t.name for t in server.tensors if not t.sparse]
+            if not names and not any(r.numel() for r in rows.values()):
+                return server.member_id, None, {}, rows
+            rows = {n: r for n, r in rows.items() if r.numel()}
+            version, tensors = self._clients[server.address].pull(member, names, rows)
+            return server.member_id, version, tensors, rows
+
+        for server_id, version, tensors, rows in self._fan_out(pull):
+            if version is None:
+                continue
+            self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors.values())
+            self._install(server_id, tensors, rows)
+            self._versions[server_id] = version
+        self._params_fresh = True
+
+    def _install(
+        self, server_id: str, tensors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Puts what a server sent into the model: whole parameters, slices into their rows, and
+        selected rows of sparse tensors (``rows``: the indices within each tensor, as requested)."""
         assert self._trainer is not None and self._layout is not None
         specs = {t.name: t for s in self._layout.servers if s.member_id == server_id for t in s.tensors}
         unexpected = sorted(set(tensors) - set(specs))
@@ -205,6 +235,12 @@ class WorkerAgent:
                 f"parameter server {server_id} sent {unexpected[:4]}, which layout "
                 f"{self._layout.version} does not place there"
             )
+        rows = rows or {}
+        for name in [n for n in tensors if n in rows]:
+            spec, values = specs[name], tensors.pop(name)
+            if values.shape[0] != rows[name].numel():
+                raise InvalidArgument(f"parameter server {server_id} sent {values.shape[0]} rows of {name}, not {rows[name].numel()}")
+            self._trainer.set_rows(spec.of, rows[name] + spec.row_offset, values)
         self._trainer.set_parameters(tensors, specs)
 
     def _leave_steps(self) -> None:
@@ -238,7 +274,9 @@ class WorkerAgent:
             self._await_lease()
             try:
                 if pending is None:
-                    if not self._params_fresh:
+                    if self._trainer.sparse:
+                        self._pull_for(indices)
+                    elif not self._params_fresh:
                         self._pull_all()
                     loss, grads = self._trainer.gradients(indices)
                     pending = (loss, grads, new_request_id())

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lepton.config import JobSpec
-from lepton.workloads import Evaluation, build_model, evaluate, load_workload, take
+from lepton.errors import ConfigError
+from lepton.workloads import Evaluation, build_model, evaluate, load_workload, sparse_parameter_names, take
 from lepton.tensors import TensorSpec, part
 
 
@@ -32,6 +33,26 @@ class Trainer:
         self.model = build_model(spec.model, self.workload, spec.seed)
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self._loss = nn.CrossEntropyLoss()
+        # Row-sparse parameters (embedding tables) are pulled by the rows each batch touches,
+        # which the model names (``rows_touched``); their gradients stay sparse COO tensors.
+        self.sparse = sparse_parameter_names(self.model)
+        if self.sparse and not callable(getattr(self.model, "rows_touched", None)):
+            raise ConfigError(
+                f"model {spec.model} has sparse parameters {sorted(self.sparse)} but no "
+                "rows_touched(x) method naming the rows a batch reads"
+            )
+
+    def rows_touched(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For each sparse parameter, the sorted rows the batch of these samples reads."""
+        if not self.sparse:
+            return {}
+        x, _ = take(self.workload.train, indices)
+        return self.model.rows_touched(x)  # type: ignore[operator]
+
+    def set_rows(self, parameter: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes pulled rows (indices along dimension 0 of the whole parameter) into the model."""
+        with torch.no_grad():
+            self.params[parameter].index_copy_(0, rows, values)
 
     def set_parameters(
         self, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec] | None = None
@@ -64,10 +85,16 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         loss = self._loss(self.model(x), y)
         loss.backward()
-        grads = {
-            name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
-            for name, p in self.params.items()
-        }
+        grads = {}
+        for name, p in self.params.items():
+            if p.grad is not None:
+                grads[name] = p.grad.detach()
+            elif name in self.sparse:  # no rows touched
+                grads[name] = torch.sparse_coo_tensor(
+                    torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape
+                )
+            else:
+                grads[name] = torch.zeros_like(p)
         return float(loss.detach()), grads
 
     def evaluate(self) -> Evaluation:
