@@ -240,4 +240,5 @@ def rows_to_sparse(spec: TensorSpec, rows: torch.Tensor, values: torch.Tensor) -
     if not spec.shape:
         raise InvalidArgument(f"tensor {spec.name!r} has no rows (0-dim)")
     check_rows(spec.name, rows, spec.shape[0])
-    return torch.sparse_coo_tensor(rows.reshape(1, -1), values, spec.shape, is_coalesced=False)
+    # rows were checked above (distinct, in range); values come from the assembler with their shape
+    return torch.sparse_coo_tensor(rows.reshape(1, -1), values, spec.shape, is_coalesced=False, check_invariants=False)

@@ -130,7 +130,7 @@ def sparse_part(grad: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     start, end = spec.rows
     keep = (rows >= start) & (rows < end)
     return torch.sparse_coo_tensor(
-        (rows[keep] - start).reshape(1, -1), values[keep], spec.shape, is_coalesced=True
+        (rows[keep] - start).reshape(1, -1), values[keep], spec.shape, is_coalesced=True, check_invariants=False
     )
 
 

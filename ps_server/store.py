@@ -93,7 +93,7 @@ class ParameterStore:
             if p.requires_grad:
                 g = grads.get(name)
                 if g is None and name in self.sparse:  # no rows touched: an empty row-sparse gradient
-                    g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape)
+                    g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
                 p.grad = g.coalesce() if g.is_sparse else g
         self._optimizer.step()
         if self._scheduler is not None:

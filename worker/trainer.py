@@ -91,7 +91,7 @@ class Trainer:
                 grads[name] = p.grad.detach()
             elif name in self.sparse:  # no rows touched
                 grads[name] = torch.sparse_coo_tensor(
-                    torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape
+                    torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False
                 )
             else:
                 grads[name] = torch.zeros_like(p)
