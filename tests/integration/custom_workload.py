@@ -18,3 +18,24 @@ def blobs(seed: int = 0):
 
 def linear(input_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(input_dim, num_classes)
+
+
+TOKENS_VOCAB = 300
+
+
+def token_bags(seed: int = 0):
+    """Documents of 8 token ids: class c draws most tokens from its own third of the vocabulary,
+    some from anywhere: (train, test)."""
+    g = torch.Generator().manual_seed(4321)
+    y = torch.randint(0, 3, (900,), generator=g)
+    own = y[:, None] * (TOKENS_VOCAB // 3) + torch.randint(0, TOKENS_VOCAB // 3, (900, 8), generator=g)
+    noise = torch.randint(0, TOKENS_VOCAB, (900, 8), generator=g)
+    x = torch.where(torch.rand(900, 8, generator=g) < 0.7, own, noise)
+    return TensorDataset(x[:750], y[:750]), TensorDataset(x[750:], y[750:])
+
+
+def bag_of_embeddings(num_classes: int):
+    """A sparse embedding table (row-sparse gradients, pulled by rows) and a linear classifier."""
+    from lepton.workloads import EmbeddingBagClassifier
+
+    return EmbeddingBagClassifier(TOKENS_VOCAB, num_classes, dim=8)

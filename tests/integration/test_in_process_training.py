@@ -89,3 +89,42 @@ def test_a_users_own_dataset_and_model_train_by_factory_string(tmp_path):
     assert status.shard_completions == 8
     assert status.evaluation.samples == 100
     assert status.evaluation.accuracy > 0.95
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_sparse_embedding_model_trains_by_rows_through_two_servers(tmp_path, mode):
+    """The table is cut across both servers; workers pull the rows each batch reads and push
+    row gradients (Adam on the dense layer, SparseAdam on the table)."""
+    spec = JobSpec(
+        mode=mode, dataset="integration.custom_workload:token_bags", model="integration.custom_workload:bag_of_embeddings",
+        optimizer="adam", lr=0.05, batch_size=25, epochs=3, shards_per_epoch=6, parameter_servers=2,
+        heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0,
+    )
+    cluster = start_cluster(tmp_path, spec)
+    stop = threading.Event()
+    results: list[int] = []
+    clients = [CoordinatorClient(cluster.coordinator) for _ in range(2)]
+    agents = [WorkerAgent(c, stop) for c in clients]
+    threads = [threading.Thread(target=lambda a=a: results.append(a.run()), daemon=True) for a in agents]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a worker did not finish"
+        status = clients[0].status()
+        layout = clients[0].layout()
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()
+        stop_cluster(cluster)
+    assert results == [0, 0]
+    assert status.state == cpb.JOB_STATE_SUCCEEDED and status.shard_completions == 18
+    assert status.evaluation.accuracy > 0.9
+    table = [t for s in layout.servers for t in s.tensors if t.of == "embedding.weight"]
+    assert len(table) == 2 and all(t.sparse and t.is_slice for t in table)
+    steps = sum(a.steps for a in agents)
+    table_bytes = 300 * 8 * 4
+    # every push carried rows of the table, never all of it (25 docs x 8 tokens <= 200 of 300 rows)
+    assert sum(a.bytes_pushed for a in agents) < steps * table_bytes
