@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from lepton.clients import CoordinatorClient, ParameterClient
+from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.placement import Placements
@@ -432,6 +432,24 @@ def build_report(
     return report
 
 
+def layout_dict(layout: LayoutInfo | None) -> dict | None:
+    """What each parameter server held: tensor names (row slices as ``name[start:end]``), bytes,
+    and which tensors are row-sparse."""
+    if layout is None:
+        return None
+    return {
+        "version": layout.version,
+        "servers": {
+            s.member_id: {
+                "tensors": [t.name for t in s.tensors],
+                "bytes": sum(t.nbytes for t in s.tensors),
+                "sparse": [t.name for t in s.tensors if t.sparse],
+            }
+            for s in layout.servers
+        },
+    }
+
+
 STALE_COUNTERS = ("lepton_stale_requests_rejected_total", "lepton_ps_stale_requests_rejected_total")
 SERVER_PAST_DEADLINE = ("lepton_rpc_server_past_deadline_total",)
 CLIENT_PAST_DEADLINE = ("lepton_rpc_client_past_deadline_total",)
@@ -475,6 +493,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     tally: EventTally | None = None
     address = ""
     client: CoordinatorClient | None = None
+    layout: LayoutInfo | None = None
     child_log = ["--log-format", "json" if cluster.log_format == "auto" else cluster.log_format]
     server_flags: list[str] = []
     client_flags: list[str] = []
@@ -599,6 +618,11 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                     facts = read_ready(ready_files[child.name])
                     if facts and facts.get("pid") == child.process.pid and facts.get("address"):
                         servers.poll(child.name, facts["address"])
+            if layout is None and status.state == cpb.JOB_STATE_TRAINING:
+                try:
+                    layout = client.layout()
+                except LeptonError:
+                    pass
             if status.state in TERMINAL:
                 outcome = "succeeded" if status.state == cpb.JOB_STATE_SUCCEEDED else "failed"
                 break
@@ -643,6 +667,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     report["max_workers"] = cluster.worker_cap
     report["workers_at_end"] = len(workers.active()) if workers is not None else 0
     report["scale_events"] = scale_events
+    report["layout"] = layout_dict(layout)
     report.update(
         servers.report() if servers is not None
         else {"parameter_server_status": {}, "max_clock_gap": None, "max_compute_gap": None}

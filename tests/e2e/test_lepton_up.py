@@ -56,6 +56,12 @@ def test_lepton_up_trains_digits_to_target_accuracy(processes, tmp_path, mode):
     assert report["duplicate_completions_rejected"] == 0
     assert report["members_declared_dead"] == 0
     assert_exactly_once(report)
+    # the 64x64 first layer is cut into row slices across the two servers, bytes within a row (256 B)
+    servers = report["layout"]["servers"]
+    assert len(servers) == 2
+    assert sum(name.startswith("0.weight[") for s in servers.values() for name in s["tensors"]) == 2
+    loads = [s["bytes"] for s in servers.values()]
+    assert abs(loads[0] - loads[1]) <= 2 * 256
     assert all(code == 0 for code in report["exit_codes"].values()), report["exit_codes"]
     assert tagged_pids(processes.tag) == []
 
