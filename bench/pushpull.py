@@ -199,7 +199,7 @@ class RawRoundTrip:
     """
 
     def __init__(self, address: str, mib: int) -> None:
-        self._channel = dial(address, MAX_MESSAGE_MIB)
+        self._channel = dial(address, max_message_mib=MAX_MESSAGE_MIB)
         self._echo = self._channel.stream_stream(
             ECHO_METHOD, request_serializer=_identity, response_deserializer=_identity
         )

@@ -142,12 +142,13 @@ def payload_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def check_rows(name: str, rows: torch.Tensor, count: int) -> None:
-    """Raises InvalidArgument unless ``rows`` are distinct indices in [0, count)."""
+def check_rows(name: str, rows: torch.Tensor, count: int, distinct: bool = False) -> None:
+    """Raises InvalidArgument unless ``rows`` are distinct indices in [0, count) (``distinct``:
+    the caller knows they are, e.g. strictly increasing; only the range is checked)."""
     if rows.numel() == 0:
         return
     low, high = int(rows.min()), int(rows.max())
     if low < 0 or high >= count:
         raise InvalidArgument(f"tensor {name!r}: row {low if low < 0 else high} outside [0, {count})")
-    if torch.unique(rows).numel() != rows.numel():
+    if not distinct and torch.unique(rows).numel() != rows.numel():
         raise InvalidArgument(f"tensor {name!r}: a row is selected more than once")

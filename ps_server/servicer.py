@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from lepton import codec
@@ -32,7 +33,7 @@ def _selections(selections) -> dict[str, torch.Tensor]:
     for s in selections:
         if not s.name or s.name in out:
             raise InvalidArgument(f"row selection with an empty or repeated name {s.name!r}")
-        out[s.name] = torch.tensor(list(s.rows), dtype=torch.int64)
+        out[s.name] = torch.from_numpy(np.fromiter(s.rows, dtype=np.int64, count=len(s.rows)))
     return out
 
 
