@@ -4,6 +4,7 @@ version ``v + 1`` is the schedule's value at ``v``."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -108,7 +109,9 @@ class ParameterStore:
         state = {
             "version": self.version,
             "params": {n: p.detach().clone() for n, p in self._params.items()},
-            "optimizer": self._optimizer.state_dict(),
+            # torch's state_dict() holds the live moment tensors, which the next update changes in
+            # place; a captured checkpoint is written later, so it must own copies
+            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
         }
         if self._scheduler is not None:
             state["lr_schedule"] = self._lr_schedule

@@ -46,3 +46,18 @@ def test_a_server_without_a_state_dir_answers_with_an_error():
     node.load({"w": torch.zeros(2)}, "sgd", 0.1, {}, "async", 1.0)
     report = node.answer_checkpoint("ckpt-000001", 0)
     assert report.error and not report.path
+
+
+def test_a_capture_owns_its_optimizer_state_so_later_updates_do_not_leak_into_it():
+    """A capture at version 1 is written to disk later; Adam's moments must stay those of version 1
+    while the store moves on (torch's state_dict() hands out the live tensors)."""
+    g = ConsistencyGate(ParameterStore({"w": torch.zeros(2)}, "adam", 0.1, {}), "async", 1.0)
+    assert g.capture(1).state is None  # armed
+    g.push("w-1", 0, GRAD, 1, 0.0)
+    at_one = ParameterStore({"w": torch.zeros(2)}, "adam", 0.1, {})
+    at_one.apply(GRAD)
+    expected = at_one.state_dict()["optimizer"]["state"][0]["exp_avg"].clone()
+    g.push("w-1", 1, {"w": torch.full((2,), 5.0)}, 1, 0.0)  # version 2 changes the moments in place
+    captured = g.capture(1).state["optimizer"]["state"][0]
+    assert torch.equal(captured["exp_avg"], expected)
+    assert int(captured["step"]) == 1
