@@ -364,6 +364,16 @@ class ParameterClient(_Client):
         )
         return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)
 
+    def join_steps(self, member: MemberId, from_version: int, timeout_s: float | None = None) -> tuple[bool, int]:
+        """(joined, the server's version); see JoinSteps. Not retried: a lost answer is settled
+        by LeaveSteps and a new attempt."""
+        reply = call(
+            self._stub.JoinSteps,
+            ppb.JoinStepsRequest(member=member.to_proto(), from_version=from_version),
+            timeout=self._timeout_s if timeout_s is None else timeout_s,
+        )
+        return reply.joined, reply.version
+
     def leave_steps(self, member: MemberId) -> None:
         self._idempotent(self._stub.LeaveSteps, ppb.LeaveStepsRequest(member=member.to_proto()))
 

@@ -123,6 +123,7 @@ class ConsistencyGate:
         self.counters = GateCounters()
         self._cond = threading.Condition()
         self._participants: set[str] = set()
+        self._joins: dict[str, int] = {}  # sync: members taking part from that version on
         self._contributed: dict[str, int] = {}
         self._accum: dict[str, torch.Tensor] = {}
         self._accum_samples = 0
@@ -263,10 +264,36 @@ class ConsistencyGate:
                 self._answered.popitem(last=False)
         return result
 
+    def join(self, member_id: str, from_version: int, timeout_s: float) -> tuple[bool, int]:
+        """Sync: ``member_id`` takes part from step ``from_version`` on, if this server has not
+        passed it; returns (joined, version) once the version reaches ``from_version`` (refused:
+        at once, nothing changed). Raises DeadlineExceeded after ``timeout_s`` (the join stands
+        until ``leave``). Other modes: (True, version) at once."""
+        with self._cond:
+            version = self.store.version
+            if self.mode != "sync" or member_id in self._participants:
+                return True, version
+            if version > from_version:
+                return False, version
+            if version == from_version:
+                self._participants.add(member_id)  # the open step cannot close without it now
+                return True, version
+            self._joins[member_id] = from_version
+            if not self._cond.wait_for(
+                lambda: self.store.version >= from_version or member_id not in self._joins, timeout=timeout_s
+            ):
+                raise DeadlineExceeded(
+                    f"version {self.store.version} did not reach {from_version} within {timeout_s:.1f}s; "
+                    "the join stands until LeaveSteps"
+                )
+            return member_id in self._participants, self.store.version
+
     def leave(self, member_id: str) -> None:
         """The worker has no shard: steps stop waiting for it until it pushes again."""
         with self._cond:
             self._participants.discard(member_id)
+            self._joins.pop(member_id, None)
+            self._cond.notify_all()  # a join waiting for its step gives up
             self._drop_clocks({member_id})
             self._maybe_close()
 
@@ -274,6 +301,8 @@ class ConsistencyGate:
         """Drops participants the coordinator no longer lists as alive."""
         with self._cond:
             self._participants &= live
+            self._joins = {m: v for m, v in self._joins.items() if m in live}
+            self._cond.notify_all()
             self._drop_clocks(set(self._clocks) - live)
             self._maybe_close()
 
@@ -355,6 +384,10 @@ class ConsistencyGate:
         self._accum_samples = 0
         self._contributed = {}
         self._step_opened_at = None
+        for member, from_version in list(self._joins.items()):  # joiners whose step has come
+            if from_version <= self.store.version:
+                self._participants.add(member)
+                del self._joins[member]
         self._cond.notify_all()
 
     def snapshot(

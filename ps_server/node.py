@@ -261,6 +261,13 @@ class ParameterServerNode:
         """Counts a push refused before it reached ``push`` (undecodable chunks)."""
         self._count(rejected=1)
 
+    def join_steps(self, member_id: str, incarnation: int, from_version: int, timeout_s: float) -> tuple[bool, int]:
+        """See ConsistencyGate.join."""
+        self._authorise(member_id, incarnation)
+        if from_version < 0:
+            raise InvalidArgument(f"from_version must be >= 0, got {from_version}")
+        return self.gate.join(member_id, from_version, timeout_s)
+
     def leave_steps(self, member_id: str, incarnation: int) -> None:
         self._authorise(member_id, incarnation)
         self.gate.leave(member_id)

@@ -114,6 +114,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         result, version, tensors = self._node.push_pull(*self._decode_push(request_iterator, context))
         yield from _pull_messages(version, tensors, _result(result))
 
+    def JoinSteps(self, request, context):
+        remaining = context.time_remaining()
+        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        joined, version = self._node.join_steps(*_member(request.member), request.from_version, timeout_s)
+        return pb.JoinStepsResponse(joined=joined, version=version)
+
     def LeaveSteps(self, request, context):
         self._node.leave_steps(*_member(request.member))
         return pb.LeaveStepsResponse()

@@ -39,6 +39,8 @@ MAX_STEP_ATTEMPTS = 8
 PROGRESS_INTERVAL_S = 0.2
 
 
+JOIN_ATTEMPTS = 5  # JoinSteps rounds before a sync worker joins by pushing instead
+
 class LeaseLost(Exception):
     """The shard in hand no longer belongs to this incarnation; drop it and ask for work."""
 
@@ -243,6 +245,37 @@ class WorkerAgent:
             self._trainer.set_rows(spec.of, rows[name] + spec.row_offset, values)
         self._trainer.set_parameters(tensors, specs)
 
+    def _join_steps(self) -> None:
+        """Sync: takes part from the same step on every server (JoinSteps at the highest version
+        any server reports; if one has already passed it, leave everywhere and try again). Falls
+        back to joining by pushing after a few refusals; errors propagate to the step's retry."""
+        member = self._member
+        assert member is not None
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            target = max(self._fan_out(lambda s: self._clients[s.address].server_status().version))
+
+            def join(server, target=target):
+                return self._clients[server.address].join_steps(member, target, timeout_s=self._join_timeout_s())
+
+            try:
+                answers = self._fan_out(join)
+            except LeptonError:
+                self._participating = True  # so that leave runs
+                self._leave_steps()
+                raise
+            self._participating = True
+            self._params_fresh = False
+            if all(joined for joined, _ in answers):
+                log.info("joined_steps", from_version=target, attempt=attempt)
+                return
+            self._leave_steps()
+            log.info("join_refused_retrying", from_version=target, versions=[v for _, v in answers])
+        log.warning("join_steps_gave_up", attempts=JOIN_ATTEMPTS)  # the push joins instead
+
+    def _join_timeout_s(self) -> float:
+        assert self._spec is not None
+        return 2 * self._spec.heartbeat_timeout_s + 10.0
+
     def _leave_steps(self) -> None:
         if not self._participating or self._member is None:
             return
@@ -274,6 +307,8 @@ class WorkerAgent:
             self._await_lease()
             try:
                 if pending is None:
+                    if self._spec is not None and self._spec.mode == "sync" and not self._participating:
+                        self._join_steps()
                     if self._trainer.sparse:
                         self._pull_for(indices)
                     elif not self._params_fresh:
@@ -290,6 +325,8 @@ class WorkerAgent:
                     self.samples += len(indices)
                     return loss
                 self.stale_steps += 1
+                if self._spec is not None and self._spec.mode == "sync":
+                    self._participating = False  # a server dropped us from that step: join again
                 log.debug("step_stale", attempt=attempt)
             except (Unavailable, DeadlineExceeded) as exc:
                 if attempt >= self._retry.max_attempts:

@@ -79,6 +79,22 @@ class LeaveStepsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class JoinStepsRequest(_message.Message):
+    __slots__ = ("member", "from_version")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    from_version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., from_version: _Optional[int] = ...) -> None: ...
+
+class JoinStepsResponse(_message.Message):
+    __slots__ = ("joined", "version")
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    joined: bool
+    version: int
+    def __init__(self, joined: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
 class GetServerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsResponse.FromString,
                 _registered_method=True)
+        self.JoinSteps = channel.unary_unary(
+                '/lepton.v1.ParameterServer/JoinSteps',
+                request_serializer=lepton_dot_v1_dot_parameter__server__pb2.JoinStepsRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.JoinStepsResponse.FromString,
+                _registered_method=True)
         self.GetServerStatus = channel.unary_unary(
                 '/lepton.v1.ParameterServer/GetServerStatus',
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.GetServerStatusRequest.SerializeToString,
@@ -100,6 +105,28 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinSteps(self, request, context):
+        """Sync mode: takes part in the steps from `from_version` on, the same step on every server. A
+        worker that joins by pushing may land in different steps on different servers (a step closes
+        on each server alone); one that calls JoinSteps with the same from_version on every server
+        first does not. The server accepts when its version is at most from_version: from then on no
+        step from from_version on closes without this worker's push (until it leaves, is declared
+        dead, or a step times out without it). It answers once its version has reached from_version
+        (it is at most one step behind another server: the participants of that step push to it too),
+        so the worker then pulls version from_version everywhere and computes that step. A server
+        already past from_version refuses (joined = false) and changes nothing: the worker calls
+        LeaveSteps on the servers that accepted and tries again with a newer version. Choose
+        from_version as the highest version the servers report (GetServerStatus). A worker already
+        taking part, and any call in async or ssp mode (where workers take part by pushing): joined =
+        true at once.
+        Errors: INVALID_ARGUMENT (from_version < 0), NOT_FOUND, FAILED_PRECONDITION (fenced, or no
+        assignment yet), DEADLINE_EXCEEDED (the version did not reach from_version in time; the join
+        stands until LeaveSteps).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerStatus(self, request, context):
         """Counters of this server, for operators and tests.
         """
@@ -129,6 +156,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.LeaveSteps,
                     request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsResponse.SerializeToString,
+            ),
+            'JoinSteps': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinSteps,
+                    request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.JoinStepsRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_parameter__server__pb2.JoinStepsResponse.SerializeToString,
             ),
             'GetServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerStatus,
@@ -244,6 +276,33 @@ class ParameterServer:
             '/lepton.v1.ParameterServer/LeaveSteps',
             lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsRequest.SerializeToString,
             lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.ParameterServer/JoinSteps',
+            lepton_dot_v1_dot_parameter__server__pb2.JoinStepsRequest.SerializeToString,
+            lepton_dot_v1_dot_parameter__server__pb2.JoinStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -507,3 +507,75 @@ def test_a_retried_sync_push_after_its_step_closed_gets_the_original_answer():
     first = gate.wait_for_version(target, 0.0, "w-0", "r1")
     retry = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
     assert retry == first and store.version == 1
+
+
+# --- JoinSteps: the same first step on every server ------------------------------------------
+
+
+def test_a_join_at_the_current_version_makes_the_open_step_wait_for_the_joiner():
+    g = make_gate("sync")
+    assert g.push("w-1", 0, grads(1.0), 4, T0) == 1  # step 0 open, w-1 the only participant so far
+    # ... but w-1's push closed it already (it was the only participant): version 1
+    assert g.version == 1
+    assert g.join("w-2", 1, timeout_s=0) == (True, 1)
+    assert g.participants == {"w-1", "w-2"}
+    assert g.push("w-1", 1, grads(1.0), 4, T0) == 2
+    assert g.version == 1  # waits for the joiner
+    g.push("w-2", 1, grads(3.0), 4, T0)
+    assert g.version == 2
+
+
+def test_a_server_already_past_the_version_refuses_and_changes_nothing():
+    g = make_gate("sync")
+    g.push("w-1", 0, grads(1.0), 4, T0)
+    assert g.join("w-2", 0, timeout_s=0) == (False, 1)
+    assert g.participants == {"w-1"}
+
+
+def test_a_join_ahead_takes_effect_when_the_step_before_closes_and_leave_cancels_it():
+    g = make_gate("sync")
+    g.join("w-1", 0, timeout_s=0)
+    g.join("w-2", 0, timeout_s=0)
+    with pytest.raises(DeadlineExceeded):
+        g.join("w-3", 1, timeout_s=0)  # step 0 still open: the join stands, the answer times out
+    g.push("w-1", 0, grads(1.0), 4, T0)
+    assert "w-3" not in g.participants  # step 0 does not wait for it
+    g.push("w-2", 0, grads(1.0), 4, T0)
+    assert g.version == 1 and g.participants == {"w-1", "w-2", "w-3"}
+    assert g.join("w-3", 1, timeout_s=0) == (True, 1)  # already in
+    with pytest.raises(DeadlineExceeded):
+        g.join("w-4", 2, timeout_s=0)
+    g.leave("w-4")
+    g.push("w-1", 1, grads(1.0), 4, T0)
+    g.push("w-2", 1, grads(1.0), 4, T0)
+    g.push("w-3", 1, grads(1.0), 4, T0)
+    assert g.version == 2 and "w-4" not in g.participants
+
+
+def test_two_servers_one_step_apart_take_the_joiner_into_the_same_step():
+    """The race a join by pushing loses: server A has closed step 0, server B still waits for w-1's
+    step-0 push. JoinSteps(1) on both makes step 1 wait for the joiner on both, and step 0 on B
+    closes without it, so both apply exactly the same steps."""
+    a, b = make_gate("sync"), make_gate("sync")
+    for g in (a, b):
+        g.join("w-1", 0, timeout_s=0)
+    a.push("w-1", 0, grads(1.0), 4, T0)
+    assert (a.version, b.version) == (1, 0)
+    assert a.join("w-2", 1, timeout_s=0) == (True, 1)
+    with pytest.raises(DeadlineExceeded):
+        b.join("w-2", 1, timeout_s=0)
+    b.push("w-1", 0, grads(1.0), 4, T0)  # step 0 closes on B without the joiner
+    assert b.version == 1 and b.participants == a.participants == {"w-1", "w-2"}
+    for g in (a, b):
+        g.push("w-1", 1, grads(1.0), 4, T0)
+        assert g.version == 1
+        g.push("w-2", 1, grads(3.0), 2, T0)
+    expected = sgd_reference([grads(1.0), weighted_mean((grads(1.0), 4), (grads(3.0), 2))])
+    assert_params(a, expected)
+    assert_params(b, expected)
+
+
+def test_joins_are_no_ops_outside_sync():
+    for mode in ("async", "ssp"):
+        g = make_gate(mode)
+        assert g.join("w-1", 5, timeout_s=0) == (True, 0)
