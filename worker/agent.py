@@ -259,6 +259,14 @@ class WorkerAgent:
 
             try:
                 answers = self._fan_out(join)
+            except DeadlineExceeded:
+                # A server stays behind J: a step there lost its last participant before anyone
+                # pushed it (one that died between its pushes to different servers), so nothing
+                # will move it. Joining by pushing moves it (the old, per-server join).
+                self._participating = True  # so that leave runs
+                self._leave_steps()
+                log.warning("join_steps_timed_out_joining_by_push", from_version=target)
+                return
             except LeptonError:
                 self._participating = True  # so that leave runs
                 self._leave_steps()
