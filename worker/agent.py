@@ -40,6 +40,8 @@ PROGRESS_INTERVAL_S = 0.2
 
 
 JOIN_ATTEMPTS = 5  # JoinSteps rounds before a sync worker joins by pushing instead
+JOIN_POLL_S = 1.0  # the longest one JoinSteps call waits (a stop is noticed between calls)
+
 
 class LeaseLost(Exception):
     """The shard in hand no longer belongs to this incarnation; drop it and ask for work."""
@@ -92,6 +94,7 @@ class WorkerAgent:
         self.steps = 0
         self.samples = 0
         self.stale_steps = 0
+        self.join_polls = 0  # JoinSteps calls that ended before the server reached the target step
         self.registrations = 0
         self.bytes_pushed = 0
         self.bytes_pulled = 0
@@ -248,36 +251,60 @@ class WorkerAgent:
     def _join_steps(self) -> None:
         """Sync: takes part from the same step on every server (JoinSteps at the highest version
         any server reports; if one has already passed it, leave everywhere and try again). Falls
-        back to joining by pushing after a few refusals; errors propagate to the step's retry."""
+        back to joining by pushing after a few refusals; errors propagate to the step's retry.
+
+        A server answers once its version reaches the target, which can take a step's timeout.
+        The worker waits in calls of at most JOIN_POLL_S (JoinSteps with the same from_version is
+        idempotent), so that a stop (SIGTERM) is noticed within about a second: it leaves the steps
+        and gives up the batch with LeaseLost, and the loop deregisters."""
         member = self._member
         assert member is not None
+        layout = self._ensure_layout()
         for attempt in range(1, JOIN_ATTEMPTS + 1):
             target = max(self._fan_out(lambda s: self._clients[s.address].server_status().version))
-
-            def join(server, target=target):
-                return self._clients[server.address].join_steps(member, target, timeout_s=self._join_timeout_s())
-
-            try:
-                answers = self._fan_out(join)
-            except DeadlineExceeded:
-                # A server stays behind J: a step there lost its last participant before anyone
-                # pushed it (one that died between its pushes to different servers), so nothing
-                # will move it. Joining by pushing moves it (the old, per-server join).
-                self._participating = True  # so that leave runs
-                self._leave_steps()
-                log.warning("join_steps_timed_out_joining_by_push", from_version=target)
-                return
-            except LeptonError:
-                self._participating = True  # so that leave runs
-                self._leave_steps()
-                raise
-            self._participating = True
+            self._participating = True  # from the first call on, leaving must run on any exit
             self._params_fresh = False
-            if all(joined for joined, _ in answers):
+            give_up = self._lease_clock.now() + self._join_timeout_s()
+            answers: dict[str, tuple[bool, int]] = {}
+            while len(answers) < len(layout.servers):
+                if self._stop.is_set():
+                    self._leave_steps()
+                    raise LeaseLost  # leaving: the coordinator requeues the shard at the last offset
+                remaining = give_up - self._lease_clock.now()
+                if remaining <= 0:
+                    # A server stays behind the target: a step there lost its last participant
+                    # before anyone pushed it (one that died between its pushes to different
+                    # servers), so nothing will move it. Joining by pushing moves it (the old,
+                    # per-server join).
+                    self._leave_steps()
+                    log.warning("join_steps_timed_out_joining_by_push", from_version=target)
+                    return
+                timeout_s = min(JOIN_POLL_S, remaining)
+
+                def join(server, target=target, timeout_s=timeout_s):
+                    if server.member_id in answers:
+                        return server.member_id, answers[server.member_id]
+                    try:
+                        answer = self._clients[server.address].join_steps(member, target, timeout_s=timeout_s)
+                    except DeadlineExceeded:
+                        self.join_polls += 1
+                        return server.member_id, None  # not there yet: ask again
+                    return server.member_id, answer
+
+                try:
+                    for server_id, answer in self._fan_out(join):
+                        if answer is not None:
+                            answers[server_id] = answer
+                except LeptonError:
+                    self._leave_steps()
+                    raise
+                if any(not joined for joined, _ in answers.values()):
+                    break  # a server was already past the target
+            if len(answers) == len(layout.servers) and all(joined for joined, _ in answers.values()):
                 log.info("joined_steps", from_version=target, attempt=attempt)
                 return
             self._leave_steps()
-            log.info("join_refused_retrying", from_version=target, versions=[v for _, v in answers])
+            log.info("join_refused_retrying", from_version=target, versions=[v for _, v in answers.values()])
         log.warning("join_steps_gave_up", attempts=JOIN_ATTEMPTS)  # the push joins instead
 
     def _join_timeout_s(self) -> float:

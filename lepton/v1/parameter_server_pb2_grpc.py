@@ -118,10 +118,12 @@ class ParameterServerServicer:
         LeaveSteps on the servers that accepted and tries again with a newer version. Choose
         from_version as the highest version the servers report (GetServerStatus). A worker already
         taking part, and any call in async or ssp mode (where workers take part by pushing): joined =
-        true at once.
+        true at once. Calling again with the same from_version is safe: it answers joined = true if
+        the join took effect meanwhile (and the worker still takes part), or waits again; so a client
+        may wait in short calls and stay able to stop between them.
         Errors: INVALID_ARGUMENT (from_version < 0), NOT_FOUND, FAILED_PRECONDITION (fenced, or no
-        assignment yet), DEADLINE_EXCEEDED (the version did not reach from_version in time; the join
-        stands until LeaveSteps).
+        assignment yet), DEADLINE_EXCEEDED (the version did not reach from_version within the call's
+        deadline; the join stands until LeaveSteps or a call with another from_version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

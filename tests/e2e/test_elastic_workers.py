@@ -27,9 +27,14 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
     )
     address = wait_until(lambda: read_json(tmp_path / "c.json"), 60, "the coordinator")["address"]
     processes.start("ps", lepton_argv("ps", "--coordinator", address, "--listen", "127.0.0.1:0"))
-    leaver = processes.start("worker-a", lepton_argv("worker", "--coordinator", address))
+    # A step delay of 50 ms: the digits shard (one per epoch) lasts seconds, so a lease seen in its
+    # first half is still held when the signal lands (undelayed, it ends within a few hundred ms).
+    leaver = processes.start("worker-a", lepton_argv("worker", "--coordinator", address, "--step-delay", "0.05"))
     client = CoordinatorClient(address)
     try:
+        # Read before the lease is looked for: reading the events waits out a 1 s stream deadline,
+        # which must not fall between seeing the lease and the signal.
+        sequence = max((e.sequence for e in _events(client)), default=0)
 
         def leaver_lease():
             for m in client.status().members:
@@ -40,7 +45,6 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
             return None
 
         member = wait_until(leaver_lease, 120, "the worker to hold a lease with progress")
-        sequence = max((e.sequence for e in _events(client)), default=0)
         sent = time.time()
         leaver.send_signal(signal.SIGTERM)
         assert leaver.wait(timeout=30) == 0

@@ -253,3 +253,50 @@ def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
         assert reply.outcome == ppb.PUSH_OUTCOME_APPLIED and reply.version == base + 1
     status = unary(servicer, "GetServerStatus", ppb.GetServerStatusRequest())
     assert status.mode == common.CONSISTENCY_MODE_SSP and status.max_clock_gap == 1
+
+
+@pytest.fixture
+def sync_ps():
+    node = ParameterServerNode("ps-0")
+    node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "sync", step_timeout_s=5.0)
+    node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False)])
+    return ParameterServerServicer(node), node
+
+
+def join(member: tuple[str, int], from_version: int) -> ppb.JoinStepsRequest:
+    return ppb.JoinStepsRequest(member=common.MemberRef(member_id=member[0], incarnation=member[1]), from_version=from_version)
+
+
+@pytest.mark.parametrize(
+    "member, from_version, code",
+    [
+        (("worker-0", 2), -1, grpc.StatusCode.INVALID_ARGUMENT),
+        (("worker-7", 1), 0, grpc.StatusCode.NOT_FOUND),
+        (("worker-0", 1), 0, grpc.StatusCode.FAILED_PRECONDITION),
+        (("worker-1", 1), 0, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+    ids=["negative-version", "unknown-member", "stale-incarnation", "dead-member"],
+)
+def test_bad_join_steps_gets_precise_status_and_changes_nothing(sync_ps, member, from_version, code):
+    servicer, node = sync_ps
+    error = rejected(lambda: unary(servicer, "JoinSteps", join(member, from_version)))
+    assert error.code is code, error.details
+    assert node.gate._participants == set() and node.gate._joins == {}  # noqa: SLF001
+
+
+def test_join_steps_accepts_the_open_step_refuses_a_passed_one_and_times_out_on_a_future_one(sync_ps):
+    servicer, node = sync_ps
+    reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
+    assert reply.joined and reply.version == 0
+    assert unary(servicer, "Push", push(("worker-0", 2), {"w": torch.ones(2, 3)})).version == 1  # it alone closes step 0
+    reply = unary(servicer, "LeaveSteps", ppb.LeaveStepsRequest(member=join(("worker-0", 2), 0).member))
+    reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
+    assert not reply.joined and reply.version == 1  # already past: refused, nothing changed
+    assert node.gate._participants == set()  # noqa: SLF001
+    # A future step: the server waits up to the call's deadline (FakeContext: 1 s), then says so;
+    # the join stands until LeaveSteps.
+    error = rejected(lambda: unary(servicer, "JoinSteps", join(("worker-0", 2), 2)))
+    assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED and "did not reach 2" in error.details
+    assert node.gate._joins == {"worker-0": 2}  # noqa: SLF001
+    unary(servicer, "LeaveSteps", ppb.LeaveStepsRequest(member=join(("worker-0", 2), 0).member))
+    assert node.gate._joins == {}  # noqa: SLF001
