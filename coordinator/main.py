@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 
 import structlog
+import torch
 
 from coordinator.job import Job
 from coordinator.servicer import CoordinatorServicer, registration
 from coordinator.store import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
+from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
@@ -27,10 +29,20 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     loading, so restored members' reattach grace starts when serving is about to start."""
     workload = load_workload(spec.dataset, spec.seed)
     model = build_model(spec.model, workload, spec.seed)
+    sparse = sparse_parameter_names(model)
+    # The servers build this optimizer and schedule from the spec: refuse a bad one here, before
+    # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).
+    build_lr_scheduler(
+        build_sparse_aware_optimizer(
+            [(n, torch.zeros_like(p)) for n, p in model.named_parameters()], sparse,
+            spec.optimizer, spec.lr, spec.optimizer_kwargs,
+        ),
+        spec.lr_schedule, spec.lr_schedule_kwargs,
+    )
     params = {name: p.detach() for name, p in model.named_parameters()}
     store = SqliteJobStore(state_dir) if state_dir else None
     return Job(
-        spec, len(workload.train), params, store=store, now=clock(), sparse=sparse_parameter_names(model)
+        spec, len(workload.train), params, store=store, now=clock(), sparse=sparse
     )  # type: ignore[arg-type]
 
 

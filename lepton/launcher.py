@@ -34,7 +34,7 @@ from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
 from lepton.security import INSECURE, Security, load_security
-from lepton.status import state_name, status_dict, to_plain
+from lepton.status import FINAL_STATUS_FILE, state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
 
 log = structlog.get_logger("lepton.up")
@@ -324,9 +324,28 @@ class ServerStatusTally:
             "max_compute_gap": self.max_compute_gap[name],
         }
 
+    def read_final(self, name: str, path: Path) -> bool:
+        """Takes the status the server wrote as it stopped (FINAL_STATUS_FILE) over the last poll,
+        which can miss its last steps; False (the poll stands) if there is none or it is unreadable."""
+        try:
+            final = json.loads(path.read_text())
+            clock_gap, compute_gap = int(final["max_clock_gap"]), int(final["max_compute_gap"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.max_clock_gap[name] = max(self.max_clock_gap.get(name, 0), clock_gap)
+        self.max_compute_gap[name] = max(self.max_compute_gap.get(name, 0), compute_gap)
+        self.latest[name] = {
+            **final,
+            "max_clock_gap": self.max_clock_gap[name],
+            "max_compute_gap": self.max_compute_gap[name],
+            "final": True,
+        }
+        return True
+
     def report(self) -> dict:
-        """The report's ``parameter_server_status`` (by child name) and ``max_clock_gap`` (over all
-        servers; None if none ever answered)."""
+        """The report's ``parameter_server_status`` (by child name; ``final`` when it is what the
+        server wrote as it stopped, not the last poll) and ``max_clock_gap`` (over all servers;
+        None if none ever answered)."""
         return {
             "parameter_server_status": dict(sorted(self.latest.items())),
             "max_clock_gap": max(self.max_clock_gap.values(), default=None),
@@ -655,6 +674,10 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             client.close()
     wall_s = time.monotonic() - started
     exit_codes = {c.name: c.process.returncode for c in children.items}
+    if servers is not None:
+        for child in children.items:
+            if child.name.startswith("ps-"):
+                servers.read_final(child.name, state_dir / child.name / FINAL_STATUS_FILE)
     report = build_report(status, outcome, cluster, tally, wall_s, address, state_dir, exit_codes)
     report["metrics_endpoints"] = metrics
     report["stale_requests_rejected"] = int(sum(stale_seen.values()))

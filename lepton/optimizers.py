@@ -33,7 +33,8 @@ def build_optimizer(
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return cls(list(params), lr=lr, **args)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:  # torch's checks index
+        # and compare what they are given: betas=[0.9] raises IndexError
         raise ConfigError(f"optimizer {name} rejects {dict(kwargs)}: {exc}") from exc
 
 

@@ -22,6 +22,12 @@ def state_name(state: int) -> str:
     return cpb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
 
 
+# A parameter server started with --state-dir writes this file there when it stops cleanly: its
+# GetServerStatusResponse as JSON (``to_plain``). It removes the file when it starts, so the file
+# is never a previous incarnation's. `lepton up` reports it (a poll can miss the last steps).
+FINAL_STATUS_FILE = "final_status.json"
+
+
 def to_plain(msg: Message) -> dict:
     """A message as JSON-able data: proto field names, enum value names, int64 as numbers,
     every field present (defaults included), NaN as None."""

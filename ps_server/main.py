@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import structlog
 
+from lepton import files
 from lepton.clients import CoordinatorClient, MemberId
 from lepton.errors import FailedPrecondition, Fenced, LeptonError
 from lepton.logs import bind
@@ -20,16 +22,27 @@ from lepton.process import (
 )
 from lepton.retry import RetryPolicy
 from lepton.rpc import Server
+from lepton.status import FINAL_STATUS_FILE, to_plain
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.metrics import ParameterServerCollector
-from ps_server.node import ParameterServerNode
+from ps_server.node import NodeStatus, ParameterServerNode
 from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
+from ps_server.servicer import ParameterServerServicer, encode_status, registration
 
 log = structlog.get_logger("lepton.ps")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+def write_final_status(path: Path, status: NodeStatus) -> None:
+    """See FINAL_STATUS_FILE."""
+    data = json.dumps(to_plain(encode_status(status)), indent=2).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomically(path, lambda f: f.write(data))
+    except OSError as exc:  # the report loses the final counters, nothing else
+        log.warning("final_status_not_written", path=str(path), error=str(exc))
+
+
 REGISTER_RETRY = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0, max_attempts=60, max_total_s=60.0)
 
 
@@ -45,6 +58,8 @@ def serve(
     options: ServiceOptions = ServiceOptions(),
     state_dir: str | None = None,
 ) -> int:
+    if state_dir:
+        (Path(state_dir) / FINAL_STATUS_FILE).unlink(missing_ok=True)
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     member_box: list[MemberId] = []
 
@@ -188,6 +203,10 @@ def serve(
         pushes_rejected=status.pushes_rejected,
         steps_timed_out=status.steps_timed_out,
     )
+    if state_dir:
+        # Its counters as they end, for `lepton up`'s report (a poll can miss the last steps: the
+        # server exits on its own once the job is over).
+        write_final_status(Path(state_dir) / FINAL_STATUS_FILE, status)
     server.stop(grace_s)
     client.close()
     if metrics is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -256,6 +256,23 @@ class ParameterServerNode:
         version, tensors = self.gate.snapshot(dense, rows) if dense or rows else (self.gate.version, [])
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return result, version, tensors
+
+    def push_layout(self, rows: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+        """What a push with row selections ``rows`` (name -> row indices) must carry: every tensor
+        held here, with the selected ones as ``len(rows)`` rows. Only sparse tensors may be
+        pushed by rows (InvalidArgument otherwise, and for names not held here)."""
+        specs = self.specs
+        expected = dict(specs)
+        for name, selected in rows.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidArgument(f"rows of {name!r}, which is not held here")
+            if not spec.sparse:
+                raise InvalidArgument(f"{name!r} is dense: push it whole, not by rows")
+            if not spec.shape:
+                raise InvalidArgument(f"tensor {name!r} has no rows (0-dim)")
+            expected[name] = replace(spec, shape=(len(selected), *spec.shape[1:]))
+        return expected
 
     def note_rejected(self) -> None:
         """Counts a push refused before it reached ``push`` (undecodable chunks)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +14,7 @@ from lepton.v1 import parameter_server_pb2 as pb
 from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
 from lepton.wire import MODE_TO_WIRE
 from ps_server.gate import PushOutcome, PushResult
-from ps_server.node import ParameterServerNode
+from ps_server.node import NodeStatus, ParameterServerNode
 
 DEFAULT_PUSH_TIMEOUT_S = 60.0
 _OUTCOME = {PushOutcome.APPLIED: pb.PUSH_OUTCOME_APPLIED, PushOutcome.STALE: pb.PUSH_OUTCOME_STALE}
@@ -71,19 +70,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidArgument("the first PushRequest must carry the header")
             header = first.header
-            specs = self._node.specs
             selected = _selections(header.rows)
-            expected = dict(specs)
-            for name, rows in selected.items():
-                spec = specs.get(name)
-                if spec is None:
-                    raise InvalidArgument(f"rows of {name!r}, which is not held here")
-                if not spec.sparse:
-                    raise InvalidArgument(f"{name!r} is dense: push it whole, not by rows")
-                if not spec.shape:
-                    raise InvalidArgument(f"tensor {name!r} has no rows (0-dim)")
-                expected[name] = dataclasses.replace(spec, shape=(len(rows), *spec.shape[1:]))
-            assembler = codec.TensorAssembler(expected)
+            assembler = codec.TensorAssembler(self._node.push_layout(selected))
             for chunk in first.chunks:
                 assembler.add(chunk)
             for msg in request_iterator:
@@ -93,7 +81,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     assembler.add(chunk)
             grads = assembler.finish(require=list(selected))
             for name, rows in selected.items():
-                grads[name] = codec.rows_to_sparse(specs[name], rows, grads[name])
+                grads[name] = codec.rows_to_sparse(self._node.specs[name], rows, grads[name])
         except LeptonError:
             self._node.note_rejected()
             raise
@@ -125,23 +113,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return pb.LeaveStepsResponse()
 
     def GetServerStatus(self, request, context):
-        s = self._node.status()
-        return pb.GetServerStatusResponse(
-            member_id=s.member_id,
-            version=s.version,
-            updates_applied=s.updates_applied,
-            pushes_received=s.pushes_received,
-            pushes_stale=s.pushes_stale,
-            pushes_rejected=s.pushes_rejected,
-            steps_timed_out=s.steps_timed_out,
-            max_clock_gap=s.max_clock_gap,
-            max_compute_gap=s.max_compute_gap,
-            max_staleness=s.max_staleness,
-            mean_staleness=s.mean_staleness,
-            bytes_pulled=s.bytes_pulled,
-            bytes_pushed=s.bytes_pushed,
-            mode=MODE_TO_WIRE.get(s.mode, 0),
-        )
+        return encode_status(self._node.status())
+
+
+def encode_status(s: NodeStatus) -> pb.GetServerStatusResponse:
+    """A node's ServerStatus as the wire message (also written as the final status file)."""
+    return pb.GetServerStatusResponse(
+        member_id=s.member_id,
+        version=s.version,
+        updates_applied=s.updates_applied,
+        pushes_received=s.pushes_received,
+        pushes_stale=s.pushes_stale,
+        pushes_rejected=s.pushes_rejected,
+        steps_timed_out=s.steps_timed_out,
+        max_clock_gap=s.max_clock_gap,
+        max_compute_gap=s.max_compute_gap,
+        max_staleness=s.max_staleness,
+        mean_staleness=s.mean_staleness,
+        bytes_pulled=s.bytes_pulled,
+        bytes_pushed=s.bytes_pushed,
+        mode=MODE_TO_WIRE.get(s.mode, 0),
+    )
 
 
 def registration(servicer: ParameterServerServicer):

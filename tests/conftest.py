@@ -25,6 +25,12 @@ def pytest_addoption(parser):
         default=False,
         help="run the whole chaos matrix (tests/chaos) and print the fault x outcome table",
     )
+    parser.addoption(
+        "--chaos-mode",
+        choices=("async", "sync", "ssp"),
+        default="async",
+        help="the consistency mode of the chaos jobs (ssp runs with --staleness 2; default async)",
+    )
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -15,7 +15,7 @@ must hold whatever the fault:
 
 Faults are chosen and timed from a fixed seed; every wait is bounded. The CI subset runs by
 default; ``pytest tests/chaos --chaos-full -s`` runs the whole matrix and prints a fault x outcome
-table. Network partitions run the cluster inside network namespaces (``netns.py``): every child in
+table; ``--chaos-mode sync`` (or ``ssp``, with staleness 2) runs it in another consistency mode. Network partitions run the cluster inside network namespaces (``netns.py``): every child in
 its own namespace, joined by a bridge whose port is taken down to cut a member off and brought
 back up to heal; they need root and are skipped where namespaces cannot be made.
 """
@@ -328,6 +328,13 @@ def run_cluster(
             fabric.close()
 
 
+def chaos_job(config: pytest.Config) -> tuple[str, ...]:
+    """The job of every chaos run: the CI subset's or the full matrix's, in ``--chaos-mode``."""
+    job = FULL_JOB if config.getoption("--chaos-full") else CI_JOB
+    mode = config.getoption("--chaos-mode")
+    return (*job, "--mode", mode, *(("--staleness", "2") if mode == "ssp" else ()))
+
+
 @pytest.fixture(scope="module")
 def baseline_accuracy(tmp_path_factory, request) -> float | None:
     """The lowest accuracy of three fault-free runs (None outside the full matrix)."""
@@ -335,7 +342,7 @@ def baseline_accuracy(tmp_path_factory, request) -> float | None:
         return None
     accuracies = []
     for i in range(BASELINE_RUNS):
-        report, _, _ = run_cluster(tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None, FULL_JOB)
+        report, _, _ = run_cluster(tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None, chaos_job(request.config))
         assert report["status"] == "succeeded"
         accuracies.append(report["test_accuracy"])
         TABLE.append({"fault": f"(none: baseline {i + 1})", "ok": True, "accuracy": report["test_accuracy"],
@@ -365,11 +372,13 @@ def test_the_job_survives(fault, tmp_path, request, baseline_accuracy):
         pytest.skip("in the full chaos matrix only (--chaos-full)")
     if fault.network and (why := netns.available()) is not None:
         pytest.skip(f"network partitions need namespaces: {why}")
-    report, notes, leaked = run_cluster(tmp_path, fault.name, fault, FULL_JOB if full else CI_JOB)
+    report, notes, leaked = run_cluster(tmp_path, fault.name, fault, chaos_job(request.config))
     epochs, shards = report["epochs"], report["shards_per_epoch"]
     problems = list(fault.expect(report)) if report["status"] == "succeeded" else []
     if report["status"] != "succeeded":
         problems.append(f"job {report['status']}: {report.get('failure')}")
+    if report.get("mode") != request.config.getoption("--chaos-mode"):
+        problems.append(f"the job ran in mode {report.get('mode')}, not {request.config.getoption('--chaos-mode')}")
     if report.get("shard_completions") != epochs * shards:
         problems.append(f"{report.get('shard_completions')} completions, expected {epochs * shards}")
     if report.get("observed_completions_per_epoch") != [shards] * epochs:

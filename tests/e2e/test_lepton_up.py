@@ -66,6 +66,16 @@ def test_lepton_up_trains_digits_to_target_accuracy(processes, tmp_path, mode):
     assert sum(name.startswith("0.weight[") for s in servers.values() for name in s["tensors"]) == 2
     loads = [s["bytes"] for s in servers.values()]
     assert abs(loads[0] - loads[1]) <= 2 * 256
+    # Each server's counters as it wrote them when it stopped (not a poll from before the end).
+    status = report["parameter_server_status"]
+    assert sorted(status) == ["ps-0", "ps-1"] and all(s["final"] for s in status.values()), status
+    assert all(s["updates_applied"] == s["version"] > 0 for s in status.values()), status
+    if mode == "sync":
+        # Workers join the same step on every server (JoinSteps), so no push is ever late for its
+        # step unless a step timed out (a worker silent for the heartbeat timeout): before
+        # JoinSteps 23-47 pushes per server per run were STALE here.
+        for s in status.values():
+            assert s["pushes_stale"] == 0 or s["steps_timed_out"] > 0, status
     assert all(code == 0 for code in report["exit_codes"].values()), report["exit_codes"]
     assert tagged_pids(processes.tag) == []
 

@@ -55,3 +55,24 @@ def test_configuration_errors_exit_with_the_documented_code(capsys):
 
     assert main(["up", "--epochs", "0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--optimizer", "adam", "--optimizer-kwargs", '{"betas": [0.9]}'], "betas"),
+        (["--optimizer", "sgd", "--optimizer-kwargs", '{"momentum": -1}'], "momentum"),
+        (["--optimizer", "rmsprop", "--dataset", "synthetic-text", "--model", "embedding-bag"], "sparse"),
+    ],
+    ids=["short-betas", "negative-momentum", "no-sparse-form"],
+)
+def test_the_coordinator_refuses_an_optimizer_the_servers_could_not_build(tmp_path, flags, fragment):
+    """Checked where the job is made, before any server loads it, and before the state directory
+    is opened (`lepton coordinator` then exits 2, as for every ConfigError)."""
+    from coordinator.main import build_job
+
+    spec = job_from_args(build_parser().parse_args(["coordinator", *flags]))
+    with pytest.raises(ConfigError, match=fragment):
+        build_job(spec, str(tmp_path / "state"))
+    assert not (tmp_path / "state").exists()

@@ -212,6 +212,7 @@ def test_a_restored_combined_optimizer_continues_exactly_as_the_uninterrupted_on
         ("rmsprop", {}, "no sparse-gradient form"),
         ("sparseadam", {}, "no sparse-gradient form"),  # the dense classifier needs a dense optimizer
         ("adam", {"betas": [0.9, 1.5]}, "rejects"),
+        ("adam", {"betas": [0.9]}, "rejects"),  # torch indexes betas[1]: an IndexError before
     ],
 )
 def test_combinations_torch_refuses_for_sparse_gradients_are_config_errors(name, kwargs, match):
