@@ -132,3 +132,18 @@ def frozen_lease_holder(status: Callable[[], object | None], pick: Callable[[obj
         return victim
     os.kill(victim.pid, signal.SIGCONT)
     return None
+
+
+def job_events(client, after: int = 0) -> list:
+    """The coordinator's retained events after sequence ``after`` (WatchJob read for 1 s: the
+    stream stays open for new events, so its deadline ends it once everything retained was read)."""
+    from lepton.v1 import coordinator_pb2 as cpb
+
+    stream = client._stub.WatchJob(cpb.WatchJobRequest(after_sequence=after), timeout=1.0)
+    events = []
+    try:
+        for event in stream:
+            events.append(event)
+    except Exception:  # noqa: BLE001 - the deadline ends the stream
+        pass
+    return events

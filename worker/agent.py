@@ -255,8 +255,8 @@ class WorkerAgent:
 
         A server answers once its version reaches the target, which can take a step's timeout.
         The worker waits in calls of at most JOIN_POLL_S (JoinSteps with the same from_version is
-        idempotent), so that a stop (SIGTERM) is noticed within about a second: it leaves the steps
-        and gives up the batch with LeaseLost, and the loop deregisters."""
+        safe to repeat), so that a stop (SIGTERM) is noticed within about a second: it leaves the
+        steps and gives up the batch with LeaseLost, and the loop deregisters."""
         member = self._member
         assert member is not None
         layout = self._ensure_layout()
@@ -429,6 +429,11 @@ class WorkerAgent:
             self._complete(member, shard, loss, samples)
             self.shards_completed += 1
             log.info("shard_completed", epoch=shard.epoch, shard=shard.shard)
+        except LeaseLost:
+            if self._stop.is_set():
+                reporter.flush()  # leaving mid-batch: the shard is requeued at the newest offset
+            reporter.end()
+            raise
         except Fenced:
             reporter.end()
             self._fenced.set()

@@ -10,7 +10,7 @@ import pytest
 from lepton.clients import CoordinatorClient
 from lepton.v1 import common_pb2
 from lepton.v1 import coordinator_pb2 as cpb
-from support import lepton_argv, read_json, wait_until
+from support import job_events, lepton_argv, read_json, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
     try:
         # Read before the lease is looked for: reading the events waits out a 1 s stream deadline,
         # which must not fall between seeing the lease and the signal.
-        sequence = max((e.sequence for e in _events(client)), default=0)
+        sequence = max((e.sequence for e in job_events(client)), default=0)
 
         def leaver_lease():
             for m in client.status().members:
@@ -50,7 +50,7 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
         assert leaver.wait(timeout=30) == 0
 
         def requeued():
-            for event in _events(client, sequence):
+            for event in job_events(client, sequence):
                 if event.kind == cpb.EVENT_KIND_SHARD_REQUEUED and event.member.member_id == member.member.member_id:
                     return event
             return None
@@ -67,7 +67,7 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
         joiner = processes.start("worker-b", lepton_argv("worker", "--coordinator", address))
 
         def joiner_lease():
-            for event in _events(client, sequence):
+            for event in job_events(client, sequence):
                 if event.kind == cpb.EVENT_KIND_SHARD_LEASED and event.member.member_id not in ("", member.member.member_id):
                     return event
             return None
@@ -78,13 +78,3 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
     finally:
         client.close()
 
-
-def _events(client: CoordinatorClient, after: int = 0) -> list:
-    stream = client._stub.WatchJob(cpb.WatchJobRequest(after_sequence=after), timeout=1.0)
-    events = []
-    try:
-        for event in stream:
-            events.append(event)
-    except Exception:  # the deadline ends the stream once everything retained was read
-        pass
-    return events

@@ -13,7 +13,7 @@ from lepton.config import JobSpec
 from lepton.errors import FailedPrecondition, NotFound
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
-from support import wait_until
+from support import job_events, wait_until
 from worker.agent import JOIN_POLL_S, WorkerAgent
 
 from .conftest import start_cluster, stop_cluster
@@ -72,7 +72,7 @@ def test_a_sync_worker_waiting_in_join_steps_leaves_promptly_when_stopped(tmp_pa
         assert status.members_declared_dead == 0
         assert any(
             e.kind == cpb.EVENT_KIND_SHARD_REQUEUED and e.member.member_id == member.member.member_id
-            for e in _events(coord)
+            for e in job_events(coord)
         )
     finally:
         stop.set()
@@ -84,13 +84,3 @@ def test_a_sync_worker_waiting_in_join_steps_leaves_promptly_when_stopped(tmp_pa
         agent_client.close()
         stop_cluster(cluster)
 
-
-def _events(client: CoordinatorClient) -> list:
-    stream = client._stub.WatchJob(cpb.WatchJobRequest(after_sequence=0), timeout=1.0)
-    events = []
-    try:
-        for event in stream:
-            events.append(event)
-    except Exception:  # the deadline ends the stream once everything retained was read
-        pass
-    return events
