@@ -14,6 +14,30 @@ from worker.agent import WorkerAgent
 from .conftest import start_cluster, stop_cluster
 
 
+def run_agents(cluster, n: int, timeout_s: float = 120) -> tuple[list[WorkerAgent], list[int], cpb.GetStatusResponse]:
+    """Runs ``n`` worker agents on threads until the job is over: (agents, exit codes, the
+    coordinator's status at the end). Stops and closes everything whatever happens."""
+    stop = threading.Event()
+    results: list[int] = []
+    clients = [CoordinatorClient(cluster.coordinator) for _ in range(n)]
+    agents = [WorkerAgent(c, stop) for c in clients]
+    threads = [threading.Thread(target=lambda a=a: results.append(a.run()), daemon=True) for a in agents]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=timeout_s)
+        assert not any(t.is_alive() for t in threads), "a worker did not finish"
+        return agents, results, clients[0].status()
+    finally:
+        stop.set()
+        for t in threads:
+            if t.ident is not None:  # started
+                t.join(timeout=10)
+        for c in clients:
+            c.close()
+
+
 @pytest.mark.parametrize("mode", ["async", "sync", "ssp"])
 def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
     spec = JobSpec(
@@ -21,18 +45,8 @@ def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
         heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0,
     )
     cluster = start_cluster(tmp_path, spec)
-    stop = threading.Event()
-    results: list[int] = []
-    clients = [CoordinatorClient(cluster.coordinator) for _ in range(2)]
-    agents = [WorkerAgent(c, stop) for c in clients]
-    threads = [threading.Thread(target=lambda a=a: results.append(a.run()), daemon=True) for a in agents]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "a worker did not finish"
-        status = clients[0].status()
+        agents, results, status = run_agents(cluster, 2)
         servers = [ParameterClient(a) for a in cluster.servers]
         try:
             server_status = [s.server_status() for s in servers]
@@ -42,9 +56,6 @@ def test_two_workers_train_through_two_servers_in_process(tmp_path, mode):
             for s in servers:
                 s.close()
     finally:
-        stop.set()
-        for c in clients:
-            c.close()
         stop_cluster(cluster)
     assert results == [0, 0]
     assert status.state == cpb.JOB_STATE_SUCCEEDED
@@ -101,23 +112,14 @@ def test_a_sparse_embedding_model_trains_by_rows_through_two_servers(tmp_path, m
         heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0,
     )
     cluster = start_cluster(tmp_path, spec)
-    stop = threading.Event()
-    results: list[int] = []
-    clients = [CoordinatorClient(cluster.coordinator) for _ in range(2)]
-    agents = [WorkerAgent(c, stop) for c in clients]
-    threads = [threading.Thread(target=lambda a=a: results.append(a.run()), daemon=True) for a in agents]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "a worker did not finish"
-        status = clients[0].status()
-        layout = clients[0].layout()
+        agents, results, status = run_agents(cluster, 2)
+        client = CoordinatorClient(cluster.coordinator)
+        try:
+            layout = client.layout()
+        finally:
+            client.close()
     finally:
-        stop.set()
-        for c in clients:
-            c.close()
         stop_cluster(cluster)
     assert results == [0, 0]
     assert status.state == cpb.JOB_STATE_SUCCEEDED and status.shard_completions == 18
