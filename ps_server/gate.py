@@ -268,7 +268,11 @@ class ConsistencyGate:
         """Sync: ``member_id`` takes part from step ``from_version`` on, if this server has not
         passed it; returns (joined, version) once the version reaches ``from_version`` (refused:
         at once, nothing changed). Raises DeadlineExceeded after ``timeout_s`` (the join stands
-        until ``leave``). Other modes: (True, version) at once."""
+        until ``leave``). Other modes: (True, version) at once.
+
+        A server with no participant (every worker left, was dropped or is joining, as after
+        this server restarted) has no step in flight, so nothing would move its version: it takes
+        every waiting joiner into its open step at once (see ``_admit_idle``)."""
         with self._cond:
             version = self.store.version
             if self.mode != "sync" or member_id in self._participants:
@@ -279,6 +283,8 @@ class ConsistencyGate:
                 self._participants.add(member_id)  # the open step cannot close without it now
                 return True, version
             self._joins[member_id] = from_version
+            if self._admit_idle():
+                return True, version
             if not self._cond.wait_for(
                 lambda: self.store.version >= from_version or member_id not in self._joins, timeout=timeout_s
             ):
@@ -288,6 +294,17 @@ class ConsistencyGate:
                 )
             return member_id in self._participants, self.store.version
 
+    def _admit_idle(self) -> bool:
+        """Sync, under the lock: with no participant left, takes every pending joiner into the
+        open step (all of them at once, so they take part in the same steps here) and wakes them.
+        Returns whether it did."""
+        if self._participants or not self._joins:
+            return False
+        self._participants.update(self._joins)
+        self._joins.clear()
+        self._cond.notify_all()
+        return True
+
     def leave(self, member_id: str) -> None:
         """The worker has no shard: steps stop waiting for it until it pushes again."""
         with self._cond:
@@ -296,6 +313,7 @@ class ConsistencyGate:
             self._cond.notify_all()  # a join waiting for its step gives up
             self._drop_clocks({member_id})
             self._maybe_close()
+            self._admit_idle()
 
     def retain_live(self, live: set[str]) -> None:
         """Drops participants the coordinator no longer lists as alive."""
@@ -305,6 +323,7 @@ class ConsistencyGate:
             self._cond.notify_all()
             self._drop_clocks(set(self._clocks) - live)
             self._maybe_close()
+            self._admit_idle()
 
     def tick(self, now: float) -> bool:
         """Closes a step that has waited ``step_timeout_s`` for missing workers; returns whether it

@@ -261,7 +261,13 @@ class WorkerAgent:
         assert member is not None
         layout = self._ensure_layout()
         for attempt in range(1, JOIN_ATTEMPTS + 1):
-            target = max(self._fan_out(lambda s: self._clients[s.address].server_status().version))
+            versions = dict(self._fan_out(lambda s: (s.member_id, self._clients[s.address].server_status().version)))
+            target = max(versions.values())
+            # Servers whose steps agree are at most one apart (the participants push every step to
+            # all of them): they are joined at the highest version. A server two or more behind
+            # counts its versions from elsewhere (it restarted from a checkpoint): its step J never
+            # lines up with the others', so it is joined at its own open step instead.
+            targets = {sid: target if target - v <= 1 else v for sid, v in versions.items()}
             self._participating = True  # from the first call on, leaving must run on any exit
             self._params_fresh = False
             give_up = self._lease_clock.now() + self._join_timeout_s()
@@ -281,11 +287,13 @@ class WorkerAgent:
                     return
                 timeout_s = min(JOIN_POLL_S, remaining)
 
-                def join(server, target=target, timeout_s=timeout_s):
+                def join(server, timeout_s=timeout_s):
                     if server.member_id in answers:
                         return server.member_id, answers[server.member_id]
                     try:
-                        answer = self._clients[server.address].join_steps(member, target, timeout_s=timeout_s)
+                        answer = self._clients[server.address].join_steps(
+                            member, targets.get(server.member_id, target), timeout_s=timeout_s
+                        )
                     except DeadlineExceeded:
                         self.join_polls += 1
                         return server.member_id, None  # not there yet: ask again
@@ -301,7 +309,8 @@ class WorkerAgent:
                 if any(not joined for joined, _ in answers.values()):
                     break  # a server was already past the target
             if len(answers) == len(layout.servers) and all(joined for joined, _ in answers.values()):
-                log.info("joined_steps", from_version=target, attempt=attempt)
+                log.info("joined_steps", from_version=target, offset={k: v for k, v in targets.items() if v != target},
+                         attempt=attempt)
                 return
             self._leave_steps()
             log.info("join_refused_retrying", from_version=target, versions=[v for _, v in answers.values()])

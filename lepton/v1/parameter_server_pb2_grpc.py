@@ -116,9 +116,13 @@ class ParameterServerServicer:
         so the worker then pulls version from_version everywhere and computes that step. A server
         already past from_version refuses (joined = false) and changes nothing: the worker calls
         LeaveSteps on the servers that accepted and tries again with a newer version. Choose
-        from_version as the highest version the servers report (GetServerStatus). A worker already
-        taking part, and any call in async or ssp mode (where workers take part by pushing): joined =
-        true at once. Calling again with the same from_version is safe: it answers joined = true if
+        from_version as the highest version the servers report (GetServerStatus); for a server two or
+        more versions below it (one restarted from a checkpoint counts its versions apart from the
+        others), choose that server's own version. A server with no worker taking part in its steps
+        (all left, were declared dead, or are joining, as after its restart) has no step in flight
+        that would move its version: it takes every waiting joiner into its open step at once
+        (joined = true, version below from_version). A worker already taking part, and any call in
+        async or ssp mode (where workers take part by pushing): joined = true at once. Calling again with the same from_version is safe: it answers joined = true if
         the join took effect meanwhile (and the worker still takes part), or waits again; so a client
         may wait in short calls and stay able to stop between them.
         Errors: INVALID_ARGUMENT (from_version < 0), NOT_FOUND, FAILED_PRECONDITION (fenced, or no

@@ -34,22 +34,24 @@ def test_a_sync_worker_waiting_in_join_steps_leaves_promptly_when_stopped(tmp_pa
     results: list[int] = []
     thread: threading.Thread | None = None
     try:
-        # Another client, by hand, closes step 0 on one server only (it pushes there and nowhere
-        # else), as a worker that died between its pushes to different servers would leave things:
-        # that server is at version 1, the other stays at 0 with nothing to move it.
+        # Another client, by hand, joins step 0 on both servers and then pushes to one only, as a
+        # worker that died between its pushes to different servers leaves things: that server is
+        # at version 1; the other stays at 0, its step 0 waiting for a push that never comes (until
+        # the member is declared dead, a minute away).
         puppet, _ = coord.register(common.ROLE_WORKER)
         layout = wait_until(lambda: coord.layout() if len(coord.layout().servers) == 2 else None, 60, "the layout")
-        ahead = next(s for s in layout.servers if s.tensors)
-        zeros = {t.name: torch.zeros(t.shape, dtype=t.dtype) for t in ahead.tensors}
-        client = servers[cluster.servers.index(ahead.address)]
 
-        def pushed():
+        def joined(client):
             try:
-                return client.push_pull(puppet, 0, 1, zeros)[0].applied
+                return client.join_steps(puppet, 0, timeout_s=5.0) == (True, 0)
             except (NotFound, FailedPrecondition):  # no assignment yet, or the member is new to it
                 return False
 
-        wait_until(pushed, 30, "the push to one server")
+        for client in servers:
+            wait_until(lambda client=client: joined(client), 30, "the hand-made participant to join")
+        ahead = next(s for s in layout.servers if s.tensors)
+        zeros = {t.name: torch.zeros(t.shape, dtype=t.dtype) for t in ahead.tensors}
+        assert servers[cluster.servers.index(ahead.address)].push_pull(puppet, 0, 1, zeros)[0].applied
         assert sorted(s.server_status().version for s in servers) == [0, 1]
 
         agent = WorkerAgent(agent_client, stop)

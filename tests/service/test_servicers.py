@@ -259,7 +259,7 @@ def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
 def sync_ps():
     node = ParameterServerNode("ps-0")
     node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "sync", step_timeout_s=5.0)
-    node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False)])
+    node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False), WorkerEntry("worker-2", 1, True)])
     return ParameterServerServicer(node), node
 
 
@@ -284,7 +284,7 @@ def test_bad_join_steps_gets_precise_status_and_changes_nothing(sync_ps, member,
     assert node.gate._participants == set() and node.gate._joins == {}  # noqa: SLF001
 
 
-def test_join_steps_accepts_the_open_step_refuses_a_passed_one_and_times_out_on_a_future_one(sync_ps):
+def test_join_steps_accepts_the_open_step_refuses_a_passed_one_and_waits_for_a_future_one(sync_ps):
     servicer, node = sync_ps
     reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
     assert reply.joined and reply.version == 0
@@ -293,10 +293,15 @@ def test_join_steps_accepts_the_open_step_refuses_a_passed_one_and_times_out_on_
     reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
     assert not reply.joined and reply.version == 1  # already past: refused, nothing changed
     assert node.gate._participants == set()  # noqa: SLF001
-    # A future step: the server waits up to the call's deadline (FakeContext: 1 s), then says so;
-    # the join stands until LeaveSteps.
+    # A future step while another worker takes part: the server waits up to the call's deadline
+    # (FakeContext: 1 s), then says so; the join stands until LeaveSteps.
+    assert unary(servicer, "JoinSteps", join(("worker-2", 1), 1)).joined
     error = rejected(lambda: unary(servicer, "JoinSteps", join(("worker-0", 2), 2)))
     assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED and "did not reach 2" in error.details
     assert node.gate._joins == {"worker-0": 2}  # noqa: SLF001
     unary(servicer, "LeaveSteps", ppb.LeaveStepsRequest(member=join(("worker-0", 2), 0).member))
     assert node.gate._joins == {}  # noqa: SLF001
+    # With nobody taking part, nothing would move the version: a future step is joined at once.
+    unary(servicer, "LeaveSteps", ppb.LeaveStepsRequest(member=join(("worker-2", 1), 0).member))
+    reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 5))
+    assert reply.joined and reply.version == 1 and node.gate._participants == {"worker-0"}  # noqa: SLF001

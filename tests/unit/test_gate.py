@@ -575,6 +575,35 @@ def test_two_servers_one_step_apart_take_the_joiner_into_the_same_step():
     assert_params(b, expected)
 
 
+def test_an_idle_server_takes_a_joiner_ahead_into_its_open_step_at_once():
+    """A server restarted from a checkpoint is behind the others and nobody takes part in its
+    steps: nothing would ever move its version to the joiner's target, so it takes it in now."""
+    g = make_gate("sync")
+    assert g.join("w-1", 5, timeout_s=0) == (True, 0)
+    assert g.participants == {"w-1"}
+    g.push("w-1", 0, grads(1.0), 4, T0)
+    assert g.version == 1
+
+
+@pytest.mark.parametrize("gone", ["leave", "declared-dead"])
+def test_joiners_left_waiting_by_the_last_participant_are_taken_in_together(gone):
+    g = make_gate("sync")
+    g.join("w-1", 0, timeout_s=0)
+    for member in ("w-2", "w-3"):
+        with pytest.raises(DeadlineExceeded):
+            g.join(member, 1, timeout_s=0)  # step 0 waits for w-1
+    if gone == "leave":
+        g.leave("w-1")
+    else:
+        g.retain_live({"w-2", "w-3"})
+    assert g.version == 0 and g.participants == {"w-2", "w-3"}  # nobody left to close step 0
+    assert g.join("w-2", 1, timeout_s=0) == (True, 0)  # the repeated call answers at once
+    g.push("w-2", 0, grads(1.0), 4, T0)
+    assert g.version == 0  # step 0 waits for both joiners: they take part in the same steps
+    g.push("w-3", 0, grads(3.0), 4, T0)
+    assert g.version == 1
+
+
 def test_joins_are_no_ops_outside_sync():
     for mode in ("async", "ssp"):
         g = make_gate(mode)
