@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 
 import structlog
-import torch
 
 from coordinator.job import Job
 from coordinator.servicer import CoordinatorServicer, registration
@@ -34,7 +33,7 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).
     build_lr_scheduler(
         build_sparse_aware_optimizer(
-            [(n, torch.zeros_like(p)) for n, p in model.named_parameters()], sparse,
+            [(n, p.detach()) for n, p in model.named_parameters()], sparse,
             spec.optimizer, spec.lr, spec.optimizer_kwargs,
         ),
         spec.lr_schedule, spec.lr_schedule_kwargs,

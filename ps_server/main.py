@@ -33,6 +33,8 @@ from ps_server.servicer import ParameterServerServicer, encode_status, registrat
 
 log = structlog.get_logger("lepton.ps")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+
+
 def write_final_status(path: Path, status: NodeStatus) -> None:
     """See FINAL_STATUS_FILE."""
     data = json.dumps(to_plain(encode_status(status)), indent=2).encode()
