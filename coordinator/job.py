@@ -21,7 +21,7 @@ from coordinator.events import Event, EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Completion, Lease, ShardLedger
 from coordinator.membership import Member, MembershipTable, Role
-from lepton.tensors import TensorSpec, part, row_slice
+from lepton.tensors import TensorKind, TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
@@ -153,8 +153,11 @@ class Job:
         max_shard_attempts: int = 3,
         wall_clock: Callable[[], float] = time.time,
         sparse: Collection[str] = (),
+        kinds: Mapping[str, TensorKind] | None = None,
+        tied: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
+        self._tied = dict(tied or {})  # state_dict name -> the carried name of the same tensor
         self._wall_clock = wall_clock
         self._checkpoints = CheckpointManifest(spec.mode, spec.heartbeat_interval_s)
         self.events = events or EventLog(staged=True)
@@ -166,7 +169,10 @@ class Job:
         )
         self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
         self._specs = [
-            TensorSpec(k, v.dtype, tuple(v.shape), sparse=k in sparse) for k, v in self._initial.items()
+            TensorSpec(
+                k, v.dtype, tuple(v.shape), sparse=k in sparse, kind=(kinds or {}).get(k, TensorKind.PARAMETER)
+            )
+            for k, v in self._initial.items()
         ]
         self._layout: Layout | None = None
         self._ready: set[str] = set()
@@ -821,6 +827,9 @@ class Job:
                 if t.is_slice
             },
             "job": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
+            # tied weights: export writes the carried tensor under these state_dict names too
+            "tied": self._tied,
+            "kinds": {t.name: t.kind.value for t in self._specs},
         }
 
     def checkpoint(self, checkpoint_id: str = "") -> Checkpoint:

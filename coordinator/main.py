@@ -17,7 +17,9 @@ from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
-from lepton.workloads import build_model, load_workload, sparse_parameter_names
+from lepton.errors import ConfigError
+from lepton.tensors import TensorKind
+from lepton.workloads import build_model, load_workload, model_tensors, sparse_parameter_names, tensor_kinds, tied_names
 
 log = structlog.get_logger("lepton.coordinator")
 
@@ -33,15 +35,19 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).
     build_lr_scheduler(
         build_sparse_aware_optimizer(
-            [(n, p.detach()) for n, p in model.named_parameters()], sparse,
+            [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad], sparse,
             spec.optimizer, spec.lr, spec.optimizer_kwargs,
         ),
         spec.lr_schedule, spec.lr_schedule_kwargs,
     )
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    kinds = tensor_kinds(model)
+    if TensorKind.PARAMETER not in kinds.values():
+        raise ConfigError(f"model {spec.model} has no trainable parameter (every one has requires_grad=False)")
+    tensors = {name: t.detach() for name, t in model_tensors(model).items()}
     store = SqliteJobStore(state_dir) if state_dir else None
     return Job(
-        spec, len(workload.train), params, store=store, now=clock(), sparse=sparse
+        spec, len(workload.train), tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
+        tied=tied_names(model),
     )  # type: ignore[arg-type]
 
 

@@ -12,12 +12,13 @@ import random
 import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lepton import codec
 from lepton.codec import TensorSpec
+from lepton.tensors import TensorKind
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
 from lepton.retry import RetryPolicy, call_with_retry
@@ -67,6 +68,7 @@ class AssignmentInfo:
     optimizer_kwargs: dict
     mode: str
     sparse: frozenset[str] = frozenset()  # row-sparse tensors (TensorInfo.sparse)
+    kinds: dict[str, TensorKind] = field(default_factory=dict)  # TensorInfo.kind; absent: a parameter
 
 
 class _Client:
@@ -163,6 +165,7 @@ class CoordinatorClient(_Client):
             optimizer_kwargs=optimizer_kwargs(head.optimizer),
             mode=MODE_FROM_WIRE[head.mode],
             sparse=frozenset(t.name for t in head.tensors if t.sparse),
+            kinds={t.name: spec_from_proto(t).kind for t in head.tensors},
         )
 
     def report_ready(self, member: MemberId, layout_version: int, version: int = 0) -> None:

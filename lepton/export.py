@@ -124,14 +124,19 @@ def _join_slices(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, 
         for name, value in tensors.items()
     ]
     try:
-        return assemble(specs, tensors)
+        whole = assemble(specs, tensors)
     except InvalidArgument as exc:
         raise ConfigError(f"checkpoint {manifest['checkpoint_id']}: {exc}") from exc
+    for alias, name in manifest.get("tied", {}).items():  # tied weights: one tensor, every name
+        if name in whole:
+            whole[alias] = whole[name]
+    return whole
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, checkpoint_id: str = "") -> ExportResult:
-    """Writes the checkpoint's parameters as a plain ``state_dict`` (names as the model's
-    ``named_parameters``, tensors only, so ``torch.load(out, weights_only=True)`` reads it),
+    """Writes the checkpoint's model state as a plain ``state_dict`` (parameters, frozen ones
+    included, and persistent buffers, under the model's ``state_dict`` names; tensors only, so
+    ``torch.load(out, weights_only=True)`` reads it and ``load_state_dict(strict=True)`` takes it),
     atomically. Raises ConfigError."""
     manifest_path = find_manifest(checkpoint, checkpoint_id)
     manifest, tensors = merge(manifest_path)

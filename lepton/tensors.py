@@ -6,10 +6,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from lepton.errors import InvalidArgument
+
+
+class TensorKind(Enum):
+    """What a tensor of the layout is in the model, and so how a parameter server treats it."""
+
+    PARAMETER = "parameter"  # trainable: the optimizer updates it when a push carries its gradient
+    FROZEN = "frozen"  # requires_grad=False: never updated, never pushed
+    BUFFER = "buffer"  # a persistent buffer: pushes carry its change since the pull
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,16 @@ class TensorSpec:
     row_offset: int = 0
     parameter_shape: tuple[int, ...] = ()
     sparse: bool = False  # row-sparse gradients (an embedding table): pulled and pushed by rows
+    kind: TensorKind = TensorKind.PARAMETER
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind is TensorKind.PARAMETER
+
+    @property
+    def pushed(self) -> bool:
+        """Whether a push may carry this tensor (a gradient, or a buffer's change)."""
+        return self.kind is not TensorKind.FROZEN
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +96,7 @@ def row_slice(parameter: TensorSpec, start: int, end: int) -> TensorSpec:
         row_offset=start,
         parameter_shape=parameter.shape,
         sparse=parameter.sparse,
+        kind=parameter.kind,
     )
 
 

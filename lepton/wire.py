@@ -7,6 +7,7 @@ from google.protobuf import json_format, struct_pb2
 from lepton.codec import TensorSpec, torch_dtype, wire_dtype
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
+from lepton.tensors import TensorKind
 from lepton.v1 import common_pb2 as pb
 
 MODE_TO_WIRE = {
@@ -15,6 +16,12 @@ MODE_TO_WIRE = {
     "ssp": pb.CONSISTENCY_MODE_SSP,
 }
 MODE_FROM_WIRE = {v: k for k, v in MODE_TO_WIRE.items()}
+KIND_TO_WIRE = {
+    TensorKind.PARAMETER: pb.TENSOR_KIND_PARAMETER,
+    TensorKind.FROZEN: pb.TENSOR_KIND_FROZEN,
+    TensorKind.BUFFER: pb.TENSOR_KIND_BUFFER,
+}
+KIND_FROM_WIRE = {v: k for k, v in KIND_TO_WIRE.items()}  # UNSPECIFIED: a parameter
 
 
 def job_to_proto(spec: JobSpec) -> pb.JobSpec:
@@ -86,6 +93,7 @@ def spec_to_proto(spec: TensorSpec) -> pb.TensorInfo:
         row_offset=spec.row_offset,
         parameter_shape=list(spec.parameter_shape),
         sparse=spec.sparse,
+        kind=KIND_TO_WIRE[spec.kind],
     )
 
 
@@ -98,4 +106,5 @@ def spec_from_proto(msg: pb.TensorInfo) -> TensorSpec:
         row_offset=msg.row_offset,
         parameter_shape=tuple(msg.parameter_shape),
         sparse=msg.sparse,
+        kind=KIND_FROM_WIRE.get(msg.kind, TensorKind.PARAMETER),
     )

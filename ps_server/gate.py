@@ -101,6 +101,14 @@ class GateCounters:
         return self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
 
 
+def _mean_as(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A step's sample-weighted mean in the tensor's dtype: integers (a buffer's change, such as
+    BatchNorm's num_batches_tracked) rounded to the nearest, not truncated."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return mean.to(dtype)
+    return mean.round().to(dtype)
+
+
 class ConsistencyGate:
     """Serialises access to a ParameterStore and applies the consistency mode. Thread-safe."""
 
@@ -187,7 +195,7 @@ class ConsistencyGate:
                 return self._remember(key, PushResult(PushOutcome.APPLIED, self.store.version, staleness))
             if member_id not in self._contributed:  # a retried push of the same step adds nothing
                 for name, g in grads.items():
-                    weighted = g.to(torch.float64) * samples if g.is_floating_point() else g
+                    weighted = g.to(torch.float64) * samples  # integer buffers' changes too
                     if name in self._accum:
                         self._accum[name] += weighted
                     else:
@@ -395,9 +403,7 @@ class ConsistencyGate:
 
     def _close(self) -> None:
         total = self._accum_samples
-        grads = {
-            name: (acc / total).to(self.store.specs[name].dtype) for name, acc in self._accum.items()
-        }
+        grads = {name: _mean_as(acc / total, self.store.specs[name].dtype) for name, acc in self._accum.items()}
         self._apply(grads)
         self._accum = {}
         self._accum_samples = 0

@@ -168,6 +168,7 @@ def serve(
                 checkpoints=CheckpointDirectory(Path(state_dir) / "checkpoints") if state_dir else None,
                 checkpoint_every_steps=spec.checkpoint_every_steps,
                 sparse=assignment.sparse,
+                kinds=assignment.kinds,
                 lr_schedule=spec.lr_schedule,
                 lr_schedule_kwargs=spec.lr_schedule_kwargs,
                 staleness=spec.staleness,

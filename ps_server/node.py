@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lepton.tensors import TensorSpec, payload_bytes
+from lepton.tensors import TensorKind, TensorSpec, payload_bytes
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
 from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.gate import ClockWait, ConsistencyGate, PushResult
@@ -86,10 +86,13 @@ class ParameterServerNode:
         lr_schedule_kwargs: Mapping[str, Any] | None = None,
         staleness: int = 0,
         sparse: Collection[str] = (),
+        kinds: Mapping[str, TensorKind] | None = None,
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
         when there is one; returns the version it serves from (0 for a fresh start)."""
-        store = ParameterStore(tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse)
+        store = ParameterStore(
+            tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse, kinds
+        )
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:
             store.load_state_dict(restored[1])
@@ -248,10 +251,12 @@ class ParameterServerNode:
         request_id: str = "",
     ) -> tuple[PushResult, int, list[tuple[str, torch.Tensor]]]:
         """Push, then the parameters as they are once it was applied (or found stale): dense
-        tensors whole, of sparse ones the rows this push carried."""
+        tensors whole, of sparse ones the rows this push carried. Frozen tensors never change,
+        so they are left out (a Pull gives them)."""
         result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id)
         sparse = self.gate.store.sparse
-        dense = [n for n in self.gate.store.names if n not in sparse]
+        specs = self.gate.store.specs
+        dense = [n for n in self.gate.store.names if n not in sparse and specs[n].pushed]
         rows = {n: g._indices()[0] for n, g in grads.items() if n in sparse}
         version, tensors = self.gate.snapshot(dense, rows) if dense or rows else (self.gate.version, [])
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))

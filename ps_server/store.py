@@ -10,14 +10,19 @@ from typing import Any
 
 import torch
 
-from lepton.tensors import TensorSpec, check_rows
+from lepton.tensors import TensorKind, TensorSpec, check_rows
 from lepton.errors import InvalidArgument, NotFound
 from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 
 
 class ParameterStore:
-    """Owns named parameters, their optimizer and its learning-rate schedule. Not thread-safe: the
-    gate serialises access.
+    """Owns named tensors (trainable parameters, frozen parameters and buffers: ``kinds``), the
+    optimizer of the trainable ones and its learning-rate schedule. Not thread-safe: the gate
+    serialises access.
+
+    torch.optim's rule holds per update: a trainable tensor without a gradient in it (absent from
+    the push, as torch's ``grad is None``) is skipped by the optimizer, so neither weight decay nor
+    momentum reaches it. Frozen tensors never change; a buffer moves by the change a push carries.
 
     Raises ConfigError (unknown optimizer or schedule, bad arguments), InvalidArgument (bad
     gradient or checkpoint) and NotFound (unknown tensor name).
@@ -32,19 +37,35 @@ class ParameterStore:
         lr_schedule: str = "constant",
         lr_schedule_kwargs: Mapping[str, Any] | None = None,
         sparse: Collection[str] = (),
+        kinds: Mapping[str, TensorKind] | None = None,
     ) -> None:
-        unknown = sorted(set(sparse) - set(tensors))
+        kinds = kinds or {}
+        unknown = sorted((set(sparse) | set(kinds)) - set(tensors))
         if unknown:
-            raise InvalidArgument(f"sparse tensors {unknown[:8]} are not among this server's tensors")
+            raise InvalidArgument(f"sparse or kinded tensors {unknown[:8]} are not among this server's tensors")
         self.sparse = frozenset(sparse)
+        # Without a kind (senders before TensorInfo.kind), an integer tensor cannot be trained: a buffer.
+        kind_of = {
+            name: kinds.get(name, TensorKind.PARAMETER if t.is_floating_point() else TensorKind.BUFFER)
+            for name, t in tensors.items()
+        }
+        not_float = sorted(n for n, t in tensors.items() if kind_of[n] is TensorKind.PARAMETER and not t.is_floating_point())
+        if not_float:
+            raise InvalidArgument(f"trainable tensors {not_float[:8]} are not floating point")
         self._params = {
-            name: torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
+            name: torch.nn.Parameter(t.detach().clone(), requires_grad=kind_of[name] is TensorKind.PARAMETER)
             for name, t in tensors.items()
         }
         self.specs = {
-            n: TensorSpec(n, p.dtype, tuple(p.shape), sparse=n in self.sparse) for n, p in self._params.items()
+            n: TensorSpec(n, p.dtype, tuple(p.shape), sparse=n in self.sparse, kind=kind_of[n])
+            for n, p in self._params.items()
         }
+        self.buffers = frozenset(n for n, k in kind_of.items() if k is TensorKind.BUFFER)
         trainable = [(n, p) for n, p in self._params.items() if p.requires_grad]
+        if not trainable:
+            # Only frozen tensors and buffers here: the optimizer gets a placeholder that never has a
+            # gradient, so the schedule still runs and every step is a no-op.
+            trainable = [("(no trainable tensor)", torch.nn.Parameter(torch.zeros(())))]
         # Row-sparse tensors get the sparse-aware variant (SparseAdam for adam/adamw), exactly as a
         # single process would build it for the same model (lepton.optimizers).
         self._optimizer = build_sparse_aware_optimizer(trainable, self.sparse, optimizer, lr, optimizer_kwargs)
@@ -62,16 +83,16 @@ class ParameterStore:
         return list(self._params)
 
     def check_gradients(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Raises InvalidArgument unless ``grads`` has exactly our tensors (a sparse tensor may be
-        absent: no rows touched), shapes, dtypes, sparse COO exactly for the sparse tensors, and is
-        finite (NaN/Inf are rejected: one poisoned push would ruin every replica)."""
-        missing = sorted(set(self._params) - set(grads) - self.sparse)
+        """Raises InvalidArgument unless ``grads`` holds only this server's trainable tensors and
+        buffers (any may be absent: no gradient, or an unchanged buffer), in their shapes and
+        dtypes, sparse COO exactly for the sparse tensors, and finite (NaN/Inf are rejected: one
+        poisoned push would ruin every replica)."""
         extra = sorted(set(grads) - set(self._params))
-        if missing or extra:
-            raise InvalidArgument(
-                f"a push must carry exactly this server's tensors; missing {missing[:8]}, "
-                f"unexpected {extra[:8]}"
-            )
+        if extra:
+            raise InvalidArgument(f"a push carries unexpected tensors {extra[:8]}: this server does not hold them")
+        frozen = sorted(n for n in grads if not self.specs[n].pushed)
+        if frozen:
+            raise InvalidArgument(f"tensors {frozen[:8]} are frozen (requires_grad=False): push no gradient for them")
         for name, g in grads.items():
             spec = self.specs[name]
             if g.dtype != spec.dtype or tuple(g.shape) != spec.shape:
@@ -89,18 +110,24 @@ class ParameterStore:
                 raise InvalidArgument(f"gradient {name!r} contains NaN or Inf; rejected")
 
     def apply(self, grads: Mapping[str, torch.Tensor]) -> int:
-        """One optimizer step with these gradients; returns the new version."""
+        """One update: an optimizer step over the trainable tensors that have a gradient in
+        ``grads``, and each buffer change in ``grads`` added to its buffer; returns the new version.
+        A row-sparse tensor without a gradient gets an empty one (no rows touched: torch steps the
+        whole table)."""
         for name, p in self._params.items():
             if p.requires_grad:
                 g = grads.get(name)
-                if g is None and name in self.sparse:  # no rows touched: an empty row-sparse gradient
+                if g is None and name in self.sparse:
                     g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
-                p.grad = g.coalesce() if g.is_sparse else g
+                p.grad = None if g is None else (g.coalesce() if g.is_sparse else g)
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
         for p in self._params.values():
             p.grad = None
+        with torch.no_grad():
+            for name in self.buffers & set(grads):
+                self._params[name].add_(grads[name].to(self._params[name].dtype))
         self.version += 1
         return self.version
 

@@ -183,8 +183,13 @@ class WorkerAgent:
         timeout_s = 2 * self._spec.heartbeat_timeout_s + 10.0
 
         def push(server):
-            # row slices are views; row-sparse gradients travel as the rows each slice holds
-            share = {t.name: sparse_part(grads[t.of], t) if t.sparse else part(grads, t) for t in server.tensors}
+            # row slices are views; row-sparse gradients travel as the rows each slice holds; a
+            # tensor without a gradient (or an unchanged buffer) is left out
+            share = {
+                t.name: sparse_part(grads[t.of], t) if t.sparse else part(grads, t)
+                for t in server.tensors
+                if t.of in grads
+            }
             reply, version, tensors = self._clients[server.address].push_pull(
                 member, self._versions.get(server.member_id, 0), samples, share,
                 timeout_s=timeout_s, request_id=request_id,

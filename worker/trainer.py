@@ -11,8 +11,10 @@ from torch import nn
 
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
-from lepton.workloads import Evaluation, build_model, evaluate, load_workload, sparse_parameter_names, take
-from lepton.tensors import TensorSpec, part
+from lepton.workloads import (
+    Evaluation, build_model, evaluate, load_workload, model_tensors, sparse_parameter_names, take, tensor_kinds,
+)
+from lepton.tensors import TensorKind, TensorSpec, part
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class Trainer:
         self.workload = load_workload(spec.dataset, spec.seed)
         self.model = build_model(spec.model, self.workload, spec.seed)
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        # Everything the servers hold, by name: parameters (frozen ones too) and persistent buffers.
+        self.tensors = model_tensors(self.model)
+        self.kinds = tensor_kinds(self.model)
+        self.buffers = [n for n, k in self.kinds.items() if k is TensorKind.BUFFER]
         self._loss = nn.CrossEntropyLoss()
         # Row-sparse parameters (embedding tables) are pulled by the rows each batch touches,
         # which the model names (``rows_touched``); their gradients stay sparse COO tensors.
@@ -62,7 +68,7 @@ class Trainer:
         with torch.no_grad():
             for name, value in tensors.items():
                 spec = specs.get(name) if specs is not None else None
-                target = part(self.params, spec) if spec is not None else self.params[name]
+                target = part(self.tensors, spec) if spec is not None else self.tensors[name]
                 target.copy_(value)
 
     def batches(self, shard: ShardRange) -> Iterator[tuple[int, torch.Tensor]]:
@@ -80,21 +86,31 @@ class Trainer:
             yield hi, order[lo:hi]
 
     def gradients(self, indices: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean cross-entropy of the batch and its gradient for every parameter."""
+        """Mean loss of the batch and what a push carries: the gradient of each trainable
+        parameter that has one (torch's ``grad is None`` leaves it out: the servers' optimizer skips
+        it, as torch.optim does), and for each buffer the forward pass changed (BatchNorm's running
+        statistics), its change."""
         x, y = take(self.workload.train, indices)
+        before = {name: self.tensors[name].detach().clone() for name in self.buffers}
         self.model.zero_grad(set_to_none=True)
         loss = self._loss(self.model(x), y)
         loss.backward()
         grads = {}
         for name, p in self.params.items():
+            if not p.requires_grad:
+                continue
             if p.grad is not None:
                 grads[name] = p.grad.detach()
-            elif name in self.sparse:  # no rows touched
+            elif name in self.sparse:  # the table is unused in this batch: no rows touched
                 grads[name] = torch.sparse_coo_tensor(
                     torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False
                 )
-            else:
-                grads[name] = torch.zeros_like(p)
+        for name, old in before.items():
+            if old.dtype == torch.bool:
+                continue  # a flag, not a statistic: it has no change to average
+            change = self.tensors[name].detach() - old
+            if bool(change.any()):
+                grads[name] = change
         return float(loss.detach()), grads
 
     def evaluate(self) -> Evaluation:

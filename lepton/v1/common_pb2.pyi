@@ -34,6 +34,13 @@ class ConsistencyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONSISTENCY_MODE_ASYNC: _ClassVar[ConsistencyMode]
     CONSISTENCY_MODE_SYNC: _ClassVar[ConsistencyMode]
     CONSISTENCY_MODE_SSP: _ClassVar[ConsistencyMode]
+
+class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
+    TENSOR_KIND_PARAMETER: _ClassVar[TensorKind]
+    TENSOR_KIND_FROZEN: _ClassVar[TensorKind]
+    TENSOR_KIND_BUFFER: _ClassVar[TensorKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -52,6 +59,10 @@ CONSISTENCY_MODE_UNSPECIFIED: ConsistencyMode
 CONSISTENCY_MODE_ASYNC: ConsistencyMode
 CONSISTENCY_MODE_SYNC: ConsistencyMode
 CONSISTENCY_MODE_SSP: ConsistencyMode
+TENSOR_KIND_UNSPECIFIED: TensorKind
+TENSOR_KIND_PARAMETER: TensorKind
+TENSOR_KIND_FROZEN: TensorKind
+TENSOR_KIND_BUFFER: TensorKind
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset_bytes", "data")
@@ -122,7 +133,7 @@ class JobSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse")
+    __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse", "kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +141,7 @@ class TensorInfo(_message.Message):
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -137,7 +149,8 @@ class TensorInfo(_message.Message):
     row_offset: int
     parameter_shape: _containers.RepeatedScalarFieldContainer[int]
     sparse: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., parameter: _Optional[str] = ..., row_offset: _Optional[int] = ..., parameter_shape: _Optional[_Iterable[int]] = ..., sparse: _Optional[bool] = ...) -> None: ...
+    kind: TensorKind
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., parameter: _Optional[str] = ..., row_offset: _Optional[int] = ..., parameter_shape: _Optional[_Iterable[int]] = ..., sparse: _Optional[bool] = ..., kind: _Optional[_Union[TensorKind, str]] = ...) -> None: ...
 
 class RowSelection(_message.Message):
     __slots__ = ("name", "rows")

@@ -89,8 +89,8 @@ class ParameterServerServicer:
 
     def PushPull(self, request_iterator, context):
         """Push, then stream back the parameters as they are after the push was applied: every dense
-        tensor whole, and of each sparse tensor the rows this push carried. Saves a round trip per
-        step. Errors as Push and Pull.
+        tensor whole except frozen ones (TENSOR_KIND_FROZEN never changes: Pull it once), and of each
+        sparse tensor the rows this push carried. Saves a round trip per step. Errors as Push and Pull.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

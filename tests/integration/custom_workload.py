@@ -39,3 +39,42 @@ def bag_of_embeddings(num_classes: int):
     from lepton.workloads import EmbeddingBagClassifier
 
     return EmbeddingBagClassifier(TOKENS_VOCAB, num_classes, dim=8)
+
+
+class FrozenFirstLayer(nn.Module):
+    """A feature extractor the user froze (``requires_grad=False``) and a trainable head."""
+
+    def __init__(self, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Linear(input_dim, 16)
+        self.head = nn.Linear(16, num_classes)
+        self.features.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.features(x)))
+
+
+class UnusedBranch(nn.Module):
+    """A module with a branch its forward never calls: its parameters never get a gradient."""
+
+    def __init__(self, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(input_dim, 16)
+        self.head = nn.Linear(16, num_classes)
+        self.auxiliary = nn.Linear(16, num_classes)  # e.g. a head used only in another phase
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def frozen_first_layer(input_dim: int, num_classes: int) -> nn.Module:
+    return FrozenFirstLayer(input_dim, num_classes)
+
+
+def unused_branch(input_dim: int, num_classes: int) -> nn.Module:
+    return UnusedBranch(input_dim, num_classes)
+
+
+def batchnorm_mlp(input_dim: int, num_classes: int) -> nn.Module:
+    """An MLP with BatchNorm: running statistics (buffers) that evaluation depends on."""
+    return nn.Sequential(nn.Linear(input_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, num_classes))

@@ -7,6 +7,7 @@ import torch
 
 from lepton.errors import ConfigError, DeadlineExceeded, InvalidArgument, NotFound
 from ps_server.gate import ClockWait, ConsistencyGate, PushOutcome, PushResult
+from lepton.tensors import TensorKind
 from ps_server.store import ParameterStore
 
 LR = 0.1
@@ -423,7 +424,6 @@ def make_store() -> ParameterStore:
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda g: g.pop("b"), "missing"),
         (lambda g: g.update(extra=torch.zeros(1)), "unexpected"),
         (lambda g: g.update(w=torch.zeros(4)), "expected"),
         (lambda g: g.update(w=torch.zeros(2, 2, dtype=torch.float64)), "expected"),
@@ -432,7 +432,7 @@ def make_store() -> ParameterStore:
         (lambda g: g.update(b=torch.tensor([0.0, float("inf")])), "NaN or Inf"),
         (lambda g: g.update(w=torch.tensor([[0.0, float("-inf")], [0.0, 0.0]])), "NaN or Inf"),
     ],
-    ids=["missing", "extra", "shape", "dtype", "int-dtype", "nan", "inf", "neg-inf"],
+    ids=["extra", "shape", "dtype", "int-dtype", "nan", "inf", "neg-inf"],
 )
 def test_check_gradients_rejects_a_bad_push_and_leaves_parameters_unchanged(change, message):
     store = make_store()
@@ -448,6 +448,52 @@ def test_check_gradients_rejects_a_bad_push_and_leaves_parameters_unchanged(chan
 
 def test_check_gradients_accepts_an_exact_finite_push():
     make_store().check_gradients(grads(1.0))
+
+
+def test_a_parameter_absent_from_a_push_is_skipped_by_the_optimizer_as_torch_skips_grad_none():
+    store = ParameterStore(initial(), "adamw", LR, {"weight_decay": 0.1})
+    w = torch.nn.Parameter(initial()["w"].clone())
+    b = torch.nn.Parameter(initial()["b"].clone())
+    reference = torch.optim.AdamW([w, b], lr=LR, weight_decay=0.1)
+    for scale in (1.0, -2.0):
+        only_w = {"w": grads(scale)["w"]}
+        store.check_gradients(only_w)
+        store.apply(only_w)
+        w.grad, b.grad = grads(scale)["w"], None
+        reference.step()
+    got = dict(store.snapshot())
+    torch.testing.assert_close(got["w"], w.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(got["b"], initial()["b"])  # no decay, no moments: untouched
+    assert store.version == 2
+
+
+def test_a_frozen_tensor_is_never_updated_and_a_push_of_it_is_refused():
+    store = ParameterStore(initial(), "adamw", LR, {"weight_decay": 0.5}, kinds={"b": TensorKind.FROZEN})
+    with pytest.raises(InvalidArgument, match="frozen"):
+        store.check_gradients(grads(1.0))
+    assert store.version == 0
+    store.apply({"w": grads(1.0)["w"]})
+    assert torch.equal(dict(store.snapshot())["b"], initial()["b"])
+
+
+def test_a_buffer_moves_by_the_pushed_change_in_async_and_by_the_weighted_mean_in_sync():
+    kinds = {"steps": TensorKind.BUFFER}
+    gate = ConsistencyGate(ParameterStore(initial(), "sgd", LR, {}, kinds=kinds), "async", TIMEOUT_S)
+    gate.push("w-1", 0, {"steps": torch.tensor([1])}, samples=4, now=T0)
+    gate.push("w-2", 0, {"steps": torch.tensor([1])}, samples=4, now=T0)
+    assert params(gate)["steps"].tolist() == [9]  # every worker's batch counted
+    store = ParameterStore(initial(), "sgd", LR, {}, kinds=kinds)
+    sync = ConsistencyGate(store, "sync", TIMEOUT_S)
+    sync.join("w-1", 0, 1.0)
+    sync.join("w-2", 0, 1.0)
+    sync.push("w-1", 0, {"steps": torch.tensor([1]), "b": torch.tensor([1.0, 1.0])}, samples=3, now=T0)
+    sync.push("w-2", 0, {"steps": torch.tensor([1])}, samples=1, now=T0)
+    assert sync.version == 1
+    got = params(sync)
+    assert got["steps"].tolist() == [8]  # the mean change of one batch each, rounded, not truncated
+    # b's gradient is the sample-weighted mean over both workers, with w-2's absent one as zero
+    torch.testing.assert_close(got["b"], initial()["b"] - LR * torch.tensor([0.75, 0.75]))
+    torch.testing.assert_close(got["w"], initial()["w"])  # nobody had a gradient for w
 
 
 def test_apply_steps_the_optimizer_and_bumps_the_version():
