@@ -12,6 +12,7 @@ from torch import nn
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
 from lepton.workloads import Evaluation, build_model, evaluate, load_workload, sparse_parameter_names, take
+from lepton.tasks import resolve_loss, resolve_task, shape_target
 from lepton.tensors import TensorSpec, part
 
 
@@ -30,9 +31,12 @@ class Trainer:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
         self.workload = load_workload(spec.dataset, spec.seed)
-        self.model = build_model(spec.model, self.workload, spec.seed)
+        self.task = resolve_task(spec.task, spec.loss, self.workload.label_dtype)
+        self.model = build_model(
+            spec.model, self.workload, spec.seed, self.workload.output_dim(self.task, spec.loss)
+        )
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
-        self._loss = nn.CrossEntropyLoss()
+        self._loss = resolve_loss(spec.loss)
         # Row-sparse parameters (embedding tables) are pulled by the rows each batch touches,
         # which the model names (``rows_touched``); their gradients stay sparse COO tensors.
         self.sparse = sparse_parameter_names(self.model)
@@ -80,10 +84,11 @@ class Trainer:
             yield hi, order[lo:hi]
 
     def gradients(self, indices: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean cross-entropy of the batch and its gradient for every parameter."""
+        """Mean loss (the job's) of the batch and its gradient for every parameter."""
         x, y = take(self.workload.train, indices)
         self.model.zero_grad(set_to_none=True)
-        loss = self._loss(self.model(x), y)
+        output = self.model(x)
+        loss = self._loss(output, shape_target(self.spec.loss, output, y))
         loss.backward()
         grads = {}
         for name, p in self.params.items():
@@ -98,4 +103,7 @@ class Trainer:
         return float(loss.detach()), grads
 
     def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.workload.test, self.workload.num_classes)
+        return evaluate(
+            self.model, self.workload.test, self.workload.num_classes,
+            task=self.task, loss=self.spec.loss, loss_fn=self._loss,
+        )
