@@ -32,7 +32,7 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     # loads the job; the model's output width follows the task, as the workers build it.
     task = resolve_task(spec.task, spec.loss, workload.label_dtype)
     model = build_model(spec.model, workload, spec.seed, workload.output_dim(task, spec.loss))
-    check_loss(model, workload, spec.loss)
+    check_loss(model, workload, spec.loss, task)
     sparse = sparse_parameter_names(model)
     # The servers build this optimizer and schedule from the spec: refuse a bad one here, before
     # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).

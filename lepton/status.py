@@ -49,8 +49,10 @@ def to_plain(msg: Message) -> dict:
             )
         elif isinstance(value, float) and math.isnan(value):
             out[field.name] = None
+        elif repeated:
+            out[field.name] = [None if isinstance(v, float) and math.isnan(v) else v for v in value]
         else:
-            out[field.name] = list(value) if repeated else value
+            out[field.name] = value
     return out
 
 
@@ -103,7 +105,7 @@ def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:
     width = max((len(str(v)) for v in c.confusion_matrix), default=1)
     for i in range(k):
         row = " ".join(f"{v:>{width}}" for v in c.confusion_matrix[i * k : (i + 1) * k])
-        lines.append(("  confusion " if i == 0 else "           ") + row)
+        lines.append(("  confusion " if i == 0 else " " * 12) + row)
     return lines
 
 

@@ -8,11 +8,12 @@ Rules (also in the README):
   classification; ``mse``, ``l1``: regression); with a custom loss it follows the labels' dtype
   (integer or bool: classification, floating: regression). An explicit task that contradicts a
   built-in loss is refused.
-- Targets for ``mse``, ``l1`` and ``bce_with_logits`` are cast to the output's dtype, and a
-  target with one dimension fewer than the output whose last dimension is 1 (labels ``[n]``,
-  model output ``[n, 1]``) gets that dimension added, so a 1-output model needs no reshaping.
-  ``cross_entropy`` and ``nll`` take class ids as they are; a custom loss gets the labels exactly
-  as the data set holds them.
+- Targets for ``mse``, ``l1``, ``bce_with_logits`` and a custom loss in a regression task are
+  cast to the output's dtype, and a target with one dimension fewer than the output whose last
+  dimension is 1 (labels ``[n]``, model output ``[n, 1]``) gets that dimension added, so a
+  1-output model needs no reshaping (torch would broadcast ``[n, 1]`` against ``[n]`` to
+  ``[n, n]``). ``cross_entropy`` and ``nll`` take class ids as they are, and so does a custom
+  loss in a classification task.
 - Classification metrics: predictions are the argmax of the output, except for
   ``bce_with_logits`` where each logit above 0 is a positive. With one logit a sample
   (binary) the classes are 0 and 1; with several logits a sample (multi-label, targets
@@ -85,9 +86,10 @@ def resolve_task(task: str, loss: str, label_dtype: torch.dtype) -> str:
     return task
 
 
-def shape_target(loss: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def shape_target(loss: str, task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The labels as the loss takes them (see the module's rules)."""
-    if loss not in _VALUE_TARGETS:
+    custom_regression = loss not in BUILTIN_LOSSES and task == REGRESSION
+    if loss not in _VALUE_TARGETS and not custom_regression:
         return target
     if target.dim() == output.dim() - 1 and output.shape[-1] == 1:
         target = target.unsqueeze(-1)
@@ -155,7 +157,7 @@ class ClassificationTally:
         if self.loss == "bce_with_logits":
             # one decision per logit; binary or multi-label, the classes are 0 and 1
             predicted = (output > 0).long().reshape(-1)
-            truth = shape_target(self.loss, output, target).long().reshape(-1)
+            truth = shape_target(self.loss, CLASSIFICATION, output, target).long().reshape(-1)
             k = 2
         else:
             predicted, truth, k = output.argmax(dim=1), target.long().reshape(-1), self.num_classes

@@ -456,7 +456,7 @@ def build_model(model: str, workload: Workload, seed: int, output_dim: int | Non
     return module
 
 
-def check_loss(model: nn.Module, workload: Workload, loss: str) -> None:
+def check_loss(model: nn.Module, workload: Workload, loss: str, task: str) -> None:
     """Resolves ``loss`` and computes it on the model's output for the first two training samples
     (no gradient, evaluation mode, so neither parameters nor buffers change), so that a loss that
     does not fit the data or the model is refused before training. Raises ConfigError."""
@@ -470,7 +470,7 @@ def check_loss(model: nn.Module, workload: Workload, loss: str) -> None:
     try:
         with torch.no_grad():
             output = model(x)
-            value = loss_fn(output, shape_target(loss, output, y))
+            value = loss_fn(output, shape_target(loss, task, output, y))
         if not (isinstance(value, torch.Tensor) and value.numel() == 1):
             raise ConfigError(f"loss {loss!r} must return a scalar tensor, got {type(value).__name__}")
     except ConfigError:
@@ -525,7 +525,7 @@ def evaluate(
             x, y = take(dataset, torch.arange(lo, min(n, lo + batch_size)))
             output = model(x)
             # a mean loss, weighted by the batch's size, so the result is the mean over samples
-            loss_sum += float(loss_fn(output, shape_target(loss, output, y))) * len(y)
+            loss_sum += float(loss_fn(output, shape_target(loss, task, output, y))) * len(y)
             if task == REGRESSION:
                 values.add(output, y)
             else:

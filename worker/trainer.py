@@ -88,7 +88,7 @@ class Trainer:
         x, y = take(self.workload.train, indices)
         self.model.zero_grad(set_to_none=True)
         output = self.model(x)
-        loss = self._loss(output, shape_target(self.spec.loss, output, y))
+        loss = self._loss(output, shape_target(self.spec.loss, self.task, output, y))
         loss.backward()
         grads = {}
         for name, p in self.params.items():

@@ -39,3 +39,23 @@ def bag_of_embeddings(num_classes: int):
     from lepton.workloads import EmbeddingBagClassifier
 
     return EmbeddingBagClassifier(TOKENS_VOCAB, num_classes, dim=8)
+
+
+def noisy_line(seed: int = 0):
+    """A regression set as plain lists of (features, float target) pairs, no TensorDataset:
+    y = x . w + N(0, 0.1²) in 5 dimensions, 400 train and 100 test samples."""
+    g = torch.Generator().manual_seed(99)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    x = torch.randn(500, 5, generator=g)
+    y = x @ w + 0.1 * torch.randn(500, generator=g)
+    pairs = [(x[i], float(y[i])) for i in range(500)]
+    return pairs[:400], pairs[400:]
+
+
+def regressor(input_dim: int, output_dim: int) -> nn.Module:
+    return nn.Linear(input_dim, output_dim)
+
+
+def huber() -> nn.Module:
+    """A loss factory: any callable (output, target) -> scalar mean loss."""
+    return nn.HuberLoss(delta=1.0)
