@@ -160,7 +160,9 @@ class ClassificationTally:
             truth = shape_target(self.loss, CLASSIFICATION, output, target).long().reshape(-1)
             k = 2
         else:
-            predicted, truth, k = output.argmax(dim=1), target.long().reshape(-1), self.num_classes
+            # a model may have more outputs than the labels have classes: every output is a class
+            predicted, truth = output.argmax(dim=1), target.long().reshape(-1)
+            k = max(self.num_classes, output.shape[1])
         if self.confusion is None:
             self.confusion = torch.zeros(k, k, dtype=torch.int64)
         self.confusion += torch.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)

@@ -4,6 +4,7 @@ trained by plain PyTorch in one process (bench/reference.py)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +70,17 @@ def test_diabetes_regression_trains_through_lepton_up_like_single_process_torch(
         f"reference r2 {reference.test_r2:.4f} mse {reference.test_mse:.4f}"
     )
     assert tagged_pids(processes.tag) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [(["--loss", "hinge"], "unknown loss 'hinge'"),
+     (["--dataset", "diabetes"], "loss 'cross_entropy' does not fit"),
+     (["--loss", "mse", "--task", "classification"], "task classification contradicts loss mse")],
+)  # fmt: skip
+def test_a_loss_that_cannot_train_the_job_stops_the_coordinator_with_exit_2_and_the_reason(flags, reason):
+    done = subprocess.run(
+        lepton_argv("coordinator", "--listen", "127.0.0.1:0", *flags), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert reason in done.stderr
