@@ -25,6 +25,7 @@ from lepton.tensors import TensorKind, TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
+from lepton.tasks import REGRESSION, Evaluation
 
 
 class JobState(Enum):
@@ -77,13 +78,34 @@ class Assignment:
     values: Mapping[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class EvaluationResult:
-    accuracy: float
-    macro_recall: float
-    loss: float
-    samples: int
-    inference_samples_per_second: float
+# What the evaluating worker reports: the task's metrics (lepton.tasks).
+EvaluationResult = Evaluation
+
+
+def evaluation_problem(result: EvaluationResult) -> str | None:
+    """Why a reported evaluation cannot be true, or None."""
+    if result.task == REGRESSION:
+        values = (result.mse, result.mae, result.r2)
+        if any(v is None or v != v for v in values) or result.mse < 0 or result.mae < 0 or result.r2 > 1:  # type: ignore[operator]
+            return "regression metrics need mse >= 0, mae >= 0 and r2 <= 1"
+        return None
+    if not (0.0 <= (result.accuracy or 0.0) <= 1.0 and 0.0 <= (result.macro_recall or 0.0) <= 1.0):
+        return "accuracy and macro_recall must lie in [0, 1]"
+    if any(not 0.0 <= r <= 1.0 for r in result.per_class_recall if r == r):  # NaN: class absent
+        return "per_class_recall must lie in [0, 1]"
+    sizes = {len(row) for row in result.confusion_matrix}
+    if result.confusion_matrix and sizes != {len(result.confusion_matrix)}:
+        return "confusion_matrix must be square"
+    if any(c < 0 for row in result.confusion_matrix for c in row):
+        return "confusion_matrix counts must be >= 0"
+    return None
+
+
+def describe_evaluation(result: EvaluationResult) -> str:
+    """The headline metrics as one line of text (events, logs)."""
+    if result.task == REGRESSION:
+        return f"mse {result.mse:.4f}, mae {result.mae:.4f}, r2 {result.r2:.4f}, loss {result.loss:.4f}"
+    return f"accuracy {result.accuracy:.4f}, macro recall {result.macro_recall:.4f}, loss {result.loss:.4f}"
 
 
 @dataclass(frozen=True)
@@ -271,7 +293,7 @@ class Job:
             if self._state is not JobState.TRAINING:
                 self._train_ended = now
         self._evaluator = tuple(job["evaluator"]) if job["evaluator"] else None  # type: ignore[assignment]
-        self._evaluation = EvaluationResult(**job["evaluation"]) if job["evaluation"] else None
+        self._evaluation = EvaluationResult.from_state(job["evaluation"]) if job["evaluation"] else None
         self._last_epoch_announced = job["last_epoch_announced"]
         self.leases_granted = job["leases_granted"]
         self.heartbeats_missed = job["heartbeats_missed"]
@@ -726,13 +748,13 @@ class Job:
             self._worker(member_id, incarnation)
             if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
                 raise FailedPrecondition(f"{member_id} was not asked to evaluate")
-            if not (0.0 <= result.accuracy <= 1.0 and 0.0 <= result.macro_recall <= 1.0):
-                raise InvalidArgument("accuracy and macro_recall must lie in [0, 1]")
+            problem = evaluation_problem(result)
+            if problem:
+                raise InvalidArgument(problem)
             self._evaluation = result
             self.events.append(
                 EventKind.EVALUATED,
-                f"test accuracy {result.accuracy:.4f}, macro recall {result.macro_recall:.4f}, "
-                f"loss {result.loss:.4f} on {result.samples} samples",
+                f"test {describe_evaluation(result)} on {result.samples} samples",
                 member_id=member_id,
                 incarnation=incarnation,
                 loss=result.loss,

@@ -18,8 +18,11 @@ from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
 from lepton.errors import ConfigError
+from lepton.tasks import resolve_task
 from lepton.tensors import TensorKind
-from lepton.workloads import build_model, load_workload, model_tensors, sparse_parameter_names, tensor_kinds, tied_names
+from lepton.workloads import (
+    build_model, check_loss, load_workload, model_tensors, sparse_parameter_names, tensor_kinds, tied_names,
+)
 
 log = structlog.get_logger("lepton.coordinator")
 
@@ -29,7 +32,11 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     directory, the job is durable and resumes what the directory holds. The clock is read after
     loading, so restored members' reattach grace starts when serving is about to start."""
     workload = load_workload(spec.dataset, spec.seed)
-    model = build_model(spec.model, workload, spec.seed)
+    # Refuse a loss or task that cannot train this data (ConfigError: exit 2) before any member
+    # loads the job; the model's output width follows the task, as the workers build it.
+    task = resolve_task(spec.task, spec.loss, workload.label_dtype)
+    model = build_model(spec.model, workload, spec.seed, workload.output_dim(task, spec.loss))
+    check_loss(model, workload, spec.loss, task)
     sparse = sparse_parameter_names(model)
     # The servers build this optimizer and schedule from the spec: refuse a bad one here, before
     # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from coordinator.checkpoints import Checkpoint, CheckpointReport
 from coordinator.events import Event
-from coordinator.job import EvaluationResult, Job, JobState, JobStatus, LeaseOutcome
+from coordinator.job import Job, JobState, JobStatus, LeaseOutcome
 from coordinator.ledger import Lease
 from coordinator.membership import Role
 from lepton import codec
@@ -14,7 +14,7 @@ from lepton.errors import InvalidArgument
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as pb
 from lepton.v1 import coordinator_pb2_grpc as pb_grpc
-from lepton.wire import job_to_proto, spec_to_proto
+from lepton.wire import evaluation_from_proto, evaluation_to_fields, job_to_proto, spec_to_proto
 
 _ROLE_FROM_WIRE = {common.ROLE_PARAMETER_SERVER: Role.PARAMETER_SERVER, common.ROLE_WORKER: Role.WORKER}
 _ROLE_TO_WIRE = {v: k for k, v in _ROLE_FROM_WIRE.items()}
@@ -128,15 +128,7 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
     if status.evaluation is not None:
         e = status.evaluation
         msg.has_evaluation = True
-        msg.evaluation.CopyFrom(
-            pb.EvaluationResult(
-                accuracy=e.accuracy,
-                macro_recall=e.macro_recall,
-                loss=e.loss,
-                samples=e.samples,
-                inference_samples_per_second=e.inference_samples_per_second,
-            )
-        )
+        msg.evaluation.CopyFrom(pb.EvaluationResult(**evaluation_to_fields(e)))
     return msg
 
 
@@ -264,14 +256,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.CompleteShardResponse(epoch_completed=done)
 
     def ReportEvaluation(self, request, context):
-        result = EvaluationResult(
-            accuracy=request.accuracy,
-            macro_recall=request.macro_recall,
-            loss=request.loss,
-            samples=request.samples,
-            inference_samples_per_second=request.inference_samples_per_second,
-        )
-        self._job.report_evaluation(*_member(request.member), result, self._now())
+        self._job.report_evaluation(*_member(request.member), evaluation_from_proto(request), self._now())
         return pb.ReportEvaluationResponse()
 
     def CancelJob(self, request, context):

@@ -17,7 +17,7 @@ from typing import Any
 # (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", exit -6).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from lepton.config import LR_SCHEDULES, MODES, JobSpec, job_from_mapping, load_job_file
+from lepton.config import LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, load_job_file
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
 from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, stop_event_on_signals
@@ -27,6 +27,8 @@ from lepton.security import Security, load_security
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--dataset": ("dataset", str, "built-in dataset (digits) or package.module:factory"),
     "--model": ("model", str, "built-in model (mlp) or package.module:factory"),
+    "--loss": ("loss", str, "training loss: cross_entropy, nll, bce_with_logits, mse, l1, or package.module:factory"),
+    "--task": ("task", str, f"what the job learns, which decides its metrics: {', '.join(TASKS)}"),
     "--epochs": ("epochs", int, "passes over the training set"),
     "--batch-size": ("batch_size", int, "samples per worker step"),
     "--lr": ("lr", float, "learning rate"),

@@ -24,12 +24,13 @@ from lepton.errors import InvalidArgument
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.rpc import call, dial, iterate
 from lepton.security import INSECURE, Security
+from lepton.tasks import Evaluation
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
-from lepton.wire import MODE_FROM_WIRE, job_from_proto, optimizer_kwargs, spec_from_proto
+from lepton.wire import MODE_FROM_WIRE, evaluation_to_fields, job_from_proto, optimizer_kwargs, spec_from_proto
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -224,10 +225,10 @@ class CoordinatorClient(_Client):
         )
         return reply.epoch_completed
 
-    def report_evaluation(self, member: MemberId, **metrics: float) -> None:
+    def report_evaluation(self, member: MemberId, result: Evaluation) -> None:
         call(
             self._stub.ReportEvaluation,
-            cpb.ReportEvaluationRequest(member=member.to_proto(), **metrics),
+            cpb.ReportEvaluationRequest(member=member.to_proto(), **evaluation_to_fields(result)),
             timeout=self._timeout_s,
         )
 

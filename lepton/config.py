@@ -15,6 +15,8 @@ from typing import Any
 from lepton.errors import ConfigError
 
 MODES = ("async", "sync", "ssp")
+# What a job learns; "auto" follows the loss, then the labels' dtype (lepton.tasks).
+TASKS = ("auto", "classification", "regression")
 # Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
 # the keyword arguments each takes: {name: (required, optional)}.
 LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -82,6 +84,10 @@ class JobSpec:
     staleness: int = 0
     # A shard lease not renewed (by its holder's heartbeats or progress) for this long is revoked.
     lease_timeout_s: float = 10.0
+    # The training loss: a built-in name (lepton.tasks.BUILTIN_LOSSES) or package.module:factory.
+    loss: str = "cross_entropy"
+    # "auto", "classification" or "regression": which metrics evaluation reports (lepton.tasks).
+    task: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -98,6 +104,10 @@ class JobSpec:
             problems.append("dataset must be named")
         if not self.model:
             problems.append("model must be named")
+        if not self.loss:
+            problems.append("loss must be named")
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {TASKS}, got {self.task!r}")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

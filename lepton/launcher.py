@@ -34,8 +34,10 @@ from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
 from lepton.security import INSECURE, Security, load_security
+from lepton.tasks import REGRESSION, Evaluation
 from lepton.status import FINAL_STATUS_FILE, state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
+from lepton.wire import evaluation_from_proto
 
 log = structlog.get_logger("lepton.up")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
@@ -93,6 +95,8 @@ def job_flags(spec: JobSpec) -> list[str]:
     return [
         "--dataset", spec.dataset,
         "--model", spec.model,
+        "--loss", spec.loss,
+        "--task", spec.task,
         "--epochs", str(spec.epochs),
         "--batch-size", str(spec.batch_size),
         "--lr", repr(spec.lr),
@@ -406,6 +410,7 @@ def build_report(
         "mode": spec.mode,
         "dataset": spec.dataset,
         "model": spec.model,
+        "loss": spec.loss,
         "optimizer": spec.optimizer,
         "lr": spec.lr,
         "workers": cluster.workers,
@@ -420,14 +425,12 @@ def build_report(
     }
     if status is not None:
         ev = status.evaluation if status.has_evaluation else None
+        report.update(evaluation_report(evaluation_from_proto(ev) if ev else None))
         report.update(
             shard_completions=status.shard_completions,
             duplicate_completions_rejected=status.duplicate_completions_rejected,
             reassignments=status.reassignments,
             members_declared_dead=status.members_declared_dead,
-            test_accuracy=ev.accuracy if ev else None,
-            test_macro_recall=ev.macro_recall if ev else None,
-            test_loss=ev.loss if ev else None,
             samples_per_second=status.samples_per_second,
             inference_samples_per_second=ev.inference_samples_per_second if ev else None,
             samples_trained=status.samples_trained,
@@ -721,6 +724,24 @@ def apply_scale(request: dict, workers: Workers, control: ScaleControl, max_work
     return {"at_s": round(at_s, 3), "from": before, "to": after, "started": started, "stopped": stopped}
 
 
+def evaluation_report(ev: Evaluation | None) -> dict:
+    """The report's test_* keys: the loss and the metrics of the job's task (None without an
+    evaluation; a regression job's accuracy and recall keys are None, a classification job's
+    MSE, MAE and R² keys too)."""
+    regression = ev is not None and ev.task == REGRESSION
+    return {
+        "task": ev.task if ev else None,
+        "test_loss": ev.loss if ev else None,
+        "test_accuracy": ev.accuracy if ev else None,
+        "test_macro_recall": ev.macro_recall if ev else None,
+        "test_per_class_recall": [None if r != r else r for r in ev.per_class_recall] if ev and not regression else None,
+        "test_confusion_matrix": [list(row) for row in ev.confusion_matrix] if ev and not regression else None,
+        "test_mse": ev.mse if ev else None,
+        "test_mae": ev.mae if ev else None,
+        "test_r2": ev.r2 if ev else None,
+    }
+
+
 def print_summary(report: dict) -> None:
     def fmt(key: str, digits: int = 4) -> str:
         value = report.get(key)
@@ -732,8 +753,12 @@ def print_summary(report: dict) -> None:
                 f"job {report['status']} in {report['wall_seconds']:.1f}s "
                 f"({report['mode']}, {report['dataset']}, {report['workers']} workers, "
                 f"{report['parameter_servers']} parameter servers)",
-                f"  test accuracy {fmt('test_accuracy')}  macro recall {fmt('test_macro_recall')}  "
-                f"loss {fmt('test_loss')}",
+                (
+                    f"  test mse {fmt('test_mse')}  mae {fmt('test_mae')}  r2 {fmt('test_r2')}  loss {fmt('test_loss')}"
+                    if report.get("task") == REGRESSION
+                    else f"  test accuracy {fmt('test_accuracy')}  macro recall {fmt('test_macro_recall')}  "
+                    f"loss {fmt('test_loss')}"
+                ),
                 f"  shard completions {fmt('shard_completions')} of {report['epochs'] * report['shards_per_epoch']}"
                 f"  duplicates rejected {fmt('duplicate_completions_rejected')}"
                 f"  reassignments {fmt('reassignments')}  members declared dead {fmt('members_declared_dead')}",

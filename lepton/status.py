@@ -30,9 +30,11 @@ FINAL_STATUS_FILE = "final_status.json"
 
 def to_plain(msg: Message) -> dict:
     """A message as JSON-able data: proto field names, enum value names, int64 as numbers,
-    every field present (defaults included), NaN as None."""
+    every field present (defaults included) except the unset members of a oneof, NaN as None."""
     out: dict = {}
     for field in msg.DESCRIPTOR.fields:
+        if field.containing_oneof is not None and not msg.HasField(field.name):
+            continue  # the other members of a oneof (e.g. regression metrics of a classification job)
         value = getattr(msg, field.name)
         repeated = field.is_repeated
         if field.message_type is not None:
@@ -47,8 +49,10 @@ def to_plain(msg: Message) -> dict:
             )
         elif isinstance(value, float) and math.isnan(value):
             out[field.name] = None
+        elif repeated:
+            out[field.name] = [None if isinstance(v, float) and math.isnan(v) else v for v in value]
         else:
-            out[field.name] = list(value) if repeated else value
+            out[field.name] = value
     return out
 
 
@@ -74,10 +78,7 @@ def render(status: cpb.GetStatusResponse) -> str:
         + ("-" if math.isnan(status.recent_loss) else f"{status.recent_loss:.4f}"),
     ]
     if status.has_evaluation:
-        e = status.evaluation
-        lines.append(
-            f"test       accuracy {e.accuracy:.4f}, macro recall {e.macro_recall:.4f}, loss {e.loss:.4f}"
-        )
+        lines += evaluation_lines(status.evaluation)
     lines.append("members")
     for m in status.members:
         role = "ps" if m.role == common.ROLE_PARAMETER_SERVER else "worker"
@@ -88,6 +89,24 @@ def render(status: cpb.GetStatusResponse) -> str:
             f"  pid {m.pid}@{m.hostname}{('  ' + m.address) if m.address else ''}{lease}"
         )
     return "\n".join(lines)
+
+
+def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:
+    """The test metrics of ``render``: regression MSE, MAE and R²; classification accuracy and
+    recall, then per-class recall and the confusion matrix (rows: true class)."""
+    if msg.WhichOneof("task_metrics") == "regression":
+        r = msg.regression
+        return [f"test       mse {r.mse:.4f}, mae {r.mae:.4f}, r2 {r.r2:.4f}, loss {msg.loss:.4f}"]
+    lines = [f"test       accuracy {msg.accuracy:.4f}, macro recall {msg.macro_recall:.4f}, loss {msg.loss:.4f}"]
+    c = msg.classification
+    if c.per_class_recall:
+        lines.append("  recall   " + " ".join("-" if math.isnan(r) else f"{r:.2f}" for r in c.per_class_recall))
+    k = c.num_classes
+    width = max((len(str(v)) for v in c.confusion_matrix), default=1)
+    for i in range(k):
+        row = " ".join(f"{v:>{width}}" for v in c.confusion_matrix[i * k : (i + 1) * k])
+        lines.append(("  confusion " if i == 0 else " " * 12) + row)
+    return lines
 
 
 def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:

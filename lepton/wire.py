@@ -8,7 +8,9 @@ from lepton.codec import TensorSpec, torch_dtype, wire_dtype
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
 from lepton.tensors import TensorKind
+from lepton.tasks import REGRESSION, Evaluation
 from lepton.v1 import common_pb2 as pb
+from lepton.v1 import coordinator_pb2 as cpb
 
 MODE_TO_WIRE = {
     "async": pb.CONSISTENCY_MODE_ASYNC,
@@ -22,6 +24,12 @@ KIND_TO_WIRE = {
     TensorKind.BUFFER: pb.TENSOR_KIND_BUFFER,
 }
 KIND_FROM_WIRE = {v: k for k, v in KIND_TO_WIRE.items()}  # UNSPECIFIED: a parameter
+TASK_TO_WIRE = {
+    "auto": pb.TASK_UNSPECIFIED,
+    "classification": pb.TASK_CLASSIFICATION,
+    "regression": pb.TASK_REGRESSION,
+}
+TASK_FROM_WIRE = {v: k for k, v in TASK_TO_WIRE.items()}
 
 
 def job_to_proto(spec: JobSpec) -> pb.JobSpec:
@@ -46,6 +54,8 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         lr_schedule_kwargs=schedule_kwargs,
         staleness=spec.staleness,
         lease_timeout_s=spec.lease_timeout_s,
+        loss=spec.loss,
+        task=TASK_TO_WIRE[spec.task],
     )
 
 
@@ -62,6 +72,8 @@ def optimizer_kwargs(msg: pb.OptimizerSpec) -> dict:
 def job_from_proto(msg: pb.JobSpec) -> JobSpec:
     if msg.mode not in MODE_FROM_WIRE:
         raise InvalidArgument(f"consistency mode {msg.mode} is not served by this version")
+    if msg.task not in TASK_FROM_WIRE:
+        raise InvalidArgument(f"task {msg.task} is not served by this version")
     return JobSpec(
         dataset=msg.dataset,
         model=msg.model,
@@ -81,6 +93,8 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         lr_schedule_kwargs=_struct_kwargs(msg.lr_schedule_kwargs),
         staleness=msg.staleness,
         lease_timeout_s=msg.lease_timeout_s or JobSpec.lease_timeout_s,
+        loss=msg.loss or JobSpec.loss,
+        task=TASK_FROM_WIRE[msg.task],
     )
 
 
@@ -107,4 +121,46 @@ def spec_from_proto(msg: pb.TensorInfo) -> TensorSpec:
         parameter_shape=tuple(msg.parameter_shape),
         sparse=msg.sparse,
         kind=KIND_FROM_WIRE.get(msg.kind, TensorKind.PARAMETER),
+    )
+
+
+def evaluation_to_fields(result: Evaluation) -> dict:
+    """Keyword arguments of ReportEvaluationRequest and EvaluationResult (the same fields) for an
+    evaluation; the task decides which of ``task_metrics`` is set."""
+    fields: dict = dict(
+        accuracy=result.accuracy or 0.0,
+        macro_recall=result.macro_recall or 0.0,
+        loss=result.loss,
+        samples=result.samples,
+        inference_samples_per_second=result.inference_samples_per_second,
+    )
+    if result.task == REGRESSION:
+        fields["regression"] = cpb.RegressionMetrics(mse=result.mse, mae=result.mae, r2=result.r2)
+    else:
+        fields["classification"] = cpb.ClassificationMetrics(
+            per_class_recall=list(result.per_class_recall),
+            num_classes=len(result.confusion_matrix),
+            confusion_matrix=[c for row in result.confusion_matrix for c in row],
+        )
+    return fields
+
+
+def evaluation_from_proto(msg: cpb.ReportEvaluationRequest | cpb.EvaluationResult) -> Evaluation:
+    """The evaluation either message carries; neither metrics set (senders before them): a
+    classification result of accuracy and macro recall only. Raises InvalidArgument for a
+    confusion matrix whose size is not num_classes squared."""
+    common = dict(loss=msg.loss, samples=msg.samples, inference_samples_per_second=msg.inference_samples_per_second)
+    if msg.WhichOneof("task_metrics") == "regression":
+        r = msg.regression
+        return Evaluation(accuracy=None, macro_recall=None, task=REGRESSION, mse=r.mse, mae=r.mae, r2=r.r2, **common)
+    c = msg.classification
+    k = c.num_classes
+    if len(c.confusion_matrix) != k * k:
+        raise InvalidArgument(f"confusion_matrix has {len(c.confusion_matrix)} counts, not num_classes² = {k * k}")
+    return Evaluation(
+        accuracy=msg.accuracy,
+        macro_recall=msg.macro_recall,
+        per_class_recall=tuple(c.per_class_recall),
+        confusion_matrix=tuple(tuple(c.confusion_matrix[i * k : (i + 1) * k]) for i in range(k)),
+        **common,
     )

@@ -17,6 +17,19 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lepton.errors import ConfigError
 from lepton.tensors import TensorKind
+from lepton.tasks import (
+    CLASSIFICATION,
+    REGRESSION,
+    ClassificationMetrics,
+    ClassificationTally,
+    Evaluation,
+    LossFn,
+    MultiLabelRecall,
+    RegressionMetrics,
+    RegressionTally,
+    resolve_loss,
+    shape_target,
+)
 
 SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the job's seed
 
@@ -24,14 +37,28 @@ SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the
 @dataclass(frozen=True)
 class Workload:
     """A dataset pair and the facts a model factory needs. ``input_dim`` is the number of values in
-    one sample (features, or token ids per document); ``vocab_size`` is set for token-id data: the
-    ids lie in ``[0, vocab_size)``."""
+    one sample (features, or token ids per document); ``num_classes`` the number of class ids of
+    integer labels (0 for real-valued targets); ``vocab_size`` is set for token-id data: the ids
+    lie in ``[0, vocab_size)``; ``target_dim`` is the number of values in one label (1 for a
+    scalar label)."""
 
     train: Dataset
     test: Dataset
     input_dim: int
     num_classes: int
     vocab_size: int | None = None
+    target_dim: int = 1
+
+    @property
+    def label_dtype(self) -> torch.dtype:
+        return take(self.train, torch.arange(1))[1].dtype
+
+    def output_dim(self, task: str, loss: str) -> int:
+        """The model's output width: one logit per class for a classification loss on class ids,
+        else one value per target value (``bce_with_logits``: one logit per label)."""
+        if task == CLASSIFICATION and loss != "bce_with_logits" and self.num_classes > 0:
+            return self.num_classes
+        return self.target_dim
 
 
 def _digits(seed: int = 0) -> Workload:
@@ -45,6 +72,25 @@ def _digits(seed: int = 0) -> Workload:
     n_train = int(len(y) * 0.8)
     tr, te = perm[:n_train], perm[n_train:]
     return Workload(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 64, 10)
+
+
+def _diabetes(seed: int = 0) -> Workload:
+    """scikit-learn's bundled diabetes regression set (442 patients, 10 features, target: disease
+    progression after one year, 25-346; no download); a fixed 80/20 split (353/89). Features and
+    target are standardised with the training split's mean and standard deviation, so MSE and MAE
+    are in units of the training target's standard deviation (76.16 progression points; MSE in its
+    square) and an MSE of 1 is about as good as predicting the mean."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.float32)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_train = int(len(y) * 0.8)
+    tr, te = perm[:n_train], perm[n_train:]
+    x = (x - x[tr].mean(0)) / x[tr].std(0)
+    y = (y - y[tr].mean()) / y[tr].std()
+    return Workload(TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 10, 0)
 
 
 @dataclass(frozen=True)
@@ -291,13 +337,14 @@ def _synthetic_text(seed: int = 0) -> Workload:
 
 DATASETS: dict[str, Callable[..., Workload]] = {
     "digits": _digits,
+    "diabetes": _diabetes,
     "synthetic-image": _synthetic_image,
     "synthetic-text": _synthetic_text,
 }
 
 
-def _mlp(input_dim: int, num_classes: int, hidden: int = 64) -> nn.Module:
-    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+def _mlp(input_dim: int, output_dim: int, hidden: int = 64) -> nn.Module:
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, output_dim))
 
 
 class EmbeddingBagClassifier(nn.Module):
@@ -406,7 +453,9 @@ def _call_with_known_kwargs(fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 def load_workload(dataset: str, seed: int) -> Workload:
-    """The named built-in dataset, or a user factory returning a Workload or (train, test)."""
+    """The named built-in dataset, or a user factory returning a Workload or (train, test). For
+    (train, test), integer labels give ``num_classes`` (the largest id + 1) and floating labels
+    are regression targets (``num_classes`` 0, ``target_dim`` their size)."""
     if dataset in DATASETS:
         return DATASETS[dataset](seed=seed)
     result = _call_with_known_kwargs(resolve_factory(dataset), seed=seed)
@@ -417,16 +466,28 @@ def load_workload(dataset: str, seed: int) -> Workload:
     train, test = result
     if len(train) == 0:
         raise ConfigError(f"dataset {dataset!r} has no training samples")
-    x0, _ = train[0]
+    x0, y0 = train[0]
+    input_dim = int(torch.as_tensor(x0).numel())
+    y0 = torch.as_tensor(y0)
+    if y0.is_floating_point():
+        return Workload(train, test, input_dim, 0, target_dim=int(y0.numel()))
     labels = [int(train[i][1]) for i in range(len(train))]
-    return Workload(train, test, int(torch.as_tensor(x0).numel()), max(labels) + 1)
+    return Workload(train, test, input_dim, max(labels) + 1)
 
 
-def build_model(model: str, workload: Workload, seed: int) -> nn.Module:
-    """The named model initialised from ``seed`` (identical in every process)."""
+def build_model(model: str, workload: Workload, seed: int, output_dim: int | None = None) -> nn.Module:
+    """The named model initialised from ``seed`` (identical in every process). ``output_dim`` is
+    the width of its output (``Workload.output_dim`` of the job's task and loss); None: one per
+    class of class-id data, else one per target value. A factory receives those of
+    ``input_dim``, ``output_dim``, ``num_classes`` (class-id data only) and ``vocab_size`` that its
+    signature names."""
     factory = MODELS.get(model) or resolve_factory(model)
     torch.manual_seed(seed)
-    facts: dict[str, Any] = {"input_dim": workload.input_dim, "num_classes": workload.num_classes}
+    if output_dim is None:
+        output_dim = workload.num_classes or workload.target_dim
+    facts: dict[str, Any] = {"input_dim": workload.input_dim, "output_dim": output_dim}
+    if workload.num_classes > 0:
+        facts["num_classes"] = workload.num_classes
     if workload.vocab_size is not None:
         facts["vocab_size"] = workload.vocab_size
     module = _call_with_known_kwargs(factory, **facts)
@@ -435,51 +496,93 @@ def build_model(model: str, workload: Workload, seed: int) -> nn.Module:
     return module
 
 
+def check_loss(model: nn.Module, workload: Workload, loss: str, task: str) -> None:
+    """Resolves ``loss`` and computes it on the model's output for the first two training samples
+    (no gradient, evaluation mode, so neither parameters nor buffers change), so that a loss that
+    does not fit the data or the model is refused before training. Raises ConfigError."""
+    loss_fn = resolve_loss(loss)
+    x, y = take(workload.train, torch.arange(min(2, len(workload.train))))  # type: ignore[arg-type]
+    labels = workload.train.tensors[1] if isinstance(workload.train, TensorDataset) else y
+    if loss == "bce_with_logits" and bool(((labels != 0) & (labels != 1)).any()):
+        raise ConfigError("loss 'bce_with_logits' needs 0/1 labels (one per logit); these data hold other values")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(x)
+            value = loss_fn(output, shape_target(loss, task, output, y))
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise ConfigError(f"loss {loss!r} must return a scalar tensor, got {type(value).__name__}")
+    except ConfigError:
+        raise
+    except Exception as exc:  # torch's own shape and dtype errors say what does not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = " (real-valued labels: a regression loss such as mse)" if y.is_floating_point() else ""
+        raise ConfigError(
+            f"loss {loss!r} does not fit the data or the model (labels {tuple(y.shape)} {y.dtype}{hint}): "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def take(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (inputs, labels) batch of the given sample indices."""
+    """The (inputs, labels) batch of the given sample indices; labels keep their dtype (plain
+    Python ints become int64, floats float32)."""
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors
         return x[indices], y[indices]
     items = [dataset[int(i)] for i in indices]
-    return (
-        torch.stack([torch.as_tensor(x) for x, _ in items]),
-        torch.tensor([int(y) for _, y in items], dtype=torch.int64),
-    )
+    labels = [torch.as_tensor(y) for _, y in items]
+    if labels and labels[0].is_floating_point():
+        labels = [y.to(torch.float32) if y.dtype == torch.float64 else y for y in labels]
+    return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.stack(labels)
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    accuracy: float
-    macro_recall: float
-    loss: float
-    samples: int
-    inference_samples_per_second: float
-
-
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 512) -> Evaluation:
-    """Accuracy, macro recall (unweighted mean of per-class recall) and mean cross-entropy."""
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    batch_size: int = 512,
+    *,
+    task: str = CLASSIFICATION,
+    loss: str = "cross_entropy",
+    loss_fn: LossFn | None = None,
+) -> Evaluation:
+    """The task's metrics and the mean loss of ``model`` on ``dataset``. ``loss`` names the job's
+    loss (it decides how targets are shaped and, for ``bce_with_logits``, how logits become
+    predictions); ``loss_fn`` is that loss resolved (None: resolved here)."""
+    loss_fn = loss_fn if loss_fn is not None else resolve_loss(loss)
     n = len(dataset)  # type: ignore[arg-type]
-    correct_per_class = torch.zeros(num_classes, dtype=torch.int64)
-    count_per_class = torch.zeros(num_classes, dtype=torch.int64)
+    classes = ClassificationTally(loss, num_classes)
+    labels = MultiLabelRecall()
+    values = RegressionTally()
     loss_sum = 0.0
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             x, y = take(dataset, torch.arange(lo, min(n, lo + batch_size)))
-            logits = model(x)
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            hit = logits.argmax(dim=1) == y
-            count_per_class += torch.bincount(y, minlength=num_classes)
-            correct_per_class += torch.bincount(y[hit], minlength=num_classes)
+            output = model(x)
+            # a mean loss, weighted by the batch's size, so the result is the mean over samples
+            loss_sum += float(loss_fn(output, shape_target(loss, task, output, y))) * len(y)
+            if task == REGRESSION:
+                values.add(output, y)
+            else:
+                classes.add(output, y)
+                if loss == "bce_with_logits" and output.dim() > 1 and output.shape[-1] > 1:
+                    labels.add(output, y)
     elapsed = max(time.perf_counter() - start, 1e-9)
     model.train()
-    present = count_per_class > 0
-    recall = (correct_per_class[present].double() / count_per_class[present].double()).mean()
+    common = dict(loss=loss_sum / max(n, 1), samples=n, inference_samples_per_second=n / elapsed, task=task)
+    if task == REGRESSION:
+        r: RegressionMetrics = values.metrics()
+        return Evaluation(accuracy=None, macro_recall=None, mse=r.mse, mae=r.mae, r2=r.r2, **common)  # type: ignore[arg-type]
+    c: ClassificationMetrics = classes.metrics(labels.recall() if labels.hits is not None else None)
     return Evaluation(
-        accuracy=float(correct_per_class.sum()) / max(n, 1),
-        macro_recall=float(recall) if present.any() else 0.0,
-        loss=loss_sum / max(n, 1),
-        samples=n,
-        inference_samples_per_second=n / elapsed,
+        accuracy=c.accuracy,
+        macro_recall=c.macro_recall,
+        per_class_recall=c.per_class_recall,
+        confusion_matrix=c.confusion_matrix,
+        **common,  # type: ignore[arg-type]
     )

@@ -486,15 +486,8 @@ class WorkerAgent:
         self._leave_steps()
         self._pull_all()
         result = self._trainer.evaluate()
-        self._coord.report_evaluation(
-            self._member,
-            accuracy=result.accuracy,
-            macro_recall=result.macro_recall,
-            loss=result.loss,
-            samples=result.samples,
-            inference_samples_per_second=result.inference_samples_per_second,
-        )
-        log.info("evaluation_reported", accuracy=round(result.accuracy, 4), loss=round(result.loss, 4))
+        self._coord.report_evaluation(self._member, result)
+        log.info("evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4))
 
     # --- the loop ------------------------------------------------------------------------------
 

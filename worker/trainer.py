@@ -14,6 +14,7 @@ from lepton.errors import ConfigError
 from lepton.workloads import (
     Evaluation, build_model, evaluate, load_workload, model_tensors, sparse_parameter_names, take, tensor_kinds,
 )
+from lepton.tasks import resolve_loss, resolve_task, shape_target
 from lepton.tensors import TensorKind, TensorSpec, part
 
 
@@ -32,13 +33,16 @@ class Trainer:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
         self.workload = load_workload(spec.dataset, spec.seed)
-        self.model = build_model(spec.model, self.workload, spec.seed)
+        self.task = resolve_task(spec.task, spec.loss, self.workload.label_dtype)
+        self.model = build_model(
+            spec.model, self.workload, spec.seed, self.workload.output_dim(self.task, spec.loss)
+        )
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         # Everything the servers hold, by name: parameters (frozen ones too) and persistent buffers.
         self.tensors = model_tensors(self.model)
         self.kinds = tensor_kinds(self.model)
         self.buffers = [n for n, k in self.kinds.items() if k is TensorKind.BUFFER]
-        self._loss = nn.CrossEntropyLoss()
+        self._loss = resolve_loss(spec.loss)
         # Row-sparse parameters (embedding tables) are pulled by the rows each batch touches,
         # which the model names (``rows_touched``); their gradients stay sparse COO tensors.
         self.sparse = sparse_parameter_names(self.model)
@@ -86,14 +90,15 @@ class Trainer:
             yield hi, order[lo:hi]
 
     def gradients(self, indices: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean loss of the batch and what a push carries: the gradient of each trainable
-        parameter that has one (torch's ``grad is None`` leaves it out: the servers' optimizer skips
-        it, as torch.optim does), and for each buffer the forward pass changed (BatchNorm's running
-        statistics), its change."""
+        """Mean loss (the job's) of the batch and what a push carries: the gradient of each
+        trainable parameter that has one (torch's ``grad is None`` leaves it out: the servers'
+        optimizer skips it, as torch.optim does), and for each buffer the forward pass changed
+        (BatchNorm's running statistics), its change."""
         x, y = take(self.workload.train, indices)
         before = {name: self.tensors[name].detach().clone() for name in self.buffers}
         self.model.zero_grad(set_to_none=True)
-        loss = self._loss(self.model(x), y)
+        output = self.model(x)
+        loss = self._loss(output, shape_target(self.spec.loss, self.task, output, y))
         loss.backward()
         grads = {}
         for name, p in self.params.items():
@@ -114,4 +119,7 @@ class Trainer:
         return float(loss.detach()), grads
 
     def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.workload.test, self.workload.num_classes)
+        return evaluate(
+            self.model, self.workload.test, self.workload.num_classes,
+            task=self.task, loss=self.spec.loss, loss_fn=self._loss,
+        )

@@ -311,20 +311,44 @@ class CompleteShardResponse(_message.Message):
     def __init__(self, epoch_completed: _Optional[bool] = ...) -> None: ...
 
 class ReportEvaluationRequest(_message.Message):
-    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second")
+    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_RECALL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     accuracy: float
     macro_recall: float
     loss: float
     samples: int
     inference_samples_per_second: float
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
+    classification: ClassificationMetrics
+    regression: RegressionMetrics
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ...) -> None: ...
+
+class ClassificationMetrics(_message.Message):
+    __slots__ = ("per_class_recall", "num_classes", "confusion_matrix")
+    PER_CLASS_RECALL_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
+    per_class_recall: _containers.RepeatedScalarFieldContainer[float]
+    num_classes: int
+    confusion_matrix: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, per_class_recall: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., confusion_matrix: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RegressionMetrics(_message.Message):
+    __slots__ = ("mse", "mae", "r2")
+    MSE_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    R2_FIELD_NUMBER: _ClassVar[int]
+    mse: float
+    mae: float
+    r2: float
+    def __init__(self, mse: _Optional[float] = ..., mae: _Optional[float] = ..., r2: _Optional[float] = ...) -> None: ...
 
 class ReportEvaluationResponse(_message.Message):
     __slots__ = ()
@@ -357,18 +381,22 @@ class MemberStatus(_message.Message):
     def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_heartbeat_age_s: _Optional[float] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., has_lease: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class EvaluationResult(_message.Message):
-    __slots__ = ("accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second")
+    __slots__ = ("accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression")
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_RECALL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_FIELD_NUMBER: _ClassVar[int]
     accuracy: float
     macro_recall: float
     loss: float
     samples: int
     inference_samples_per_second: float
-    def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ...) -> None: ...
+    classification: ClassificationMetrics
+    regression: RegressionMetrics
+    def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired", "last_checkpoint")

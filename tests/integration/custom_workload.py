@@ -78,3 +78,21 @@ def unused_branch(input_dim: int, num_classes: int) -> nn.Module:
 def batchnorm_mlp(input_dim: int, num_classes: int) -> nn.Module:
     """An MLP with BatchNorm: running statistics (buffers) that evaluation depends on."""
     return nn.Sequential(nn.Linear(input_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, num_classes))
+def noisy_line(seed: int = 0):
+    """A regression set as plain lists of (features, float target) pairs, no TensorDataset:
+    y = x . w + N(0, 0.1²) in 5 dimensions, 400 train and 100 test samples."""
+    g = torch.Generator().manual_seed(99)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    x = torch.randn(500, 5, generator=g)
+    y = x @ w + 0.1 * torch.randn(500, generator=g)
+    pairs = [(x[i], float(y[i])) for i in range(500)]
+    return pairs[:400], pairs[400:]
+
+
+def regressor(input_dim: int, output_dim: int) -> nn.Module:
+    return nn.Linear(input_dim, output_dim)
+
+
+def huber() -> nn.Module:
+    """A loss factory: any callable (output, target) -> scalar mean loss."""
+    return nn.HuberLoss(delta=1.0)
