@@ -98,6 +98,14 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if remaining is not None and remaining < -PAST_DEADLINE_SLACK_S:
             self.past_deadline.labels(service, method).inc()
         code = context.code() if hasattr(context, "code") else None
+        if code is None and hasattr(context, "is_active") and not context.is_active():
+            # The client left (cancelled, or its deadline passed): whatever the handler did then
+            # is not a server error and is counted under the client's own reason.
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)

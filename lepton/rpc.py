@@ -72,7 +72,30 @@ def _details(exc: BaseException) -> str:
     return FENCED_MARKER + " " + text if isinstance(exc, errors.Fenced) else text
 
 
+def abandoned_status(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """CANCELLED or DEADLINE_EXCEEDED when the client has gone (it cancelled, or its deadline
+    passed); None while the call is live. Whatever a handler raises then is the consequence of the
+    client leaving (its request stream raises, a wait is cut short), not a server fault."""
+    if context.is_active():
+        return None
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
+def _abandoned(context: grpc.ServicerContext, method: str, exc: BaseException) -> bool:
+    """Records a call the client gave up on (counted under its own code, logged at info without a
+    traceback); False if the client is still there."""
+    code = abandoned_status(context)
+    if code is None:
+        return False
+    log.info("rpc_abandoned", method=method, code=code.name, reason=str(exc) or type(exc).__name__)
+    context.set_code(code)
+    return True
+
+
 def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    if _abandoned(context, method, exc):
+        return
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("rpc_failed", method=method)
@@ -123,6 +146,7 @@ def guard_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             if context.code() is not None:  # already aborted by grpc itself
                 raise
             _abort(context, method, exc)
+        return None
 
     return wrapped
 

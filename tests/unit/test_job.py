@@ -451,7 +451,7 @@ def test_status_counts_completions_duplicates_and_loss(job, clock):
     assert math.isnan(job.status(clock.now()).recent_loss)
     lease = job.lease(w.member_id, 1, clock.now()).lease
     job.progress(w.member_id, 1, 0, lease.shard.index, 4, loss=3.0, samples=4, now=clock.now())
-    job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=12, now=clock.now())
+    job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=6, now=clock.now())
     with pytest.raises(DuplicateCompletion):
         job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=6, now=clock.now())
     job.lease(w.member_id, 1, clock.now())
@@ -462,7 +462,7 @@ def test_status_counts_completions_duplicates_and_loss(job, clock):
     assert status.duplicate_completions_rejected == 1
     assert (status.shards_completed_in_epoch, status.shards_leased, status.shards_pending) == (1, 1, 1)
     assert status.samples_trained == 10
-    assert status.recent_loss == pytest.approx((3.0 * 4 + 1.0 * 12) / 16)
+    assert status.recent_loss == pytest.approx((3.0 * 4 + 1.0 * 6) / 10)
     assert status.layout_version == 1
     (rejected,) = kinds(job, EventKind.DUPLICATE_COMPLETION_REJECTED)
     assert (rejected.member_id, rejected.epoch, rejected.shard) == (w.member_id, 0, lease.shard.index)
@@ -588,3 +588,44 @@ def test_re_registering_does_not_count_towards_quarantine(clock):
     beat(job, clock, servers)
     assert job.status(clock.now()).quarantined_shards == ()
     assert job.lease(w.member_id, 2, clock.now()).outcome is LeaseOutcome.GRANTED
+
+
+@pytest.mark.parametrize(
+    "loss, samples, message",
+    [
+        (float("nan"), 4, "loss must be a finite number"),
+        (float("inf"), 4, "loss must be a finite number"),
+        (-float("inf"), 4, "loss must be a finite number"),
+        (1.0, -1, r"samples must lie in \[0, 10\]"),
+        (1.0, 2**62, r"samples must lie in \[0, 10\]"),
+    ],
+)
+def test_progress_and_completion_with_unusable_loss_or_samples_are_rejected_and_change_nothing(
+    job, clock, loss, samples, message
+):
+    start_training(job, clock)
+    w = worker(job, clock)
+    lease = job.lease(w.member_id, 1, clock.now()).lease
+    before = job.status(clock.now())
+    with pytest.raises(InvalidArgument, match=message):
+        job.progress(w.member_id, 1, 0, lease.shard.index, 4, loss=loss, samples=samples, now=clock.now())
+    with pytest.raises(InvalidArgument, match=message):
+        job.complete(w.member_id, 1, 0, lease.shard.index, loss=loss, samples=samples, now=clock.now())
+    after = job.status(clock.now())
+    assert (after.samples_trained, after.shard_completions, after.shards_leased) == (
+        before.samples_trained, before.shard_completions, before.shards_leased
+    )
+    assert math.isnan(after.recent_loss)
+
+
+def test_a_completion_of_a_shard_the_worker_never_leased_counts_nothing_and_emits_no_event(job, clock):
+    start_training(job, clock)
+    a, b = worker(job, clock), worker(job, clock)
+    lease = job.lease(a.member_id, 1, clock.now()).lease
+    job.complete(a.member_id, 1, 0, lease.shard.index, loss=1.0, samples=4, now=clock.now())
+    events_before = len(job.events.after(0))
+    with pytest.raises(FailedPrecondition, match="does not hold"):
+        job.complete(b.member_id, 1, 0, lease.shard.index, loss=1.0, samples=4, now=clock.now())
+    assert job.status(clock.now()).duplicate_completions_rejected == 0
+    assert len(job.events.after(0)) == events_before
+    assert not kinds(job, EventKind.DUPLICATE_COMPLETION_REJECTED)
