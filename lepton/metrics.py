@@ -72,6 +72,12 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC by service, method and status code and times it."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "lepton_rpc_server_started_total",
+            "RPCs whose handler the server started, by method (in flight: started minus handled).",
+            ["service", "method"],
+            registry=registry,
+        )
         self.handled = Counter(
             "lepton_rpc_server_handled_total",
             "RPCs completed by the server, by method and status code.",
@@ -112,8 +118,13 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         self.handled.labels(service, method, name).inc()
         self.seconds.labels(service, method).observe(time.perf_counter() - start)
 
+    def _started(self, full_method: str) -> None:
+        service, _, method = full_method.lstrip("/").partition("/")
+        self.started.labels(service, method).inc()
+
     def _unary(self, full_method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            self._started(full_method)
             start = time.perf_counter()
             failed = True
             try:
@@ -127,6 +138,7 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, full_method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._started(full_method)
             start = time.perf_counter()
             failed = True
             try:

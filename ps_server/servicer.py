@@ -83,7 +83,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             for name, rows in selected.items():
                 grads[name] = codec.rows_to_sparse(self._node.specs[name], rows, grads[name])
         except LeptonError:
-            self._node.note_rejected()
+            if context.is_active():  # a client that left mid-stream sent nothing wrong
+                self._node.note_rejected()
             raise
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
