@@ -526,7 +526,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     servers: ServerStatusTally | None = None
     try:
         if cluster.secure:
-            pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
+            pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"], parameter_servers=spec.parameter_servers)
             tls = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-ca", str(pki["ca"])]
             server_flags = [*tls, "--auth-file", str(pki["auth"])]
             client_flags = tls
@@ -535,9 +535,11 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 token_file=str(pki["reader-token"]),
             )
             print(f"security: mutual TLS and role tokens from {state_dir / 'security'}", flush=True)
-            token = {role: ["--token-file", str(pki[f"{role}-token"])] for role in ("ps", "worker")}
+            # Each server its own token bound to its id; workers (ids assigned) share one bound to worker-*.
+            token = {f"ps-{i}": ["--token-file", str(pki[f"ps-{i}-token"])] for i in range(spec.parameter_servers)}
+            token["worker"] = ["--token-file", str(pki["worker-token"])]
         else:
-            token = {"ps": [], "worker": []}
+            token = {f"ps-{i}": [] for i in range(spec.parameter_servers)} | {"worker": []}
         ready_files = {}
 
         def ready_file(name: str) -> list[str]:
@@ -561,7 +563,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 f"ps-{i}",
                 ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
                  *ready_file(f"ps-{i}"),
-                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token["ps"], *child_log],
+                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token[f"ps-{i}"], *child_log],
             )
         workers = Workers(
             children,
