@@ -25,6 +25,16 @@ RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 PAST_DEADLINE_SLACK_S = 1.0
 
 
+def left_because(remaining_s: float | None) -> grpc.StatusCode:
+    """Why a client left a call, from the server's time remaining when it noticed: its deadline
+    (DEADLINE_EXCEEDED) or a cancel. The server counts the deadline from the call's arrival, so it
+    ends up to the transit time after the client's: a call that ends within the slack of its
+    deadline counts as one that ran out of time."""
+    if remaining_s is not None and remaining_s <= PAST_DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class ClientCallStats:
     """Process-wide client-side deadline hygiene, counted by ``lepton.rpc.call``: unary calls made
     without a deadline, and calls that returned more than the slack after theirs. A process that
@@ -107,11 +117,7 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if code is None and hasattr(context, "is_active") and not context.is_active():
             # The client left (cancelled, or its deadline passed): whatever the handler did then
             # is not a server error and is counted under the client's own reason.
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED
-            )
+            code = left_because(remaining)
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)

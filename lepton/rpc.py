@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from lepton import errors
 from lepton.handlers import rewrap
-from lepton.metrics import CLIENT_CALLS, RpcMetricsInterceptor
+from lepton.metrics import CLIENT_CALLS, RpcMetricsInterceptor, left_because
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
@@ -38,6 +38,7 @@ STATUS_FOR_ERROR: dict[type[errors.LeptonError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,  # or DEADLINE_EXCEEDED: see _abort
 }
 ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -74,12 +75,11 @@ def _details(exc: BaseException) -> str:
 
 def abandoned_status(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     """CANCELLED or DEADLINE_EXCEEDED when the client has gone (it cancelled, or its deadline
-    passed); None while the call is live. Whatever a handler raises then is the consequence of the
+    passed: see ``lepton.metrics.left_because``); None while the call is live. Whatever a handler raises then is the consequence of the
     client leaving (its request stream raises, a wait is cut short), not a server fault."""
     if context.is_active():
         return None
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    return left_because(context.time_remaining())
 
 
 def _abandoned(context: grpc.ServicerContext, method: str, exc: BaseException) -> bool:
@@ -96,6 +96,10 @@ def _abandoned(context: grpc.ServicerContext, method: str, exc: BaseException) -
 def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
     if _abandoned(context, method, exc):
         return
+    if isinstance(exc, errors.Cancelled):  # the client left before grpc told the call so
+        code = left_because(context.time_remaining())
+        log.info("rpc_abandoned", method=method, code=code.name, reason=str(exc))
+        context.abort(code, str(exc))
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("rpc_failed", method=method)
@@ -157,6 +161,11 @@ def guard_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[...,
             yield from fn(_checked(request), context)
         except errors.LeptonError as exc:
             _abort(context, method, exc)
+        except GeneratorExit:  # grpc closes the response stream of a client that left
+            code = abandoned_status(context)
+            if code is not None:
+                log.info("rpc_abandoned", method=method, code=code.name, reason="the response stream was closed")
+            raise
         except Exception as exc:
             if context.code() is not None:
                 raise

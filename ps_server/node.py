@@ -201,12 +201,12 @@ class ParameterServerNode:
     ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``.
 
-        Each tensor may be named once, in ``names`` or in ``rows``, and rows are distinct, so a
-        response never exceeds this server's own parameters (no request amplifies itself); a
-        repeat raises InvalidArgument before anything is copied."""
+        Each tensor may be named once (the store refuses one both whole and by rows, and repeated
+        rows), so a response never exceeds this server's own parameters: no request amplifies
+        itself. A repeated name raises InvalidArgument before anything is copied."""
         self._authorise(member_id, incarnation)
         seen: set[str] = set()
-        for name in [*names, *(rows or {})]:
+        for name in names:
             if name in seen:
                 raise InvalidArgument(f"tensor {name!r} is asked for more than once; name each tensor once")
             seen.add(name)

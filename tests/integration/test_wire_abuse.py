@@ -44,6 +44,11 @@ def cluster(tmp_path):
         tmp_path, SPEC, coordinator_options=ServiceOptions(metrics_port=0), ps_options=ServiceOptions(metrics_port=0)
     )
     try:
+        client = CoordinatorClient(c.coordinator)
+        try:  # the servers have loaded their assignment once the job trains
+            wait_until(lambda: client.status().state == cpb.JOB_STATE_TRAINING, 60, "the job to train")
+        finally:
+            client.close()
         yield c
     finally:
         stop_cluster(c)
@@ -149,7 +154,8 @@ def test_a_client_leaving_mid_stream_is_counted_as_it_left_and_logged_at_info(cl
         member, _ = coordinator.register(common.ROLE_WORKER)
 
         def requests():
-            yield ppb.PushRequest(header=ppb.PushHeader(member=member.to_proto(), base_version=0, sample_count=1))
+            # Says one tensor follows (as Lepton's client says how many), then sends none.
+            yield ppb.PushRequest(header=ppb.PushHeader(member=member.to_proto(), base_version=0, sample_count=1, tensors=1))
             release.wait(60)  # the rest of the stream never comes
 
         stub = ppb_grpc.ParameterServerStub(channel)
@@ -163,11 +169,18 @@ def test_a_client_leaving_mid_stream_is_counted_as_it_left_and_logged_at_info(cl
                 call.cancel()
             code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
             handled = f'lepton_rpc_server_handled_total{{code="{code}",method="{method}",service="lepton.v1.ParameterServer"}}'
-            wait_until(lambda: scrape(cluster.metrics[1]).get(handled) == 1, 30, f"{method} counted {code}")
+
+            def counted() -> dict[str, float]:
+                return {
+                    k: v for k, v in scrape(cluster.metrics[1]).items()
+                    if k.startswith("lepton_rpc_server_handled_total") and f'method="{method}"' in k
+                }
+
+            seen = wait_until(counted, 60, f"{method} to be counted")
+            assert seen == {handled: 1.0}, logs
         metrics = scrape(cluster.metrics[1])
-        others = {k: v for k, v in metrics.items() if k.startswith("lepton_rpc_server_handled_total") and f'method="{method}"' in k}
-        assert others == {handled: 1.0}
         assert metrics['lepton_ps_pushes_total{outcome="rejected"}'] == 0
+        assert metrics["lepton_ps_updates_applied_total"] == 0  # a push cut short is never applied
         abandoned = [e for e in logs if e["event"] == "rpc_abandoned"]
         assert abandoned and all(e["log_level"] == "info" for e in abandoned)
         assert not [e for e in logs if e["event"] == "rpc_failed" or e.get("log_level") == "error"]
