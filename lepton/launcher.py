@@ -33,7 +33,7 @@ from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
-from lepton.security import INSECURE, Security, load_security
+from lepton.security import INSECURE, Security, is_loopback, load_security
 from lepton.status import FINAL_STATUS_FILE, state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
 
@@ -516,6 +516,12 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     child_log = ["--log-format", "json" if cluster.log_format == "auto" else cluster.log_format]
     server_flags: list[str] = []
     client_flags: list[str] = []
+
+    def plaintext(name: str) -> list[str]:
+        """Without --secure, a server placed on a non-loopback host (LEPTON_PLACEMENT: the chaos
+        suite's private network namespaces) serves plaintext there on purpose, and says so."""
+        return [] if cluster.secure or is_loopback(placements(name).host) else ["--insecure"]
+
     security = INSECURE
     metrics: dict[str, str | None] = {}
     stale_seen: dict[str, float] = {}
@@ -551,7 +557,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             "coordinator",
             ["coordinator", "--listen", f"{placements('coordinator').host}:{cluster.coordinator_port}",
              *ready_file("coordinator"),
-             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags, *child_log],
+             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags,
+             *plaintext("coordinator"), *child_log],
         )
         facts = wait_ready_file(ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
         address = facts["address"]
@@ -563,7 +570,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 f"ps-{i}",
                 ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
                  *ready_file(f"ps-{i}"),
-                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token[f"ps-{i}"], *child_log],
+                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token[f"ps-{i}"],
+                 *plaintext(f"ps-{i}"), *child_log],
             )
         workers = Workers(
             children,
