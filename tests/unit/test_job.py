@@ -226,12 +226,22 @@ def test_the_evaluation_must_lie_in_range(job, clock):
     for _ in range(6):
         train_shard(job, clock, w)
     assert job.lease(w.member_id, w.incarnation, clock.now()).outcome is LeaseOutcome.EVALUATE
-    bad = EvaluationResult(
-        accuracy=1.5, macro_recall=0.5, loss=0.1, samples=1, inference_samples_per_second=1.0
-    )
-    with pytest.raises(InvalidArgument):
-        job.report_evaluation(w.member_id, w.incarnation, bad, clock.now())
+    good = dict(accuracy=0.5, macro_recall=0.5, loss=0.1, samples=1, inference_samples_per_second=1.0)
+    for field, value in [
+        ("accuracy", 1.5), ("accuracy", float("nan")), ("loss", float("nan")), ("loss", float("inf")),
+        ("samples", -1), ("inference_samples_per_second", float("inf")), ("inference_samples_per_second", -1.0),
+    ]:
+        with pytest.raises(InvalidArgument):
+            job.report_evaluation(w.member_id, w.incarnation, EvaluationResult(**{**good, field: value}), clock.now())
     assert job.state is JobState.EVALUATING and job.status(clock.now()).evaluation is None
+
+
+def test_heartbeats_and_registrations_with_negative_numbers_are_refused(job, clock):
+    ps0, _ = start_training(job, clock)
+    with pytest.raises(InvalidArgument, match="version and roster_version must be >= 0"):
+        job.heartbeat(ps0.member_id, ps0.incarnation, clock.now(), version=-1)
+    with pytest.raises(InvalidArgument, match="pid must be >= 0"):
+        job.register(Role.WORKER, "", clock.now(), pid=-5)
 
 
 def test_report_evaluation_before_evaluating_is_refused(job, clock):
