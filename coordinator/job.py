@@ -7,6 +7,7 @@ one method per RPC. Nothing here knows about gRPC.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections import deque
@@ -84,9 +85,13 @@ EvaluationResult = Evaluation
 
 def evaluation_problem(result: EvaluationResult) -> str | None:
     """Why a reported evaluation cannot be true, or None."""
+    if not (math.isfinite(result.loss) and result.samples >= 0):
+        return "the evaluation's loss must be finite and its samples >= 0"
+    if not (math.isfinite(result.inference_samples_per_second) and result.inference_samples_per_second >= 0):
+        return "inference_samples_per_second must be a finite number >= 0"
     if result.task == REGRESSION:
         values = (result.mse, result.mae, result.r2)
-        if any(v is None or v != v for v in values) or result.mse < 0 or result.mae < 0 or result.r2 > 1:  # type: ignore[operator]
+        if any(v is None or not math.isfinite(v) for v in values) or result.mse < 0 or result.mae < 0 or result.r2 > 1:  # type: ignore[operator]
             return "regression metrics need mse >= 0, mae >= 0 and r2 <= 1"
         return None
     if not (0.0 <= (result.accuracy or 0.0) <= 1.0 and 0.0 <= (result.macro_recall or 0.0) <= 1.0):
@@ -140,6 +145,15 @@ class JobStatus:
     quarantined_shards: tuple[int, ...] = ()
     leases_expired: int = 0
     last_checkpoint: Checkpoint | None = None  # the newest complete coordinated checkpoint
+
+
+def _check_observation(what: str, loss: float, samples: int, most: int) -> None:
+    """A reported mean loss and the samples it averages over: finite, and 0..``most`` samples
+    (no report covers more samples than its shard holds). Raises InvalidArgument."""
+    if not math.isfinite(loss):
+        raise InvalidArgument(f"{what}: loss must be a finite number, got {loss}; send samples=0 for no loss")
+    if not 0 <= samples <= most:
+        raise InvalidArgument(f"{what}: samples must lie in [0, {most}] (the shard's size), got {samples}")
 
 
 @dataclass
@@ -384,6 +398,8 @@ class Job:
         hostname: str = "",
         pid: int = 0,
     ) -> Member:
+        if pid < 0:
+            raise InvalidArgument(f"pid must be >= 0 (0: not given), got {pid}")
         with self._lock:
             if role is Role.PARAMETER_SERVER:
                 if not address or ":" not in address:
@@ -444,6 +460,8 @@ class Job:
     ) -> HeartbeatReply:
         """Renews a member. Parameter servers also report the version they serve and their answer
         to a checkpoint order, and get the worker roster and the pending checkpoint order back."""
+        if version < 0 or roster_version < 0:
+            raise InvalidArgument(f"version and roster_version must be >= 0, got {version} and {roster_version}")
         with self._lock:
             if checkpoint is not None:
                 checkpoint.check()  # a malformed report rejects the heartbeat before anything changes
@@ -638,6 +656,10 @@ class Job:
             raise FailedPrecondition(f"{member_id} is not a worker")
         return member
 
+    def _shard_size(self, shard: int) -> int:
+        shards = self._ledger.shards
+        return shards[shard].size if 0 <= shard < len(shards) else max(s.size for s in shards)
+
     def lease(self, member_id: str, incarnation: int, now: float) -> LeaseDecision:
         with self._lock:
             self._worker(member_id, incarnation)
@@ -687,6 +709,7 @@ class Job:
         lease_id: int = 0,
     ) -> None:
         with self._lock:
+            _check_observation("ReportProgress", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
             member.last_heartbeat = now  # progress proves life as well as a heartbeat does
             gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset, now, lease_id)
@@ -707,6 +730,7 @@ class Job:
     ) -> bool:
         """Counts a shard complete; returns whether it finished the epoch."""
         with self._lock:
+            _check_observation("CompleteShard", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
             member.last_heartbeat = now
             try:

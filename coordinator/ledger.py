@@ -96,6 +96,9 @@ class ShardLedger:
         self._leases: dict[int, Lease] = {}
         self._done: set[int] = set()
         self.completions: list[Completion] = []
+        # Every member ever granted each (epoch, shard): a completion of a done shard counts as a
+        # duplicate only from one of them; anyone else never held it (ownership before duplication).
+        self._holders: dict[tuple[int, int], set[str]] = {}
         self.duplicates_rejected = 0
         self.reassignments = 0
 
@@ -137,6 +140,7 @@ class ShardLedger:
             lease_id=self._last_lease_id, deadline=now + self.lease_timeout_s,
         )
         self._leases[index] = lease
+        self._holders.setdefault((self.epoch, index), set()).add(member_id)
         return lease
 
     def renew(self, member_id: str, incarnation: int, now: float) -> int:
@@ -159,6 +163,8 @@ class ShardLedger:
             raise NotFound(f"no shard {shard}; shards are 0..{len(self.shards) - 1}")
         if epoch > self.epoch or epoch < 0:
             raise NotFound(f"epoch {epoch} has not started (current epoch {self.epoch})")
+        if lease_id > self._last_lease_id:
+            raise NotFound(f"lease {lease_id} is unknown: no such lease was ever issued (the newest is {self._last_lease_id})")
         lease = self._leases.get(shard) if epoch == self.epoch else None
         if lease is None or (lease.member_id, lease.incarnation) != (member_id, incarnation):
             raise FailedPrecondition(
@@ -176,9 +182,7 @@ class ShardLedger:
         now: float = 0.0, lease_id: int = 0,
     ) -> int:
         """Records the offset reached and renews the lease; returns the samples newly trained."""
-        if 0 <= shard < len(self.shards) and (
-            0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
-        ):
+        if self._is_done(epoch, shard) and self._ever_held(member_id, epoch, shard):
             raise FailedPrecondition(f"shard {shard} of epoch {epoch} is already complete")
         lease = self._held(member_id, incarnation, epoch, shard, lease_id)
         if not lease.offset <= offset <= lease.shard.size:
@@ -194,9 +198,7 @@ class ShardLedger:
         self, member_id: str, incarnation: int, epoch: int, shard: int, lease_id: int = 0
     ) -> tuple[int, bool]:
         """Counts the shard done. Returns (samples newly trained, whether the epoch ended)."""
-        if 0 <= shard < len(self.shards) and (
-            0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
-        ):
+        if self._is_done(epoch, shard) and self._ever_held(member_id, epoch, shard):
             self.duplicates_rejected += 1
             raise DuplicateCompletion(
                 f"shard {shard} of epoch {epoch} was already completed; not counted again"
@@ -207,6 +209,16 @@ class ShardLedger:
         self._done.add(shard)
         self.completions.append(Completion(epoch, shard, member_id, incarnation))
         return gained, self._advance_if_done()
+
+    def _is_done(self, epoch: int, shard: int) -> bool:
+        return 0 <= shard < len(self.shards) and (
+            0 <= epoch < self.epoch or (epoch == self.epoch and shard in self._done)
+        )
+
+    def _ever_held(self, member_id: str, epoch: int, shard: int) -> bool:
+        """Whether ``member_id`` was ever granted (epoch, shard); a done shard that a member never
+        held is reported to it as not held (``_held``), not as a duplicate."""
+        return member_id in self._holders.get((epoch, shard), ())
 
     def requeue(self, member_id: str, died: bool = False) -> list[Lease]:
         """Puts every lease of ``member_id`` back at the front of the queue at its offset.
@@ -235,6 +247,9 @@ class ShardLedger:
             return False
         self.epoch += 1
         self._done = set()
+        # Holders of the epoch before the last are forgotten (the persisted state stays small):
+        # a completion that late is answered "not held", as for anyone else, and counts nothing.
+        self._holders = {k: v for k, v in self._holders.items() if k[0] >= self.epoch - 1}
         if not self.finished:
             self._pending = deque((s.index, 0) for s in self.shards if s.index not in self.quarantined)
         return True
@@ -251,6 +266,7 @@ class ShardLedger:
                 for l in self._leases.values()
             ],
             "last_lease_id": self._last_lease_id,
+            "holders": [[e, i, m] for (e, i), members in self._holders.items() for m in sorted(members)],
             "done": sorted(self._done),
             "duplicates_rejected": self.duplicates_rejected,
             "reassignments": self.reassignments,
@@ -271,7 +287,15 @@ class ShardLedger:
             self._leases[int(i)] = Lease(
                 int(e), self.shards[int(i)], m, int(inc), int(o), lease_id, now + self.lease_timeout_s
             )
-        self._last_lease_id = int(state.get("last_lease_id", 0))
+        self._last_lease_id = max(
+            [int(state.get("last_lease_id", 0)), *(lease.lease_id for lease in self._leases.values())]
+        )
+        self._holders = {}
+        held = [*state.get("holders", []), *([c.epoch, c.shard, c.member_id] for c in completions)]
+        held += [[lease.epoch, lease.shard.index, lease.member_id] for lease in self._leases.values()]
+        for e, i, m in held:
+            if int(e) >= self.epoch - 1:
+                self._holders.setdefault((int(e), int(i)), set()).add(m)
         self._done = {int(i) for i in state["done"]}
         self.duplicates_rejected = int(state["duplicates_rejected"])
         self.reassignments = int(state["reassignments"])

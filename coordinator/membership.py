@@ -37,7 +37,8 @@ class Member:
 class MembershipTable:
     """Registered members, keyed by id; only the latest incarnation of an id is kept.
 
-    Raises NotFound for an unknown id and Fenced for a dead or superseded incarnation.
+    Raises NotFound for an unknown id or a never-issued incarnation, and Fenced for a dead or
+    superseded one.
     """
 
     def __init__(self, heartbeat_timeout_s: float) -> None:
@@ -86,6 +87,11 @@ class MembershipTable:
         member = self._members.get(member_id)
         if member is None:
             raise NotFound(f"no member {member_id!r} in this job; register first")
+        if incarnation > member.incarnation:
+            raise NotFound(
+                f"member {member_id} incarnation {incarnation} is unknown: it was never issued (the latest "
+                f"is {member.incarnation}); register first"
+            )
         if incarnation != member.incarnation or not member.alive:
             self.fenced_rejections += 1
             why = "departed" if member.departed and incarnation == member.incarnation else (

@@ -127,9 +127,9 @@ if [ "$SECURE" = "1" ]; then
   export LEPTON_SECRETS_DIR
   LEPTON_SECRETS_DIR=$(mktemp -d /tmp/lepton-smoke-secrets.XXXXXX)
   chmod 0755 "$LEPTON_SECRETS_DIR"  # the containers' user must be able to enter it
-  # Made by the image itself (lepton certs); world-readable because the containers run as another uid.
+  # Made by the image itself (lepton certs, every file 0600), then handed to the containers' user (uid 10001).
   timeout 120 docker run --rm --user 0 --network none --entrypoint sh -v "$LEPTON_SECRETS_DIR:/out" "$LEPTON_IMAGE" \
-    -c 'lepton certs --out /out --hosts localhost,127.0.0.1,coordinator,ps-0,ps-1 >/dev/null && chmod 0644 /out/*' \
+    -c 'lepton certs --out /out --hosts localhost,127.0.0.1,coordinator,ps-0,ps-1 >/dev/null && chown 10001:10001 /out/*' \
     || die "lepton certs failed"
   log "secure: mutual TLS and role tokens from $LEPTON_SECRETS_DIR"
   # Without a token the coordinator must refuse (checked once the cluster is up).

@@ -2,8 +2,14 @@
 
 Writes into one directory: ``ca.pem`` / ``ca-key.pem`` (a self-signed CA), ``node.pem`` /
 ``node-key.pem`` (one certificate for every service, valid for server and client authentication,
-covering the given DNS names and IPs), ``auth.toml`` (the token table servers check) and one
-``<role>.token`` file per role for clients. For development and tests, not for production PKI.
+covering the given DNS names and IPs), ``auth.toml`` (the token table servers check), one
+``<role>.token`` file per role for clients, and one token per member bound to its id:
+``ps-<i>.token`` (member ``ps-<i>``) and ``worker-<i>.token`` (member ``worker-<i>``). The role
+tokens of members are bound too: ``ps.token`` to ``ps-*``, ``worker.token`` to ``worker-*``, so a
+worker's token can never act as a parameter server; only per-member tokens stop members of one role
+acting as each other. Every file is 0600: who needs one gets it mounted on its own (see
+docker/docker-compose.secure.yml); ``ca-key.pem`` is needed by nobody at run time. For development
+and tests, not for production PKI.
 """
 
 from __future__ import annotations
@@ -24,18 +30,24 @@ from lepton.security import ROLES
 VALIDITY = datetime.timedelta(days=30)
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+def _write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a file only its owner can read, from the moment it exists."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # whatever the umask
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def make_dev_pki(out: str | Path, hosts: list[str]) -> dict[str, Path]:
-    """Creates the files described above; returns their paths by name."""
+def make_dev_pki(
+    out: str | Path, hosts: list[str], parameter_servers: int = 2, workers: int = 3
+) -> dict[str, Path]:
+    """Creates the files described above, with member tokens for ``parameter_servers`` servers and
+    ``workers`` workers; returns their paths by name (``"<role>-token"``, ``"ps-0-token"``, ...)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -87,15 +99,19 @@ def make_dev_pki(out: str | Path, hosts: list[str]) -> dict[str, Path]:
         "auth": out / "auth.toml",
     }
     _write(files["ca"], ca.public_bytes(serialization.Encoding.PEM))
-    _write(files["ca-key"], _key_pem(ca_key), private=True)
+    _write(files["ca-key"], _key_pem(ca_key))
     _write(files["cert"], node.public_bytes(serialization.Encoding.PEM))
-    _write(files["key"], _key_pem(node_key), private=True)
+    _write(files["key"], _key_pem(node_key))
+    holders = [(role, role, {"ps": "ps-*", "worker": "worker-*"}.get(role, "")) for role in ROLES]
+    holders += [(f"ps-{i}", "ps", f"ps-{i}") for i in range(parameter_servers)]
+    holders += [(f"worker-{i}", "worker", f"worker-{i}") for i in range(workers)]
     table = []
-    for role in ROLES:
+    for name, role, member in holders:
         token = secrets.token_urlsafe(32)
-        path = out / f"{role}.token"
-        _write(path, token.encode() + b"\n", private=True)
-        files[f"{role}-token"] = path
-        table.append(f'[[token]]\nname = "{role}"\nrole = "{role}"\ntoken = "{token}"\n')
-    _write(files["auth"], "\n".join(table).encode(), private=True)
+        path = out / f"{name}.token"
+        _write(path, token.encode() + b"\n")
+        files[f"{name}-token"] = path
+        bound = f'member = "{member}"\n' if member else ""
+        table.append(f'[[token]]\nname = "{name}"\nrole = "{role}"\ntoken = "{token}"\n{bound}')
+    _write(files["auth"], "\n".join(table).encode())
     return files

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Any
 
+import structlog
+
 # Read once, when grpc is first imported, so before anything below imports it. Lepton never uses gRPC
 # across a fork, and with fork support on, grpcio >= 1.81 can abort a child that `lepton up` forks
 # (subprocess with preexec_fn) before it execs, when the launcher's own calls are in flight
@@ -21,7 +23,7 @@ from lepton.config import LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping,
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
 from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, stop_event_on_signals
-from lepton.security import Security, load_security
+from lepton.security import Security, check_exposure, load_security
 
 # flag -> JobSpec field
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -103,6 +105,10 @@ def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
     if server:
         p.add_argument("--auth-file", default=None, metavar="TOML", help="token table to check (default: $LEPTON_AUTH_FILE; none: no authentication)")
         p.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
+        p.add_argument(
+            "--insecure", action="store_true",
+            help="allow plaintext on a non-loopback --listen address (refused without it: exit 2)",
+        )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)")
 
@@ -115,6 +121,11 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
         token_file=args.token_file,
         auth_file=getattr(args, "auth_file", None),
     )
+    listen = getattr(args, "listen", None)
+    if listen is not None and check_exposure(listen, security, getattr(args, "insecure", False)):
+        structlog.get_logger("lepton.security").warning(
+            "serving_plaintext_to_the_network", listen=listen, why="--insecure"
+        )
     listen_host = getattr(args, "listen", "127.0.0.1:0").rsplit(":", 1)[0] or "127.0.0.1"
     return ServiceOptions(
         security=security,
@@ -210,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="PATH", help="where to torch.save the state_dict")
     ex.add_argument("--id", default="", help="checkpoint id (default: the newest complete one)")
 
-    ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role tokens")
+    ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role and member tokens (files 0600)")
     ce.add_argument("--out", required=True, help="directory to write into")
     ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers")
+    ce.add_argument("--parameter-servers", type=int, default=2, help="member tokens ps-0.token... to make (default 2)")
+    ce.add_argument("--workers", type=int, default=3, help="member tokens worker-0.token... to make (default 3)")
     return parser
 
 
@@ -267,7 +280,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "certs":
         from lepton.certs import make_dev_pki
 
-        files = make_dev_pki(args.out, [h.strip() for h in args.hosts.split(",") if h.strip()])
+        if args.parameter_servers < 0 or args.workers < 0:
+            raise ConfigError("--parameter-servers and --workers must be >= 0")
+        files = make_dev_pki(
+            args.out, [h.strip() for h in args.hosts.split(",") if h.strip()], args.parameter_servers, args.workers
+        )
         for role, path in files.items():
             print(f"{role:<12} {path}")
         return 0

@@ -290,6 +290,7 @@ def _push_messages(
         sample_count=samples,
         request_id=request_id or new_request_id(),
         rows=selections,
+        tensors=len(dense),
     )
     first = True
     for chunks in codec.pack(dense):

@@ -195,6 +195,11 @@ class TensorAssembler:
     def _complete(part: _Partial) -> bool:
         return part.received == part.u8.numel()
 
+    @property
+    def received(self) -> tuple[int, int]:
+        """(tensors begun, tensors complete) so far."""
+        return len(self._parts), sum(1 for part in self._parts.values() if self._complete(part))
+
     def finish(self, require: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Returns the tensors; raises InvalidArgument if any is short or a required one missing."""
         for name, part in self._parts.items():

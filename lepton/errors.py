@@ -46,6 +46,10 @@ class Unavailable(LeptonError):
     """The peer cannot be reached right now; retrying may help."""
 
 
+class Cancelled(LeptonError):
+    """The client left (cancelled, or its deadline passed) before its request was whole."""
+
+
 class DeadlineExceeded(LeptonError):
     """The call did not finish before its deadline."""
 

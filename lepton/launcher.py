@@ -33,7 +33,7 @@ from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
-from lepton.security import INSECURE, Security, load_security
+from lepton.security import INSECURE, Security, is_loopback, load_security
 from lepton.tasks import REGRESSION, Evaluation
 from lepton.status import FINAL_STATUS_FILE, state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
@@ -519,6 +519,12 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     child_log = ["--log-format", "json" if cluster.log_format == "auto" else cluster.log_format]
     server_flags: list[str] = []
     client_flags: list[str] = []
+
+    def plaintext(name: str) -> list[str]:
+        """Without --secure, a server placed on a non-loopback host (LEPTON_PLACEMENT: the chaos
+        suite's private network namespaces) serves plaintext there on purpose, and says so."""
+        return [] if cluster.secure or is_loopback(placements(name).host) else ["--insecure"]
+
     security = INSECURE
     metrics: dict[str, str | None] = {}
     stale_seen: dict[str, float] = {}
@@ -529,7 +535,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     servers: ServerStatusTally | None = None
     try:
         if cluster.secure:
-            pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"])
+            pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"], parameter_servers=spec.parameter_servers)
             tls = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]), "--tls-ca", str(pki["ca"])]
             server_flags = [*tls, "--auth-file", str(pki["auth"])]
             client_flags = tls
@@ -538,9 +544,11 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 token_file=str(pki["reader-token"]),
             )
             print(f"security: mutual TLS and role tokens from {state_dir / 'security'}", flush=True)
-            token = {role: ["--token-file", str(pki[f"{role}-token"])] for role in ("ps", "worker")}
+            # Each server its own token bound to its id; workers (ids assigned) share one bound to worker-*.
+            token = {f"ps-{i}": ["--token-file", str(pki[f"ps-{i}-token"])] for i in range(spec.parameter_servers)}
+            token["worker"] = ["--token-file", str(pki["worker-token"])]
         else:
-            token = {"ps": [], "worker": []}
+            token = {f"ps-{i}": [] for i in range(spec.parameter_servers)} | {"worker": []}
         ready_files = {}
 
         def ready_file(name: str) -> list[str]:
@@ -552,7 +560,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             "coordinator",
             ["coordinator", "--listen", f"{placements('coordinator').host}:{cluster.coordinator_port}",
              *ready_file("coordinator"),
-             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags, *child_log],
+             "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *server_flags,
+             *plaintext("coordinator"), *child_log],
         )
         facts = wait_ready_file(ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
         address = facts["address"]
@@ -564,7 +573,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 f"ps-{i}",
                 ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
                  *ready_file(f"ps-{i}"),
-                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token["ps"], *child_log],
+                 "--state-dir", str(state_dir / f"ps-{i}"), *server_flags, *token[f"ps-{i}"],
+                 *plaintext(f"ps-{i}"), *child_log],
             )
         workers = Workers(
             children,

@@ -25,6 +25,16 @@ RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 PAST_DEADLINE_SLACK_S = 1.0
 
 
+def left_because(remaining_s: float | None) -> grpc.StatusCode:
+    """Why a client left a call, from the server's time remaining when it noticed: its deadline
+    (DEADLINE_EXCEEDED) or a cancel. The server counts the deadline from the call's arrival, so it
+    ends up to the transit time after the client's: a call that ends within the slack of its
+    deadline counts as one that ran out of time."""
+    if remaining_s is not None and remaining_s <= PAST_DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class ClientCallStats:
     """Process-wide client-side deadline hygiene, counted by ``lepton.rpc.call``: unary calls made
     without a deadline, and calls that returned more than the slack after theirs. A process that
@@ -72,6 +82,12 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC by service, method and status code and times it."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "lepton_rpc_server_started_total",
+            "RPCs whose handler the server started, by method (in flight: started minus handled).",
+            ["service", "method"],
+            registry=registry,
+        )
         self.handled = Counter(
             "lepton_rpc_server_handled_total",
             "RPCs completed by the server, by method and status code.",
@@ -98,14 +114,23 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         if remaining is not None and remaining < -PAST_DEADLINE_SLACK_S:
             self.past_deadline.labels(service, method).inc()
         code = context.code() if hasattr(context, "code") else None
+        if code is None and hasattr(context, "is_active") and not context.is_active():
+            # The client left (cancelled, or its deadline passed): whatever the handler did then
+            # is not a server error and is counted under the client's own reason.
+            code = left_because(remaining)
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         self.handled.labels(service, method, name).inc()
         self.seconds.labels(service, method).observe(time.perf_counter() - start)
 
+    def _started(self, full_method: str) -> None:
+        service, _, method = full_method.lstrip("/").partition("/")
+        self.started.labels(service, method).inc()
+
     def _unary(self, full_method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            self._started(full_method)
             start = time.perf_counter()
             failed = True
             try:
@@ -119,6 +144,7 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, full_method: str, fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._started(full_method)
             start = time.perf_counter()
             failed = True
             try:

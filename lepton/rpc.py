@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from lepton import errors
 from lepton.handlers import rewrap
-from lepton.metrics import CLIENT_CALLS, RpcMetricsInterceptor
+from lepton.metrics import CLIENT_CALLS, RpcMetricsInterceptor, left_because
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
@@ -38,6 +38,7 @@ STATUS_FOR_ERROR: dict[type[errors.LeptonError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,  # or DEADLINE_EXCEEDED: see _abort
 }
 ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -72,7 +73,33 @@ def _details(exc: BaseException) -> str:
     return FENCED_MARKER + " " + text if isinstance(exc, errors.Fenced) else text
 
 
+def abandoned_status(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """CANCELLED or DEADLINE_EXCEEDED when the client has gone (it cancelled, or its deadline
+    passed: see ``lepton.metrics.left_because``); None while the call is live. Whatever a handler raises then is the consequence of the
+    client leaving (its request stream raises, a wait is cut short), not a server fault."""
+    if context.is_active():
+        return None
+    return left_because(context.time_remaining())
+
+
+def _abandoned(context: grpc.ServicerContext, method: str, exc: BaseException) -> bool:
+    """Records a call the client gave up on (counted under its own code, logged at info without a
+    traceback); False if the client is still there."""
+    code = abandoned_status(context)
+    if code is None:
+        return False
+    log.info("rpc_abandoned", method=method, code=code.name, reason=str(exc) or type(exc).__name__)
+    context.set_code(code)
+    return True
+
+
 def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    if _abandoned(context, method, exc):
+        return
+    if isinstance(exc, errors.Cancelled):  # the client left before grpc told the call so
+        code = left_because(context.time_remaining())
+        log.info("rpc_abandoned", method=method, code=code.name, reason=str(exc))
+        context.abort(code, str(exc))
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("rpc_failed", method=method)
@@ -123,6 +150,7 @@ def guard_unary(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             if context.code() is not None:  # already aborted by grpc itself
                 raise
             _abort(context, method, exc)
+        return None
 
     return wrapped
 
@@ -133,6 +161,11 @@ def guard_stream(method: str, fn: Callable[..., Iterator[Any]]) -> Callable[...,
             yield from fn(_checked(request), context)
         except errors.LeptonError as exc:
             _abort(context, method, exc)
+        except GeneratorExit:  # grpc closes the response stream of a client that left
+            code = abandoned_status(context)
+            if code is not None:
+                log.info("rpc_abandoned", method=method, code=code.name, reason="the response stream was closed")
+            raise
         except Exception as exc:
             if context.code() is not None:
                 raise

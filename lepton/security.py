@@ -8,6 +8,15 @@ a TOML file (``--auth-file`` or ``LEPTON_AUTH_FILE``)::
     name = "alice"        # the principal written to the audit log (never the token itself)
     role = "admin"        # admin | worker | ps | reader
     token = "..."         # or token_env = "VARIABLE" to read it from the environment
+    member = "ps-0"       # optional (worker and ps roles): the member id(s) this token may act as:
+                          # an exact id, or a prefix ending in "*" ("worker-*"); absent: any id
+
+A ``worker`` or ``ps`` token may register only in its own role, and every call naming a member
+(RegisterMember's member_id, a MemberRef, a PushHeader) must name one its ``member`` allows, or it
+gets PERMISSION_DENIED and changes nothing. Registering with no member id (the coordinator assigns
+``worker-N`` / ``ps-N``, never an existing id) is always allowed. Give each member its own bound
+token (``lepton certs`` does) so that no member can register, heartbeat or deregister as another;
+an unbound token trusts its holders with each other's ids.
 
 A client sends ``authorization: Bearer <token>`` read from ``--token-file`` or ``LEPTON_TOKEN``.
 """
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -32,6 +42,11 @@ from lepton.handlers import rewrap
 audit = structlog.get_logger("lepton.audit")
 
 ROLES = ("admin", "worker", "ps", "reader")
+_BINDABLE = frozenset({"worker", "ps"})
+# The wire Role (lepton.v1.Role) each member role may register as.
+_REGISTERS_AS = {"worker": 2, "ps": 1}  # ROLE_WORKER, ROLE_PARAMETER_SERVER
+_ROLE_NAMES = {1: "ROLE_PARAMETER_SERVER", 2: "ROLE_WORKER"}
+REGISTER_METHOD = "/lepton.v1.Coordinator/RegisterMember"
 _ANYONE = frozenset(ROLES)
 _MEMBERS = frozenset({"worker", "ps", "admin"})
 
@@ -65,8 +80,19 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 @dataclass(frozen=True)
 class Principal:
+    """Who a token speaks for: a name for the audit log, a role, and the member ids it may use
+    (``member``: "" for any, an exact id, or a prefix ending in "*")."""
+
     name: str
     role: str
+    member: str = ""
+
+    def may_act_as(self, member_id: str) -> bool:
+        if self.role == "admin" or not self.member:
+            return True
+        if self.member.endswith("*"):
+            return member_id.startswith(self.member[:-1])
+        return member_id == self.member
 
 
 def _digest(token: str) -> bytes:
@@ -93,7 +119,12 @@ class TokenTable:
             token = item.get("token") or environ.get(item.get("token_env", ""), "")
             if len(token) < 16:
                 raise ConfigError(f"auth file {path}: token {name!r} is missing or shorter than 16 characters")
-            entries[token] = Principal(name, role)
+            member = item.get("member", "")
+            if not isinstance(member, str) or (member and role not in _BINDABLE):
+                raise ConfigError(
+                    f"auth file {path}: token {name!r}: member must be a string, for roles {sorted(_BINDABLE)}"
+                )
+            entries[token] = Principal(name, role, member)
         if not entries:
             raise ConfigError(f"auth file {path} defines no [[token]]")
         return cls(entries)
@@ -149,10 +180,80 @@ def _audited(handler: grpc.RpcMethodHandler, method: str, principal: Principal) 
     return handler  # every admin RPC is unary today
 
 
+def identity_violation(principal: Principal, method: str, request: Any) -> str | None:
+    """Why ``principal`` may not send ``request`` to ``method`` (None if it may): the role it
+    registers as, and every member id the request names, must be its own."""
+    if principal.role not in _BINDABLE:
+        return None
+    named: list[str] = []
+    if method == REGISTER_METHOD:
+        wanted = _REGISTERS_AS[principal.role]
+        if request.role != wanted:
+            return (
+                f"a {principal.role!r} token may register only as {_ROLE_NAMES[wanted]}, "
+                f"not {_ROLE_NAMES.get(request.role, request.role)}"
+            )
+        named.append(request.member_id)
+    fields = request.DESCRIPTOR.fields_by_name
+    if "member" in fields and request.HasField("member"):
+        named.append(request.member.member_id)
+    if "header" in fields and request.HasField("header") and request.header.HasField("member"):
+        named.append(request.header.member.member_id)
+    for member_id in named:
+        if member_id and not principal.may_act_as(member_id):
+            return f"token {principal.name!r} may act only as member {principal.member!r}, not {member_id!r}"
+    return None
+
+
+def _bound(handler: grpc.RpcMethodHandler, method: str, principal: Principal) -> grpc.RpcMethodHandler:
+    """Checks every request message against the principal's identity before the handler sees it."""
+
+    def deny(context: grpc.ServicerContext, why: str) -> None:
+        audit.warning(
+            "audit", principal=principal.name, role=principal.role, method=method, outcome="PERMISSION_DENIED",
+            reason=why,
+        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+    def checked_stream(requests: Any, context: grpc.ServicerContext) -> Any:
+        for request in requests:
+            why = identity_violation(principal, method, request) if hasattr(request, "DESCRIPTOR") else None
+            if why is not None:
+                deny(context, why)
+            yield request
+
+    def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return fn(checked_stream(request, context), context)
+            why = identity_violation(principal, method, request) if hasattr(request, "DESCRIPTOR") else None
+            if why is not None:
+                deny(context, why)
+            return fn(request, context)
+
+        return call
+
+    def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if handler.request_streaming:
+                yield from fn(checked_stream(request, context), context)
+                return
+            why = identity_violation(principal, method, request) if hasattr(request, "DESCRIPTOR") else None
+            if why is not None:
+                deny(context, why)
+            yield from fn(request, context)
+
+        return call
+
+    return rewrap(handler, unary, stream)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks the bearer token of every call against METHOD_ROLES. Missing or unknown token:
-    UNAUTHENTICATED; known token without the role: PERMISSION_DENIED. Health and reflection are
-    open so that probes work. Every failure and every admin call is audited."""
+    """Checks the bearer token of every call against METHOD_ROLES, and the identity a member token
+    is bound to against the request (``identity_violation``). Missing or unknown token:
+    UNAUTHENTICATED; known token without the role or naming another member: PERMISSION_DENIED.
+    Health and reflection are open so that probes work. Every failure and every admin call is
+    audited."""
 
     def __init__(self, tokens: TokenTable, method_roles: Mapping[str, frozenset[str]] = METHOD_ROLES) -> None:
         self._tokens = tokens
@@ -182,6 +283,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             )
         if method in ADMIN_METHODS:
             return _audited(handler, method, principal)
+        if principal.role in _BINDABLE:
+            return _bound(handler, method, principal)
         return handler
 
 
@@ -281,6 +384,41 @@ class Security:
 
 
 INSECURE = Security()
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of a listen address) reaches this machine only. The wildcard ("", 0.0.0.0,
+    [::]) and every name but localhost count as reachable from the network."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(listen: str, security: Security, insecure: bool) -> bool:
+    """Refuses plaintext on an address other machines can reach, unless ``insecure`` says the
+    operator accepts it (as etcd and the Kubernetes components ask). Returns whether the server will
+    serve plaintext to the network (the caller logs a warning).
+
+    Raises:
+        ConfigError: plaintext on a non-loopback address without ``insecure``.
+    """
+    host = listen.rsplit(":", 1)[0]
+    if security.tls_cert or is_loopback(host):
+        return False
+    if not insecure:
+        raise ConfigError(
+            f"refusing to serve plaintext on {listen}, an address other machines can reach: give "
+            "--tls-cert and --tls-key (with --tls-ca to require client certificates), listen on "
+            "127.0.0.1, or pass --insecure to accept that anyone on the network can read and make "
+            "every call"
+        )
+    return True
 
 
 def load_security(

@@ -30,7 +30,9 @@ FINAL_STATUS_FILE = "final_status.json"
 
 def to_plain(msg: Message) -> dict:
     """A message as JSON-able data: proto field names, enum value names, int64 as numbers,
-    every field present (defaults included) except the unset members of a oneof, NaN as None."""
+    every field present (defaults included) except the unset members of a oneof, NaN and
+    infinities as None (JSON has neither; a coordinator from before their validation may still
+    report them)."""
     out: dict = {}
     for field in msg.DESCRIPTOR.fields:
         if field.containing_oneof is not None and not msg.HasField(field.name):
@@ -47,10 +49,12 @@ def to_plain(msg: Message) -> dict:
             out[field.name] = (
                 [name[v].name for v in value] if repeated else name[value].name if value in name else value
             )
-        elif isinstance(value, float) and math.isnan(value):
+        elif isinstance(value, float) and not math.isfinite(value):
             out[field.name] = None
+        elif repeated and field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+            out[field.name] = [v if math.isfinite(v) else None for v in value]
         elif repeated:
-            out[field.name] = [None if isinstance(v, float) and math.isnan(v) else v for v in value]
+            out[field.name] = list(value)
         else:
             out[field.name] = value
     return out
@@ -133,5 +137,5 @@ def show_status(address: str, as_json: bool = False, security: Security = INSECU
         return EXIT_LOST_CONTACT
     finally:
         client.close()
-    print(json.dumps(status_dict(status), indent=2) if as_json else render(status))
+    print(json.dumps(status_dict(status), indent=2, allow_nan=False) if as_json else render(status))
     return 0

@@ -199,8 +199,17 @@ class ParameterServerNode:
     def pull(
         self, member_id: str, incarnation: int, names: list[str], rows: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``."""
+        """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``.
+
+        Each tensor may be named once (the store refuses one both whole and by rows, and repeated
+        rows), so a response never exceeds this server's own parameters: no request amplifies
+        itself. A repeated name raises InvalidArgument before anything is copied."""
         self._authorise(member_id, incarnation)
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise InvalidArgument(f"tensor {name!r} is asked for more than once; name each tensor once")
+            seen.add(name)
         version, tensors = self.gate.snapshot(names, rows)
         self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
         return version, tensors

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lepton import codec
-from lepton.errors import InvalidArgument, LeptonError
+from lepton.errors import Cancelled, InvalidArgument, LeptonError
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as pb
 from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -79,11 +79,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     raise InvalidArgument("only the first PushRequest may carry a header")
                 for chunk in msg.chunks:
                     assembler.add(chunk)
+            begun, whole = assembler.received
+            if whole < header.tensors:  # grpc ends the stream of a client that left as if it had finished
+                raise Cancelled(
+                    f"the push stream ended after {whole} of its {header.tensors} tensors: its client left; "
+                    "nothing was applied"
+                )
+            if header.tensors and begun > header.tensors:
+                raise InvalidArgument(f"the push carries {begun} tensors, its header says {header.tensors}")
             grads = assembler.finish(require=list(selected))
             for name, rows in selected.items():
                 grads[name] = codec.rows_to_sparse(self._node.specs[name], rows, grads[name])
-        except LeptonError:
-            self._node.note_rejected()
+        except LeptonError as exc:
+            if context.is_active() and not isinstance(exc, Cancelled):  # a client that left sent nothing wrong
+                self._node.note_rejected()
             raise
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)

@@ -3,6 +3,7 @@ reports to the coordinator, recovering from fencing, stale steps and transient f
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from lepton.errors import (
     Unavailable,
 )
 from lepton.logs import bind
+from lepton.process import EXIT_JOB_FAILED
 from lepton.tensors import part, payload_bytes, rows_in, sparse_part
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.v1 import common_pb2 as common
@@ -45,6 +47,15 @@ JOIN_POLL_S = 1.0  # the longest one JoinSteps call waits (a stop is noticed bet
 
 class LeaseLost(Exception):
     """The shard in hand no longer belongs to this incarnation; drop it and ask for work."""
+
+
+def _observed(loss: float, samples: int) -> tuple[float, int]:
+    """(loss, samples) as the coordinator accepts them: a non-finite loss (training diverged) is
+    sent as no observation (samples 0), since NaN and infinities are rejected."""
+    if math.isfinite(loss):
+        return loss, samples
+    log.warning("loss_not_finite", loss=str(loss), samples=samples)
+    return 0.0, 0
 
 
 class WorkerAgent:
@@ -76,6 +87,7 @@ class WorkerAgent:
         self._rng = random.Random()
         self._fenced = threading.Event()
         self._job_over = threading.Event()
+        self._job_state = cpb.JOB_STATE_UNSPECIFIED  # the last state a heartbeat reported
         self._member: MemberId | None = None
         self._spec: JobSpec | None = None
         self._trainer: Trainer | None = None
@@ -139,6 +151,7 @@ class WorkerAgent:
                     log.warning("heartbeat_failed", error=str(exc), failures=failures)
                 continue
             self._layout_seen = max(self._layout_seen, reply.layout_version)
+            self._job_state = reply.job_state
             if reply.job_state in TERMINAL:
                 self._job_over.set()
 
@@ -465,7 +478,7 @@ class WorkerAgent:
         def once() -> bool:
             nonlocal attempts
             attempts += 1
-            return self._coord.complete(member, shard.epoch, shard.shard, loss, samples, lease_id=self._lease_id)
+            return self._coord.complete(member, shard.epoch, shard.shard, *_observed(loss, samples), lease_id=self._lease_id)
 
         try:
             call_with_retry(once, self._retry, rng=self._rng)
@@ -478,7 +491,7 @@ class WorkerAgent:
         if member is None:
             return
         sent = self._lease_clock.now()
-        self._coord.progress_once(member, epoch, shard, offset, loss, samples, lease_id=self._lease_id)
+        self._coord.progress_once(member, epoch, shard, offset, *_observed(loss, samples), lease_id=self._lease_id)
         self._lease_clock.renewed(sent)
 
     def _evaluate(self) -> None:
@@ -492,7 +505,8 @@ class WorkerAgent:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Returns 0 when the job is over or after a graceful leave."""
+        """Returns 0 when the job succeeded or after a graceful leave, EXIT_JOB_FAILED when the job
+        ended in FAILED."""
         self._register()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
@@ -540,11 +554,22 @@ class WorkerAgent:
                 except (Fenced, FailedPrecondition) as exc:
                     log.warning("evaluation_rejected", reason=str(exc))
             elif decision.outcome == cpb.LEASE_OUTCOME_JOB_DONE:
-                log.info("job_done", shards_completed=self.shards_completed, steps=self.steps)
-                return 0
+                failed = self._final_state() == cpb.JOB_STATE_FAILED
+                log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)
+                return EXIT_JOB_FAILED if failed else 0
             else:
                 self._leave_steps()
                 self._stop.wait(max(decision.retry_after_s, 0.05))
+
+    def _final_state(self) -> int:
+        """The job's terminal state: asked once more (the last heartbeat may predate the end),
+        else the last one a heartbeat reported."""
+        if self._member is not None and not self._fenced.is_set():
+            try:
+                self._job_state = self._coord.heartbeat(self._member).job_state
+            except LeptonError as exc:
+                log.warning("final_state_unknown", error=str(exc))
+        return self._job_state
 
     def _leave(self) -> None:
         """Graceful exit: progress was reported by _train; hand the lease back and deregister."""

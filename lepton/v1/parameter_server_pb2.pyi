@@ -38,18 +38,20 @@ class PullResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.TensorChunk, _Mapping]]] = ..., push: _Optional[_Union[PushResponse, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("member", "base_version", "sample_count", "request_id", "rows")
+    __slots__ = ("member", "base_version", "sample_count", "request_id", "rows", "tensors")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     base_version: int
     sample_count: int
     request_id: str
     rows: _containers.RepeatedCompositeFieldContainer[_common_pb2.RowSelection]
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., base_version: _Optional[int] = ..., sample_count: _Optional[int] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[_common_pb2.RowSelection, _Mapping]]] = ...) -> None: ...
+    tensors: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., base_version: _Optional[int] = ..., sample_count: _Optional[int] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[_common_pb2.RowSelection, _Mapping]]] = ..., tensors: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunks")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton.cli import build_parser
+from lepton.cli import build_parser, service_options
+from lepton.errors import ConfigError
 from lepton.config import load_job_file
 
 kubernetes_validate = pytest.importorskip(
@@ -213,3 +214,15 @@ def test_servers_have_native_grpc_probes_on_their_port(kind, name, service):
         assert c[probe]["grpc"]["port"] == port, probe
     assert c["readinessProbe"]["grpc"]["service"] == service
     assert "service" not in c["livenessProbe"]["grpc"]  # overall health ("")
+
+
+@pytest.mark.parametrize("kind, name", [("Deployment", "lepton-coordinator"), ("StatefulSet", "lepton-ps")])
+def test_serving_roles_on_the_pod_network_say_insecure_or_the_cli_refuses_them(kind, name):
+    c = container(named(kind, name))
+    assert not arg(c, "--listen").startswith("127.")
+    assert "--insecure" in c["args"] and not any(a.startswith("--tls-cert") for a in c["args"])
+    env = {"POD_NAME": "lepton-ps-0", "POD_ORDINAL": "0"}
+    service_options(parse_cli(c, env))  # accepted as written
+    without = {**c, "args": [a for a in c["args"] if a != "--insecure"]}
+    with pytest.raises(ConfigError, match="refusing to serve plaintext on 0.0.0.0"):
+        service_options(parse_cli(without, env))

@@ -226,12 +226,22 @@ def test_the_evaluation_must_lie_in_range(job, clock):
     for _ in range(6):
         train_shard(job, clock, w)
     assert job.lease(w.member_id, w.incarnation, clock.now()).outcome is LeaseOutcome.EVALUATE
-    bad = EvaluationResult(
-        accuracy=1.5, macro_recall=0.5, loss=0.1, samples=1, inference_samples_per_second=1.0
-    )
-    with pytest.raises(InvalidArgument):
-        job.report_evaluation(w.member_id, w.incarnation, bad, clock.now())
+    good = dict(accuracy=0.5, macro_recall=0.5, loss=0.1, samples=1, inference_samples_per_second=1.0)
+    for field, value in [
+        ("accuracy", 1.5), ("accuracy", float("nan")), ("loss", float("nan")), ("loss", float("inf")),
+        ("samples", -1), ("inference_samples_per_second", float("inf")), ("inference_samples_per_second", -1.0),
+    ]:
+        with pytest.raises(InvalidArgument):
+            job.report_evaluation(w.member_id, w.incarnation, EvaluationResult(**{**good, field: value}), clock.now())
     assert job.state is JobState.EVALUATING and job.status(clock.now()).evaluation is None
+
+
+def test_heartbeats_and_registrations_with_negative_numbers_are_refused(job, clock):
+    ps0, _ = start_training(job, clock)
+    with pytest.raises(InvalidArgument, match="version and roster_version must be >= 0"):
+        job.heartbeat(ps0.member_id, ps0.incarnation, clock.now(), version=-1)
+    with pytest.raises(InvalidArgument, match="pid must be >= 0"):
+        job.register(Role.WORKER, "", clock.now(), pid=-5)
 
 
 def test_report_evaluation_before_evaluating_is_refused(job, clock):
@@ -451,7 +461,7 @@ def test_status_counts_completions_duplicates_and_loss(job, clock):
     assert math.isnan(job.status(clock.now()).recent_loss)
     lease = job.lease(w.member_id, 1, clock.now()).lease
     job.progress(w.member_id, 1, 0, lease.shard.index, 4, loss=3.0, samples=4, now=clock.now())
-    job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=12, now=clock.now())
+    job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=6, now=clock.now())
     with pytest.raises(DuplicateCompletion):
         job.complete(w.member_id, 1, 0, lease.shard.index, loss=1.0, samples=6, now=clock.now())
     job.lease(w.member_id, 1, clock.now())
@@ -462,7 +472,7 @@ def test_status_counts_completions_duplicates_and_loss(job, clock):
     assert status.duplicate_completions_rejected == 1
     assert (status.shards_completed_in_epoch, status.shards_leased, status.shards_pending) == (1, 1, 1)
     assert status.samples_trained == 10
-    assert status.recent_loss == pytest.approx((3.0 * 4 + 1.0 * 12) / 16)
+    assert status.recent_loss == pytest.approx((3.0 * 4 + 1.0 * 6) / 10)
     assert status.layout_version == 1
     (rejected,) = kinds(job, EventKind.DUPLICATE_COMPLETION_REJECTED)
     assert (rejected.member_id, rejected.epoch, rejected.shard) == (w.member_id, 0, lease.shard.index)
@@ -588,3 +598,44 @@ def test_re_registering_does_not_count_towards_quarantine(clock):
     beat(job, clock, servers)
     assert job.status(clock.now()).quarantined_shards == ()
     assert job.lease(w.member_id, 2, clock.now()).outcome is LeaseOutcome.GRANTED
+
+
+@pytest.mark.parametrize(
+    "loss, samples, message",
+    [
+        (float("nan"), 4, "loss must be a finite number"),
+        (float("inf"), 4, "loss must be a finite number"),
+        (-float("inf"), 4, "loss must be a finite number"),
+        (1.0, -1, r"samples must lie in \[0, 10\]"),
+        (1.0, 2**62, r"samples must lie in \[0, 10\]"),
+    ],
+)
+def test_progress_and_completion_with_unusable_loss_or_samples_are_rejected_and_change_nothing(
+    job, clock, loss, samples, message
+):
+    start_training(job, clock)
+    w = worker(job, clock)
+    lease = job.lease(w.member_id, 1, clock.now()).lease
+    before = job.status(clock.now())
+    with pytest.raises(InvalidArgument, match=message):
+        job.progress(w.member_id, 1, 0, lease.shard.index, 4, loss=loss, samples=samples, now=clock.now())
+    with pytest.raises(InvalidArgument, match=message):
+        job.complete(w.member_id, 1, 0, lease.shard.index, loss=loss, samples=samples, now=clock.now())
+    after = job.status(clock.now())
+    assert (after.samples_trained, after.shard_completions, after.shards_leased) == (
+        before.samples_trained, before.shard_completions, before.shards_leased
+    )
+    assert math.isnan(after.recent_loss)
+
+
+def test_a_completion_of_a_shard_the_worker_never_leased_counts_nothing_and_emits_no_event(job, clock):
+    start_training(job, clock)
+    a, b = worker(job, clock), worker(job, clock)
+    lease = job.lease(a.member_id, 1, clock.now()).lease
+    job.complete(a.member_id, 1, 0, lease.shard.index, loss=1.0, samples=4, now=clock.now())
+    events_before = len(job.events.after(0))
+    with pytest.raises(FailedPrecondition, match="does not hold"):
+        job.complete(b.member_id, 1, 0, lease.shard.index, loss=1.0, samples=4, now=clock.now())
+    assert job.status(clock.now()).duplicate_completions_rejected == 0
+    assert len(job.events.after(0)) == events_before
+    assert not kinds(job, EventKind.DUPLICATE_COMPLETION_REJECTED)

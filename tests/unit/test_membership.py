@@ -136,3 +136,11 @@ def test_members_and_alive_filter_by_role(table, clock):
 def test_a_non_positive_timeout_is_invalid(timeout_s):
     with pytest.raises(InvalidArgument):
         MembershipTable(heartbeat_timeout_s=timeout_s)
+
+
+def test_an_incarnation_never_issued_is_unknown_not_superseded():
+    table = MembershipTable(heartbeat_timeout_s=3.0)
+    member = table.register(Role.WORKER, "", now=0.0)
+    with pytest.raises(NotFound, match="incarnation 7 is unknown: it was never issued"):
+        table.heartbeat(member.member_id, 7, now=1.0)
+    assert table.fenced_rejections == 0 and table.get(member.member_id).last_heartbeat == 0.0
