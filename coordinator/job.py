@@ -26,7 +26,10 @@ from lepton.tensors import TensorKind, TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
+from lepton.optimizers import Granularity, granularity
 from lepton.tasks import REGRESSION, Evaluation
+
+MAX_FAILURE_REASON_CHARS = 2000
 
 
 class JobState(Enum):
@@ -211,6 +214,8 @@ class Job:
             for k, v in self._initial.items()
         ]
         self._layout: Layout | None = None
+        # Optimizers that read a whole tensor per update (Adafactor, Muon) get whole tensors.
+        self._whole_tensors = granularity(spec.optimizer) is Granularity.TENSOR
         self._ready: set[str] = set()
         self._state = JobState.WAITING_FOR_SERVERS
         self._failure = ""
@@ -446,7 +451,7 @@ class Job:
         servers = [m.member_id for m in self._members.alive(Role.PARAMETER_SERVER)]
         if len(servers) < self.spec.parameter_servers:
             return
-        self._layout = balance(self._specs, servers, version=1)
+        self._layout = balance(self._specs, servers, version=1, whole_tensors=self._whole_tensors)
         self._set_state(JobState.INITIALIZING, now)
 
     def heartbeat(
@@ -793,6 +798,25 @@ class Job:
         with self._lock:
             if not self._state.terminal:
                 self._failure = f"cancelled: {reason}"
+                self._set_state(JobState.FAILED, now, self._failure)
+                self._persist(now)
+            return self._state
+
+    def report_failure(self, member_id: str, incarnation: int, reason: str, now: float) -> JobState:
+        """A parameter server cannot go on (its optimizer raised): ends an unfinished job as
+        FAILED with its reason. Raises InvalidArgument (empty or over-long reason), NotFound,
+        Fenced, FailedPrecondition (not a parameter server)."""
+        reason = reason.strip()
+        if not reason:
+            raise InvalidArgument("a failure report needs a reason")
+        if len(reason) > MAX_FAILURE_REASON_CHARS:
+            raise InvalidArgument(f"a failure reason has at most {MAX_FAILURE_REASON_CHARS} characters")
+        with self._lock:
+            member = self._members.check(member_id, incarnation)
+            if member.role is not Role.PARAMETER_SERVER:
+                raise FailedPrecondition(f"{member_id} is not a parameter server; only servers report failures")
+            if not self._state.terminal:
+                self._failure = f"parameter server {member_id}: {reason}"
                 self._set_state(JobState.FAILED, now, self._failure)
                 self._persist(now)
             return self._state

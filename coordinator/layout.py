@@ -9,9 +9,11 @@ middle byte. So every server holds within one row's bytes of an equal share, at 
 ``servers - 1`` parameters are sliced, each into contiguous row ranges, and a parameter that fits
 inside one range stays whole. Deterministic for the same parameters and servers.
 
-Slicing along dimension 0 leaves the mathematics unchanged for every element-wise optimizer (all
-of ``torch.optim`` that Lepton serves: SGD, Adam, AdamW, Adagrad, RMSprop, ...): each element's
-update depends only on its own gradient and state.
+Slicing along dimension 0 leaves the mathematics unchanged for every element-wise optimizer
+(``lepton.optimizers.ELEMENT_WISE``: SGD, Adam, AdamW, Adagrad, RMSprop, ...): each element's
+update depends only on its own gradient and state. For the others (Adafactor, Muon) the layout
+keeps every tensor whole (``whole_tensors``): each goes, largest first, to the server holding the
+fewest bytes so far (ties: the earlier server), so no tensor is ever sliced.
 """
 
 from __future__ import annotations
@@ -47,11 +49,17 @@ def _rows(spec: TensorSpec) -> int:
     return spec.shape[0] if spec.shape else 1
 
 
-def balance(tensors: Sequence[TensorSpec], servers: Sequence[str], version: int) -> Layout:
+def balance(
+    tensors: Sequence[TensorSpec], servers: Sequence[str], version: int, whole_tensors: bool = False
+) -> Layout:
     """Cuts the row stream of ``tensors`` (whole parameters, in model order) into equal-byte
-    contiguous ranges, one per server (see the module docstring)."""
+    contiguous ranges, one per server, or with ``whole_tensors`` places each tensor whole (see the
+    module docstring). Raises InvalidArgument without servers, and with ``whole_tensors`` when
+    there are more servers than tensors (a server would hold nothing)."""
     if not servers:
         raise InvalidArgument("a layout needs at least one parameter server")
+    if whole_tensors:
+        return _whole(tensors, servers, version)
     m = len(servers)
     total = sum(nbytes(t.dtype, t.shape) for t in tensors)
     placed: dict[str, list[TensorSpec]] = {s: [] for s in servers}
@@ -84,3 +92,21 @@ def balance(tensors: Sequence[TensorSpec], servers: Sequence[str], version: int)
             start = end
         before += size
     return Layout(version, tuple(servers), {s: tuple(placed[s]) for s in servers})
+
+
+def _whole(tensors: Sequence[TensorSpec], servers: Sequence[str], version: int) -> Layout:
+    if len(servers) > len(tensors):
+        raise InvalidArgument(
+            f"{len(servers)} parameter servers for {len(tensors)} tensors kept whole: a server would hold nothing"
+        )
+    placed: dict[str, list[TensorSpec]] = {s: [] for s in servers}
+    load = {s: 0 for s in servers}
+    order = sorted(range(len(tensors)), key=lambda i: -nbytes(tensors[i].dtype, tensors[i].shape))
+    for i in order:  # sorted() is stable: equal sizes keep model order
+        target = min(servers, key=lambda s: load[s])  # min() keeps the first of equals
+        placed[target].append(tensors[i])
+        load[target] += nbytes(tensors[i].dtype, tensors[i].shape)
+    position = {t.name: i for i, t in enumerate(tensors)}
+    return Layout(
+        version, tuple(servers), {s: tuple(sorted(placed[s], key=lambda t: position[t.name])) for s in servers}
+    )

@@ -13,7 +13,7 @@ from coordinator.servicer import CoordinatorServicer, registration
 from coordinator.store import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
-from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
+from lepton.optimizers import Granularity, prove_optimizer
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
@@ -38,19 +38,22 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     model = build_model(spec.model, workload, spec.seed, workload.output_dim(task, spec.loss))
     check_loss(model, workload, spec.loss, task)
     sparse = sparse_parameter_names(model)
-    # The servers build this optimizer and schedule from the spec: refuse a bad one here, before
-    # any of them loads it (ConfigError, which `lepton coordinator` reports and exits 2 on).
-    build_lr_scheduler(
-        build_sparse_aware_optimizer(
-            [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad], sparse,
-            spec.optimizer, spec.lr, spec.optimizer_kwargs,
-        ),
-        spec.lr_schedule, spec.lr_schedule_kwargs,
-    )
     kinds = tensor_kinds(model)
     if TensorKind.PARAMETER not in kinds.values():
         raise ConfigError(f"model {spec.model} has no trainable parameter (every one has requires_grad=False)")
     tensors = {name: t.detach() for name, t in model_tensors(model).items()}
+    # The servers build this optimizer and schedule from the spec: refuse one that cannot work
+    # here, before any of them loads it (ConfigError: `lepton coordinator` reports it, exits 2).
+    kind = prove_optimizer(
+        [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad], sparse,
+        spec.optimizer, spec.lr, spec.optimizer_kwargs, spec.lr_schedule, spec.lr_schedule_kwargs,
+    )
+    if kind is Granularity.TENSOR and spec.parameter_servers > len(tensors):
+        raise ConfigError(
+            f"optimizer {spec.optimizer} reads whole tensors, so each of the model's {len(tensors)} tensors "
+            f"lives whole on one server: {spec.parameter_servers} parameter servers would leave one "
+            f"with nothing; use at most {len(tensors)}"
+        )
     store = SqliteJobStore(state_dir) if state_dir else None
     return Job(
         spec, len(workload.train), tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,

@@ -262,6 +262,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def CancelJob(self, request, context):
         return pb.CancelJobResponse(state=self._job.cancel(request.reason, self._now()).value)
 
+    def ReportFailure(self, request, context):
+        state = self._job.report_failure(*_member(request.member), request.reason, self._now())
+        return pb.ReportFailureResponse(state=state.value)
+
     def RequestCheckpoint(self, request, context):
         checkpoint, new = self._job.request_checkpoint(request.reason, self._now())
         return pb.RequestCheckpointResponse(

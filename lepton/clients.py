@@ -238,6 +238,10 @@ class CoordinatorClient(_Client):
     def cancel(self, reason: str) -> None:
         call(self._stub.CancelJob, cpb.CancelJobRequest(reason=reason), timeout=self._timeout_s)
 
+    def report_failure(self, member: MemberId, reason: str) -> None:
+        """Ends the job as FAILED with ``reason`` (parameter servers); idempotent, so retried."""
+        self._idempotent(self._stub.ReportFailure, cpb.ReportFailureRequest(member=member.to_proto(), reason=reason))
+
     def request_checkpoint(self, reason: str = "") -> cpb.RequestCheckpointResponse:
         """One attempt (a retry after the checkpoint completed would start another one)."""
         return call(

@@ -112,8 +112,8 @@ class JobSpec:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (self.lr > 0):
-            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (0 < self.lr < float("inf")):
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.shards_per_epoch < 1:

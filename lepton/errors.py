@@ -26,6 +26,11 @@ class Fenced(FailedPrecondition):
     """The member's incarnation was declared dead; it must re-register."""
 
 
+class OptimizerFailed(FailedPrecondition):
+    """A parameter server's optimizer step raised: it refuses every later update, and the job
+    fails with this reason (the server reports it to the coordinator)."""
+
+
 class DuplicateCompletion(FailedPrecondition):
     """The shard was already completed in this epoch."""
 

@@ -1,9 +1,11 @@
 """Server-side optimizers: any ``torch.optim`` class by name, with keyword arguments, and the
-learning-rate schedules a job may name."""
+learning-rate schedules a job may name; which of them may be sliced across servers, and the check
+that proves a job's optimizer works before anything is served."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from enum import Enum
 from typing import Any
 
 import torch
@@ -23,6 +25,100 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         ):
             return obj
     raise ConfigError(f"no optimizer {name!r} in torch.optim (try SGD, Adam, AdamW)")
+
+
+class Granularity(Enum):
+    """What one update of an optimizer reads, and so how finely the layout may cut a tensor."""
+
+    ELEMENT = "element"  # each element's update reads its own gradient and state: rows may be sliced
+    TENSOR = "tensor"  # the update reads the whole tensor (norms, factored moments): keep it whole
+
+
+# Verified against torch 2.13's source: per-element state and arithmetic, the only scalars (step
+# count, ASGD's eta and mu, NAdam's mu_product) depend on the step count and hyperparameters alone.
+ELEMENT_WISE: frozenset[str] = frozenset(
+    {"sgd", "adam", "adamw", "adamax", "nadam", "radam", "adagrad", "adadelta", "rmsprop", "rprop", "asgd",
+     "sparseadam"}
+)
+# Optimizers whose update of a tensor reads all of that tensor, and why.
+PER_TENSOR: dict[str, str] = {
+    "adafactor": "factored row/column second moments, the parameter's RMS and update clipping by norm",
+    "muon": "Newton-Schulz orthogonalisation of each 2-D gradient matrix",
+}
+# Optimizers no parameter server can run, and why.
+REFUSED: dict[str, str] = {
+    "lbfgs": "it needs a closure that re-evaluates the loss, and its line search treats all parameters "
+    "as one vector; a parameter server only receives gradients",
+}
+
+
+def granularity(name: str) -> Granularity:
+    """How finely the layout may cut tensors for optimizer ``name``: ELEMENT for the element-wise
+    ones, TENSOR for the rest (any torch.optim class not listed here, to be safe).
+
+    Raises:
+        ConfigError: unknown optimizer, or one in ``REFUSED`` (the message names it and why).
+    """
+    cls = optimizer_class(name)
+    key = cls.__name__.lower()
+    if key in REFUSED:
+        raise ConfigError(f"optimizer {cls.__name__} cannot be served by parameter servers: {REFUSED[key]}")
+    return Granularity.ELEMENT if key in ELEMENT_WISE else Granularity.TENSOR
+
+
+def _zero_gradient(p: torch.Tensor, sparse: bool) -> torch.Tensor:
+    if sparse:  # no rows touched: an empty row-sparse gradient, as a server builds it
+        return torch.sparse_coo_tensor(
+            torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape
+        ).coalesce()
+    return torch.zeros_like(p)
+
+
+def prove_optimizer(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    sparse: Collection[str],
+    name: str,
+    lr: float,
+    kwargs: Mapping[str, Any],
+    lr_schedule: str = "constant",
+    lr_schedule_kwargs: Mapping[str, Any] | None = None,
+) -> Granularity:
+    """Proves that the servers can run this optimizer: builds it and its schedule on copies of
+    the parameters, takes one optimizer step and one schedule step with zero gradients (empty
+    row-sparse ones for ``sparse``), and checks that every parameter stays finite. Returns how
+    finely the layout may cut tensors for it.
+
+    Raises:
+        ConfigError: the optimizer is unknown or refused, or building or stepping it fails (with
+            torch's own message), or a parameter is no longer finite after the step.
+    """
+    kind = granularity(name)
+    copies = [
+        (n, torch.nn.Parameter(p.detach().clone(), requires_grad=True))
+        for n, p in named_params
+        if p.is_floating_point()
+    ]
+    try:
+        optimizer = build_sparse_aware_optimizer(copies, sparse, name, lr, kwargs)
+        scheduler = build_lr_scheduler(optimizer, lr_schedule, lr_schedule_kwargs or {})
+        for n, p in copies:
+            p.grad = _zero_gradient(p, n in sparse)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises refuses the job, in its words
+        raise ConfigError(
+            f"optimizer {name} with lr {lr:g} and {dict(kwargs)} fails its first step: {type(exc).__name__}: {exc}"
+        ) from exc
+    broken = [n for n, p in copies if not bool(torch.isfinite(p.detach()).all())]
+    if broken:
+        raise ConfigError(
+            f"optimizer {name} with lr {lr:g} and {dict(kwargs)} makes parameters {broken[:4]} non-finite "
+            "after one step with a zero gradient"
+        )
+    return kind
 
 
 def build_optimizer(

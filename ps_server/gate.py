@@ -32,7 +32,7 @@ from enum import Enum
 
 import torch
 
-from lepton.errors import DeadlineExceeded
+from lepton.errors import DeadlineExceeded, OptimizerFailed
 from ps_server.store import ParameterStore
 
 
@@ -181,6 +181,8 @@ class ConsistencyGate:
                 self.counters.pushes_deduplicated += 1
                 return self._answered[key]
             self.counters.pushes_received += 1
+            if self.store.failure:
+                raise OptimizerFailed(self.store.failure)
             version = self.store.version
             if base_version > version or (self.mode == "sync" and base_version < version):
                 self.counters.pushes_stale += 1
@@ -245,11 +247,13 @@ class ConsistencyGate:
         """Blocks until ``may_proceed(wait)``; raises DeadlineExceeded after timeout_s (the push
         stays applied: retry it with the same request id to wait again)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self.may_proceed(wait), timeout=timeout_s):
+            if not self._cond.wait_for(lambda: self.store.failure or self.may_proceed(wait), timeout=timeout_s):
                 raise DeadlineExceeded(
                     f"{wait.member_id} at clock {wait.clock} is more than {self.staleness} ahead of the "
                     f"slowest worker after {timeout_s:.1f}s; retry the push with the same request id"
                 )
+            if self.store.failure:
+                raise OptimizerFailed(self.store.failure)
             return wait.result
 
     def wait_for_version(
@@ -257,10 +261,12 @@ class ConsistencyGate:
     ) -> PushResult:
         """Blocks until the store reaches ``version``; raises DeadlineExceeded after timeout_s."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self.store.version >= version, timeout=timeout_s):
+            if not self._cond.wait_for(lambda: self.store.failure or self.store.version >= version, timeout=timeout_s):
                 raise DeadlineExceeded(
                     f"sync step {version - 1} did not close within {timeout_s:.1f}s; retry the push"
                 )
+            if self.store.failure:
+                raise OptimizerFailed(self.store.failure)
             result = PushResult(PushOutcome.APPLIED, version)
             self._remember((member_id, request_id), result)
             return result
@@ -389,7 +395,11 @@ class ConsistencyGate:
             return Capture(version)
 
     def _apply(self, grads: Mapping[str, torch.Tensor]) -> None:
-        self.store.apply(grads)
+        try:
+            self.store.apply(grads)
+        except OptimizerFailed:
+            self._cond.notify_all()  # pushes waiting for a step or a clock fail now, not at their timeout
+            raise
         self.counters.updates_applied += 1
         if self._capture_at == self.store.version:
             self._captured = (self.store.version, self.store.state_dict())

@@ -123,7 +123,24 @@ def serve(
                      path=answer.path, missed=answer.missed, error=answer.error)
         snapshot[0] = answer
 
+    failure_reported = threading.Event()
+
+    def report_failure() -> None:
+        # The optimizer raised: every later push is refused, so the job cannot progress; fail it
+        # now with the reason rather than let workers retry until a timeout.
+        reason = node.failure
+        if not reason or failure_reported.is_set():
+            return
+        try:
+            client.report_failure(member, reason)
+        except LeptonError as exc:
+            log.warning("failure_report_failed", reason=reason, error=str(exc))
+            return
+        failure_reported.set()
+        log.error("ps_failed", reason=reason)
+
     def heartbeat() -> None:
+        report_failure()
         try:
             reply = send_heartbeat()
         except Fenced as exc:

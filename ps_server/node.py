@@ -303,6 +303,12 @@ class ParameterServerNode:
         self._authorise(member_id, incarnation)
         self.gate.leave(member_id)
 
+    @property
+    def failure(self) -> str:
+        """Why this server can no longer apply updates (its optimizer raised); empty while it can."""
+        gate = self._gate
+        return gate.store.failure if gate is not None else ""
+
     def tick(self) -> None:
         if self._gate is not None:
             self._gate.tick(self._monotonic())

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lepton.tensors import TensorKind, TensorSpec, check_rows
-from lepton.errors import InvalidArgument, NotFound
+from lepton.errors import InvalidArgument, NotFound, OptimizerFailed
 from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 
 
@@ -25,7 +25,9 @@ class ParameterStore:
     momentum reaches it. Frozen tensors never change; a buffer moves by the change a push carries.
 
     Raises ConfigError (unknown optimizer or schedule, bad arguments), InvalidArgument (bad
-    gradient or checkpoint) and NotFound (unknown tensor name).
+    gradient or checkpoint), NotFound (unknown tensor name) and OptimizerFailed (a step raised;
+    from then on ``failure`` says why and every update is refused, as torch may have changed part
+    of the parameters or state before raising).
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class ParameterStore:
             trainable = [("(no trainable tensor)", torch.nn.Parameter(torch.zeros(())))]
         # Row-sparse tensors get the sparse-aware variant (SparseAdam for adam/adamw), exactly as a
         # single process would build it for the same model (lepton.optimizers).
+        self._optimizer_name = optimizer
+        self.failure = ""
         self._optimizer = build_sparse_aware_optimizer(trainable, self.sparse, optimizer, lr, optimizer_kwargs)
         self._lr_schedule = lr_schedule
         self._scheduler = build_lr_scheduler(self._optimizer, lr_schedule, lr_schedule_kwargs or {})
@@ -113,18 +117,27 @@ class ParameterStore:
         """One update: an optimizer step over the trainable tensors that have a gradient in
         ``grads``, and each buffer change in ``grads`` added to its buffer; returns the new version.
         A row-sparse tensor without a gradient gets an empty one (no rows touched: torch steps the
-        whole table)."""
+        whole table). Raises OptimizerFailed if the step raises, or did before."""
+        if self.failure:
+            raise OptimizerFailed(self.failure)
         for name, p in self._params.items():
             if p.requires_grad:
                 g = grads.get(name)
                 if g is None and name in self.sparse:
                     g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
                 p.grad = None if g is None else (g.coalesce() if g.is_sparse else g)
-        self._optimizer.step()
-        if self._scheduler is not None:
-            self._scheduler.step()
-        for p in self._params.values():
-            p.grad = None
+        try:
+            self._optimizer.step()
+            if self._scheduler is not None:
+                self._scheduler.step()
+        except Exception as exc:  # noqa: BLE001 - any error of torch's ends this store's updates
+            self.failure = (
+                f"optimizer {self._optimizer_name} failed at update {self.version + 1}: {type(exc).__name__}: {exc}"
+            )
+            raise OptimizerFailed(self.failure) from exc
+        finally:
+            for p in self._params.values():
+                p.grad = None
         with torch.no_grad():
             for name in self.buffers & set(grads):
                 self._params[name].add_(grads[name].to(self._params[name].dtype))

@@ -109,6 +109,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/lepton.v1.Coordinator/ReportFailure',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportFailureResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -252,6 +257,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """A parameter server (role ps) reports an error it cannot recover from, such as its optimizer
+        raising in a step: the job ends as FAILED at once with reason as its failure (shown by
+        GetStatus and WatchJob), instead of idling until a timeout. Idempotent on a finished job
+        (nothing changes). Errors: INVALID_ARGUMENT (empty reason, or over 2,000 characters),
+        NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced, or not a parameter server).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +345,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCheckpoint,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportFailureRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +757,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/GetCheckpoint',
             lepton_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/ReportFailure',
+            lepton_dot_v1_dot_coordinator__pb2.ReportFailureRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,
