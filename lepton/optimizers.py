@@ -69,7 +69,8 @@ def granularity(name: str) -> Granularity:
 def _zero_gradient(p: torch.Tensor, sparse: bool) -> torch.Tensor:
     if sparse:  # no rows touched: an empty row-sparse gradient, as a server builds it
         return torch.sparse_coo_tensor(
-            torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape
+            torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape,
+            check_invariants=False,
         ).coalesce()
     return torch.zeros_like(p)
 
