@@ -13,7 +13,7 @@ from coordinator.servicer import CoordinatorServicer, registration
 from coordinator.store import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
-from lepton.optimizers import Granularity, prove_optimizer
+from lepton.optimizers import Granularity, granularity, prove_optimizer
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
@@ -31,6 +31,7 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     """Loads the dataset (for its size) and the model (for its initial parameters); with a state
     directory, the job is durable and resumes what the directory holds. The clock is read after
     loading, so restored members' reattach grace starts when serving is about to start."""
+    granularity(spec.optimizer)  # an unknown or refused optimizer is refused before data loads
     workload = load_workload(spec.dataset, spec.seed)
     # Refuse a loss or task that cannot train this data (ConfigError: exit 2) before any member
     # loads the job; the model's output width follows the task, as the workers build it.

@@ -22,13 +22,27 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from lepton.config import LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, load_job_file
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, stop_event_on_signals
+from lepton.process import (
+    EXIT_CONFIG,
+    EXIT_LOST_CONTACT,
+    ServiceOptions,
+    stop_event_on_signals,
+    write_ready_file,
+)
 from lepton.security import Security, check_exposure, load_security
 
 # flag -> JobSpec field
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--dataset": ("dataset", str, "built-in dataset (digits) or package.module:factory"),
-    "--model": ("model", str, "built-in model (mlp) or package.module:factory"),
+    "--dataset": (
+        "dataset", str,
+        "built-in dataset (digits, synthetic-image, synthetic-text), package.module:factory (also a module "
+        "in the current directory) or path/to/file.py:factory",
+    ),
+    "--model": (
+        "model", str,
+        "built-in model (mlp, embedding-bag), package.module:factory (also a module in the current "
+        "directory) or path/to/file.py:factory",
+    ),
     "--loss": ("loss", str, "training loss: cross_entropy, nll, bce_with_logits, mse, l1, or package.module:factory"),
     "--task": ("task", str, f"what the job learns, which decides its metrics: {', '.join(TASKS)}"),
     "--epochs": ("epochs", int, "passes over the training set"),
@@ -84,7 +98,14 @@ def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{flag} is not JSON: {exc}") from exc
     values.update(overrides)
-    return job_from_mapping(values, base)
+    spec = job_from_mapping(values, base)
+    # A factory file is named absolutely from here on: every process of the job (children of
+    # `lepton up`, workers told by the coordinator) loads the same file whatever its directory.
+    from lepton.factories import absolute_factory
+
+    return spec.replace(
+        model=absolute_factory(spec.model), dataset=absolute_factory(spec.dataset), loss=absolute_factory(spec.loss)
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -238,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(f"lepton {args.command}: {exc}", file=sys.stderr)
+        print(f"lepton {args.command}: {exc}", file=sys.stderr, flush=True)
+        # A launcher waiting on the ready file (`lepton up`) reads the refusal there.
+        write_ready_file(getattr(args, "ready_file", None), error=str(exc))
         return EXIT_CONFIG
 
 

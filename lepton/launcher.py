@@ -22,14 +22,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
-from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.placement import Placements
-from lepton.process import EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
+from lepton.process import EXIT_CONFIG, EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
@@ -38,6 +38,9 @@ from lepton.tasks import REGRESSION, Evaluation
 from lepton.status import FINAL_STATUS_FILE, state_name, status_dict, to_plain
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.wire import evaluation_from_proto
+
+if TYPE_CHECKING:
+    from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
 
 log = structlog.get_logger("lepton.up")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
@@ -254,18 +257,47 @@ def read_ready(path: Path) -> dict | None:
         return None
 
 
+class ChildFailed(LeptonError):
+    """A child exited before it was ready for a reason other than its configuration."""
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a child's log (its one-line reason when it refused to start)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+def refusal(child: Child, ready_path: Path | None) -> ConfigError:
+    """Why a child exited with EXIT_CONFIG: the reason it wrote to its ready file (see
+    ``lepton.cli.main``), else the last line of its log (argparse's message, for one)."""
+    facts = read_ready(ready_path) if ready_path is not None else None
+    if facts and facts.get("pid") == child.process.pid and facts.get("error"):
+        return ConfigError(f"{child.name}: {facts['error']}")
+    return ConfigError(f"{child.name}: {last_line(child.log_path) or 'refused its configuration'} (log: {child.log_path})")
+
+
 def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:
+    """The child's ready facts. Raises ConfigError (with its reason) if it refused its
+    configuration, ChildFailed if it exited otherwise or was not ready in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
+        facts = read_ready(path)
+        if facts is not None and facts.get("pid") == child.process.pid:
+            if facts.get("error"):
+                raise refusal(child, path)
+            return facts
         if child.process.poll() is not None:
-            raise ConfigError(
+            if child.process.returncode == EXIT_CONFIG:
+                raise refusal(child, path)
+            raise ChildFailed(
                 f"{child.name} exited with {child.process.returncode} before it was ready; "
                 f"see {child.log_path}"
             )
         time.sleep(0.05)
-    raise ConfigError(f"{child.name} was not ready within {timeout_s:.0f}s; see {child.log_path}")
+    raise ChildFailed(f"{child.name} was not ready within {timeout_s:.0f}s; see {child.log_path}")
 
 
 class EventTally:
@@ -313,6 +345,8 @@ class ServerStatusTally:
         self.max_compute_gap: dict[str, int] = {}
 
     def poll(self, name: str, address: str) -> None:
+        from lepton.clients import ParameterClient
+
         client = self._clients.get(address)
         if client is None:
             client = self._clients[address] = ParameterClient(address, self._timeout_s, security=self._security)
@@ -533,6 +567,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     control: ScaleControl | None = None
     scale_events: list[dict] = []
     servers: ServerStatusTally | None = None
+    refused = ""
     try:
         if cluster.secure:
             pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"], parameter_servers=spec.parameter_servers)
@@ -585,6 +620,9 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         for child in children.items[1:]:
             metrics[child.name] = wait_ready_file(ready_files[child.name], child, READY_TIMEOUT_S).get("metrics")
         print("metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in metrics.items()), flush=True)
+        # Imported only now (it brings torch): a refused configuration is reported sooner.
+        from lepton.clients import CoordinatorClient
+
         client = CoordinatorClient(
             address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0), security=security
         )
@@ -601,6 +639,10 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             if stop.wait(POLL_S):
                 outcome = "interrupted"
                 break
+            for child in children.items:
+                # Restarting a process that refused its configuration would only refuse again.
+                if child.process.poll() == EXIT_CONFIG and child.name not in workers.retired:
+                    raise refusal(child, ready_files.get(child.name))
             if coordinator.process.poll() is not None:
                 if not coordinator.failed or coordinator.restarts >= MAX_RESTARTS:
                     outcome = "failed"
@@ -673,7 +715,10 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
                 except subprocess.TimeoutExpired:
                     pass
     except ConfigError as exc:
-        print(f"lepton up: {exc}", file=sys.stderr)
+        outcome = "refused"
+        refused = str(exc)
+    except ChildFailed as exc:
+        print(f"lepton up: {exc}", file=sys.stderr, flush=True)
         outcome = "failed"
     finally:
         if control is not None:
@@ -708,10 +753,17 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         servers.report() if servers is not None
         else {"parameter_server_status": {}, "max_clock_gap": None, "max_compute_gap": None}
     )
-    print_summary(report)
+    if refused:
+        report["failure"] = refused
+    else:
+        print_summary(report)
     if report_path:
         Path(report_path).write_text(json.dumps(report, indent=2))
         print(f"report written to {report_path}")
+    if refused:
+        # Last, so that it is the line a person sees: the job never started.
+        print(f"lepton up: {refused}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     return EXIT_OK if outcome == "succeeded" else EXIT_JOB_FAILED
 
 
@@ -775,6 +827,7 @@ def print_summary(report: dict) -> None:
                 f"  training {fmt('samples_per_second', 0)} samples/s  "
                 f"inference {fmt('inference_samples_per_second', 0)} samples/s",
             ]
+            + ([f"  failure: {report['failure']}"] if report.get("failure") else [])
         ),
         flush=True,
     )

@@ -9,7 +9,6 @@ import sys
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
 from lepton.process import EXIT_LOST_CONTACT, exit_code_for
 from lepton.security import INSECURE, Security
@@ -114,6 +113,8 @@ def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:
 
 
 def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
+    from lepton.clients import CoordinatorClient  # here: `lepton up` imports this module before torch
+
     client = CoordinatorClient(address, timeout_s=5.0, security=security)
     try:
         client.cancel(reason)
@@ -127,6 +128,8 @@ def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
 
 
 def show_status(address: str, as_json: bool = False, security: Security = INSECURE) -> int:
+    from lepton.clients import CoordinatorClient
+
     client = CoordinatorClient(
         address, timeout_s=5.0, retry=RetryPolicy(max_attempts=3, max_total_s=10.0), security=security
     )

@@ -3,19 +3,25 @@ evaluation. Pure torch: the worker and coordinator both build the same model fro
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lepton.errors import ConfigError
+from lepton.factories import absolute_factory, is_file_factory  # noqa: F401 - absolute_factory re-exported
 from lepton.tensors import TensorKind
 from lepton.tasks import (
     CLASSIFICATION,
@@ -32,6 +38,12 @@ from lepton.tasks import (
 )
 
 SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the job's seed
+# A factory with this attribute set to True receives every fact Lepton offers it (a model:
+# input_dim, num_classes, and vocab_size for token ids; a dataset: seed) even through **kwargs;
+# without it, only those its signature names explicitly.
+ALL_FACTS_ATTRIBUTE = "lepton_all_facts"
+
+log = structlog.get_logger("lepton.workloads")
 
 
 @dataclass(frozen=True)
@@ -426,30 +438,95 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def resolve_factory(spec: str) -> Callable[..., Any]:
-    """Imports ``package.module:attribute``. Raises ConfigError with what went wrong."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{spec!r} is neither a built-in name nor 'package.module:factory'")
+def _import_file(path_text: str, spec: str) -> Any:
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"no file {path} for {spec!r}")
+    # One module per file, named after its path, so two files called models.py do not collide
+    # and a second resolve of the same file reuses the first import.
+    name = f"lepton_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot import {path} for {spec!r}: not a Python source file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
     try:
-        module = importlib.import_module(module_name)
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's module failing to import is a config error
+        del sys.modules[name]
+        log.error("factory_import_failed", factory=spec, exc_info=True)
+        raise ConfigError(f"importing {path} for {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _import_module(module_name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        cwd = Path.cwd()
+        # Console scripts do not put the current directory on sys.path (``python -m`` does):
+        # look there for the module a user names from where they stand.
+        here = (cwd / f"{top}.py").is_file() or (cwd / top).is_dir()
+        if exc.name != top or not here or str(cwd) in sys.path:
+            raise ConfigError(f"cannot import {module_name!r} for {spec!r}: {exc}") from exc
+        sys.path.append(str(cwd))
+        importlib.invalidate_caches()
+        return _import_module(module_name, spec)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name!r} for {spec!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failing to import is a config error
+        log.error("factory_import_failed", factory=spec, exc_info=True)
+        raise ConfigError(f"importing {module_name!r} for {spec!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """Imports ``package.module:attribute`` (from sys.path, else from the current directory) or
+    ``path/to/file.py:attribute``. Raises ConfigError with what went wrong."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(
+            f"{spec!r} is neither a built-in name nor 'package.module:factory' or 'path/to/file.py:factory'"
+        )
+    module = _import_file(module_name, spec) if is_file_factory(spec) else _import_module(module_name, spec)
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def _call_with_known_kwargs(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Calls ``fn`` with the subset of ``kwargs`` its signature names."""
+def _call_with_known_kwargs(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Calls factory ``fn`` with the subset of ``kwargs`` its signature names explicitly (all of
+    them if it opts in with ``ALL_FACTS_ATTRIBUTE``: a ``**kwargs`` that forwards to a class,
+    torchvision style, would otherwise pass on names the class does not take). Raises ConfigError
+    naming the exception if the factory raises (the traceback goes to the log)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return fn()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
+        params = {}
+    if getattr(fn, ALL_FACTS_ATTRIBUTE, False) is True:
+        chosen = kwargs
+    else:
+        named = {
+            n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+        chosen = {k: v for k, v in kwargs.items() if k in named}
+    try:
+        return fn(**chosen)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a factory that raises refuses the job, in its words
+        log.error("factory_failed", factory=what, exc_info=True)
+        raise ConfigError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _unknown(what: str, name: str, builtins: Sequence[str]) -> ConfigError:
+    return ConfigError(
+        f"unknown {what} {name!r}: built-in ones are {', '.join(builtins)}; or name a factory as "
+        "package.module:factory or path/to/file.py:factory"
+    )
 
 
 def load_workload(dataset: str, seed: int) -> Workload:
@@ -458,7 +535,9 @@ def load_workload(dataset: str, seed: int) -> Workload:
     are regression targets (``num_classes`` 0, ``target_dim`` their size)."""
     if dataset in DATASETS:
         return DATASETS[dataset](seed=seed)
-    result = _call_with_known_kwargs(resolve_factory(dataset), seed=seed)
+    if ":" not in dataset:
+        raise _unknown("dataset", dataset, list(DATASETS))
+    result = _call_with_known_kwargs(f"dataset factory {dataset!r}", resolve_factory(dataset), seed=seed)
     if isinstance(result, Workload):
         return result
     if not (isinstance(result, Sequence) and len(result) == 2):
@@ -481,6 +560,8 @@ def build_model(model: str, workload: Workload, seed: int, output_dim: int | Non
     class of class-id data, else one per target value. A factory receives those of
     ``input_dim``, ``output_dim``, ``num_classes`` (class-id data only) and ``vocab_size`` that its
     signature names."""
+    if model not in MODELS and ":" not in model:
+        raise _unknown("model", model, list(MODELS))
     factory = MODELS.get(model) or resolve_factory(model)
     torch.manual_seed(seed)
     if output_dim is None:
@@ -490,7 +571,7 @@ def build_model(model: str, workload: Workload, seed: int, output_dim: int | Non
         facts["num_classes"] = workload.num_classes
     if workload.vocab_size is not None:
         facts["vocab_size"] = workload.vocab_size
-    module = _call_with_known_kwargs(factory, **facts)
+    module = _call_with_known_kwargs(f"model factory {model!r}", factory, **facts)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model factory {model!r} returned {type(module).__name__}, not nn.Module")
     return module

@@ -73,9 +73,11 @@ class Processes:
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.extra_env, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1"}
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=cwd
+        )
         log.close()
         self.started.append(proc)
         return proc

@@ -10,7 +10,7 @@ from functools import partial
 
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.errors import ConfigError, LeptonError
-from lepton.process import EXIT_CONFIG, EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
+from lepton.process import EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
 from lepton.retry import RetryPolicy
 from worker.agent import WorkerAgent
 from worker.metrics import WorkerCollector
@@ -41,7 +41,7 @@ def serve(
         return agent.run()
     except ConfigError as exc:
         log.error("worker_config_error", error=str(exc))
-        return EXIT_CONFIG
+        raise  # `lepton worker` prints the reason and exits EXIT_CONFIG
     except LeptonError as exc:
         log.error("worker_lost_contact", error=str(exc), kind=type(exc).__name__)
         return EXIT_LOST_CONTACT
