@@ -10,7 +10,7 @@ import structlog
 
 from lepton import files
 from lepton.clients import CoordinatorClient, MemberId
-from lepton.errors import FailedPrecondition, Fenced, LeptonError
+from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError
 from lepton.logs import bind
 from lepton.process import (
     EXIT_JOB_FAILED,
@@ -194,6 +194,18 @@ def serve(
         except Fenced as exc:
             log.error("ps_fenced", reason=str(exc))
             outcome["code"] = EXIT_LOST_CONTACT
+            stop.set()
+            break
+        except ConfigError as exc:
+            # The coordinator proved the optimizer on the whole model; one that still cannot be
+            # built on this server's share fails the job (retrying would refuse again).
+            reason = f"cannot load its assignment: {exc}"
+            log.error("assignment_refused", reason=reason)
+            try:
+                client.report_failure(member, reason)
+            except LeptonError as report_exc:
+                log.warning("failure_report_failed", reason=reason, error=str(report_exc))
+            outcome["code"] = EXIT_JOB_FAILED
             stop.set()
             break
         except FailedPrecondition as exc:
