@@ -391,6 +391,10 @@ class WorkerAgent:
                     self._participating = False  # a server dropped us from that step: join again
                 log.debug("step_stale", attempt=attempt)
             except (Unavailable, DeadlineExceeded) as exc:
+                if self._job_over.is_set():
+                    # The job ended (failed, or cancelled) and its servers are leaving: nothing to
+                    # retry against; the next lease says the job is done.
+                    raise LeaseLost from exc
                 if attempt >= self._retry.max_attempts:
                     raise
                 delay = self._retry.backoff_s(attempt, self._rng)
