@@ -39,8 +39,8 @@ from lepton.tasks import (
 
 SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the job's seed
 # A factory with this attribute set to True receives every fact Lepton offers it (a model:
-# input_dim, num_classes, and vocab_size for token ids; a dataset: seed) even through **kwargs;
-# without it, only those its signature names explicitly.
+# input_dim, output_dim, num_classes for class ids, vocab_size for token ids; a dataset: seed)
+# even through **kwargs; without it, only those its signature names explicitly.
 ALL_FACTS_ATTRIBUTE = "lepton_all_facts"
 
 log = structlog.get_logger("lepton.workloads")

@@ -68,7 +68,7 @@ def test_a_module_nowhere_is_refused_with_what_went_wrong(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize(
     ("what", "name", "builtins"),
-    [("dataset", "nosuchdata", "digits, synthetic-image, synthetic-text"), ("model", "nosuchmodel", "mlp, embedding-bag")],
+    [("dataset", "nosuchdata", "digits, diabetes, synthetic-image"), ("model", "nosuchmodel", "mlp, embedding-bag")],
 )
 def test_an_unknown_built_in_name_lists_the_built_in_ones(workload, what, name, builtins):
     with pytest.raises(ConfigError, match=f"unknown {what} '{name}': built-in ones are {builtins}"):
@@ -114,4 +114,4 @@ def test_a_kwargs_factory_gets_only_what_it_names_unless_it_opts_in(tmp_path, wo
     module = sys.modules[next(n for n in sys.modules if n.startswith("lepton_user_kw_"))]
     assert module.seen["plain"] == {}
     assert build_model(f"{path}:opted_in", workload, 0).in_features == 5
-    assert module.seen["opted"] == {"input_dim": 5, "num_classes": 2}
+    assert module.seen["opted"] == {"input_dim": 5, "output_dim": 2, "num_classes": 2}
