@@ -35,7 +35,7 @@ def server_ref(servicer) -> common.MemberRef:
         ("ps", "x" * 2001, grpc.StatusCode.INVALID_ARGUMENT),
         ("worker", "boom", grpc.StatusCode.FAILED_PRECONDITION),
         ("nobody", "boom", grpc.StatusCode.NOT_FOUND),
-        ("stale-ps", "boom", grpc.StatusCode.FAILED_PRECONDITION),
+        ("unissued-incarnation", "boom", grpc.StatusCode.NOT_FOUND),
     ],
 )
 def test_a_bad_failure_report_gets_a_precise_status_and_changes_nothing(coordinator, who, reason, code):
@@ -44,7 +44,7 @@ def test_a_bad_failure_report_gets_a_precise_status_and_changes_nothing(coordina
         "ps": server_ref(servicer),
         "worker": worker,
         "nobody": common.MemberRef(member_id="ps-9", incarnation=1),
-        "stale-ps": common.MemberRef(member_id=server_ref(servicer).member_id, incarnation=7),
+        "unissued-incarnation": common.MemberRef(member_id=server_ref(servicer).member_id, incarnation=7),
     }[who]
     error = rejected(lambda: unary(servicer, "ReportFailure", report(member, reason)))
     assert error.code is code, error.details
