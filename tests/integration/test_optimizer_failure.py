@@ -10,6 +10,7 @@ import torch
 
 from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
+from lepton.process import EXIT_JOB_FAILED
 from lepton.v1 import coordinator_pb2 as cpb
 
 from support import job_events
@@ -51,5 +52,5 @@ def test_a_step_that_raises_on_a_server_fails_the_job_with_its_reason(tmp_path, 
     assert "failsatthirdstep failed at update 3: RuntimeError: injected failure at step 3" in status.failure
     assert status.failure.startswith("parameter server ps-")
     assert any("injected failure" in message for message in events), events
-    assert results == [0, 0]  # workers leave once the job is over
+    assert results == [EXIT_JOB_FAILED] * 2  # workers leave once the job is over, saying it failed
     assert status.shard_completions < spec.epochs * spec.shards_per_epoch
