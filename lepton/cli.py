@@ -6,6 +6,7 @@ Only this module reads flags; it builds settings and hands them to each role's `
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -263,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         # A launcher waiting on the ready file (`lepton up`) reads the refusal there.
         write_ready_file(getattr(args, "ready_file", None), error=str(exc))
         return EXIT_CONFIG
+    finally:
+        # The interpreter's collections at exit walk every object torch, the data set and gRPC made:
+        # seconds on a busy machine, during which a supervisor's SIGTERM finds the default handler
+        # restored (exit -15). Nothing left needs collecting, so exit without walking them.
+        gc.freeze()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
