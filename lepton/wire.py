@@ -39,6 +39,7 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         lr_schedule_kwargs=schedule_kwargs,
         staleness=spec.staleness,
         lease_timeout_s=spec.lease_timeout_s,
+        async_lr_scaling=spec.async_lr_scaling,
     )
 
 
@@ -74,6 +75,7 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         lr_schedule_kwargs=_struct_kwargs(msg.lr_schedule_kwargs),
         staleness=msg.staleness,
         lease_timeout_s=msg.lease_timeout_s or JobSpec.lease_timeout_s,
+        async_lr_scaling=msg.async_lr_scaling or JobSpec.async_lr_scaling,
     )
 
 

@@ -88,21 +88,39 @@ class ParameterStore:
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise InvalidArgument(f"gradient {name!r} contains NaN or Inf; rejected")
 
-    def apply(self, grads: Mapping[str, torch.Tensor]) -> int:
-        """One optimizer step with these gradients; returns the new version."""
+    def apply(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> int:
+        """One optimizer step with these gradients, at ``lr_scale`` times the schedule's learning
+        rate (async staleness scaling); returns the new version."""
         for name, p in self._params.items():
             if p.requires_grad:
                 g = grads.get(name)
                 if g is None and name in self.sparse:  # no rows touched: an empty row-sparse gradient
                     g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
                 p.grad = g.coalesce() if g.is_sparse else g
-        self._optimizer.step()
+        self._step(lr_scale)
         if self._scheduler is not None:
             self._scheduler.step()
         for p in self._params.values():
             p.grad = None
         self.version += 1
         return self.version
+
+    def _step(self, lr_scale: float) -> None:
+        """``optimizer.step()`` with every group's lr times ``lr_scale`` for this step alone: the
+        groups' own values are restored before the schedule steps (torch's schedulers compute the
+        next lr from the groups' current one), so the schedule never sees a scaled rate."""
+        if lr_scale == 1.0:
+            self._optimizer.step()
+            return
+        groups = self._optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        for group, lr in zip(groups, saved):
+            group["lr"] = lr * lr_scale
+        try:
+            self._optimizer.step()
+        finally:
+            for group, lr in zip(groups, saved):
+                group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of everything a restart needs: version, tensors, optimizer and schedule state."""
