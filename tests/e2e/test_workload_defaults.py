@@ -18,7 +18,9 @@ from support import lepton_argv, read_json, tagged_pids
 
 pytestmark = pytest.mark.e2e
 REFERENCE_ACCURACY = 0.9021  # seed 0, bench/reference.py --dataset synthetic-image
-ACCURACY_FLOOR = 0.89  # the reference minus 1.2 points: async runs differ from it by -0.9 to +0.15 pt
+# The reference minus 1.2 points. Lepton's async runs differed from their references by -0.90 to
+# +0.15 pt (bench/reference.py's table); this test's command gave 0.8920 at load average 19-25.
+ACCURACY_FLOOR = 0.89
 RUN_TIMEOUT_S = 400  # a liveness bound: about 40-60 s on 2 quiet cores
 
 
