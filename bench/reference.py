@@ -66,8 +66,8 @@ With per-workload defaults (``lepton up --dataset synthetic-image`` and nothing 
 core busy: two busy loops of ours plus other engineers' test clusters, load average 18.7-25.5):
 test accuracy 0.8920 in 230 s wall (91 s training) against the reference's 0.9021 at seed 0
 (-1.01 pt); as tests/e2e/test_workload_defaults.py at load 11.4-13.3, 0.8984 in 142 s wall
-(-0.37 pt; staleness mean 1.90-1.94, max 11-12); the same command with ``--async-lr-scaling none`` right after, at load 15.7-21.8,
-did not train (ps-1, still building the data set, missed its heartbeats: "parameter server ps-1
+(-0.37 pt; staleness mean 1.90-1.94, max 11-12); the same command with ``--async-lr-scaling
+none`` right after, at load 15.7-21.8, did not train (ps-1, still building the data set, missed its heartbeats: "parameter server ps-1
 did not come back within 30s").
 
 How to run::
@@ -206,7 +206,7 @@ def lepton_command(
 ) -> list[str]:
     """``lepton up`` with the data set, seed, cluster shape and the ``explicit`` job fields of
     ``spec`` spelled as CLI flags; every other setting is Lepton's recommendation for the data set."""
-    job = [flag for name, flag in UP_FLAGS.items() if name in explicit for flag in (flag, str(getattr(spec, name)))]
+    job = [arg for name, flag in UP_FLAGS.items() if name in explicit for arg in (flag, str(getattr(spec, name)))]
     if spec.optimizer_kwargs:
         job += ["--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs))]
     return [
@@ -267,7 +267,7 @@ def run_lepton(spec: JobSpec, explicit: set[str], workers: int, timeout_s: float
 
 def explicit_fields(args: argparse.Namespace) -> dict:
     """The JobSpec fields given as flags to this script."""
-    given = {field: getattr(args, flag) for flag, field in JOB_FLAGS.items() if getattr(args, flag) is not None}
+    given = {name: getattr(args, flag) for flag, name in JOB_FLAGS.items() if getattr(args, flag) is not None}
     kwargs = json.loads(args.optimizer_kwargs)
     return {**given, "optimizer_kwargs": kwargs} if kwargs else given
 
@@ -275,7 +275,9 @@ def explicit_fields(args: argparse.Namespace) -> dict:
 def _spec(args: argparse.Namespace, dataset: str, seed: int) -> JobSpec:
     """The job as Lepton resolves it: the flags given, then the data set's recommended settings,
     then JobSpec's defaults (``lepton.config.job_from_mapping``)."""
-    values = {**explicit_fields(args), "dataset": dataset, "seed": seed, "mode": args.mode, "parameter_servers": args.ps}
+    values = {
+        **explicit_fields(args), "dataset": dataset, "seed": seed, "mode": args.mode, "parameter_servers": args.ps,
+    }
     return job_from_mapping(values)
 
 
@@ -285,7 +287,9 @@ def _acc(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default=DATASETS, help="built-in or package.module:factory; a comma-separated list compares each")
+    p.add_argument(
+        "--dataset", default=DATASETS, help="built-in or package.module:factory; a comma-separated list compares each"
+    )
     p.add_argument("--model", default=None, help="default: per data set (see above)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -344,7 +348,8 @@ def compare(args: argparse.Namespace, dataset: str) -> dict:
             sps = f"{lep.samples_per_second:.0f}" if lep.samples_per_second else "n/a"
             line += (
                 f"  lepton {_acc(lep.test_accuracy)} "
-                f"({lep.status}, {lep.wall_seconds:.1f} s wall, {sps} samples/s, load {os.getloadavg()[0]:.2f})"
+                f"({lep.status}, {lep.wall_seconds:.1f} s wall, {sps} samples/s, "
+                f"load {os.getloadavg()[0]:.2f})"
             )
             if lep.test_accuracy is not None:
                 run["diff_pt"] = 100.0 * (lep.test_accuracy - ref.test_accuracy)
@@ -372,7 +377,8 @@ def compare(args: argparse.Namespace, dataset: str) -> dict:
         summary["within_tolerance"] = within
         diff_text = f"{summary['diff_pt_median']:+.2f} pt" if diffs else "n/a"
         print(
-            f"{dataset}, median of {args.runs}: reference {ref_median:.4f}  lepton {_acc(summary['lepton_median'])}  "
+            f"{dataset}, median of {args.runs}: reference {ref_median:.4f}  "
+            f"lepton {_acc(summary['lepton_median'])}  "
             f"diff {diff_text}  (tolerance {args.tolerance_pt} pt: {'within' if within else 'NOT within'})"
         )
         code = 0 if within else 1

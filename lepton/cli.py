@@ -56,7 +56,8 @@ _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs":
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "job (flags override --job FILE, which overrides the data set's recommended settings, then the defaults)"
+        "job (flags override --job FILE, which overrides the data set's recommended settings, "
+        "then the defaults)"
     )
     g.add_argument("--job", metavar="FILE", help="job TOML file (JobSpec fields as keys)")
     for flag, (_, typ, text) in _JOB_FLAGS.items():

@@ -131,7 +131,9 @@ class JobSpec:
         if self.staleness < 0:
             problems.append(f"staleness must be >= 0, got {self.staleness}")
         if self.async_lr_scaling not in ASYNC_LR_SCALINGS:
-            problems.append(f"async_lr_scaling must be one of {ASYNC_LR_SCALINGS}, got {self.async_lr_scaling!r}")
+            problems.append(
+                f"async_lr_scaling must be one of {ASYNC_LR_SCALINGS}, got {self.async_lr_scaling!r}"
+            )
         if self.parameter_servers < 1:
             problems.append(f"parameter_servers must be >= 1, got {self.parameter_servers}")
         if not isinstance(self.optimizer_kwargs, Mapping):
