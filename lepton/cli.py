@@ -20,7 +20,7 @@ import structlog
 # (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", exit -6).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from lepton.config import LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, load_job_file
+from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, read_job_file
 from lepton.errors import ConfigError, LeptonError
 from lepton.logs import configure_logging
 from lepton.process import (
@@ -36,8 +36,9 @@ from lepton.security import Security, check_exposure, load_security
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--dataset": (
         "dataset", str,
-        "built-in dataset (digits, synthetic-image, synthetic-text), package.module:factory (also a module "
-        "in the current directory) or path/to/file.py:factory",
+        "built-in dataset (digits, diabetes; synthetic-image and synthetic-text bring their recommended "
+        "model, epochs, batch size, optimizer and lr), package.module:factory (also a module in the current "
+        "directory) or path/to/file.py:factory",
     ),
     "--model": (
         "model", str,
@@ -59,13 +60,21 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--lease-timeout": ("lease_timeout_s", float, "seconds a shard lease lives without renewal (heartbeats, progress)"),
     "--staleness": ("staleness", int, "ssp: pushes a worker may run ahead of the slowest (0: lockstep)"),
     "--lr-schedule": ("lr_schedule", str, f"learning-rate schedule, in server updates: {', '.join(LR_SCHEDULES)}"),
+    "--async-lr-scaling": (
+        "async_lr_scaling", str,
+        f"async: {' or '.join(ASYNC_LR_SCALINGS)}; staleness: a push staler than (workers - 1) gets its lr "
+        "scaled by (workers - 1) / staleness (default)",
+    ),
 }
 # JSON-object flags: flag -> JobSpec field.
 _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}
 
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("job (flags override --job FILE, which overrides the defaults)")
+    g = p.add_argument_group(
+        "job (flags override --job FILE, which overrides the data set's recommended settings, "
+        "then the defaults)"
+    )
     g.add_argument("--job", metavar="FILE", help="job TOML file (JobSpec fields as keys)")
     for flag, (_, typ, text) in _JOB_FLAGS.items():
         g.add_argument(flag, type=typ, default=None, help=text)
@@ -85,8 +94,9 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 
 
 def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
-    base = load_job_file(args.job) if args.job else JobSpec()
-    values: dict[str, Any] = {}
+    """The job of the flags, the ``--job`` file, the data set's recommended settings and JobSpec's
+    defaults, in that order of precedence (``lepton.config.job_from_mapping``)."""
+    values: dict[str, Any] = read_job_file(args.job) if args.job else {}
     for flag, (name, _, _) in _JOB_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -99,7 +109,7 @@ def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{flag} is not JSON: {exc}") from exc
     values.update(overrides)
-    spec = job_from_mapping(values, base)
+    spec = job_from_mapping(values)
     # A factory file is named absolutely from here on: every process of the job (children of
     # `lepton up`, workers told by the coordinator) loads the same file whatever its directory.
     from lepton.factories import absolute_factory

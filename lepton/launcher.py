@@ -107,6 +107,7 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs)),
         "--lr-schedule", spec.lr_schedule, "--lr-schedule-kwargs", json.dumps(dict(spec.lr_schedule_kwargs)),
         "--staleness", str(spec.staleness),
+        "--async-lr-scaling", spec.async_lr_scaling,
         "--mode", spec.mode,
         "--shards", str(spec.shards_per_epoch),
         "--seed", str(spec.seed),

@@ -56,6 +56,7 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         lease_timeout_s=spec.lease_timeout_s,
         loss=spec.loss,
         task=TASK_TO_WIRE[spec.task],
+        async_lr_scaling=spec.async_lr_scaling,
     )
 
 
@@ -95,6 +96,7 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         lease_timeout_s=msg.lease_timeout_s or JobSpec.lease_timeout_s,
         loss=msg.loss or JobSpec.loss,
         task=TASK_FROM_WIRE[msg.task],
+        async_lr_scaling=msg.async_lr_scaling or JobSpec.async_lr_scaling,
     )
 
 

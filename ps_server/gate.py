@@ -1,6 +1,8 @@
 """The consistency gate: when a pushed gradient is applied.
 
-``async``: applied on arrival; staleness (version at apply minus base version) is recorded.
+``async``: applied on arrival; staleness (version at apply minus base version) is recorded, and
+the push's learning rate is scaled by the gate's ``lr_scaling`` policy (``ps_server/staleness.py``)
+from its staleness and the number of workers pushing (members that pushed here and are still live).
 
 ``sync``: step ``v`` turns version ``v`` into ``v + 1`` with the sample-weighted mean of the
 gradients computed from version ``v``. The step closes as soon as every participant has pushed.
@@ -33,6 +35,7 @@ from enum import Enum
 import torch
 
 from lepton.errors import DeadlineExceeded, OptimizerFailed
+from ps_server.staleness import LrScaling, StalenessAwareLr
 from ps_server.store import ParameterStore
 
 
@@ -79,6 +82,7 @@ class GateCounters:
     pushes_deduplicated: int = 0  # retries answered from memory, not applied again
     pushes_stale: int = 0
     updates_applied: int = 0
+    pushes_lr_scaled: int = 0  # async: pushes applied with a reduced learning rate (too stale)
     steps_timed_out: int = 0  # sync steps closed, or ssp laggards dropped, by the timeout
     clock_gap_max: int = 0  # ssp: largest fastest-minus-slowest clock seen (staleness + 1 if callers wait)
     compute_gap_max: int = 0  # ssp: largest lead over the slowest a worker computed a gradient at (<= staleness)
@@ -119,6 +123,7 @@ class ConsistencyGate:
         step_timeout_s: float,
         after_apply: Callable[[ParameterStore], None] | None = None,
         staleness: int = 0,
+        lr_scaling: LrScaling = StalenessAwareLr(),
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
@@ -137,6 +142,8 @@ class ConsistencyGate:
         self._accum_samples = 0
         self._step_opened_at: float | None = None
         self.staleness = staleness
+        self._lr_scaling = lr_scaling
+        self._pushers: set[str] = set()  # async: members that pushed and are not known to be dead
         self._clocks: dict[str, int] = {}  # ssp participants: pushes applied
         self._last_push_at: dict[str, float] = {}  # ssp participants: when they last pushed
         # Answers to recent pushes by (member, request id), oldest first: retries get them again.
@@ -190,8 +197,12 @@ class ConsistencyGate:
             if self.mode == "ssp":
                 return self._push_ssp(key, member_id, version - base_version, grads, now)
             if self.mode == "async":
-                self._apply(grads)
                 staleness = version - base_version
+                self._pushers.add(member_id)
+                lr_scale = self._lr_scaling.lr_scale(staleness, len(self._pushers))
+                if lr_scale != 1.0:
+                    self.counters.pushes_lr_scaled += 1
+                self._apply(grads, lr_scale)
                 self.counters.observe_staleness(staleness)
                 self._cond.notify_all()
                 return self._remember(key, PushResult(PushOutcome.APPLIED, self.store.version, staleness))
@@ -333,6 +344,7 @@ class ConsistencyGate:
         """Drops participants the coordinator no longer lists as alive."""
         with self._cond:
             self._participants &= live
+            self._pushers &= live
             self._joins = {m: v for m, v in self._joins.items() if m in live}
             self._cond.notify_all()
             self._drop_clocks(set(self._clocks) - live)
@@ -394,9 +406,9 @@ class ConsistencyGate:
             self._capture_at = target_version
             return Capture(version)
 
-    def _apply(self, grads: Mapping[str, torch.Tensor]) -> None:
+    def _apply(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
         try:
-            self.store.apply(grads)
+            self.store.apply(grads, lr_scale)
         except OptimizerFailed:
             self._cond.notify_all()  # pushes waiting for a step or a clock fail now, not at their timeout
             raise

@@ -189,6 +189,7 @@ def serve(
                 lr_schedule=spec.lr_schedule,
                 lr_schedule_kwargs=spec.lr_schedule_kwargs,
                 staleness=spec.staleness,
+                async_lr_scaling=spec.async_lr_scaling,
             )
             client.report_ready(member, assignment.layout_version, version)
         except Fenced as exc:

@@ -16,6 +16,7 @@ from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
 from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.gate import ClockWait, ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
+from ps_server.staleness import staleness_lr_scaling
 from ps_server.store import ParameterStore
 
 MIN_REFRESH_INTERVAL_S = 0.2
@@ -87,6 +88,7 @@ class ParameterServerNode:
         staleness: int = 0,
         sparse: Collection[str] = (),
         kinds: Mapping[str, TensorKind] | None = None,
+        async_lr_scaling: str = "staleness",
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
         when there is one; returns the version it serves from (0 for a fresh start)."""
@@ -102,7 +104,9 @@ class ParameterServerNode:
             else None
         )
         with self._lock:
-            self._gate = ConsistencyGate(store, mode, step_timeout_s, after_apply, staleness)
+            self._gate = ConsistencyGate(
+                store, mode, step_timeout_s, after_apply, staleness, lr_scaling=staleness_lr_scaling(async_lr_scaling)
+            )
             self._checkpoints = checkpoints
             self._no_state_dir = checkpoints is None
         return store.version

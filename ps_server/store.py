@@ -113,11 +113,12 @@ class ParameterStore:
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise InvalidArgument(f"gradient {name!r} contains NaN or Inf; rejected")
 
-    def apply(self, grads: Mapping[str, torch.Tensor]) -> int:
+    def apply(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> int:
         """One update: an optimizer step over the trainable tensors that have a gradient in
-        ``grads``, and each buffer change in ``grads`` added to its buffer; returns the new version.
-        A row-sparse tensor without a gradient gets an empty one (no rows touched: torch steps the
-        whole table). Raises OptimizerFailed if the step raises, or did before."""
+        ``grads``, at ``lr_scale`` times the schedule's learning rate (async staleness scaling), and
+        each buffer change in ``grads`` added to its buffer; returns the new version. A row-sparse
+        tensor without a gradient gets an empty one (no rows touched: torch steps the whole table).
+        Raises OptimizerFailed if the step raises, or did before."""
         if self.failure:
             raise OptimizerFailed(self.failure)
         for name, p in self._params.items():
@@ -127,7 +128,7 @@ class ParameterStore:
                     g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
                 p.grad = None if g is None else (g.coalesce() if g.is_sparse else g)
         try:
-            self._optimizer.step()
+            self._step(lr_scale)
             if self._scheduler is not None:
                 self._scheduler.step()
         except Exception as exc:  # noqa: BLE001 - any error of torch's ends this store's updates
@@ -143,6 +144,23 @@ class ParameterStore:
                 self._params[name].add_(grads[name].to(self._params[name].dtype))
         self.version += 1
         return self.version
+
+    def _step(self, lr_scale: float) -> None:
+        """``optimizer.step()`` with every group's lr times ``lr_scale`` for this step alone: the
+        groups' own values are restored before the schedule steps (torch's schedulers compute the
+        next lr from the groups' current one), so the schedule never sees a scaled rate."""
+        if lr_scale == 1.0:
+            self._optimizer.step()
+            return
+        groups = self._optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        for group, lr in zip(groups, saved):
+            group["lr"] = lr * lr_scale
+        try:
+            self._optimizer.step()
+        finally:
+            for group, lr in zip(groups, saved):
+                group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of everything a restart needs: version, tensors, optimizer and schedule state."""

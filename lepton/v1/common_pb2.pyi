@@ -106,7 +106,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task")
+    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class JobSpec(_message.Message):
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_LR_SCALING_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     epochs: int
@@ -143,7 +144,8 @@ class JobSpec(_message.Message):
     lease_timeout_s: float
     loss: str
     task: Task
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ...) -> None: ...
+    async_lr_scaling: str
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse", "kind")

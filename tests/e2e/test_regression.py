@@ -75,7 +75,7 @@ def test_diabetes_regression_trains_through_lepton_up_like_single_process_torch(
 @pytest.mark.parametrize(
     ("flags", "reason"),
     [(["--loss", "hinge"], "unknown loss 'hinge'"),
-     (["--dataset", "diabetes"], "loss 'cross_entropy' does not fit"),
+     (["--dataset", "diabetes", "--loss", "cross_entropy"], "loss 'cross_entropy' does not fit"),
      (["--loss", "mse", "--task", "classification"], "task classification contradicts loss mse")],
 )  # fmt: skip
 def test_a_loss_that_cannot_train_the_job_stops_the_coordinator_with_exit_2_and_the_reason(flags, reason):

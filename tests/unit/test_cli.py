@@ -76,3 +76,25 @@ def test_the_coordinator_refuses_an_optimizer_the_servers_could_not_build(tmp_pa
     with pytest.raises(ConfigError, match=fragment):
         build_job(spec, str(tmp_path / "state"))
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("command", ["up", "coordinator"])
+def test_a_dataset_flag_alone_gives_that_workloads_recommended_settings(command):
+    spec = job_from_args(build_parser().parse_args([command, "--dataset", "synthetic-image"]))
+    assert (spec.model, spec.epochs, spec.batch_size, spec.optimizer, spec.lr) == ("mlp", 3, 128, "adam", 1e-3)
+
+
+def test_flags_and_job_file_values_win_over_a_workloads_recommended_settings(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('dataset = "synthetic-text"\nepochs = 1\n')
+    args = build_parser().parse_args(["up", "--job", str(path), "--lr", "0.02"])
+    spec = job_from_args(args)
+    assert (spec.model, spec.epochs, spec.lr, spec.batch_size) == ("embedding-bag", 1, 0.02, 128)
+    # a flag naming another data set takes that one's settings instead
+    spec = job_from_args(build_parser().parse_args(["up", "--job", str(path), "--dataset", "digits"]))
+    assert (spec.model, spec.epochs, spec.batch_size) == ("mlp", 1, 32)
+
+
+def test_the_async_lr_scaling_flag_sets_the_policy():
+    spec = job_from_args(build_parser().parse_args(["coordinator", "--async-lr-scaling", "none"]))
+    assert spec.async_lr_scaling == "none"

@@ -162,3 +162,51 @@ def test_a_fractional_count_in_a_job_file_is_a_config_error(tmp_path, field):
     path.write_text(f"[job]\n{field} = 2.5\n")
     with pytest.raises(ConfigError, match=field):
         load_job_file(path)
+
+
+# --- per-workload recommended settings --------------------------------------------------------
+
+
+def test_a_job_on_synthetic_image_takes_its_recommended_settings():
+    spec = job_from_mapping({"dataset": "synthetic-image"})
+    assert (spec.model, spec.epochs, spec.batch_size, spec.optimizer, spec.lr) == ("mlp", 3, 128, "adam", 1e-3)
+
+
+def test_a_job_on_synthetic_text_takes_the_embedding_bag_settings():
+    spec = job_from_mapping({"dataset": "synthetic-text"})
+    assert (spec.model, spec.epochs, spec.batch_size, spec.optimizer, spec.lr) == (
+        "embedding-bag", 3, 128, "adam", 1e-2,
+    )
+
+
+def test_digits_and_other_data_sets_keep_the_job_defaults():
+    defaults = JobSpec()
+    for values in ({}, {"dataset": "digits"}, {"dataset": "mymodule:data"}):
+        spec = job_from_mapping(values)
+        assert (spec.model, spec.epochs, spec.batch_size, spec.lr) == (
+            defaults.model, defaults.epochs, defaults.batch_size, defaults.lr,
+        )
+
+
+def test_explicit_values_win_over_the_recommended_settings():
+    spec = job_from_mapping({"dataset": "synthetic-image", "lr": 0.01, "epochs": 1})
+    assert (spec.lr, spec.epochs, spec.batch_size) == (0.01, 1, 128)
+
+
+def test_a_job_file_on_a_synthetic_data_set_keeps_its_own_values_and_takes_the_rest(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\ndataset = "synthetic-text"\nbatch_size = 64\n')
+    spec = load_job_file(path)
+    assert (spec.model, spec.batch_size, spec.lr, spec.epochs) == ("embedding-bag", 64, 1e-2, 3)
+
+
+def test_a_base_job_is_not_overridden_by_recommendations():
+    spec = job_from_mapping({"dataset": "synthetic-image"}, JobSpec(epochs=7))
+    assert (spec.epochs, spec.batch_size) == (7, JobSpec().batch_size)
+
+
+def test_async_lr_scaling_defaults_to_staleness_and_rejects_unknown_names():
+    assert JobSpec().async_lr_scaling == "staleness"
+    assert JobSpec(async_lr_scaling="none").async_lr_scaling == "none"
+    with pytest.raises(ConfigError, match="async_lr_scaling"):
+        JobSpec(async_lr_scaling="zhang")
