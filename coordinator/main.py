@@ -18,6 +18,7 @@ from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
 from lepton.errors import ConfigError
+from lepton.files import check_state_dir
 from lepton.tasks import resolve_task
 from lepton.tensors import TensorKind
 from lepton.workloads import (
@@ -72,6 +73,8 @@ def serve(
     options: ServiceOptions = ServiceOptions(),
     state_dir: str | None = None,
 ) -> int:
+    if state_dir:
+        check_state_dir(state_dir)  # before the data loads: a bad path is refused in a second
     clock = MonotonicClock()
     job = build_job(spec, state_dir, clock.now)
     if job.restored:

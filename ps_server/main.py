@@ -33,6 +33,7 @@ from ps_server.servicer import ParameterServerServicer, encode_status, registrat
 
 log = structlog.get_logger("lepton.ps")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
+CHECKPOINT_DIR = "checkpoints"  # under --state-dir
 
 
 def write_final_status(path: Path, status: NodeStatus) -> None:
@@ -61,6 +62,9 @@ def serve(
     state_dir: str | None = None,
 ) -> int:
     if state_dir:
+        # Before registering: a server that cannot keep checkpoints must not join the job it
+        # would fail later (ConfigError: exit 2 naming the path).
+        files.check_state_dir(files.check_state_dir(state_dir) / CHECKPOINT_DIR)
         (Path(state_dir) / FINAL_STATUS_FILE).unlink(missing_ok=True)
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     member_box: list[MemberId] = []
@@ -182,7 +186,7 @@ def serve(
                 assignment.optimizer_kwargs,
                 assignment.mode,
                 step_timeout_s=spec.heartbeat_timeout_s,
-                checkpoints=CheckpointDirectory(Path(state_dir) / "checkpoints") if state_dir else None,
+                checkpoints=CheckpointDirectory(Path(state_dir) / CHECKPOINT_DIR) if state_dir else None,
                 checkpoint_every_steps=spec.checkpoint_every_steps,
                 sparse=assignment.sparse,
                 kinds=assignment.kinds,

@@ -29,6 +29,10 @@ class ParameterServerCollector(Collector):
         yield CounterMetricFamily("lepton_ps_bytes_pushed_total", "Gradient bytes received from workers.", value=s.bytes_pushed)
         yield CounterMetricFamily("lepton_ps_sync_steps_timed_out_total", "Sync steps closed by the timeout, and (ssp) slow workers dropped after the timeout.", value=s.steps_timed_out)
         yield CounterMetricFamily(
+            "lepton_ps_checkpoints_failed_total", "Periodic checkpoints that could not be written (training went on).",
+            value=s.checkpoints_failed,
+        )
+        yield CounterMetricFamily(
             "lepton_ps_stale_requests_rejected_total", "Requests refused because the worker's incarnation is fenced.",
             value=node.fenced_rejections,
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import structlog
 import torch
 
 from lepton.tensors import TensorKind, TensorSpec, payload_bytes
@@ -19,6 +20,7 @@ from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.staleness import staleness_lr_scaling
 from ps_server.store import ParameterStore
 
+log = structlog.get_logger("lepton.ps")
 MIN_REFRESH_INTERVAL_S = 0.2
 
 
@@ -38,6 +40,7 @@ class NodeStatus:
     mean_staleness: float
     bytes_pulled: int
     bytes_pushed: int
+    checkpoints_failed: int = 0
 
 
 class ParameterServerNode:
@@ -67,6 +70,7 @@ class ParameterServerNode:
         self._last_refresh = float("-inf")
         self.pushes_rejected = 0
         self.checkpoint_version = -1
+        self.checkpoints_failed = 0  # periodic checkpoints that could not be written (disk full, ...)
         self._checkpoints: CheckpointDirectory | None = None
         self._no_state_dir = False  # loaded without a checkpoint directory: ordered checkpoints fail
         self._snapshot: SnapshotReport | None = None  # the answer to the latest checkpoint order
@@ -144,10 +148,28 @@ class ParameterServerNode:
         return report
 
     def _checkpointer(self, checkpoints: CheckpointDirectory, every_steps: int) -> Callable[[ParameterStore], None]:
+        failing = [False]  # runs under the gate's lock: no other guard needed
         def after_apply(store: ParameterStore) -> None:
-            if store.version % every_steps == 0:
+            if store.version % every_steps != 0:
+                return
+            try:
                 checkpoints.save(store.version, store.state_dict())
-                self.checkpoint_version = store.version
+            except (OSError, RuntimeError) as exc:
+                # Disk full, file too large, directory gone (torch's zip writer reports a failed
+                # write as RuntimeError): the update is applied and the push it came with must
+                # succeed, so training goes on; the next interval tries again. One log line per
+                # failed interval, never one per push.
+                self.checkpoints_failed += 1
+                failing[0] = True
+                log.warning(
+                    "checkpoint_failed", version=store.version, failures=self.checkpoints_failed,
+                    directory=str(checkpoints.directory), error=str(exc) or type(exc).__name__,
+                )
+                return
+            if failing[0]:
+                log.info("checkpoint_recovered", version=store.version, failures=self.checkpoints_failed)
+            failing[0] = False
+            self.checkpoint_version = store.version
 
         return after_apply
 
@@ -335,4 +357,5 @@ class ParameterServerNode:
             mean_staleness=c.staleness_mean if c else 0.0,
             bytes_pulled=self.bytes_pulled,
             bytes_pushed=self.bytes_pushed,
+            checkpoints_failed=self.checkpoints_failed,
         )
