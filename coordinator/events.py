@@ -107,6 +107,14 @@ class EventLog:
                 self._staged.clear()
                 self._cond.notify_all()
 
+    def discard_staged(self) -> None:
+        """Drops the staged events of a change that was not committed (nobody has seen them) and
+        hands their sequence numbers out again."""
+        with self._cond:
+            if self._staged:
+                self._next = self._staged[0].sequence
+                self._staged.clear()
+
     def after(self, sequence: int) -> list[Event]:
         with self._cond:
             return [e for e in self._events if e.sequence > sequence]

@@ -25,7 +25,7 @@ from coordinator.membership import Member, MembershipTable, Role
 from lepton.tensors import TensorKind, TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
-from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument
+from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument, StateNotSaved
 from lepton.optimizers import Granularity, granularity
 from lepton.tasks import REGRESSION, Evaluation
 
@@ -231,6 +231,8 @@ class Job:
         self.ps_restarts = 0
         self.steps_rolled_back = 0
         self.leases_expired = 0
+        self.saves_failed = 0  # changes the store could not commit (rolled back, callers told to retry)
+        self.last_save_failed = False
         self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
         self._ps_versions: dict[str, int] = {}
         self._ps_lost_at: dict[str, float] = {}
@@ -288,12 +290,28 @@ class Job:
             "checkpoints": self._checkpoints.to_state(),
         }
         extra = [SavedCompletion(completion.epoch, completion.shard, completion.member_id, completion.incarnation)] if completion else []
-        self._store.save(
-            {"job": job, "members": self._members.to_state(), "ledger": self._ledger.to_state()},
-            extra,
-            [event.to_dict() for event in self.events.staged()],
-        )
+        try:
+            self._store.save(
+                {"job": job, "members": self._members.to_state(), "ledger": self._ledger.to_state()},
+                extra,
+                [event.to_dict() for event in self.events.staged()],
+            )
+        except StateNotSaved:
+            self.saves_failed += 1
+            self.last_save_failed = True
+            self._roll_back(now)
+            raise
+        self.last_save_failed = False
         self.events.publish()
+
+    def _roll_back(self, now: float) -> None:
+        """After a change that could not be committed: the in-memory state becomes what the store
+        holds (what a restart would load), so the caller's retry meets the state before its call."""
+        assert self._store is not None
+        self.events.discard_staged()
+        saved = self._store.load()  # reads still work on a full disk; a failure here is StateNotSaved too
+        if saved is not None:
+            self._load_documents(saved, now)
 
     def _restore(self, saved: SavedJob, now: float) -> None:
         job = saved.documents["job"]
@@ -303,10 +321,25 @@ class Job:
                 "the state directory holds a different job "
                 f"({spec}); restart with the same job settings or use a new --state-dir"
             )
+        self._load_documents(saved, now)
+        self.events.restore([Event.from_dict(body) for body in saved.events])
+        self.restored = True
+        self.events.append(
+            EventKind.JOB_STATE_CHANGED,
+            f"coordinator restarted; job {self._state.name.lower()} restored at epoch {self._ledger.epoch}",
+            job_state=self._state.name,
+        )
+        self._persist(now)
+
+    def _load_documents(self, saved: SavedJob, now: float) -> None:
+        """Replaces the control state with the saved documents (at a restart, or to undo a change
+        the store refused); the event history is the caller's business."""
+        job = saved.documents["job"]
         self._state = JobState[job["state"]]
         self._failure = job["failure"]
         self._dead_count = job["dead_count"]
         self._progress.samples = job["samples"]
+        self._train_started = self._train_ended = None
         if self._state in (JobState.TRAINING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED):
             self._train_started = now - job["training_seconds"]
             if self._state is not JobState.TRAINING:
@@ -316,6 +349,7 @@ class Job:
         self._last_epoch_announced = job["last_epoch_announced"]
         self.leases_granted = job["leases_granted"]
         self.heartbeats_missed = job["heartbeats_missed"]
+        self._layout = None
         if job["layout"] is not None:
             specs = {s.name: s for s in self._specs}
             layout = job["layout"]
@@ -336,7 +370,6 @@ class Job:
         self._fence_version = job.get("fence_version", 0)
         if "checkpoints" in job:
             self._checkpoints.restore(job["checkpoints"], now)
-        self.events.restore([Event.from_dict(body) for body in saved.events])
         self.events.resume_from(job["next_event_sequence"])
         self._members.restore(saved.documents["members"], now)
         self._ledger.restore(
@@ -344,13 +377,6 @@ class Job:
             [Completion(c.epoch, c.shard, c.member_id, c.incarnation) for c in saved.completions],
             now,
         )
-        self.restored = True
-        self.events.append(
-            EventKind.JOB_STATE_CHANGED,
-            f"coordinator restarted; job {self._state.name.lower()} restored at epoch {self._ledger.epoch}",
-            job_state=self._state.name,
-        )
-        self._persist(now)
 
     def _training_seconds(self, now: float) -> float:
         if self._train_started is None:
@@ -688,7 +714,8 @@ class Job:
             if lease is None:
                 return wait
             self.leases_granted += 1
-            self._persist(now)
+            # Staged before the commit, so it is saved with the lease it describes (and dropped
+            # with it when the commit fails).
             self.events.append(
                 EventKind.SHARD_LEASED,
                 f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
@@ -699,6 +726,7 @@ class Job:
                 shard=lease.shard.index,
                 offset=lease.offset,
             )
+            self._persist(now)
             return LeaseDecision(LeaseOutcome.GRANTED, lease)
 
     def progress(

@@ -17,7 +17,7 @@ from lepton.optimizers import Granularity, granularity, prove_optimizer
 from coordinator.metrics import JobCollector
 from lepton.process import ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, StateNotSaved
 from lepton.files import check_state_dir
 from lepton.tasks import resolve_task
 from lepton.tensors import TensorKind
@@ -63,6 +63,28 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     )  # type: ignore[arg-type]
 
 
+class ExpiryLoop:
+    """The periodic expiry; a state directory that refuses commits is logged once when it starts
+    and once when it ends, not every tick (each failed tick was rolled back and is retried)."""
+
+    def __init__(self, job: Job, now: Callable[[], float]) -> None:
+        self._job = job
+        self._now = now
+        self._failing = False
+
+    def tick(self) -> None:
+        try:
+            self._job.tick(self._now())
+        except StateNotSaved as exc:
+            if not self._failing:
+                log.warning("state_not_saved", reason=str(exc), failures=self._job.saves_failed)
+            self._failing = True
+            return
+        if self._failing and not self._job.last_save_failed:
+            log.info("state_saved_again", failures=self._job.saves_failed)
+            self._failing = False
+
+
 def serve(
     spec: JobSpec,
     listen: str,
@@ -94,7 +116,7 @@ def serve(
         mode=spec.mode, dataset=spec.dataset,
     )
     write_ready_file(ready_file, address=server.address, metrics=metrics_address)
-    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, lambda: job.tick(clock.now()), "expiry")
+    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, ExpiryLoop(job, clock.now).tick, "expiry")
     stop.wait()
     log.info("coordinator_stopping", state=job.state.name)
     job.events.close()

@@ -39,5 +39,6 @@ class JobCollector(Collector):
             ("lepton_heartbeats_missed_total", "Heartbeat intervals that passed without a heartbeat from a member that later came back.", job.heartbeats_missed),
             ("lepton_stale_requests_rejected_total", "Requests refused because their incarnation was fenced.", job.fenced_rejections),
             ("lepton_samples_trained_total", "Training samples reported by workers.", s.samples_trained),
+            ("lepton_state_saves_failed_total", "Changes the state directory refused to commit (rolled back; callers got UNAVAILABLE).", job.saves_failed),
         ]:
             yield CounterMetricFamily(name, text, value=value)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from coordinator.events import EVENT_RETENTION
+from lepton.errors import StateNotSaved
 from lepton.files import write_atomically
 
 SCHEMA_VERSION = 1
@@ -52,7 +54,8 @@ class JobStore(Protocol):
         new_events: Iterable[dict] = (),
     ) -> None:
         """Atomically replaces the given documents and appends the completions and events (each
-        event a JSON-ready dict with an increasing ``sequence``)."""
+        event a JSON-ready dict with an increasing ``sequence``). Raises StateNotSaved when the
+        change cannot be committed (disk full, I/O error); then nothing was written."""
         ...
 
     def write_manifest(self, checkpoint_id: str, document: dict) -> str:
@@ -61,6 +64,16 @@ class JobStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@contextmanager
+def _not_saved_on_disk_errors(path: Path) -> Iterator[None]:
+    """SQLite's "database or disk is full", "disk I/O error", "unable to open database file" as
+    StateNotSaved (UNAVAILABLE to callers: retryable), never as an unexplained internal error."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StateNotSaved(f"the coordinator cannot write its state ({path}): {exc}; retry later") from exc
 
 
 class SqliteJobStore:
@@ -87,7 +100,7 @@ class SqliteJobStore:
         )
 
     def load(self) -> SavedJob | None:
-        with self._lock:
+        with self._lock, _not_saved_on_disk_errors(self.path):
             rows = self._db.execute("SELECT name, body FROM documents").fetchall()
             if not rows:
                 return None
@@ -113,7 +126,7 @@ class SqliteJobStore:
         new_events: Iterable[dict] = (),
     ) -> None:
         events = [(e["sequence"], json.dumps(e)) for e in new_events]
-        with self._lock:
+        with self._lock, _not_saved_on_disk_errors(self.path):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
@@ -131,7 +144,13 @@ class SqliteJobStore:
                     self._db.execute("DELETE FROM events WHERE sequence <= ?", (events[-1][0] - EVENT_RETENTION,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls back by itself after some errors (a full disk at COMMIT); a second
+                # ROLLBACK would fail with "no transaction is active" and hide the cause.
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
 
     def write_manifest(self, checkpoint_id: str, document: dict) -> str:

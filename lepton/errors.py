@@ -51,6 +51,11 @@ class Unavailable(LeptonError):
     """The peer cannot be reached right now; retrying may help."""
 
 
+class StateNotSaved(Unavailable):
+    """The coordinator could not commit a change to its state directory (disk full, I/O error):
+    the change was rolled back, so retrying may succeed once the disk has room again."""
+
+
 class Cancelled(LeptonError):
     """The client left (cancelled, or its deadline passed) before its request was whole."""
 

@@ -36,6 +36,7 @@ STATUS_FOR_ERROR: dict[type[errors.LeptonError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.StateNotSaved: grpc.StatusCode.UNAVAILABLE,  # retryable: nothing changed
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,  # or DEADLINE_EXCEEDED: see _abort
