@@ -232,7 +232,7 @@ class Job:
         self.steps_rolled_back = 0
         self.leases_expired = 0
         self.saves_failed = 0  # changes the store could not commit (rolled back, callers told to retry)
-        self.last_save_failed = False
+        self.saves_failing_since: float | None = None  # when the current run of refused commits began
         self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
         self._ps_versions: dict[str, int] = {}
         self._ps_lost_at: dict[str, float] = {}
@@ -298,10 +298,11 @@ class Job:
             )
         except StateNotSaved:
             self.saves_failed += 1
-            self.last_save_failed = True
+            if self.saves_failing_since is None:
+                self.saves_failing_since = now
             self._roll_back(now)
             raise
-        self.last_save_failed = False
+        self.saves_failing_since = None
         self.events.publish()
 
     def _roll_back(self, now: float) -> None:

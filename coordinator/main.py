@@ -15,7 +15,7 @@ from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from lepton.optimizers import Granularity, granularity, prove_optimizer
 from coordinator.metrics import JobCollector
-from lepton.process import ServiceOptions, run_every, write_ready_file
+from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED, ServiceOptions, run_every, write_ready_file
 from lepton.rpc import Server
 from lepton.errors import ConfigError, StateNotSaved
 from lepton.files import check_state_dir
@@ -64,25 +64,39 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
 
 
 class ExpiryLoop:
-    """The periodic expiry; a state directory that refuses commits is logged once when it starts
-    and once when it ends, not every tick (each failed tick was rolled back and is retried)."""
+    """The periodic expiry, and the coordinator's answer to a state directory that refuses
+    commits: each refused change was rolled back and its caller told to retry, so the loop logs
+    the run of failures once when it starts and once when it ends; a run longer than
+    ``give_up_after_s`` stops the coordinator with EXIT_STATE_NOT_SAVED (retryable) rather than
+    leave the job hanging."""
 
-    def __init__(self, job: Job, now: Callable[[], float]) -> None:
+    def __init__(self, job: Job, now: Callable[[], float], stop: threading.Event, give_up_after_s: float) -> None:
         self._job = job
         self._now = now
+        self._stop = stop
+        self._give_up_after_s = give_up_after_s
         self._failing = False
+        self.exit_code = EXIT_OK
 
     def tick(self) -> None:
+        now = self._now()
         try:
-            self._job.tick(self._now())
-        except StateNotSaved as exc:
-            if not self._failing:
-                log.warning("state_not_saved", reason=str(exc), failures=self._job.saves_failed)
-            self._failing = True
-            return
-        if self._failing and not self._job.last_save_failed:
-            log.info("state_saved_again", failures=self._job.saves_failed)
+            self._job.tick(now)
+        except StateNotSaved:
+            pass  # rolled back; the next tick decides again
+        since = self._job.saves_failing_since
+        if since is None:
+            if self._failing:
+                log.info("state_saved_again", failures=self._job.saves_failed)
             self._failing = False
+            return
+        if not self._failing:
+            log.warning("state_not_saved", failures=self._job.saves_failed, give_up_after_s=self._give_up_after_s)
+            self._failing = True
+        if now - since > self._give_up_after_s and self.exit_code == EXIT_OK:
+            log.error("state_not_saved_giving_up", failing_for_s=round(now - since, 1), failures=self._job.saves_failed)
+            self.exit_code = EXIT_STATE_NOT_SAVED
+            self._stop.set()
 
 
 def serve(
@@ -116,11 +130,12 @@ def serve(
         mode=spec.mode, dataset=spec.dataset,
     )
     write_ready_file(ready_file, address=server.address, metrics=metrics_address)
-    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, ExpiryLoop(job, clock.now).tick, "expiry")
+    expiry = ExpiryLoop(job, clock.now, stop, give_up_after_s=max(30.0, 10 * spec.heartbeat_timeout_s))
+    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, expiry.tick, "expiry")
     stop.wait()
     log.info("coordinator_stopping", state=job.state.name)
     job.events.close()
     server.stop(grace_s)
     if metrics is not None:
         metrics.close()
-    return 0
+    return expiry.exit_code

@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2            # permanent: bad flags or job file
 EXIT_JOB_FAILED = 3        # permanent: the job ended in FAILED
 EXIT_LOST_CONTACT = 160  # retryable (128-255, above the signal range): a peer could not be reached in time
+EXIT_STATE_NOT_SAVED = 161  # retryable: the coordinator's state directory refused commits too long (disk full)
 
 
 def exit_code_for(exc: Exception) -> int:

@@ -85,7 +85,7 @@ def test_a_registration_the_disk_refuses_changes_nothing_and_succeeds_once_there
     assert snapshot(job, clock) == before
     store._db.execute("PRAGMA max_page_count = 1073741823")
     job.register(Role.WORKER, "", clock.now())
-    assert job.saves_failed == 1 and not job.last_save_failed
+    assert job.saves_failed == 1 and job.saves_failing_since is None
 
 
 def test_a_completion_the_disk_refuses_is_not_counted_and_its_retry_is_not_a_duplicate(tmp_path):
@@ -135,3 +135,34 @@ def test_deaths_the_disk_refuses_are_retried_by_a_later_tick(tmp_path):
     disk.full = False
     clock.advance(3 * SPEC.heartbeat_timeout_s)  # the rollback gave every member a fresh timeout
     assert {m.member_id for m in job.tick(clock.now())} >= {worker.member_id}
+
+
+def test_the_expiry_loop_gives_up_with_a_retryable_code_when_commits_stay_refused(tmp_path):
+    import threading
+
+    from coordinator.main import ExpiryLoop
+    from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED
+
+    clock = FakeClock()
+    job, store, worker = training_job(tmp_path, clock)
+    stop = threading.Event()
+    loop = ExpiryLoop(job, clock.now, stop, give_up_after_s=30.0)
+    disk = full_disk(store)
+    disk.full = True
+    with pytest.raises(StateNotSaved):
+        job.register(Role.WORKER, "", clock.now())
+    clock.advance(20.0)
+    loop.tick()  # 20 s of refusals: keep trying
+    assert loop.exit_code == EXIT_OK and not stop.is_set()
+    disk.full = False
+    job.register(Role.WORKER, "", clock.now())  # space came back: the run of failures ends
+    loop.tick()
+    disk.full = True
+    with pytest.raises(StateNotSaved):
+        job.register(Role.WORKER, "", clock.now())
+    clock.advance(29.0)
+    loop.tick()
+    assert not stop.is_set()  # the clock restarted with the new run of failures
+    clock.advance(2.0)
+    loop.tick()
+    assert stop.is_set() and loop.exit_code == EXIT_STATE_NOT_SAVED
