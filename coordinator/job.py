@@ -243,7 +243,8 @@ class Job:
         self.tick_interval_s = min(spec.heartbeat_interval_s / 2, 0.25)
         if stall_threshold_s is not None and stall_threshold_s <= self.tick_interval_s:
             raise InvalidArgument(
-                f"stall_threshold_s must exceed the tick interval {self.tick_interval_s:g}s, got {stall_threshold_s}"
+                f"stall_threshold_s must exceed the tick interval {self.tick_interval_s:g}s, "
+                f"got {stall_threshold_s}"
             )
         self.stall_threshold_s = stall_threshold_s
         self.stalls_detected = 0
@@ -533,7 +534,8 @@ class Job:
             last, self._last_tick = self._last_tick, now
             if self._state.terminal:
                 return []
-            if self.stall_threshold_s is not None and last is not None and now - last > self.stall_threshold_s:
+            threshold = self.stall_threshold_s
+            if threshold is not None and last is not None and now - last > threshold:
                 # Judged right after: a member heard before the stall is no later than usual, and
                 # one silent before it still dies even if every tick comes late.
                 self._excuse_stall(now - last, now)

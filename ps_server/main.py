@@ -100,7 +100,9 @@ def serve(
     node.member_id = member_box[0].member_id
     bind(member=member_box[0].member_id, incarnation=member_box[0].incarnation)
     log.info("ps_registered", address=address, coordinator=coordinator, tls=server.tls, metrics=metrics_address)
-    write_ready_file(ready_file, address=server.address, member_id=member_box[0].member_id, metrics=metrics_address)
+    write_ready_file(
+        ready_file, address=server.address, member_id=member_box[0].member_id, metrics=metrics_address
+    )
     outcome = {"code": EXIT_OK}
     # The answer to the coordinator's standing checkpoint order, sent with every heartbeat until
     # the order goes away.
@@ -115,7 +117,8 @@ def serve(
                 checkpoint_id=report.checkpoint_id, target_version=report.target_version, version=report.version,
                 path=report.path, missed=report.missed, error=report.error,
             )
-        return client.heartbeat(member_box[0], gate.version if gate is not None else 0, applied_roster[0], wire)
+        version = gate.version if gate is not None else 0
+        return client.heartbeat(member_box[0], version, applied_roster[0], wire)
 
     def answer_order(reply: cpb.HeartbeatResponse) -> None:
         order = reply.checkpoint

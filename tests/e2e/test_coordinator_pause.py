@@ -33,7 +33,9 @@ def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processe
         processes.start(f"ps-{i}", lepton_argv("ps", "--coordinator", address, "--listen", "127.0.0.1:0"))
         for i in range(2)
     ]
-    workers = [processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(3)]
+    workers = [
+        processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(3)
+    ]
     members = servers + workers
 
     client = CoordinatorClient(address)
@@ -48,7 +50,8 @@ def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processe
         finally:
             os.kill(coordinator.pid, signal.SIGCONT)
         wait_until(
-            lambda: client.status().shard_completions > before.shard_completions, 60, "training after the pause"
+            lambda: client.status().shard_completions > before.shard_completions,
+            60, "training after the pause",
         )
         assert [p.poll() for p in members] == [None] * len(members)  # nobody left during or after it
 
@@ -98,7 +101,9 @@ def test_a_parameter_server_declared_dead_while_alive_rejoins_with_its_state(pro
         )
         for i in range(2)
     ]
-    workers = [processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(2)]
+    workers = [
+        processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(2)
+    ]
     members = servers + workers
 
     client = CoordinatorClient(address)
@@ -118,7 +123,8 @@ def test_a_parameter_server_declared_dead_while_alive_rejoins_with_its_state(pro
             os.kill(victim.pid, signal.SIGCONT)
         wait_until(
             lambda: any(
-                m.member.member_id == "ps-0" and m.member.incarnation == 2 and m.alive for m in client.status().members
+                (m.member.member_id, m.member.incarnation, m.alive) == ("ps-0", 2, True)
+                for m in client.status().members
             ),
             60, "ps-0 back under incarnation 2",
         )

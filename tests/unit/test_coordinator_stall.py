@@ -26,7 +26,10 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def job() -> Job:
-    return Job(SPEC, 30, INITIAL, events=EventLog(wall_clock=lambda: 0.0), stall_threshold_s=SPEC.heartbeat_interval_s)
+    return Job(
+        SPEC, 30, INITIAL, events=EventLog(wall_clock=lambda: 0.0),
+        stall_threshold_s=SPEC.heartbeat_interval_s,
+    )
 
 
 def training(job: Job, clock: FakeClock) -> tuple[list[Member], list[Member]]:

@@ -35,4 +35,5 @@ def test_other_tensors_or_nothing_loaded_mean_a_fresh_load():
     assert not keeps_state(None, assigned)
     assert not keeps_state(served(w=(4, 3)), assigned)
     assert not keeps_state(served(w=(5, 3), b=(3,)), assigned)
-    assert not keeps_state(served(w=(4, 3), b=(3,)), {"w": torch.zeros(4, 3), "b": torch.zeros(3, dtype=torch.float64)})
+    wider = {"w": torch.zeros(4, 3), "b": torch.zeros(3, dtype=torch.float64)}
+    assert not keeps_state(served(w=(4, 3), b=(3,)), wider)
