@@ -59,6 +59,9 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     return Job(
         spec, len(workload.train), tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
         tied=tied_names(model),
+        # A gap of a whole heartbeat interval (at least two tick periods) means every member may have
+        # had a heartbeat go unheard because of the coordinator, not of itself.
+        stall_threshold_s=spec.heartbeat_interval_s,
     )  # type: ignore[arg-type]
 
 
@@ -91,7 +94,7 @@ def serve(
         mode=spec.mode, dataset=spec.dataset,
     )
     write_ready_file(ready_file, address=server.address, metrics=metrics_address)
-    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, lambda: job.tick(clock.now()), "expiry")
+    run_every(job.tick_interval_s, stop, lambda: job.tick(clock.now()), "expiry")
     stop.wait()
     log.info("coordinator_stopping", state=job.state.name)
     job.events.close()
