@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+import structlog
 import torch
 
 from coordinator.checkpoints import Checkpoint, CheckpointManifest, CheckpointOrder, CheckpointReport
@@ -28,6 +29,8 @@ from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument, StateNotSaved
 from lepton.optimizers import Granularity, granularity
 from lepton.tasks import REGRESSION, Evaluation
+
+log = structlog.get_logger("lepton.coordinator")
 
 MAX_FAILURE_REASON_CHARS = 2000
 
@@ -194,6 +197,7 @@ class Job:
         sparse: Collection[str] = (),
         kinds: Mapping[str, TensorKind] | None = None,
         tied: Mapping[str, str] | None = None,
+        stall_threshold_s: float | None = None,
     ) -> None:
         self.spec = spec
         self._tied = dict(tied or {})  # state_dict name -> the carried name of the same tensor
@@ -234,6 +238,19 @@ class Job:
         self.saves_failed = 0  # changes the store could not commit (rolled back, callers told to retry)
         self.saves_failing_since: float | None = None  # when the current run of refused commits began
         self.ps_recovery_timeout_s = max(30.0, 10 * spec.heartbeat_timeout_s)
+        # The expiry loop's period. A gap between ticks longer than stall_threshold_s means the
+        # coordinator itself stalled (SIGSTOP, a starved CPU, a long GC) and may have left every
+        # member's heartbeat unheard: it forgives everyone the time it was away before judging.
+        # None (unit tests that jump a fake clock between sparse ticks): no stalls.
+        self.tick_interval_s = min(spec.heartbeat_interval_s / 2, 0.25)
+        if stall_threshold_s is not None and stall_threshold_s <= self.tick_interval_s:
+            raise InvalidArgument(
+                f"stall_threshold_s must exceed the tick interval {self.tick_interval_s:g}s, "
+                f"got {stall_threshold_s}"
+            )
+        self.stall_threshold_s = stall_threshold_s
+        self.stalls_detected = 0
+        self._last_tick: float | None = None
         self._ps_versions: dict[str, int] = {}
         self._ps_lost_at: dict[str, float] = {}
         # Fencing order: each requeue after a death or departure bumps _fence_version; new leases
@@ -541,8 +558,14 @@ class Job:
         """Declares silent members dead and requeues their work; returns the dead. Once the job
         is over members leave by themselves: nobody is declared dead any more."""
         with self._lock:
+            last, self._last_tick = self._last_tick, now
             if self._state.terminal:
                 return []
+            threshold = self.stall_threshold_s
+            if threshold is not None and last is not None and now - last > threshold:
+                # Judged right after: a member heard before the stall is no later than usual, and
+                # one silent before it still dies even if every tick comes late.
+                self._excuse_stall(now - last, now)
             dead = [(m, f"{self.spec.heartbeat_timeout_s:g}s without heartbeat") for m in self._members.expire(now)]
             dead += [(m, f"{self.spec.lease_timeout_s:g}s without renewing its lease") for m in self._expire_leases(now)]
             for member, why in dead:
@@ -565,6 +588,17 @@ class Job:
             if dead or failed:
                 self._persist(now)
             return [member for member, _ in dead]
+
+    def _excuse_stall(self, gap_s: float, now: float) -> None:
+        """Grants every member, lease and lost server the time the coordinator was away (the gap
+        less one normal tick), so only silence it was awake to hear counts against them."""
+        stall_s = gap_s - self.tick_interval_s
+        self.stalls_detected += 1
+        self._members.excuse(stall_s, now)
+        self._ledger.excuse(stall_s, now)
+        for server, since in self._ps_lost_at.items():
+            self._ps_lost_at[server] = min(since + stall_s, now)
+        log.warning("coordinator_stall_detected", gap_s=round(gap_s, 3), excused_s=round(stall_s, 3))
 
     def _expire_leases(self, now: float) -> list[Member]:
         """Holders of leases past their deadline, fenced (marked dead) so that their shards move

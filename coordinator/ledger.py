@@ -152,6 +152,12 @@ class ShardLedger:
                 renewed += 1
         return renewed
 
+    def excuse(self, stall_s: float, now: float) -> None:
+        """Pushes every deadline out by ``stall_s`` (the coordinator could not hear renewals then),
+        never past a full lease timeout from ``now``."""
+        for lease in self._leases.values():
+            lease.deadline = max(lease.deadline, min(lease.deadline + stall_s, now + self.lease_timeout_s))
+
     def expired(self, now: float) -> list[Lease]:
         """Leases whose deadline has passed (nothing changes; the caller revokes them)."""
         return [lease for lease in self._leases.values() if lease.deadline < now]

@@ -60,6 +60,9 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     return Job(
         spec, len(workload.train), tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
         tied=tied_names(model),
+        # A gap of a whole heartbeat interval (at least two tick periods) means every member may have
+        # had a heartbeat go unheard because of the coordinator, not of itself.
+        stall_threshold_s=spec.heartbeat_interval_s,
     )  # type: ignore[arg-type]
 
 
@@ -131,7 +134,7 @@ def serve(
     )
     write_ready_file(ready_file, address=server.address, metrics=metrics_address)
     expiry = ExpiryLoop(job, clock.now, stop, give_up_after_s=max(30.0, 10 * spec.heartbeat_timeout_s))
-    run_every(min(spec.heartbeat_interval_s / 2, 0.25), stop, expiry.tick, "expiry")
+    run_every(job.tick_interval_s, stop, expiry.tick, "expiry")
     stop.wait()
     log.info("coordinator_stopping", state=job.state.name)
     job.events.close()

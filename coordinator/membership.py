@@ -124,6 +124,13 @@ class MembershipTable:
                 dead.append(member)
         return dead
 
+    def excuse(self, stall_s: float, now: float) -> None:
+        """Forgives every live member ``stall_s`` seconds of silence: the coordinator itself was
+        not listening then. No last heartbeat moves past ``now``."""
+        for member in self._members.values():
+            if member.alive:
+                member.last_heartbeat = max(member.last_heartbeat, min(member.last_heartbeat + stall_s, now))
+
     def get(self, member_id: str) -> Member | None:
         return self._members.get(member_id)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 
 from lepton import files
-from lepton.clients import CoordinatorClient, MemberId
+from lepton.clients import AssignmentInfo, CoordinatorClient, MemberId
 from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError
 from lepton.logs import bind
 from lepton.process import (
@@ -28,6 +28,7 @@ from lepton.v1 import coordinator_pb2 as cpb
 from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
 from ps_server.metrics import ParameterServerCollector
 from ps_server.node import NodeStatus, ParameterServerNode
+from ps_server.rejoin import AfterFence, after_fence, keeps_state
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer, encode_status, registration
 
@@ -99,10 +100,13 @@ def serve(
             metrics.close()
         return EXIT_LOST_CONTACT
     member_box.append(member)
-    node.member_id = member.member_id
-    bind(member=member.member_id, incarnation=member.incarnation)
+    del member  # the identity lives in member_box: a fenced server re-registers under a new incarnation
+    node.member_id = member_box[0].member_id
+    bind(member=member_box[0].member_id, incarnation=member_box[0].incarnation)
     log.info("ps_registered", address=address, coordinator=coordinator, tls=server.tls, metrics=metrics_address)
-    write_ready_file(ready_file, address=server.address, member_id=member.member_id, metrics=metrics_address)
+    write_ready_file(
+        ready_file, address=server.address, member_id=member_box[0].member_id, metrics=metrics_address
+    )
     outcome = {"code": EXIT_OK}
     # The answer to the coordinator's standing checkpoint order, sent with every heartbeat until
     # the order goes away.
@@ -117,7 +121,8 @@ def serve(
                 checkpoint_id=report.checkpoint_id, target_version=report.target_version, version=report.version,
                 path=report.path, missed=report.missed, error=report.error,
             )
-        return client.heartbeat(member, gate.version if gate is not None else 0, applied_roster[0], wire)
+        version = gate.version if gate is not None else 0
+        return client.heartbeat(member_box[0], version, applied_roster[0], wire)
 
     def answer_order(reply: cpb.HeartbeatResponse) -> None:
         order = reply.checkpoint
@@ -136,23 +141,90 @@ def serve(
         if not reason or failure_reported.is_set():
             return
         try:
-            client.report_failure(member, reason)
+            client.report_failure(member_box[0], reason)
         except LeptonError as exc:
             log.warning("failure_report_failed", reason=reason, error=str(exc))
             return
         failure_reported.set()
         log.error("ps_failed", reason=reason)
 
+    def load(assignment: AssignmentInfo) -> int:
+        return node.load(
+            assignment.tensors,
+            assignment.optimizer,
+            assignment.lr,
+            assignment.optimizer_kwargs,
+            assignment.mode,
+            step_timeout_s=spec.heartbeat_timeout_s,
+            checkpoints=CheckpointDirectory(Path(state_dir) / CHECKPOINT_DIR) if state_dir else None,
+            checkpoint_every_steps=spec.checkpoint_every_steps,
+            sparse=assignment.sparse,
+            kinds=assignment.kinds,
+            lr_schedule=spec.lr_schedule,
+            lr_schedule_kwargs=spec.lr_schedule_kwargs,
+            staleness=spec.staleness,
+            async_lr_scaling=spec.async_lr_scaling,
+        )
+
+    joined = threading.Event()  # the first assignment is loaded and reported ready
+    rejoining = threading.Event()  # re-registered after a fence; not yet reported ready again
+    join_lock = threading.Lock()
+
+    def reclaim(fenced: MemberId, reason: str) -> bool:
+        """Takes the id back under a new incarnation after ``fenced`` was fenced while this process
+        lived (a paused coordinator, a partition): no outside supervisor has to restart it. False
+        when a newer incarnation holds the id (another process replaced this one): step aside."""
+        with join_lock:
+            if member_box[0] != fenced:
+                return True  # the other thread already re-registered
+            known = [(m.member.member_id, m.member.incarnation) for m in client.status().members]
+            if after_fence(fenced.member_id, fenced.incarnation, known) is AfterFence.STEP_ASIDE:
+                log.error("ps_fenced", reason=reason, decision="step_aside")
+                return False
+            fresh, _ = client.register(common.ROLE_PARAMETER_SERVER, address, fenced.member_id)
+            member_box[0] = fresh
+            if joined.is_set():
+                rejoining.set()
+            bind(member=fresh.member_id, incarnation=fresh.incarnation)
+            log.warning("ps_reregistered", reason=reason, previous_incarnation=fenced.incarnation)
+            return True
+
+    def finish_rejoin() -> None:
+        """Reports ready again, keeping the live parameters when the assignment is unchanged (the
+        coordinator keeps a restarted server's tensors), else loading afresh or from the checkpoint."""
+        current = member_box[0]
+        assignment = client.assignment(current)
+        gate = node.gate_or_none()
+        kept = gate is not None and keeps_state(gate.store.specs, assignment.tensors)
+        version = gate.version if kept and gate is not None else load(assignment)
+        client.report_ready(current, assignment.layout_version, version)
+        if member_box[0] == current:
+            rejoining.clear()
+        log.info("ps_rejoined", version=version, kept_state=kept, layout_version=assignment.layout_version)
+
+    def step_aside() -> None:
+        outcome["code"] = EXIT_LOST_CONTACT
+        stop.set()
+
     def heartbeat() -> None:
         report_failure()
+        if rejoining.is_set():
+            try:
+                finish_rejoin()
+            except LeptonError as exc:  # retried on the next heartbeat; the heartbeat still goes
+                log.warning("ps_rejoin_failed", error=str(exc))
         try:
             reply = send_heartbeat()
         except Fenced as exc:
-            # Declared dead (e.g. cut off longer than the timeout): retryable. Restarted with the
-            # same --id and --state-dir it comes back from its checkpoint.
-            log.error("ps_fenced", reason=str(exc))
-            outcome["code"] = EXIT_LOST_CONTACT
-            stop.set()
+            fenced = member_box[0]
+            try:
+                if not reclaim(fenced, str(exc)):
+                    step_aside()
+                    return
+                if rejoining.is_set():
+                    finish_rejoin()
+            except LeptonError as rejoin_exc:  # retried on the next heartbeat
+                log.warning("ps_rejoin_failed", error=str(rejoin_exc))
             return
         except LeptonError as exc:
             log.warning("heartbeat_failed", error=str(exc))
@@ -177,37 +249,31 @@ def serve(
     run_every(0.05, stop, node.tick, "step-timeout")
 
     while not stop.is_set():
+        current = member_box[0]
         try:
-            assignment = client.assignment(member)
-            version = node.load(
-                assignment.tensors,
-                assignment.optimizer,
-                assignment.lr,
-                assignment.optimizer_kwargs,
-                assignment.mode,
-                step_timeout_s=spec.heartbeat_timeout_s,
-                checkpoints=CheckpointDirectory(Path(state_dir) / CHECKPOINT_DIR) if state_dir else None,
-                checkpoint_every_steps=spec.checkpoint_every_steps,
-                sparse=assignment.sparse,
-                kinds=assignment.kinds,
-                lr_schedule=spec.lr_schedule,
-                lr_schedule_kwargs=spec.lr_schedule_kwargs,
-                staleness=spec.staleness,
-                async_lr_scaling=spec.async_lr_scaling,
-            )
-            client.report_ready(member, assignment.layout_version, version)
+            assignment = client.assignment(current)
+            version = load(assignment)
+            client.report_ready(current, assignment.layout_version, version)
+            with join_lock:
+                if member_box[0] != current:
+                    continue  # re-registered meanwhile: the new incarnation must report ready too
+                joined.set()
         except Fenced as exc:
-            log.error("ps_fenced", reason=str(exc))
-            outcome["code"] = EXIT_LOST_CONTACT
-            stop.set()
-            break
+            try:
+                if not reclaim(current, str(exc)):
+                    step_aside()
+                    break
+            except LeptonError as rejoin_exc:
+                log.warning("ps_rejoin_failed", error=str(rejoin_exc))
+                stop.wait(0.5)
+            continue
         except ConfigError as exc:
             # The coordinator proved the optimizer on the whole model; one that still cannot be
             # built on this server's share fails the job (retrying would refuse again).
             reason = f"cannot load its assignment: {exc}"
             log.error("assignment_refused", reason=reason)
             try:
-                client.report_failure(member, reason)
+                client.report_failure(member_box[0], reason)
             except LeptonError as report_exc:
                 log.warning("failure_report_failed", reason=reason, error=str(report_exc))
             outcome["code"] = EXIT_JOB_FAILED
