@@ -1,6 +1,6 @@
 """Job configuration: one frozen dataclass, validated on construction, read from TOML and flags.
 
-Every knob of a job is defined here and documented in the README's CLI reference.
+Every knob of a job is defined here and documented in docs/cli.md.
 """
 
 from __future__ import annotations

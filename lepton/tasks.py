@@ -2,7 +2,7 @@
 (classification or regression), how targets are shaped for the loss, and the task's metrics.
 Pure torch; the worker trains with it, the coordinator validates with it, the reference uses it.
 
-Rules (also in the README):
+Rules (also in docs/cli.md):
 
 - Task ``auto`` follows a built-in loss (``cross_entropy``, ``nll``, ``bce_with_logits``:
   classification; ``mse``, ``l1``: regression); with a custom loss it follows the labels' dtype
