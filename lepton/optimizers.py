@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lepton.errors import ConfigError
+from lepton.tensors import empty_row_sparse
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -68,10 +69,7 @@ def granularity(name: str) -> Granularity:
 
 def _zero_gradient(p: torch.Tensor, sparse: bool) -> torch.Tensor:
     if sparse:  # no rows touched: an empty row-sparse gradient, as a server builds it
-        return torch.sparse_coo_tensor(
-            torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape,
-            check_invariants=False,
-        ).coalesce()
+        return empty_row_sparse(p)
     return torch.zeros_like(p)
 
 

@@ -154,6 +154,15 @@ def sparse_part(grad: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     )
 
 
+def empty_row_sparse(like: torch.Tensor) -> torch.Tensor:
+    """A coalesced row-sparse (COO) gradient of ``like``'s shape and dtype that touches no row:
+    what a batch that reads none of an embedding table's rows produces."""
+    return torch.sparse_coo_tensor(
+        torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *like.shape[1:], dtype=like.dtype), like.shape,
+        is_coalesced=True, check_invariants=False,
+    )
+
+
 def payload_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor occupies on the wire: a row-sparse one counts its rows and row indices."""
     if t.is_sparse:

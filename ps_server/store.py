@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lepton.tensors import TensorKind, TensorSpec, check_rows
+from lepton.tensors import TensorKind, TensorSpec, check_rows, empty_row_sparse
 from lepton.errors import InvalidArgument, NotFound, OptimizerFailed
 from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
 
@@ -125,7 +125,7 @@ class ParameterStore:
             if p.requires_grad:
                 g = grads.get(name)
                 if g is None and name in self.sparse:
-                    g = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False)
+                    g = empty_row_sparse(p)
                 p.grad = None if g is None else (g.coalesce() if g.is_sparse else g)
         try:
             self._step(lr_scale)

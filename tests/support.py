@@ -149,3 +149,24 @@ def job_events(client, after: int = 0) -> list:
     except Exception:  # noqa: BLE001 - the deadline ends the stream
         pass
     return events
+
+
+def serve_share(member_id, specs, initial, optimizer: str, lr: float, kwargs, workers: int, step_timeout_s: float):
+    """A sync parameter server on 127.0.0.1:0 holding ``specs`` (its share of a layout, with their
+    sparse flags and kinds) cut from the whole tensors ``initial``, with worker identities
+    w-0..w-(workers-1) live. Returns (node, started server); the caller stops the server."""
+    from lepton.rpc import Server
+    from lepton.tensors import part
+    from ps_server.node import ParameterServerNode
+    from ps_server.roster import WorkerEntry
+    from ps_server.servicer import ParameterServerServicer, registration
+
+    node = ParameterServerNode(member_id)
+    node.load(
+        {t.name: part(initial, t) for t in specs}, optimizer, lr, kwargs, "sync", step_timeout_s=step_timeout_s,
+        sparse=[t.name for t in specs if t.sparse], kinds={t.name: t.kind for t in specs},
+    )
+    node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(workers)])
+    server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
+    server.start()
+    return node, server

@@ -15,7 +15,7 @@ from lepton.workloads import (
     Evaluation, build_model, evaluate, load_workload, model_tensors, sparse_parameter_names, take, tensor_kinds,
 )
 from lepton.tasks import resolve_loss, resolve_task, shape_target
-from lepton.tensors import TensorKind, TensorSpec, part
+from lepton.tensors import TensorKind, TensorSpec, empty_row_sparse, part
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,7 @@ class Trainer:
             if p.grad is not None:
                 grads[name] = p.grad.detach()
             elif name in self.sparse:  # the table is unused in this batch: no rows touched
-                grads[name] = torch.sparse_coo_tensor(
-                    torch.empty(1, 0, dtype=torch.int64), torch.empty(0, *p.shape[1:], dtype=p.dtype), p.shape, check_invariants=False
-                )
+                grads[name] = empty_row_sparse(p)
         for name, old in before.items():
             if old.dtype == torch.bool:
                 continue  # a flag, not a statistic: it has no change to average

@@ -19,7 +19,9 @@ SUCCEEDED = 5  # JOB_STATE_SUCCEEDED
 TRAINING = 3  # JOB_STATE_TRAINING
 
 
-def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processes, tmp_path):
+def start_cluster(processes, tmp_path, workers: int):
+    """A hand-started cluster (no supervisor): the coordinator, two parameter servers and
+    ``workers`` workers, all logging JSON. Returns (coordinator, address, servers, workers)."""
     coordinator = processes.start(
         "coordinator",
         lepton_argv(
@@ -30,12 +32,19 @@ def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processe
     )
     address = wait_until(lambda: read_json(tmp_path / "c.json"), 60, "the coordinator")["address"]
     servers = [
-        processes.start(f"ps-{i}", lepton_argv("ps", "--coordinator", address, "--listen", "127.0.0.1:0"))
+        processes.start(
+            f"ps-{i}", lepton_argv("ps", "--coordinator", address, "--listen", "127.0.0.1:0", "--log-format", "json")
+        )
         for i in range(2)
     ]
-    workers = [
-        processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(3)
+    started = [
+        processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(workers)
     ]
+    return coordinator, address, servers, started
+
+
+def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processes, tmp_path):
+    coordinator, address, servers, workers = start_cluster(processes, tmp_path, workers=3)
     members = servers + workers
 
     client = CoordinatorClient(address)
@@ -85,25 +94,7 @@ def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processe
 def test_a_parameter_server_declared_dead_while_alive_rejoins_with_its_state(processes, tmp_path):
     """The fallback when a fence does happen: a server paused past the timeout is declared dead;
     continued, it re-registers under its id and serves its live parameters (no supervisor)."""
-    coordinator = processes.start(
-        "coordinator",
-        lepton_argv(
-            "coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "c.json"),
-            "--parameter-servers", "2", "--epochs", str(EPOCHS), "--shards", str(SHARDS),
-            "--heartbeat-timeout", str(TIMEOUT_S), "--log-format", "json",
-        ),
-    )
-    address = wait_until(lambda: read_json(tmp_path / "c.json"), 60, "the coordinator")["address"]
-    servers = [
-        processes.start(
-            f"ps-{i}",
-            lepton_argv("ps", "--coordinator", address, "--listen", "127.0.0.1:0", "--log-format", "json"),
-        )
-        for i in range(2)
-    ]
-    workers = [
-        processes.start(f"worker-{i}", lepton_argv("worker", "--coordinator", address)) for i in range(2)
-    ]
+    coordinator, address, servers, workers = start_cluster(processes, tmp_path, workers=2)
     members = servers + workers
 
     client = CoordinatorClient(address)

@@ -29,9 +29,7 @@ from lepton.clients import MemberId, ParameterClient
 from lepton.rpc import Server
 from lepton.tensors import TensorSpec, assemble, part
 from ps_server.node import ParameterServerNode
-from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
-from support import wait_until
+from support import serve_share, wait_until
 
 FULL_STEPS = 5
 BATCH_SIZES = (4, 6, 8)  # worker i trains batches of BATCH_SIZES[i] samples
@@ -106,11 +104,7 @@ def servers(request) -> Iterator[list[ServedShard]]:
         for member_id in ids:
             specs = layout.tensors_of(member_id)
             assert specs, f"{member_id} holds no tensor"
-            node = ParameterServerNode(member_id)
-            node.load({t.name: part(initial, t) for t in specs}, name, lr, kwargs, "sync", step_timeout_s=CALL_TIMEOUT_S)
-            node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(workers)])
-            server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-            server.start()
+            node, server = serve_share(member_id, specs, initial, name, lr, kwargs, workers, CALL_TIMEOUT_S)
             shards.append(ServedShard(member_id, node, server, specs))
         yield shards
     finally:

@@ -27,9 +27,7 @@ from lepton.rpc import Server
 from lepton.tensors import TensorSpec, assemble, part
 from lepton.workloads import build_model, load_workload, take, tensor_kinds
 from ps_server.node import ParameterServerNode
-from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
-from support import wait_until
+from support import serve_share, wait_until
 from worker.trainer import Trainer
 
 WORKERS, SERVERS = 2, 2
@@ -94,14 +92,9 @@ def cluster(request) -> Iterator[tuple[JobSpec, list[Served]]]:
     try:
         for member_id in ids:
             specs = layout.tensors_of(member_id)
-            node = ParameterServerNode(member_id)
-            node.load(
-                {t.name: part(initial, t) for t in specs}, spec.optimizer, spec.lr, spec.optimizer_kwargs, "sync",
-                step_timeout_s=CALL_TIMEOUT_S, kinds={t.name: t.kind for t in specs},
+            node, server = serve_share(
+                member_id, specs, initial, spec.optimizer, spec.lr, spec.optimizer_kwargs, WORKERS, CALL_TIMEOUT_S
             )
-            node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(WORKERS)])
-            server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-            server.start()
             served.append(Served(member_id, node, server, specs))
         yield spec, served
     finally:

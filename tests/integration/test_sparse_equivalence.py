@@ -24,12 +24,8 @@ from torch import nn
 from coordinator.layout import balance
 from lepton.clients import MemberId, ParameterClient
 from lepton.optimizers import build_sparse_aware_optimizer
-from lepton.rpc import Server
 from lepton.tensors import TensorSpec, assemble, part, rows_in, sparse_part
-from ps_server.node import ParameterServerNode
-from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
-from support import wait_until
+from support import serve_share, wait_until
 
 VOCAB, DIM, CLASSES, DOC_LEN = 60, 4, 3, 5
 FULL_STEPS = 4
@@ -93,14 +89,7 @@ def cluster(request) -> Iterator[tuple[list, list[TensorSpec]]]:
     try:
         for member_id in layout.servers:
             held = layout.tensors_of(member_id)
-            node = ParameterServerNode(member_id)
-            node.load(
-                {t.name: part(initial, t) for t in held}, name, lr, kwargs, "sync",
-                step_timeout_s=CALL_TIMEOUT_S, sparse=[t.name for t in held if t.sparse],
-            )
-            node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(workers)])
-            server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-            server.start()
+            node, server = serve_share(member_id, held, initial, name, lr, kwargs, workers, CALL_TIMEOUT_S)
             served.append((node, server, held))
         yield served, list(layout.tensors)
     finally:

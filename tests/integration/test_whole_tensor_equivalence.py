@@ -13,11 +13,8 @@ from torch import nn
 
 from coordinator.layout import balance
 from lepton.optimizers import Granularity, granularity
-from lepton.rpc import Server
-from lepton.tensors import TensorSpec, assemble, part
-from ps_server.node import ParameterServerNode
-from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
+from lepton.tensors import TensorSpec, assemble
+from support import serve_share
 
 from .test_equivalence import (
     CALL_TIMEOUT_S,
@@ -54,11 +51,7 @@ def servers(request) -> Iterator[list[ServedShard]]:
     try:
         for member_id in ids:
             specs = layout.tensors_of(member_id)
-            node = ParameterServerNode(member_id)
-            node.load({t.name: part(initial, t) for t in specs}, "adafactor", LR, {}, "sync", step_timeout_s=CALL_TIMEOUT_S)
-            node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(WORKERS)])
-            server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-            server.start()
+            node, server = serve_share(member_id, specs, initial, "adafactor", LR, {}, WORKERS, CALL_TIMEOUT_S)
             shards.append(ServedShard(member_id, node, server, specs))
         yield shards
     finally:
