@@ -1,0 +1,368 @@
+"""Coordinator at scale: N simulated workers against one real coordinator process.
+
+What runs:
+    *coordinator*: ``lepton coordinator`` in its own process (digits data set, many small shards,
+    enough epochs that the job outlives the run), with a SQLite ``--state-dir`` or without one.
+
+    *parameter servers*: ``--servers`` simulated servers that register, read their assignment, report
+    ready and heartbeat at the heartbeat interval with a rising version, echoing the roster version
+    and answering no checkpoint orders (checkpoints are off).
+
+    *workers*: ``--workers`` simulated workers. Each registers, heartbeats every heartbeat interval
+    (default 0.5 s, 2 Hz) and, beside it, leases a shard, reports progress ``--progress`` times
+    ``--progress-interval`` apart and completes it, then leases again (WAIT answers are obeyed).
+
+    Clients are asyncio gRPC (``grpc.aio``) split over ``--client-procs`` processes so that the
+    clients' own event loops do not dominate the latencies they measure.
+
+What is printed, one row per configuration (all configurations run interleaved ``--repeats`` times):
+    heartbeat latency p50/p99/max as the clients saw it, RPC counts and failures by status code,
+    the coordinator's CPU share, members declared dead and the job's state at the end.
+
+How to run::
+
+    python bench/coordinator_scale.py                                  # 300 workers, 40 s, state dir on and off
+    python bench/coordinator_scale.py --workers 1000 --seconds 40 --repeats 2 --json scale.json
+    python bench/coordinator_scale.py --workers 20 --seconds 5 --configs state   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from lepton.v1 import common_pb2 as common
+from lepton.v1 import coordinator_pb2 as cpb
+from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
+
+CALL_TIMEOUT_S = 10.0
+TERMINAL_STATES = {cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED}
+
+
+# --------------------------------------------------------------------------------------------- clients
+
+
+@dataclass
+class ClientTally:
+    """What one client process saw."""
+
+    heartbeat_ms: list[float] = field(default_factory=list)
+    calls: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)
+    shards_completed: int = 0
+
+
+async def _call(tally: ClientTally, name: str, method, request):  # type: ignore[no-untyped-def]
+    tally.calls[name] += 1
+    try:
+        return await method(request, timeout=CALL_TIMEOUT_S)
+    except aio.AioRpcError as exc:
+        tally.failures[f"{name}:{exc.code().name}"] += 1
+        return None
+
+
+async def _register(stub, tally: ClientTally, role: int, address: str = ""):  # type: ignore[no-untyped-def]
+    while True:
+        reply = await _call(
+            tally, "RegisterMember", stub.RegisterMember,
+            cpb.RegisterMemberRequest(role=role, address=address, hostname="sim", pid=os.getpid()),
+        )
+        if reply is not None:
+            return reply.member
+        await asyncio.sleep(0.2)
+
+
+async def _server(stub, tally: ClientTally, index: int, interval_s: float, end: float) -> None:
+    """A simulated parameter server: register, assignment, ready, heartbeats with a rising version."""
+    member = await _register(stub, tally, common.ROLE_PARAMETER_SERVER, f"127.0.0.1:{50000 + index}")
+    layout_version = 0
+    while layout_version == 0 and time.monotonic() < end:
+        try:
+            async for msg in stub.GetAssignment(cpb.GetAssignmentRequest(member=member), timeout=60):
+                layout_version = layout_version or msg.layout_version
+        except aio.AioRpcError as exc:
+            tally.failures[f"GetAssignment:{exc.code().name}"] += 1
+            await asyncio.sleep(0.2)
+    await _call(
+        tally, "ReportReady", stub.ReportReady,
+        cpb.ReportReadyRequest(member=member, layout_version=layout_version, version=0),
+    )
+    version, roster = 0, 0
+    while time.monotonic() < end:
+        version += 10
+        reply = await _call(
+            tally, "Heartbeat", stub.Heartbeat,
+            cpb.HeartbeatRequest(member=member, version=version, roster_version=roster),
+        )
+        if reply is not None:
+            roster = reply.roster_version
+            if reply.job_state in TERMINAL_STATES:
+                return
+        await asyncio.sleep(interval_s)
+
+
+async def _worker_heartbeats(stub, tally: ClientTally, member, interval_s: float, end: float) -> None:  # type: ignore[no-untyped-def]
+    await asyncio.sleep(random.uniform(0, interval_s))
+    next_at = time.monotonic()
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        reply = await _call(tally, "Heartbeat", stub.Heartbeat, cpb.HeartbeatRequest(member=member))
+        if reply is not None:
+            tally.heartbeat_ms.append((time.perf_counter() - start) * 1e3)
+            if reply.job_state in TERMINAL_STATES:
+                return
+        next_at += interval_s
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def _worker_shards(stub, tally: ClientTally, member, args: argparse.Namespace, end: float) -> None:  # type: ignore[no-untyped-def]
+    while time.monotonic() < end:
+        reply = await _call(tally, "LeaseShard", stub.LeaseShard, cpb.LeaseShardRequest(member=member))
+        if reply is None:
+            await asyncio.sleep(0.5)
+            continue
+        if reply.outcome != cpb.LEASE_OUTCOME_GRANTED:
+            if reply.outcome in (cpb.LEASE_OUTCOME_JOB_DONE, cpb.LEASE_OUTCOME_EVALUATE):
+                return
+            await asyncio.sleep(max(reply.retry_after_s, 0.05))
+            continue
+        lease = reply.lease
+        size = lease.end - lease.start
+        done = lease.offset
+        for k in range(args.progress):
+            await asyncio.sleep(args.progress_interval)
+            step = max(0, (size - lease.offset) * (k + 1) // (args.progress + 1) + lease.offset - done)
+            done += step
+            await _call(
+                tally, "ReportProgress", stub.ReportProgress,
+                cpb.ReportProgressRequest(
+                    member=member, epoch=lease.epoch, shard=lease.shard, offset=done, loss=1.0,
+                    samples=step, lease_id=lease.lease_id,
+                ),
+            )
+        await asyncio.sleep(args.progress_interval)
+        completed = await _call(
+            tally, "CompleteShard", stub.CompleteShard,
+            cpb.CompleteShardRequest(
+                member=member, epoch=lease.epoch, shard=lease.shard, loss=1.0, samples=size - done,
+                lease_id=lease.lease_id,
+            ),
+        )
+        if completed is not None:
+            tally.shards_completed += 1
+
+
+async def _worker(stub, tally: ClientTally, args: argparse.Namespace, end: float) -> None:  # type: ignore[no-untyped-def]
+    member = await _register(stub, tally, common.ROLE_WORKER)
+    await asyncio.gather(
+        _worker_heartbeats(stub, tally, member, args.heartbeat_interval, end),
+        _worker_shards(stub, tally, member, args, end),
+    )
+
+
+async def _client_part(args: argparse.Namespace) -> ClientTally:
+    tally = ClientTally()
+    end = time.monotonic() + args.seconds
+    async with aio.insecure_channel(args.address) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        tasks = [_server(stub, tally, i, args.heartbeat_interval, end) for i in range(args.servers)]
+        tasks += [_worker(stub, tally, args, end) for _ in range(args.workers)]
+        await asyncio.gather(*tasks)
+    return tally
+
+
+def client_main(args: argparse.Namespace) -> None:
+    tally = asyncio.run(_client_part(args))
+    Path(args.client_out).write_text(json.dumps({
+        "heartbeat_ms": tally.heartbeat_ms, "calls": tally.calls, "failures": tally.failures,
+        "shards_completed": tally.shards_completed,
+    }))
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RunResult:
+    config: str
+    workers: int
+    seconds: float
+    heartbeats: int
+    heartbeat_p50_ms: float
+    heartbeat_p99_ms: float
+    heartbeat_max_ms: float
+    calls: int
+    failures: dict[str, int]
+    shards_completed: int
+    coordinator_cpu_share: float
+    members_declared_dead: int
+    job_state: str
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _start_coordinator(work: Path, args: argparse.Namespace, state: bool) -> tuple[subprocess.Popen, str]:
+    ready = work / "coordinator.ready"
+    command = [
+        sys.executable, "-m", "lepton", "coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+        "--parameter-servers", str(args.servers), "--dataset", "digits", "--shards", str(args.shards),
+        "--epochs", "1000", "--heartbeat-interval", str(args.heartbeat_interval),
+        "--heartbeat-timeout", str(args.heartbeat_timeout), "--lease-timeout", str(args.lease_timeout),
+        "--checkpoint-every", "0", "--log-level", "warning",
+    ]
+    if state:
+        command += ["--state-dir", str(work / "state")]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(work / "coordinator.log", "wb"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise SystemExit(f"the coordinator exited {child.returncode}; see {work / 'coordinator.log'}")
+        if ready.exists():
+            facts = json.loads(ready.read_text())
+            if "address" in facts:
+                return child, facts["address"]
+            raise SystemExit(f"the coordinator refused to start: {facts}")
+        time.sleep(0.05)
+    child.kill()
+    raise SystemExit("the coordinator did not become ready within 120 s")
+
+
+def _status(address: str) -> cpb.GetStatusResponse:
+    with grpc.insecure_channel(address) as channel:
+        return cpb_grpc.CoordinatorStub(channel).GetStatus(cpb.GetStatusRequest(), timeout=30)
+
+
+def run_once(args: argparse.Namespace, config: str) -> RunResult:
+    work = Path(tempfile.mkdtemp(prefix="lepton-scale-"))
+    coordinator, address = _start_coordinator(work, args, state=(config == "state"))
+    clients: list[subprocess.Popen] = []
+    try:
+        cpu_before = _cpu_seconds(coordinator.pid)
+        wall_before = time.monotonic()
+        per = [args.workers // args.client_procs + (i < args.workers % args.client_procs) for i in range(args.client_procs)]
+        for i, count in enumerate(per):
+            clients.append(subprocess.Popen([
+                sys.executable, __file__, "--_client-out", str(work / f"client-{i}.json"), "--_address", address,
+                "--workers", str(count), "--servers", str(args.servers if i == 0 else 0),
+                "--seconds", str(args.seconds), "--heartbeat-interval", str(args.heartbeat_interval),
+                "--progress", str(args.progress), "--progress-interval", str(args.progress_interval),
+            ]))
+        for client in clients:
+            client.wait(timeout=args.seconds + 120)
+        cpu = _cpu_seconds(coordinator.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        status = _status(address)
+        heartbeats: list[float] = []
+        calls: Counter = Counter()
+        failures: Counter = Counter()
+        shards = 0
+        for i in range(args.client_procs):
+            part = json.loads((work / f"client-{i}.json").read_text())
+            heartbeats += part["heartbeat_ms"]
+            calls.update(part["calls"])
+            failures.update(part["failures"])
+            shards += part["shards_completed"]
+        return RunResult(
+            config=config, workers=args.workers, seconds=round(wall, 1), heartbeats=len(heartbeats),
+            heartbeat_p50_ms=round(_percentile(heartbeats, 0.50), 2),
+            heartbeat_p99_ms=round(_percentile(heartbeats, 0.99), 2),
+            heartbeat_max_ms=round(max(heartbeats, default=float("nan")), 2),
+            calls=sum(calls.values()), failures=dict(failures), shards_completed=shards,
+            coordinator_cpu_share=round(cpu / wall, 3), members_declared_dead=status.members_declared_dead,
+            job_state=cpb.JobState.Name(status.state),
+        )
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        coordinator.send_signal(signal.SIGTERM)
+        try:
+            coordinator.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            coordinator.kill()
+            coordinator.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _print(results: list[RunResult], args: argparse.Namespace) -> None:
+    print(f"# coordinator scale: {args.workers} workers, {args.servers} servers, {args.seconds:.0f} s, "
+          f"heartbeat every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s), "
+          f"{platform.node()} {os.cpu_count()} cpus")
+    header = ("config", "hb p50 ms", "hb p99 ms", "hb max ms", "heartbeats", "shards", "coord cpu", "dead", "state",
+              "failures")
+    print(" | ".join(header))
+    for r in results:
+        print(" | ".join(str(x) for x in (
+            r.config, r.heartbeat_p50_ms, r.heartbeat_p99_ms, r.heartbeat_max_ms, r.heartbeats, r.shards_completed,
+            f"{r.coordinator_cpu_share:.0%}", r.members_declared_dead, r.job_state,
+            ", ".join(f"{k}={v}" for k, v in sorted(r.failures.items())) or "-",
+        )))
+    for config in dict.fromkeys(r.config for r in results):
+        rows = [r for r in results if r.config == config]
+        p99 = [r.heartbeat_p99_ms for r in rows]
+        print(f"median over {len(rows)}: {config}: hb p99 {statistics.median(p99):.1f} ms "
+              f"(spread {min(p99):.1f}-{max(p99):.1f}), dead {statistics.median(r.members_declared_dead for r in rows)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=300)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--shards", type=int, default=1000, help="shards per epoch")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    parser.add_argument("--lease-timeout", type=float, default=30.0)
+    parser.add_argument("--progress", type=int, default=2, help="progress reports per shard")
+    parser.add_argument("--progress-interval", type=float, default=0.5)
+    parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--configs", default="state,memory", help="comma list of: state (SQLite state dir), memory")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--_client-out", dest="client_out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_address", dest="address", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client_out:
+        client_main(args)
+        return 0
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - {"state", "memory"}
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}")
+    results = [run_once(args, config) for _ in range(args.repeats) for config in configs]
+    _print(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
