@@ -5,20 +5,27 @@ declared dead (a fencing round), a leased shard with progress and one complete c
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 from pathlib import Path
 
+import pytest
 import torch
 
 from coordinator.events import EventLog
 from coordinator.job import Job, JobState, LeaseOutcome
 from coordinator.membership import Role
-from coordinator.store import SqliteJobStore
+from coordinator.state_codec import FORMAT_VERSION
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
+from lepton.errors import ConfigError
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "coordinator-state-0eff73a.sqlite"
-SPEC = JobSpec(epochs=2, shards_per_epoch=4, parameter_servers=2, heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0)
+SPEC = JobSpec(
+    epochs=2, shards_per_epoch=4, parameter_servers=2, heartbeat_interval_s=1.0, heartbeat_timeout_s=5.0
+)
 PARAMS = {"w": torch.ones(4, 2), "b": torch.zeros(2)}
 
 
@@ -46,12 +53,17 @@ def test_a_state_written_before_format_versions_restores_every_count(tmp_path):
     assert job.completions() == [(0, 0, "w-1", 1)]
     members = {m.member.member_id: m for m in s.members}
     assert {k: (m.member.incarnation, m.member.alive, m.member.hostname, m.member.pid) for k, m in members.items()} == {
-        "ps-0": (1, True, "h0", 10), "ps-1": (2, True, "h1", 12), "w-1": (1, True, "h2", 20), "w-2": (1, False, "h3", 21),
+        "ps-0": (1, True, "h0", 10),
+        "ps-1": (2, True, "h1", 12),
+        "w-1": (1, True, "h2", 20),
+        "w-2": (1, False, "h3", 21),
     }
     lease = members["w-1"].lease
     assert (lease.shard.index, lease.offset, lease.lease_id) == (1, 4, 2)
     layout, addresses = job.layout()
-    assert {s: [t.name for t in ts] for s, ts in layout.assignment.items()} == {"ps-0": ["w[0:2]"], "ps-1": ["w[2:4]", "b"]}
+    assert {s: [t.name for t in ts] for s, ts in layout.assignment.items()} == {
+        "ps-0": ["w[0:2]"], "ps-1": ["w[2:4]", "b"]
+    }
     assert addresses == {"ps-0": "127.0.0.1:7000", "ps-1": "127.0.0.1:7002"}
     checkpoint = s.last_checkpoint
     assert checkpoint.checkpoint_id == "ckpt-000001" and checkpoint.reason == "nightly"
@@ -84,3 +96,57 @@ def test_a_restored_old_state_goes_on_where_it_stopped(tmp_path):
     )
     assert again.completions() == job.completions()
     assert again.checkpoint("ckpt-000002").reason == "after the upgrade"
+
+
+def rewrite(state_dir: Path, name: str, change) -> None:
+    db = sqlite3.connect(state_dir / "coordinator.sqlite")
+    (body,) = db.execute("SELECT body FROM documents WHERE name = ?", (name,)).fetchone()
+    db.execute("UPDATE documents SET body = ? WHERE name = ?", (json.dumps(change(json.loads(body))), name))
+    db.commit()
+    db.close()
+
+
+def without(document: dict, *keys: str) -> dict:
+    return {k: v for k, v in document.items() if k not in keys}
+
+
+def test_a_state_from_before_servers_restarted_and_leases_had_ids_restores_with_their_defaults(tmp_path):
+    shutil.copyfile(FIXTURE, tmp_path / "coordinator.sqlite")
+    rewrite(tmp_path, "job", lambda job: without(
+        job, "ps_restarts", "steps_rolled_back", "leases_expired", "ps_versions", "ps_lost", "fence_version",
+        "checkpoints",
+    ))
+    rewrite(tmp_path, "members", lambda members: without(members, "fenced_rejections"))
+    rewrite(tmp_path, "ledger", lambda ledger: {
+        **without(ledger, "last_lease_id", "holders", "deaths", "quarantined"),
+        "leases": [row[:5] for row in ledger["leases"]],
+    })
+    clock = FakeClock()
+    job = open_job(tmp_path, clock)
+    s = job.status(clock.now())
+    assert (s.ps_restarts, s.steps_rolled_back, s.leases_expired, s.last_checkpoint) == (0, 0, 0, None)
+    assert s.samples_trained == 14 and s.shard_completions == 1
+    assert job.heartbeat("ps-0", 1, clock.now()).roster_version == 0  # no fencing round remembered
+    lease = {m.member.member_id: m.lease for m in s.members}["w-1"]
+    assert (lease.shard.index, lease.offset, lease.lease_id) == (1, 4, 0)
+
+
+def test_a_state_written_in_a_newer_format_is_refused_and_left_alone(tmp_path):
+    shutil.copyfile(FIXTURE, tmp_path / "coordinator.sqlite")
+    db = sqlite3.connect(tmp_path / "coordinator.sqlite")
+    db.execute("INSERT INTO documents (name, body) VALUES ('format', ?)", (json.dumps({"version": 99}),))
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match="state format 99"):
+        open_job(tmp_path, FakeClock())
+    db = sqlite3.connect(tmp_path / "coordinator.sqlite")
+    assert db.execute("SELECT body FROM documents WHERE name = 'format'").fetchone() == ('{"version": 99}',)
+    db.close()
+
+
+def test_a_restored_old_state_is_saved_in_the_current_format(tmp_path):
+    restored(tmp_path, FakeClock())
+    db = sqlite3.connect(tmp_path / "coordinator.sqlite")
+    (body,) = db.execute("SELECT body FROM documents WHERE name = 'format'").fetchone()
+    db.close()
+    assert json.loads(body) == {"version": FORMAT_VERSION}
