@@ -1,5 +1,6 @@
 """The checkpoint manifest: which coordinated checkpoints were asked for, what each parameter server
-wrote for them, and which are complete. Pure bookkeeping; every decision takes ``now``.
+wrote for them, and which are complete (pure bookkeeping; every decision takes ``now``); and
+``JobCheckpoints``, the job's side: events and the published manifests.
 
 How a checkpoint is cut (one request is pending at a time; a second request while one is pending
 gets the pending one's id):
@@ -25,12 +26,18 @@ cannot write one (no state directory) fails it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from coordinator.events import EventKind, EventLog
+from coordinator.layout import Layout
+from coordinator.statedb import JobStore
+from lepton.config import JobSpec
 from lepton.errors import InvalidArgument, NotFound
+from lepton.tensors import TensorSpec
 
 ID_PATTERN = re.compile(r"^ckpt-(\d{6,})$")
 NOW = 0  # target version meaning "the version you have when you see the order"
@@ -144,12 +151,12 @@ class Checkpoint:
             requested_at=now,  # monotonic time does not survive a restart: the stall clock restarts
             requested_unix_s=state["requested_unix_s"],
             final=state["final"],
-            tensors={s: tuple(names) for s, names in state.get("tensors", {}).items()},
+            tensors={s: tuple(names) for s, names in state["tensors"].items()},
             reports={m: ServerCheckpoint(m, r["version"], r["path"]) for m, r in state["reports"].items()},
             error=state["error"],
             completed_unix_s=state["completed_unix_s"],
             completed_after_s=state["completed_after_s"],
-            manifest_path=state.get("manifest_path", ""),
+            manifest_path=state["manifest_path"],
         )
 
 
@@ -311,4 +318,96 @@ class CheckpointManifest:
         self._next = state["next"]
         self._checkpoints = {
             c["checkpoint_id"]: Checkpoint.from_state(c, now) for c in state["checkpoints"]
+        }
+
+
+class JobCheckpoints:
+    """A job's coordinated checkpoints: asks the layout's servers for them, turns their answers into
+    events and publishes each complete one's manifest (with a state directory). Not thread-safe:
+    the Job's lock guards it."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        events: EventLog,
+        wall_clock: Callable[[], float],
+        store: JobStore | None,
+        specs: Sequence[TensorSpec],
+        tied: Mapping[str, str],
+    ) -> None:
+        self.spec = spec
+        self.manifest = CheckpointManifest(spec.mode, spec.heartbeat_interval_s)
+        self._events = events
+        self._wall_clock = wall_clock
+        self._store = store
+        self._specs = specs
+        self._tied = tied  # state_dict name -> the carried name of the same tensor
+
+    def request(
+        self,
+        layout: Layout,
+        versions: Mapping[str, int],
+        training: bool,
+        job_state: str,
+        now: float,
+        reason: str,
+        final: bool = False,
+    ) -> tuple[Checkpoint, bool]:
+        """Opens a checkpoint of ``layout``'s servers (or returns the pending one); returns it and
+        whether it is new. ``training``: whether workers may still move the servers' versions."""
+        tensors = {s: [t.name for t in layout.tensors_of(s)] for s in layout.servers}
+        checkpoint, new = self.manifest.request(
+            tensors, versions, training, now, self._wall_clock(), reason, final
+        )
+        if new:
+            self._events.append(
+                EventKind.CHECKPOINT_REQUESTED,
+                f"checkpoint {checkpoint.checkpoint_id} requested"
+                + (f" at version {checkpoint.target_version}" if checkpoint.target_version else "")
+                + (f": {reason}" if reason else ""),
+                job_state=job_state,
+            )
+        return checkpoint, new
+
+    def record(self, member_id: str, report: CheckpointReport, layout: Layout | None, now: float) -> bool:
+        """A server's answer; returns whether it completed or failed a checkpoint (to be saved)."""
+        checkpoint = self.manifest.report(member_id, report, now, self._wall_clock())
+        if checkpoint is None:
+            return False
+        if checkpoint.error:
+            self._events.append(
+                EventKind.CHECKPOINT_FAILED,
+                f"checkpoint {checkpoint.checkpoint_id} failed: {checkpoint.error}",
+                member_id=member_id,
+            )
+        else:
+            versions = ", ".join(f"{r.member_id}@{r.version}" for r in checkpoint.reports.values())
+            self._events.append(
+                EventKind.CHECKPOINT_COMPLETED,
+                f"checkpoint {checkpoint.checkpoint_id} complete ({versions}) after "
+                f"{checkpoint.completed_after_s:.2f}s",
+                member_id=member_id,
+            )
+        if self._store is not None and checkpoint.complete:
+            checkpoint.manifest_path = self._store.write_manifest(
+                checkpoint.checkpoint_id, self._manifest_document(checkpoint, layout)
+            )
+        return True
+
+    def _manifest_document(self, checkpoint: Checkpoint, layout: Layout | None) -> dict:
+        """The JSON manifest ``lepton export`` reads: enough to rebuild the model without a cluster."""
+        return {
+            "format": "lepton-checkpoint-manifest/1",
+            **checkpoint.to_state(),
+            "consistent": checkpoint.consistent,
+            # name -> where a slice's rows go: export concatenates a parameter's slices in row order
+            "slices": {
+                t.name: {"parameter": t.parameter, "row_offset": t.row_offset, "parameter_shape": list(t.parameter_shape)}
+                for t in (layout.tensors if layout is not None else ())
+                if t.is_slice
+            },
+            "job": {**dataclasses.asdict(self.spec), "optimizer_kwargs": dict(self.spec.optimizer_kwargs)},
+            # tied weights: export writes the carried tensor under these state_dict names too
+            "tied": dict(self._tied),
+            "kinds": {t.name: t.kind.value for t in self._specs},
         }

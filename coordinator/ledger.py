@@ -287,17 +287,15 @@ class ShardLedger:
         self.epoch = state["epoch"]
         self._pending = deque((int(i), int(o)) for i, o in state["pending"])
         self._leases = {}
-        for row in state["leases"]:
-            i, e, m, inc, o = row[:5]
-            lease_id = int(row[5]) if len(row) > 5 else 0
+        for i, e, m, inc, o, lease_id in state["leases"]:
             self._leases[int(i)] = Lease(
-                int(e), self.shards[int(i)], m, int(inc), int(o), lease_id, now + self.lease_timeout_s
+                int(e), self.shards[int(i)], m, int(inc), int(o), int(lease_id), now + self.lease_timeout_s
             )
         self._last_lease_id = max(
-            [int(state.get("last_lease_id", 0)), *(lease.lease_id for lease in self._leases.values())]
+            [int(state["last_lease_id"]), *(lease.lease_id for lease in self._leases.values())]
         )
         self._holders = {}
-        held = [*state.get("holders", []), *([c.epoch, c.shard, c.member_id] for c in completions)]
+        held = [*state["holders"], *([c.epoch, c.shard, c.member_id] for c in completions)]
         held += [[lease.epoch, lease.shard.index, lease.member_id] for lease in self._leases.values()]
         for e, i, m in held:
             if int(e) >= self.epoch - 1:
@@ -305,6 +303,6 @@ class ShardLedger:
         self._done = {int(i) for i in state["done"]}
         self.duplicates_rejected = int(state["duplicates_rejected"])
         self.reassignments = int(state["reassignments"])
-        self._deaths = {int(k): int(v) for k, v in state.get("deaths", {}).items()}
-        self.quarantined = {int(i) for i in state.get("quarantined", [])}
+        self._deaths = {int(k): int(v) for k, v in state["deaths"].items()}
+        self.quarantined = {int(i) for i in state["quarantined"]}
         self.completions = list(completions)

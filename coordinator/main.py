@@ -10,7 +10,7 @@ import structlog
 
 from coordinator.job import Job
 from coordinator.servicer import CoordinatorServicer, registration
-from coordinator.store import SqliteJobStore
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from lepton.optimizers import Granularity, granularity, prove_optimizer

@@ -161,4 +161,4 @@ class MembershipTable:
                 member_id, int(inc), Role(role), address, last_heartbeat=now + self.heartbeat_timeout_s,
                 alive=bool(alive), departed=bool(departed), hostname=hostname, pid=int(pid),
             )
-        self.fenced_rejections = int(state.get("fenced_rejections", 0))
+        self.fenced_rejections = int(state["fenced_rejections"])

@@ -12,7 +12,7 @@ from coordinator.checkpoints import NOW, CheckpointManifest, CheckpointReport
 from coordinator.events import EventKind, EventLog
 from coordinator.job import EvaluationResult, Job, JobState, LeaseOutcome
 from coordinator.membership import Role
-from coordinator.store import SqliteJobStore
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -13,7 +13,7 @@ import torch
 
 from coordinator.job import Job, JobState
 from coordinator.membership import Role
-from coordinator.store import SqliteJobStore
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import StateNotSaved

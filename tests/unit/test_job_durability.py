@@ -9,7 +9,7 @@ import torch
 from coordinator.events import EventKind
 from coordinator.job import Job, JobState, LeaseOutcome
 from coordinator.membership import Role
-from coordinator.store import SqliteJobStore
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, DuplicateCompletion, Fenced

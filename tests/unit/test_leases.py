@@ -10,7 +10,7 @@ from coordinator.events import EventKind, EventLog
 from coordinator.job import Job, LeaseOutcome
 from coordinator.ledger import ShardLedger
 from coordinator.membership import Role
-from coordinator.store import SqliteJobStore
+from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, FailedPrecondition, Fenced

@@ -1,0 +1,269 @@
+"""The core of a coordinator job: its parts, its lifecycle, and how each change is saved.
+
+``JobCore`` owns the state every operation shares (members, ledger, layout, parameter servers,
+checkpoints, events) and the one lock that guards it; the operations live in
+coordinator/job_membership.py and coordinator/job.py. Every change is committed (``_persist``)
+under the lock before its caller answers. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+
+import torch
+
+from coordinator.checkpoints import Checkpoint, CheckpointReport, JobCheckpoints
+from coordinator.events import EventKind, EventLog
+from coordinator.fleet import ServerFleet
+from coordinator.job_types import EvaluationResult, JobState, Progress
+from coordinator.layout import Layout
+from coordinator.ledger import Completion, ShardLedger
+from coordinator.membership import MembershipTable
+from coordinator.state_codec import JobRecord, StateRecord, decode, encode, saved_completion
+from coordinator.statedb import JobStore, SavedJob
+from lepton.config import JobSpec
+from lepton.errors import ConfigError, InvalidArgument, StateNotSaved
+from lepton.optimizers import Granularity, granularity
+from lepton.tensors import TensorKind, TensorSpec
+
+
+class JobCore:
+    """One job's shared control-plane state. Not used alone: Job adds the operations."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        num_train_samples: int,
+        initial_parameters: Mapping[str, torch.Tensor],
+        events: EventLog | None = None,
+        store: JobStore | None = None,
+        now: float = 0.0,
+        max_shard_attempts: int = 3,
+        wall_clock: Callable[[], float] = time.time,
+        sparse: Collection[str] = (),
+        kinds: Mapping[str, TensorKind] | None = None,
+        tied: Mapping[str, str] | None = None,
+        stall_threshold_s: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self._tied = dict(tied or {})  # state_dict name -> the carried name of the same tensor
+        self.events = events or EventLog(staged=True)
+        self._lock = threading.RLock()
+        self._members = MembershipTable(spec.heartbeat_timeout_s)
+        self._ledger = ShardLedger(
+            num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts,
+            lease_timeout_s=spec.lease_timeout_s,
+        )
+        self._initial = {k: v.detach().clone() for k, v in initial_parameters.items()}
+        self._specs = [
+            TensorSpec(
+                k, v.dtype, tuple(v.shape), sparse=k in sparse, kind=(kinds or {}).get(k, TensorKind.PARAMETER)
+            )
+            for k, v in self._initial.items()
+        ]
+        self._layout: Layout | None = None
+        # Optimizers that read a whole tensor per update (Adafactor, Muon) get whole tensors.
+        self._whole_tensors = granularity(spec.optimizer) is Granularity.TENSOR
+        self._state = JobState.WAITING_FOR_SERVERS
+        self._failure = ""
+        self._dead_count = 0
+        self._progress = Progress()
+        self._train_started: float | None = None
+        self._train_ended: float | None = None
+        self._evaluator: tuple[str, int] | None = None
+        self._evaluation: EvaluationResult | None = None
+        self._last_epoch_announced = -1
+        self.leases_granted = 0
+        self.heartbeats_missed = 0
+        self.leases_expired = 0
+        self.saves_failed = 0  # changes the store could not commit (rolled back, callers told to retry)
+        self.saves_failing_since: float | None = None  # when the current run of refused commits began
+        self._fleet = ServerFleet(recovery_timeout_s=max(30.0, 10 * spec.heartbeat_timeout_s))
+        # The expiry loop's period. A gap between ticks longer than stall_threshold_s means the
+        # coordinator itself stalled (SIGSTOP, a starved CPU, a long GC) and may have left every
+        # member's heartbeat unheard: it forgives everyone the time it was away before judging.
+        # None (unit tests that jump a fake clock between sparse ticks): no stalls.
+        self.tick_interval_s = min(spec.heartbeat_interval_s / 2, 0.25)
+        if stall_threshold_s is not None and stall_threshold_s <= self.tick_interval_s:
+            raise InvalidArgument(
+                f"stall_threshold_s must exceed the tick interval {self.tick_interval_s:g}s, "
+                f"got {stall_threshold_s}"
+            )
+        self.stall_threshold_s = stall_threshold_s
+        self.stalls_detected = 0
+        self._last_tick: float | None = None
+        self._store = store
+        self._checkpoints = JobCheckpoints(spec, self.events, wall_clock, store, self._specs, self._tied)
+        self.restored = False
+        saved = store.load() if store is not None else None
+        if saved is not None:
+            self._restore(saved, now)
+        else:
+            self._persist(now)
+
+
+    # --- durability ----------------------------------------------------------------------------
+
+    def _persist(self, now: float, completion: Completion | None = None) -> None:
+        """Writes the control state in one transaction (called under the lock, before answering)."""
+        if self._store is None:
+            self.events.publish()
+            return
+        documents = encode(self._record(now), self._members.to_state(), self._ledger.to_state())
+        extra = [saved_completion(completion)] if completion else []
+        try:
+            self._store.save(documents, extra, [event.to_dict() for event in self.events.staged()])
+        except StateNotSaved:
+            self.saves_failed += 1
+            if self.saves_failing_since is None:
+                self.saves_failing_since = now
+            self._roll_back(now)
+            raise
+        self.saves_failing_since = None
+        self.events.publish()
+
+    def _record(self, now: float) -> JobRecord:
+        return JobRecord(
+            spec=self.spec,
+            state=self._state,
+            failure=self._failure,
+            dead_count=self._dead_count,
+            samples=self._progress.samples,
+            training_seconds=self._training_seconds(now),
+            evaluator=self._evaluator,
+            evaluation=self._evaluation,
+            last_epoch_announced=self._last_epoch_announced,
+            leases_granted=self.leases_granted,
+            heartbeats_missed=self.heartbeats_missed,
+            leases_expired=self.leases_expired,
+            layout=self._layout,
+            next_event_sequence=self.events.next_sequence,
+            servers=self._fleet.record(),
+            checkpoints=self._checkpoints.manifest.to_state(),
+        )
+
+    def _roll_back(self, now: float) -> None:
+        """After a change that could not be committed: the in-memory state becomes what the store
+        holds (what a restart would load), so the caller's retry meets the state before its call."""
+        assert self._store is not None
+        self.events.discard_staged()
+        saved = self._store.load()  # reads still work on a full disk; a failure here is StateNotSaved too
+        if saved is not None:
+            self._load(decode(saved, self._specs), now)
+
+    def _restore(self, saved: SavedJob, now: float) -> None:
+        record = decode(saved, self._specs)
+        if record.job.spec != self.spec:
+            raise ConfigError(
+                "the state directory holds a different job "
+                f"({record.job.spec}); restart with the same job settings or use a new --state-dir"
+            )
+        self._load(record, now)
+        self.events.restore(record.events)
+        self.restored = True
+        self.events.append(
+            EventKind.JOB_STATE_CHANGED,
+            f"coordinator restarted; job {self._state.name.lower()} restored at epoch {self._ledger.epoch}",
+            job_state=self._state.name,
+        )
+        self._persist(now)
+
+    def _load(self, record: StateRecord, now: float) -> None:
+        """Replaces the control state with a saved one (at a restart, or to undo a change the
+        store refused); the event history is the caller's business."""
+        job = record.job
+        self._state = job.state
+        self._failure = job.failure
+        self._dead_count = job.dead_count
+        self._progress.samples = job.samples
+        self._train_started = self._train_ended = None
+        if self._state in (JobState.TRAINING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED):
+            self._train_started = now - job.training_seconds
+            if self._state is not JobState.TRAINING:
+                self._train_ended = now
+        self._evaluator = job.evaluator
+        self._evaluation = job.evaluation
+        self._last_epoch_announced = job.last_epoch_announced
+        self.leases_granted = job.leases_granted
+        self.heartbeats_missed = job.heartbeats_missed
+        self.leases_expired = job.leases_expired
+        self._layout = job.layout
+        self._fleet.restore(job.servers, now)
+        self._checkpoints.manifest.restore(job.checkpoints, now)
+        self.events.resume_from(job.next_event_sequence)
+        self._members.restore(record.members, now)
+        self._ledger.restore(record.ledger, record.completions, now)
+
+    def _training_seconds(self, now: float) -> float:
+        if self._train_started is None:
+            return 0.0
+        end = self._train_ended if self._train_ended is not None else now
+        return end - self._train_started
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def layout_version(self) -> int:
+        return self._layout.version if self._layout is not None else 0
+
+    @property
+    def ps_recovery_timeout_s(self) -> float:
+        return self._fleet.recovery_timeout_s
+
+    @property
+    def ps_restarts(self) -> int:
+        return self._fleet.restarts
+
+    @property
+    def steps_rolled_back(self) -> int:
+        return self._fleet.steps_rolled_back
+
+    @property
+    def state(self) -> JobState:
+        with self._lock:
+            return self._state
+
+    def _set_state(self, state: JobState, now: float, why: str = "") -> None:
+        if state is self._state or self._state.terminal:  # a finished job stays finished
+            return
+        self._state = state
+        if state is JobState.TRAINING and self._train_started is None:
+            self._train_started = now
+        if state in (JobState.EVALUATING, JobState.FAILED) and self._train_ended is None:
+            self._train_ended = now
+        self.events.append(
+            EventKind.JOB_STATE_CHANGED,
+            f"job {state.name.lower()}" + (f": {why}" if why else ""),
+            job_state=state.name,
+        )
+        if state is JobState.TRAINING:
+            self._announce_epoch()
+        if state is JobState.EVALUATING and self._layout is not None:
+            # Training is over: the servers snapshot their final parameters (what `lepton export`
+            # turns into a state_dict), coalesced with a checkpoint already pending.
+            self._request_checkpoint(now, "final", final=True)
+
+    def _announce_epoch(self) -> None:
+        if not self._ledger.finished and self._ledger.epoch != self._last_epoch_announced:
+            self._last_epoch_announced = self._ledger.epoch
+            self.events.append(
+                EventKind.EPOCH_STARTED, f"epoch {self._ledger.epoch} started", epoch=self._ledger.epoch
+            )
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _training_moves(self) -> bool:
+        """Whether workers may still move the servers' versions (a sync target lies ahead)."""
+        return self._state is JobState.TRAINING and self._ledger.leased > 0
+
+    def _request_checkpoint(self, now: float, reason: str, final: bool = False) -> tuple[Checkpoint, bool]:
+        assert self._layout is not None
+        return self._checkpoints.request(
+            self._layout, self._fleet.versions, self._training_moves(), self._state.name, now, reason, final
+        )
+
+    def _record_checkpoint(self, member_id: str, report: CheckpointReport, now: float) -> None:
+        if self._checkpoints.record(member_id, report, self._layout, now):
+            self._persist(now)

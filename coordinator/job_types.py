@@ -1,0 +1,163 @@
+"""The coordinator job's value types: its states, what its operations answer, and its status."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from coordinator.checkpoints import Checkpoint, CheckpointOrder
+from coordinator.ledger import Lease
+from coordinator.membership import Member
+from lepton.config import JobSpec
+from lepton.errors import InvalidArgument
+from lepton.tasks import REGRESSION, Evaluation
+from lepton.tensors import TensorSpec
+
+MAX_FAILURE_REASON_CHARS = 2000
+
+
+class JobState(Enum):
+    WAITING_FOR_SERVERS = 1
+    INITIALIZING = 2
+    TRAINING = 3
+    EVALUATING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+class LeaseOutcome(Enum):
+    GRANTED = 1
+    WAIT = 2
+    EVALUATE = 3
+    JOB_DONE = 4
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    outcome: LeaseOutcome
+    lease: Lease | None = None
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    member_id: str
+    incarnation: int
+    alive: bool
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    state: JobState
+    layout_version: int
+    workers: tuple[WorkerView, ...] = ()
+    roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
+    checkpoint: CheckpointOrder | None = None  # parameter servers: a checkpoint to take
+
+
+@dataclass(frozen=True)
+class Assignment:
+    layout_version: int
+    tensors: tuple[TensorSpec, ...]
+    values: Mapping[str, torch.Tensor]
+
+
+# What the evaluating worker reports: the task's metrics (lepton.tasks).
+EvaluationResult = Evaluation
+
+
+def evaluation_problem(result: EvaluationResult) -> str | None:
+    """Why a reported evaluation cannot be true, or None."""
+    if not (math.isfinite(result.loss) and result.samples >= 0):
+        return "the evaluation's loss must be finite and its samples >= 0"
+    if not (math.isfinite(result.inference_samples_per_second) and result.inference_samples_per_second >= 0):
+        return "inference_samples_per_second must be a finite number >= 0"
+    if result.task == REGRESSION:
+        values = (result.mse, result.mae, result.r2)
+        if any(v is None or not math.isfinite(v) for v in values) or result.mse < 0 or result.mae < 0 or result.r2 > 1:  # type: ignore[operator]
+            return "regression metrics need mse >= 0, mae >= 0 and r2 <= 1"
+        return None
+    if not (0.0 <= (result.accuracy or 0.0) <= 1.0 and 0.0 <= (result.macro_recall or 0.0) <= 1.0):
+        return "accuracy and macro_recall must lie in [0, 1]"
+    if any(not 0.0 <= r <= 1.0 for r in result.per_class_recall if r == r):  # NaN: class absent
+        return "per_class_recall must lie in [0, 1]"
+    sizes = {len(row) for row in result.confusion_matrix}
+    if result.confusion_matrix and sizes != {len(result.confusion_matrix)}:
+        return "confusion_matrix must be square"
+    if any(c < 0 for row in result.confusion_matrix for c in row):
+        return "confusion_matrix counts must be >= 0"
+    return None
+
+
+def describe_evaluation(result: EvaluationResult) -> str:
+    """The headline metrics as one line of text (events, logs)."""
+    if result.task == REGRESSION:
+        return f"mse {result.mse:.4f}, mae {result.mae:.4f}, r2 {result.r2:.4f}, loss {result.loss:.4f}"
+    return f"accuracy {result.accuracy:.4f}, macro recall {result.macro_recall:.4f}, loss {result.loss:.4f}"
+
+
+@dataclass(frozen=True)
+class MemberSnapshot:
+    member: Member
+    heartbeat_age_s: float
+    lease: Lease | None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    spec: JobSpec
+    state: JobState
+    epoch: int
+    shards_completed_in_epoch: int
+    shards_leased: int
+    shards_pending: int
+    shard_completions: int
+    duplicate_completions_rejected: int
+    reassignments: int
+    members_declared_dead: int
+    samples_trained: int
+    samples_per_second: float
+    recent_loss: float
+    training_seconds: float
+    layout_version: int
+    members: tuple[MemberSnapshot, ...]
+    evaluation: EvaluationResult | None
+    failure: str = ""
+    ps_restarts: int = 0
+    steps_rolled_back: int = 0
+    quarantined_shards: tuple[int, ...] = ()
+    leases_expired: int = 0
+    last_checkpoint: Checkpoint | None = None  # the newest complete coordinated checkpoint
+
+
+def check_observation(what: str, loss: float, samples: int, most: int) -> None:
+    """A reported mean loss and the samples it averages over: finite, and 0..``most`` samples
+    (no report covers more samples than its shard holds). Raises InvalidArgument."""
+    if not math.isfinite(loss):
+        raise InvalidArgument(f"{what}: loss must be a finite number, got {loss}; send samples=0 for no loss")
+    if not 0 <= samples <= most:
+        raise InvalidArgument(f"{what}: samples must lie in [0, {most}] (the shard's size), got {samples}")
+
+
+@dataclass
+class Progress:
+    samples: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=32))  # (loss, samples)
+
+    def add(self, loss: float, samples: int) -> None:
+        if samples > 0:
+            self.recent.append((loss, samples))
+
+    @property
+    def recent_loss(self) -> float:
+        total = sum(n for _, n in self.recent)
+        return sum(l * n for l, n in self.recent) / total if total else float("nan")
