@@ -13,19 +13,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import structlog
 import torch
 
-from coordinator.checkpoints import Checkpoint, CheckpointManifest, CheckpointOrder, CheckpointReport
+from coordinator.checkpoints import Checkpoint, CheckpointManifest
 from coordinator.events import Event, EventKind, EventLog
 from coordinator.layout import Layout, balance
 from coordinator.ledger import Completion, Lease, ShardLedger
-from coordinator.membership import Member, MembershipTable, Role
+from coordinator.membership import Member, MembershipTable
 from lepton.tensors import TensorKind, TensorSpec, part, row_slice
 from coordinator.store import JobStore, SavedCompletion, SavedJob
 from lepton.config import JobSpec, job_from_mapping
+from lepton.domain import CheckpointReport, HeartbeatReply, JobState, LeaseOutcome, Role, WorkerView
 from lepton.errors import ConfigError, DuplicateCompletion, FailedPrecondition, InvalidArgument, StateNotSaved
 from lepton.optimizers import Granularity, granularity
 from lepton.tasks import REGRESSION, Evaluation
@@ -35,47 +35,11 @@ log = structlog.get_logger("lepton.coordinator")
 MAX_FAILURE_REASON_CHARS = 2000
 
 
-class JobState(Enum):
-    WAITING_FOR_SERVERS = 1
-    INITIALIZING = 2
-    TRAINING = 3
-    EVALUATING = 4
-    SUCCEEDED = 5
-    FAILED = 6
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED)
-
-
-class LeaseOutcome(Enum):
-    GRANTED = 1
-    WAIT = 2
-    EVALUATE = 3
-    JOB_DONE = 4
-
-
 @dataclass(frozen=True)
 class LeaseDecision:
     outcome: LeaseOutcome
     lease: Lease | None = None
     retry_after_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    member_id: str
-    incarnation: int
-    alive: bool
-
-
-@dataclass(frozen=True)
-class HeartbeatReply:
-    state: JobState
-    layout_version: int
-    workers: tuple[WorkerView, ...] = ()
-    roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
-    checkpoint: CheckpointOrder | None = None  # parameter servers: a checkpoint to take
 
 
 @dataclass(frozen=True)
