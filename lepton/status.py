@@ -113,7 +113,7 @@ def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:
 
 
 def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
-    from lepton.coordinator_client import CoordinatorClient  # here: `lepton up` imports this module before grpc
+    from lepton.coordinator_client import CoordinatorClient  # here: `lepton up` imports this module before torch
 
     client = CoordinatorClient(address, timeout_s=5.0, security=security)
     try:
