@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -36,10 +35,11 @@ from coordinator.events import EventKind, EventLog
 from coordinator.layout import Layout
 from coordinator.statedb import JobStore
 from lepton.config import JobSpec
+from lepton.domain import CheckpointOrder, CheckpointReport
+from lepton.domain import parse_checkpoint_id as parse_id
 from lepton.errors import InvalidArgument, NotFound
 from lepton.tensors import TensorSpec
 
-ID_PATTERN = re.compile(r"^ckpt-(\d{6,})$")
 NOW = 0  # target version meaning "the version you have when you see the order"
 MIN_LEAD_STEPS = 4
 LEAD_HEARTBEATS = 3  # lead = steps the fastest server makes in this many heartbeat intervals
@@ -53,35 +53,6 @@ class ServerCheckpoint:
     member_id: str
     version: int
     path: str
-
-
-@dataclass(frozen=True)
-class CheckpointOrder:
-    """What a server is asked to do (sent in its heartbeat replies while the checkpoint is pending)."""
-
-    checkpoint_id: str
-    target_version: int  # NOW: snapshot at once
-
-
-@dataclass(frozen=True)
-class CheckpointReport:
-    """A server's answer to an order: the file it wrote at ``version``, or that it was past the
-    target already (``missed``), or why it could not write one (``error``)."""
-
-    checkpoint_id: str
-    target_version: int
-    version: int
-    path: str = ""
-    missed: bool = False
-    error: str = ""
-
-    def check(self) -> None:
-        """Raises InvalidArgument for a malformed report."""
-        parse_id(self.checkpoint_id)
-        if self.version < 0 or self.target_version < 0:
-            raise InvalidArgument("checkpoint version and target_version must be >= 0")
-        if not (self.missed or self.error or self.path):
-            raise InvalidArgument("a checkpoint report needs a path, missed or an error")
 
 
 @dataclass
@@ -158,13 +129,6 @@ class Checkpoint:
             completed_after_s=state["completed_after_s"],
             manifest_path=state["manifest_path"],
         )
-
-
-def parse_id(checkpoint_id: str) -> str:
-    """Raises InvalidArgument unless ``checkpoint_id`` looks like one this coordinator hands out."""
-    if not ID_PATTERN.match(checkpoint_id):
-        raise InvalidArgument(f"checkpoint_id must look like ckpt-000001, got {checkpoint_id[:40]!r}")
-    return checkpoint_id
 
 
 class CheckpointManifest:

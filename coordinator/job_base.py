@@ -14,7 +14,8 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from coordinator.checkpoints import Checkpoint, CheckpointReport, JobCheckpoints
+from coordinator.checkpoints import Checkpoint, JobCheckpoints
+from lepton.domain import CheckpointReport
 from coordinator.events import EventKind, EventLog
 from coordinator.fleet import ServerFleet
 from coordinator.job_types import EvaluationResult, JobState, Progress

@@ -7,7 +7,7 @@ import dataclasses
 
 import structlog
 
-from coordinator.checkpoints import CheckpointReport
+from lepton.domain import CheckpointReport
 from coordinator.events import EventKind
 from coordinator.job_base import JobCore
 from coordinator.job_types import HeartbeatReply, JobState, WorkerView

@@ -6,14 +6,14 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
-from coordinator.checkpoints import Checkpoint, CheckpointOrder
+from coordinator.checkpoints import Checkpoint
 from coordinator.ledger import Lease
 from coordinator.membership import Member
 from lepton.config import JobSpec
+from lepton.domain import HeartbeatReply, JobState, LeaseOutcome, WorkerView  # noqa: F401 - importable from here
 from lepton.errors import InvalidArgument
 from lepton.tasks import REGRESSION, Evaluation
 from lepton.tensors import TensorSpec
@@ -21,47 +21,11 @@ from lepton.tensors import TensorSpec
 MAX_FAILURE_REASON_CHARS = 2000
 
 
-class JobState(Enum):
-    WAITING_FOR_SERVERS = 1
-    INITIALIZING = 2
-    TRAINING = 3
-    EVALUATING = 4
-    SUCCEEDED = 5
-    FAILED = 6
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED)
-
-
-class LeaseOutcome(Enum):
-    GRANTED = 1
-    WAIT = 2
-    EVALUATE = 3
-    JOB_DONE = 4
-
-
 @dataclass(frozen=True)
 class LeaseDecision:
     outcome: LeaseOutcome
     lease: Lease | None = None
     retry_after_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    member_id: str
-    incarnation: int
-    alive: bool
-
-
-@dataclass(frozen=True)
-class HeartbeatReply:
-    state: JobState
-    layout_version: int
-    workers: tuple[WorkerView, ...] = ()
-    roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
-    checkpoint: CheckpointOrder | None = None  # parameter servers: a checkpoint to take
 
 
 @dataclass(frozen=True)

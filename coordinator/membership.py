@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from enum import Enum
-
+from lepton.domain import Role
 from lepton.errors import Fenced, InvalidArgument, NotFound
-
-
-class Role(Enum):
-    PARAMETER_SERVER = "ps"
-    WORKER = "worker"
 
 
 @dataclass

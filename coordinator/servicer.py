@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from coordinator.checkpoints import Checkpoint, CheckpointReport
+from coordinator.checkpoints import Checkpoint
 from coordinator.events import Event
 from coordinator.job import Job, JobState, JobStatus, LeaseOutcome
 from coordinator.ledger import Lease
-from coordinator.membership import Role
 from lepton import codec
+from lepton.control_wire import ROLE_FROM_WIRE, ROLE_TO_WIRE, heartbeat_to_proto, report_from_proto
+from lepton.domain import CheckpointReport
 from lepton.errors import InvalidArgument
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as pb
 from lepton.v1 import coordinator_pb2_grpc as pb_grpc
 from lepton.wire import evaluation_from_proto, evaluation_to_fields, job_to_proto, spec_to_proto
 
-_ROLE_FROM_WIRE = {common.ROLE_PARAMETER_SERVER: Role.PARAMETER_SERVER, common.ROLE_WORKER: Role.WORKER}
-_ROLE_TO_WIRE = {v: k for k, v in _ROLE_FROM_WIRE.items()}
 _LEASE_TO_WIRE = {
     LeaseOutcome.GRANTED: pb.LEASE_OUTCOME_GRANTED,
     LeaseOutcome.WAIT: pb.LEASE_OUTCOME_WAIT,
@@ -82,8 +81,7 @@ def checkpoint_to_proto(checkpoint: Checkpoint) -> pb.CheckpointManifest:
 def _checkpoint_report(request: pb.HeartbeatRequest) -> CheckpointReport | None:
     if not request.HasField("checkpoint"):
         return None
-    c = request.checkpoint
-    return CheckpointReport(c.checkpoint_id, c.target_version, c.version, c.path, c.missed, c.error)
+    return report_from_proto(request.checkpoint)
 
 
 def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
@@ -115,7 +113,7 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         m = snap.member
         entry = msg.members.add(
             member=common.MemberRef(member_id=m.member_id, incarnation=m.incarnation),
-            role=_ROLE_TO_WIRE[m.role],
+            role=ROLE_TO_WIRE[m.role],
             address=m.address,
             alive=m.alive,
             last_heartbeat_age_s=snap.heartbeat_age_s,
@@ -155,7 +153,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._now = clock
 
     def RegisterMember(self, request, context):
-        role = _ROLE_FROM_WIRE.get(request.role)
+        role = ROLE_FROM_WIRE.get(request.role)
         if role is None:
             raise InvalidArgument("role must be ROLE_PARAMETER_SERVER or ROLE_WORKER")
         member = self._job.register(
@@ -170,22 +168,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         reply = self._job.heartbeat(
             *_member(request.member), self._now(), request.version, request.roster_version, _checkpoint_report(request)
         )
-        msg = pb.HeartbeatResponse(
-            job_state=reply.state.value,
-            layout_version=reply.layout_version,
-            roster_version=reply.roster_version,
-            workers=[
-                pb.WorkerMembership(member_id=w.member_id, incarnation=w.incarnation, alive=w.alive)
-                for w in reply.workers
-            ],
-        )
-        if reply.checkpoint is not None:
-            msg.checkpoint.CopyFrom(
-                pb.CheckpointOrder(
-                    checkpoint_id=reply.checkpoint.checkpoint_id, target_version=reply.checkpoint.target_version
-                )
-            )
-        return msg
+        return heartbeat_to_proto(reply)
 
     def Deregister(self, request, context):
         moved = self._job.deregister(*_member(request.member), self._now())

@@ -291,7 +291,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cancel_job(args.coordinator, args.reason, security=_client_security(args))
     if args.command == "checkpoint":
-        from lepton.export import request_checkpoint
+        from lepton.checkpoint_request import request_checkpoint
 
         return request_checkpoint(
             args.coordinator, args.reason, wait_s=args.timeout if args.wait else None, security=_client_security(args)

@@ -113,7 +113,7 @@ def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:
 
 
 def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
-    from lepton.clients import CoordinatorClient  # here: `lepton up` imports this module before torch
+    from lepton.coordinator_client import CoordinatorClient  # here: `lepton up` imports this module before torch
 
     client = CoordinatorClient(address, timeout_s=5.0, security=security)
     try:
@@ -128,7 +128,7 @@ def cancel_job(address: str, reason: str, security: Security = INSECURE) -> int:
 
 
 def show_status(address: str, as_json: bool = False, security: Security = INSECURE) -> int:
-    from lepton.clients import CoordinatorClient
+    from lepton.coordinator_client import CoordinatorClient
 
     client = CoordinatorClient(
         address, timeout_s=5.0, retry=RetryPolicy(max_attempts=3, max_total_s=10.0), security=security

@@ -13,7 +13,6 @@ they are kept (the coordinator's manifest names them) and never used for restart
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,6 @@ _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 def write_atomically(final: Path, state: dict[str, Any]) -> Path:
     """torch.save to a temporary file, fsync, rename over ``final``, fsync of the directory."""
     return files.write_atomically(final, lambda f: torch.save(state, f))
-
-
-@dataclass(frozen=True)
-class SnapshotReport:
-    """This server's answer to a checkpoint order (see CheckpointReport in coordinator.proto)."""
-
-    checkpoint_id: str
-    target_version: int
-    version: int
-    path: str = ""
-    missed: bool = False
-    error: str = ""
 
 
 class CheckpointDirectory:

@@ -9,7 +9,8 @@ from pathlib import Path
 import structlog
 
 from lepton import files
-from lepton.clients import AssignmentInfo, CoordinatorClient, MemberId
+from lepton.clients import AssignmentInfo, CoordinatorClient
+from lepton.domain import CheckpointReport, HeartbeatReply, JobState, MemberId, Role
 from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError
 from lepton.logs import bind
 from lepton.process import (
@@ -23,9 +24,7 @@ from lepton.process import (
 from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.status import FINAL_STATUS_FILE, to_plain
-from lepton.v1 import common_pb2 as common
-from lepton.v1 import coordinator_pb2 as cpb
-from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
+from ps_server.checkpoint import CheckpointDirectory
 from ps_server.metrics import ParameterServerCollector
 from ps_server.node import NodeStatus, ParameterServerNode
 from ps_server.rejoin import AfterFence, after_fence, keeps_state
@@ -33,7 +32,6 @@ from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer, encode_status, registration
 
 log = structlog.get_logger("lepton.ps")
-TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
 CHECKPOINT_DIR = "checkpoints"  # under --state-dir
 
 
@@ -92,7 +90,7 @@ def serve(
     metrics_address = metrics.address if metrics else None
     address = advertise or server.address
     try:
-        member, spec = client.register(common.ROLE_PARAMETER_SERVER, address, member_id)
+        member, spec = client.register(Role.PARAMETER_SERVER, address, member_id)
     except LeptonError as exc:
         log.error("registration_failed", coordinator=coordinator, error=str(exc))
         server.stop(0)
@@ -110,23 +108,16 @@ def serve(
     outcome = {"code": EXIT_OK}
     # The answer to the coordinator's standing checkpoint order, sent with every heartbeat until
     # the order goes away.
-    snapshot: list[SnapshotReport | None] = [None]
+    snapshot: list[CheckpointReport | None] = [None]
 
-    def send_heartbeat() -> cpb.HeartbeatResponse:
+    def send_heartbeat() -> HeartbeatReply:
         gate = node.gate_or_none()
-        report = snapshot[0]
-        wire = None
-        if report is not None:
-            wire = cpb.CheckpointReport(
-                checkpoint_id=report.checkpoint_id, target_version=report.target_version, version=report.version,
-                path=report.path, missed=report.missed, error=report.error,
-            )
         version = gate.version if gate is not None else 0
-        return client.heartbeat(member_box[0], version, applied_roster[0], wire)
+        return client.heartbeat(member_box[0], version, applied_roster[0], snapshot[0])
 
-    def answer_order(reply: cpb.HeartbeatResponse) -> None:
+    def answer_order(reply: HeartbeatReply) -> None:
         order = reply.checkpoint
-        answer = node.answer_checkpoint(order.checkpoint_id, order.target_version) if order.checkpoint_id else None
+        answer = node.answer_checkpoint(order.checkpoint_id, order.target_version) if order is not None else None
         if answer is not None and answer is not snapshot[0]:
             log.info("checkpoint_written", checkpoint=answer.checkpoint_id, version=answer.version,
                      path=answer.path, missed=answer.missed, error=answer.error)
@@ -177,11 +168,11 @@ def serve(
         with join_lock:
             if member_box[0] != fenced:
                 return True  # the other thread already re-registered
-            known = [(m.member.member_id, m.member.incarnation) for m in client.status().members]
+            known = [(m.member_id, m.incarnation) for m in client.members()]
             if after_fence(fenced.member_id, fenced.incarnation, known) is AfterFence.STEP_ASIDE:
                 log.error("ps_fenced", reason=reason, decision="step_aside")
                 return False
-            fresh, _ = client.register(common.ROLE_PARAMETER_SERVER, address, fenced.member_id)
+            fresh, _ = client.register(Role.PARAMETER_SERVER, address, fenced.member_id)
             member_box[0] = fresh
             if joined.is_set():
                 rejoining.set()
@@ -232,7 +223,7 @@ def serve(
         node.update_roster(WorkerEntry(w.member_id, w.incarnation, w.alive) for w in reply.workers)
         applied_roster[0] = max(applied_roster[0], reply.roster_version)
         answer_order(reply)
-        if reply.job_state in TERMINAL:
+        if reply.state.terminal:
             if snapshot[0] is not None:
                 # The job ended with a checkpoint order standing (the final one): report it before
                 # leaving, or the manifest would miss this server's file.
@@ -240,8 +231,8 @@ def serve(
                     send_heartbeat()
                 except LeptonError as exc:
                     log.warning("final_checkpoint_report_failed", error=str(exc))
-            log.info("job_over", state=cpb.JobState.Name(reply.job_state))
-            if reply.job_state == cpb.JOB_STATE_FAILED:
+            log.info("job_over", state=f"JOB_STATE_{reply.state.name}")
+            if reply.state is JobState.FAILED:
                 outcome["code"] = EXIT_JOB_FAILED
             stop.set()
 

@@ -12,9 +12,10 @@ from typing import Any
 import structlog
 import torch
 
+from lepton.domain import CheckpointReport
 from lepton.tensors import TensorKind, TensorSpec, payload_bytes
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
-from ps_server.checkpoint import CheckpointDirectory, SnapshotReport
+from ps_server.checkpoint import CheckpointDirectory
 from ps_server.gate import ClockWait, ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.staleness import staleness_lr_scaling
@@ -73,7 +74,7 @@ class ParameterServerNode:
         self.checkpoints_failed = 0  # periodic checkpoints that could not be written (disk full, ...)
         self._checkpoints: CheckpointDirectory | None = None
         self._no_state_dir = False  # loaded without a checkpoint directory: ordered checkpoints fail
-        self._snapshot: SnapshotReport | None = None  # the answer to the latest checkpoint order
+        self._snapshot: CheckpointReport | None = None  # the answer to the latest checkpoint order
         self.bytes_pulled = 0
         self.bytes_pushed = 0
 
@@ -115,7 +116,7 @@ class ParameterServerNode:
             self._no_state_dir = checkpoints is None
         return store.version
 
-    def answer_checkpoint(self, checkpoint_id: str, target_version: int) -> SnapshotReport | None:
+    def answer_checkpoint(self, checkpoint_id: str, target_version: int) -> CheckpointReport | None:
         """Carries out the coordinator's checkpoint order: the report to send with the next
         heartbeat, or None while the target version is still ahead (or nothing is loaded yet).
         The same order gets the same answer (the file is written once)."""
@@ -126,14 +127,14 @@ class ParameterServerNode:
         if gate is None:
             return None
         if self._no_state_dir:
-            report = SnapshotReport(
+            report = CheckpointReport(
                 checkpoint_id, target_version, gate.version,
                 error=f"parameter server {self.member_id} runs without --state-dir: nowhere to write a checkpoint",
             )
         else:
             capture = gate.capture(target_version)
             if capture.missed:
-                report = SnapshotReport(checkpoint_id, target_version, capture.version, missed=True)
+                report = CheckpointReport(checkpoint_id, target_version, capture.version, missed=True)
             elif capture.state is None:
                 return None
             else:
@@ -141,9 +142,9 @@ class ParameterServerNode:
                 try:
                     path = str(self._checkpoints.save_snapshot(checkpoint_id, capture.state))
                 except OSError as exc:  # disk full, permissions: the checkpoint fails, training goes on
-                    report = SnapshotReport(checkpoint_id, target_version, capture.version, error=str(exc))
+                    report = CheckpointReport(checkpoint_id, target_version, capture.version, error=str(exc))
                 else:
-                    report = SnapshotReport(checkpoint_id, target_version, capture.version, path)
+                    report = CheckpointReport(checkpoint_id, target_version, capture.version, path)
         self._snapshot = report
         return report
 

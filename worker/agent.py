@@ -14,6 +14,7 @@ import torch
 
 from lepton.clients import CoordinatorClient, LayoutInfo, MemberId, ParameterClient, new_request_id
 from lepton.config import JobSpec
+from lepton.domain import JobState, LeaseOutcome, Role, ShardLease
 from lepton.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -29,14 +30,11 @@ from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED
 from lepton.tensors import part, payload_bytes, rows_in, sparse_part
 from lepton.retry import RetryPolicy, call_with_retry
-from lepton.v1 import common_pb2 as common
-from lepton.v1 import coordinator_pb2 as cpb
 from worker.lease import LeaseClock
 from worker.progress import ProgressReporter
 from worker.trainer import ShardRange, Trainer
 
 log = structlog.get_logger("lepton.worker")
-TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
 MAX_STEP_ATTEMPTS = 8
 PROGRESS_INTERVAL_S = 0.2
 
@@ -87,7 +85,7 @@ class WorkerAgent:
         self._rng = random.Random()
         self._fenced = threading.Event()
         self._job_over = threading.Event()
-        self._job_state = cpb.JOB_STATE_UNSPECIFIED  # the last state a heartbeat reported
+        self._job_state: JobState | None = None  # the last state a heartbeat reported
         self._member: MemberId | None = None
         self._spec: JobSpec | None = None
         self._trainer: Trainer | None = None
@@ -115,7 +113,7 @@ class WorkerAgent:
 
     def _register(self) -> None:
         previous = self._member.member_id if self._member else self._requested_id
-        self._member, spec = self._coord.register(common.ROLE_WORKER, member_id=previous)
+        self._member, spec = self._coord.register(Role.WORKER, member_id=previous)
         self.registrations += 1
         self._fenced.clear()
         self._params_fresh = False
@@ -151,8 +149,8 @@ class WorkerAgent:
                     log.warning("heartbeat_failed", error=str(exc), failures=failures)
                 continue
             self._layout_seen = max(self._layout_seen, reply.layout_version)
-            self._job_state = reply.job_state
-            if reply.job_state in TERMINAL:
+            self._job_state = reply.state
+            if reply.state.terminal:
                 self._job_over.set()
 
     # --- data plane ----------------------------------------------------------------------------
@@ -438,7 +436,7 @@ class WorkerAgent:
             self._stop.wait(0.05)
         log.info("lease_renewed_resuming", lease_id=self._lease_id)
 
-    def _train(self, lease: cpb.ShardLease) -> None:
+    def _train(self, lease: ShardLease) -> None:
         assert self._trainer is not None and self._member is not None
         member = self._member
         shard = ShardRange(lease.epoch, lease.shard, lease.start, lease.end, lease.offset)
@@ -540,8 +538,9 @@ class WorkerAgent:
             except Fenced:
                 self._fenced.set()
                 continue
-            if decision.outcome == cpb.LEASE_OUTCOME_GRANTED:
+            if decision.outcome is LeaseOutcome.GRANTED:
                 assert self._spec is not None
+                assert decision.lease is not None
                 self._lease_id = decision.lease.lease_id
                 self._lease_clock.grant(sent, decision.lease_timeout_s or self._spec.lease_timeout_s)
                 try:
@@ -552,25 +551,25 @@ class WorkerAgent:
                     continue
                 finally:
                     self._lease_clock.release()
-            elif decision.outcome == cpb.LEASE_OUTCOME_EVALUATE:
+            elif decision.outcome is LeaseOutcome.EVALUATE:
                 try:
                     self._evaluate()
                 except (Fenced, FailedPrecondition) as exc:
                     log.warning("evaluation_rejected", reason=str(exc))
-            elif decision.outcome == cpb.LEASE_OUTCOME_JOB_DONE:
-                failed = self._final_state() == cpb.JOB_STATE_FAILED
+            elif decision.outcome is LeaseOutcome.JOB_DONE:
+                failed = self._final_state() is JobState.FAILED
                 log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)
                 return EXIT_JOB_FAILED if failed else 0
             else:
                 self._leave_steps()
                 self._stop.wait(max(decision.retry_after_s, 0.05))
 
-    def _final_state(self) -> int:
+    def _final_state(self) -> JobState | None:
         """The job's terminal state: asked once more (the last heartbeat may predate the end),
         else the last one a heartbeat reported."""
         if self._member is not None and not self._fenced.is_set():
             try:
-                self._job_state = self._coord.heartbeat(self._member).job_state
+                self._job_state = self._coord.heartbeat(self._member).state
             except LeptonError as exc:
                 log.warning("final_state_unknown", error=str(exc))
         return self._job_state

@@ -13,6 +13,8 @@ import pytest
 
 from lepton.certs import make_dev_pki
 from lepton.clients import CoordinatorClient, ParameterClient
+from lepton.control_wire import member_ref
+from lepton.domain import Role
 from lepton.process import EXIT_CONFIG, ServiceOptions
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
@@ -64,9 +66,9 @@ def test_identity_attacks_are_denied_change_nothing_and_the_job_succeeds(cluster
     shared = CoordinatorClient(cluster.coordinator, security=security(pki, "worker"))  # bound to worker-*
     ps_thief = ParameterClient(cluster.servers[0], security=security(pki, "worker-1"))
     try:
-        member, _ = victim.register(common.ROLE_WORKER, member_id="worker-0")
+        member, _ = victim.register(Role.WORKER, member_id="worker-0")
         before = snapshot(admin)
-        ref = member.to_proto()
+        ref = member_ref(member)
         ps_ref = common.MemberRef(member_id="ps-0", incarnation=1)
 
         # A worker token registering as parameter server ps-0 (which would repoint the layout).

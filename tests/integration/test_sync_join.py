@@ -9,6 +9,7 @@ import time
 import torch
 
 from lepton.clients import CoordinatorClient, ParameterClient
+from lepton.domain import Role
 from lepton.config import JobSpec
 from lepton.errors import FailedPrecondition, NotFound
 from lepton.v1 import common_pb2 as common
@@ -38,7 +39,7 @@ def test_a_sync_worker_waiting_in_join_steps_leaves_promptly_when_stopped(tmp_pa
         # worker that died between its pushes to different servers leaves things: that server is
         # at version 1; the other stays at 0, its step 0 waiting for a push that never comes (until
         # the member is declared dead, a minute away).
-        puppet, _ = coord.register(common.ROLE_WORKER)
+        puppet, _ = coord.register(Role.WORKER)
         layout = wait_until(lambda: coord.layout() if len(coord.layout().servers) == 2 else None, 60, "the layout")
 
         def joined(client):

@@ -11,6 +11,8 @@ import pytest
 import structlog
 
 from lepton.clients import CoordinatorClient, ParameterClient
+from lepton.control_wire import member_ref
+from lepton.domain import Role
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
 from lepton.process import EXIT_JOB_FAILED, ServiceOptions
@@ -58,10 +60,10 @@ def test_a_pull_naming_one_tensor_30000_times_is_invalid_and_grows_the_server_li
     client = ParameterClient(cluster.servers[0])
     coordinator = CoordinatorClient(cluster.coordinator)
     try:
-        member, _ = coordinator.register(common.ROLE_WORKER)
+        member, _ = coordinator.register(Role.WORKER)
         _, tensors = client.pull(member)
         name = next(iter(tensors))
-        request = ppb.PullRequest(member=member.to_proto(), names=[name] * 30_000)
+        request = ppb.PullRequest(member=member_ref(member), names=[name] * 30_000)
         stub = ppb_grpc.ParameterServerStub(client._channel)
         before = rss_bytes()
         with pytest.raises(grpc.RpcError) as raised:
@@ -94,7 +96,7 @@ def test_progress_with_unusable_values_is_invalid_and_status_json_stays_valid(cl
     coordinator = CoordinatorClient(cluster.coordinator)
     stub = cpb_grpc.CoordinatorStub(coordinator._channel)
     try:
-        member, _ = coordinator.register(common.ROLE_WORKER)
+        member, _ = coordinator.register(Role.WORKER)
         lease = wait_until(
             lambda: (d := coordinator.lease(member)).outcome == cpb.LEASE_OUTCOME_GRANTED and d.lease, 30, "a lease"
         )
@@ -102,9 +104,9 @@ def test_progress_with_unusable_values_is_invalid_and_status_json_stays_valid(cl
         before = coordinator.status()
         for rpc, request in (
             (stub.ReportProgress, cpb.ReportProgressRequest(
-                member=member.to_proto(), epoch=lease.epoch, shard=lease.shard, offset=2, **values)),
+                member=member_ref(member), epoch=lease.epoch, shard=lease.shard, offset=2, **values)),
             (stub.CompleteShard, cpb.CompleteShardRequest(
-                member=member.to_proto(), epoch=lease.epoch, shard=lease.shard, **values)),
+                member=member_ref(member), epoch=lease.epoch, shard=lease.shard, **values)),
         ):
             with pytest.raises(grpc.RpcError) as raised:
                 rpc(request, timeout=5)
@@ -123,7 +125,7 @@ def test_unknown_ids_and_negative_sequences_get_what_is_true(cluster):
     coordinator = CoordinatorClient(cluster.coordinator)
     stub = cpb_grpc.CoordinatorStub(coordinator._channel)
     try:
-        member, _ = coordinator.register(common.ROLE_WORKER)
+        member, _ = coordinator.register(Role.WORKER)
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.WatchJob(cpb.WatchJobRequest(after_sequence=-1), timeout=5))
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "after_sequence" in raised.value.details()
@@ -137,7 +139,7 @@ def test_unknown_ids_and_negative_sequences_get_what_is_true(cluster):
         )
         with pytest.raises(grpc.RpcError) as raised:
             stub.ReportProgress(cpb.ReportProgressRequest(
-                member=member.to_proto(), epoch=lease.epoch, shard=lease.shard, offset=1, lease_id=10**9), timeout=5)
+                member=member_ref(member), epoch=lease.epoch, shard=lease.shard, offset=1, lease_id=10**9), timeout=5)
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
         assert "is unknown: no such lease was ever issued" in raised.value.details()
     finally:
@@ -151,11 +153,11 @@ def test_a_client_leaving_mid_stream_is_counted_as_it_left_and_logged_at_info(cl
     channel = grpc.insecure_channel(cluster.servers[0])
     release = threading.Event()
     try:
-        member, _ = coordinator.register(common.ROLE_WORKER)
+        member, _ = coordinator.register(Role.WORKER)
 
         def requests():
             # Says one tensor follows (as Lepton's client says how many), then sends none.
-            yield ppb.PushRequest(header=ppb.PushHeader(member=member.to_proto(), base_version=0, sample_count=1, tensors=1))
+            yield ppb.PushRequest(header=ppb.PushHeader(member=member_ref(member), base_version=0, sample_count=1, tensors=1))
             release.wait(60)  # the rest of the stream never comes
 
         stub = ppb_grpc.ParameterServerStub(channel)

@@ -1,0 +1,84 @@
+"""Import boundaries of the typed clients: the agents outside servicers never import generated
+messages, and the control plane's values import neither grpc nor torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lepton.control_wire import ROLE_FROM_WIRE
+from lepton.domain import JobState, LeaseOutcome, Role
+from lepton.v1 import common_pb2, coordinator_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICERS = {"ps_server/servicer.py"}  # a servicer decodes and encodes: it alone may hold messages
+NO_MESSAGES = ["worker/agent.py"] + sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "ps_server").glob("*.py") if str(p.relative_to(ROOT)) not in SERVICERS
+)
+
+
+def generated_imports(source: str) -> list[str]:
+    """Generated modules (``*_pb2``, ``*_pb2_grpc``, anything from ``lepton.v1``) that ``source``
+    imports, at any depth of the file (functions included)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found += [n for n in names if n.startswith("lepton.v1") or n.split(".")[-1].endswith(("_pb2", "_pb2_grpc"))]
+    return found
+
+
+def test_the_check_sees_every_form_of_import():
+    source = (
+        "import lepton.v1.common_pb2\n"
+        "from lepton.v1 import coordinator_pb2 as cpb\n"
+        "def f():\n    from grpc_health.v1 import health_pb2\n"
+        "import json\nfrom lepton.domain import Role\n"
+    )
+    assert sorted(set(generated_imports(source))) == [
+        "grpc_health.v1.health_pb2", "lepton.v1", "lepton.v1.common_pb2", "lepton.v1.coordinator_pb2",
+    ]
+
+
+def test_every_parameter_server_module_but_the_servicer_is_checked():
+    assert {"ps_server/main.py", "ps_server/node.py", "ps_server/gate.py"} <= set(NO_MESSAGES)
+    assert "ps_server/servicer.py" not in NO_MESSAGES
+
+
+@pytest.mark.parametrize("path", NO_MESSAGES)
+def test_agents_import_no_generated_messages(path):
+    assert generated_imports((ROOT / path).read_text()) == []
+
+
+def test_the_control_plane_values_import_neither_grpc_nor_torch():
+    probe = (
+        "import sys, lepton.domain\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'torch', 'google'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_the_coordinator_client_imports_no_torch():
+    probe = "import sys, lepton.coordinator_client\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_domain_enums_carry_the_contract_numbers():
+    assert {s.name: s.value for s in LeaseOutcome} == {
+        n.removeprefix("LEASE_OUTCOME_"): v for n, v in coordinator_pb2.LeaseOutcome.items() if v
+    }
+    assert {s.name: s.value for s in JobState} == {
+        n.removeprefix("JOB_STATE_"): v for n, v in coordinator_pb2.JobState.items() if v
+    }
+    assert {ROLE_FROM_WIRE[v] for v in common_pb2.Role.values() if v} == set(Role)
