@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ready-file", default=None, help="write {metrics, pid} as JSON here once started")
     w.add_argument(
         "--step-delay", type=float, default=0.0, metavar="SECONDS",
-        help="test/demo hook, not for production: sleep this long before each push, making this worker "
-        "slow on purpose (default 0)",
+        help="test/demo hook, not for production: sleep this long before each push and before evaluating, "
+        "making this worker slow on purpose (default 0)",
     )
     _add_service(w, server=False)
     _add_common(w)

@@ -29,7 +29,7 @@ import structlog
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.placement import Placements
-from lepton.process import EXIT_CONFIG, EXIT_JOB_FAILED, EXIT_OK, stop_event_on_signals
+from lepton.process import EXIT_CONFIG, EXIT_JOB_FAILED, EXIT_OK, EXIT_STATE_NOT_SAVED, stop_event_on_signals
 from lepton.certs import make_dev_pki
 from lepton.retry import RetryPolicy
 from lepton.scale import ScaleControl, default_max_workers, plan_scale, worker_index, worker_name
@@ -140,6 +140,15 @@ class Child:
         code = self.process.poll()
         return code is not None and code != 0
 
+    def exited(self) -> str:
+        """The line "NAME exited with CODE", with what the code means when it names a cause to fix."""
+        code = self.process.returncode
+        said = f"{self.name} exited with {code}"
+        if code == EXIT_STATE_NOT_SAVED and "--state-dir" in self.args[:-1]:
+            where = self.args[self.args.index("--state-dir") + 1]
+            said += f": it could not save its state in {where} (the file system is full or refuses writes)"
+        return said
+
 
 @dataclass
 class Children:
@@ -171,12 +180,12 @@ class Children:
 
     def restart(self, child: Child, args: list[str] | None = None) -> None:
         """Starts a crashed child again (compose's ``restart: on-failure``), same name and log."""
-        code = child.process.returncode
+        said = child.exited()
         if args is not None:
             child.args = list(args)
         child.process = self._spawn(child.name, child.log_path, child.args)
         child.restarts += 1
-        print(f"\n{child.name} exited with {code}; restarted (pid {child.process.pid})", flush=True)
+        print(f"\n{said}; restarted (pid {child.process.pid})", flush=True)
 
     def stop(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
         for child in children:
@@ -293,10 +302,7 @@ def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:
         if child.process.poll() is not None:
             if child.process.returncode == EXIT_CONFIG:
                 raise refusal(child, path)
-            raise ChildFailed(
-                f"{child.name} exited with {child.process.returncode} before it was ready; "
-                f"see {child.log_path}"
-            )
+            raise ChildFailed(f"{child.exited()} before it was ready; see {child.log_path}")
         time.sleep(0.05)
     raise ChildFailed(f"{child.name} was not ready within {timeout_s:.0f}s; see {child.log_path}")
 
@@ -569,6 +575,7 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     scale_events: list[dict] = []
     servers: ServerStatusTally | None = None
     refused = ""
+    coordinator_exit = ""  # how the coordinator ended, when it exited for good before the job did
     try:
         if cluster.secure:
             pki = make_dev_pki(state_dir / "security", ["localhost", "127.0.0.1"], parameter_servers=spec.parameter_servers)
@@ -647,7 +654,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
             if coordinator.process.poll() is not None:
                 if not coordinator.failed or coordinator.restarts >= MAX_RESTARTS:
                     outcome = "failed"
-                    print(f"\nthe coordinator exited with {coordinator.process.returncode}", flush=True)
+                    coordinator_exit = coordinator.exited()
+                    print(f"\n{coordinator_exit}", flush=True)
                     break
                 children.restart(coordinator, coordinator_args)  # same port and state directory
             for child in children.items:
@@ -754,6 +762,8 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
         servers.report() if servers is not None
         else {"parameter_server_status": {}, "max_clock_gap": None, "max_compute_gap": None}
     )
+    if coordinator_exit and not report.get("failure"):
+        report["failure"] = coordinator_exit
     if refused:
         report["failure"] = refused
     else:

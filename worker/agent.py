@@ -61,7 +61,8 @@ class WorkerAgent:
 
     Args:
         ps_client: builds a ParameterClient for an address (tests inject their own).
-        step_delay_s: a test and demo hook: sleep this long before each push (a slow worker).
+        step_delay_s: a test and demo hook: sleep this long before each push and before pulling
+            to evaluate (a slow worker).
     """
 
     def __init__(
@@ -499,10 +500,35 @@ class WorkerAgent:
     def _evaluate(self) -> None:
         assert self._trainer is not None and self._member is not None
         self._leave_steps()
-        self._pull_all()
+        if self._step_delay_s and self._stop.wait(self._step_delay_s):  # slow to evaluate too (--step-delay)
+            raise LeaseLost  # leaving: another worker (or this one's successor) evaluates
+        self._pull_for_evaluation()
         result = self._trainer.evaluate()
         self._coord.report_evaluation(self._member, result)
         log.info("evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4))
+
+    def _pull_for_evaluation(self) -> None:
+        """Pulls every server's parameters, following layout changes as training does: a server
+        that restarts meanwhile (UNAVAILABLE at its old address, or, back at its new one, not yet
+        loaded or not yet told of this worker) is retried with backoff, the layout re-read once a
+        heartbeat reports it changed. Bounded by the retry policy; a fence or the job's end stops it."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._pull_all()
+                return
+            except (Unavailable, DeadlineExceeded, NotFound, FailedPrecondition) as exc:
+                if self._job_over.is_set():
+                    raise LeaseLost from exc  # the job ended meanwhile: the next lease says so
+                if attempt >= self._retry.max_attempts:
+                    raise
+                delay = self._retry.backoff_s(attempt, self._rng)
+                log.warning("evaluation_pull_retry", error=str(exc), attempt=attempt, backoff_s=round(delay, 3))
+                if self._stop.wait(delay):
+                    raise LeaseLost from exc
+            if self._fenced.is_set():
+                raise Fenced("fenced while pulling to evaluate")
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -556,6 +582,8 @@ class WorkerAgent:
                     self._evaluate()
                 except (Fenced, FailedPrecondition) as exc:
                     log.warning("evaluation_rejected", reason=str(exc))
+                except LeaseLost:
+                    continue  # stopping, or the job is over: the loop's next turn says which
             elif decision.outcome is LeaseOutcome.JOB_DONE:
                 failed = self._final_state() is JobState.FAILED
                 log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)

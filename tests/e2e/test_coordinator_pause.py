@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -17,16 +18,17 @@ TIMEOUT_S = 3.0
 EPOCHS, SHARDS = 6, 8
 SUCCEEDED = 5  # JOB_STATE_SUCCEEDED
 TRAINING = 3  # JOB_STATE_TRAINING
+LOAD_S = 240.0  # the busy loops' bound: longer than a loaded run, killed with the cluster anyway
 
 
-def start_cluster(processes, tmp_path, workers: int):
+def start_cluster(processes, tmp_path, workers: int, epochs: int = EPOCHS):
     """A hand-started cluster (no supervisor): the coordinator, two parameter servers and
     ``workers`` workers, all logging JSON. Returns (coordinator, address, servers, workers)."""
     coordinator = processes.start(
         "coordinator",
         lepton_argv(
             "coordinator", "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "c.json"),
-            "--parameter-servers", "2", "--epochs", str(EPOCHS), "--shards", str(SHARDS),
+            "--parameter-servers", "2", "--epochs", str(epochs), "--shards", str(SHARDS),
             "--heartbeat-timeout", str(TIMEOUT_S), "--log-format", "json",
         ),
     )
@@ -43,8 +45,19 @@ def start_cluster(processes, tmp_path, workers: int):
     return coordinator, address, servers, started
 
 
-def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processes, tmp_path):
-    coordinator, address, servers, workers = start_cluster(processes, tmp_path, workers=3)
+def busy_loops(processes, count: int, seconds: float) -> list:
+    """``count`` unrelated processes that spin a core each for at most ``seconds``."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    return [processes.start(f"load-{i}", [sys.executable, "-c", spin]) for i in range(count)]
+
+
+@pytest.mark.parametrize("load", [False, True], ids=["idle", "cores-busy"])
+def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processes, tmp_path, load):
+    """With ``load``, both cores spin in unrelated processes for the whole run: a starved machine
+    must not pass for dead members either."""
+    loops = busy_loops(processes, 2, LOAD_S) if load else []
+    epochs = EPOCHS // 2 if load else EPOCHS  # as long a run in seconds, about
+    coordinator, address, servers, workers = start_cluster(processes, tmp_path, workers=3, epochs=epochs)
     members = servers + workers
 
     client = CoordinatorClient(address)
@@ -76,11 +89,13 @@ def test_a_coordinator_paused_for_three_heartbeat_timeouts_loses_nobody(processe
         f"completions={final.shard_completions} dead={final.members_declared_dead} "
         f"duplicates={final.duplicate_completions_rejected} reassignments={final.reassignments} "
         f"ps_restarts={final.ps_restarts} codes={codes} "
-        f"stalls_logged={coordinator_log.count('coordinator_stall_detected')}"
+        f"stalls_logged={coordinator_log.count('coordinator_stall_detected')} "
+        f"load_running_at_end={[p.poll() is None for p in loops]}"
     )
+    assert all(p.poll() is None for p in loops)  # the load lasted the whole run
     assert codes == [0] * len(members)
     assert final.state == SUCCEEDED
-    assert final.shard_completions == EPOCHS * SHARDS  # every shard of every epoch, once
+    assert final.shard_completions == epochs * SHARDS  # every shard of every epoch, once
     assert final.duplicate_completions_rejected == 0
     assert final.members_declared_dead == 0
     assert final.ps_restarts == 0

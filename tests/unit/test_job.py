@@ -385,6 +385,47 @@ def test_a_new_evaluator_is_chosen_when_the_first_one_dies(job, clock):
     assert job.state is JobState.SUCCEEDED
 
 
+def test_an_evaluator_that_re_registers_is_asked_again_and_its_old_incarnation_is_refused(job, clock):
+    start_training(job, clock)
+    w = worker(job, clock)
+    for _ in range(6):
+        train_shard(job, clock, w)
+    assert job.lease(w.member_id, 1, clock.now()).outcome is LeaseOutcome.EVALUATE
+    again = worker(job, clock, member_id=w.member_id)  # a restarted worker under its --id
+    assert again.incarnation == 2
+    assert job.lease(w.member_id, 2, clock.now()).outcome is LeaseOutcome.EVALUATE
+    with pytest.raises(Fenced):
+        job.report_evaluation(w.member_id, 1, RESULT, clock.now())
+    job.report_evaluation(w.member_id, 2, RESULT, clock.now())
+    assert job.state is JobState.SUCCEEDED
+
+
+@pytest.mark.parametrize("returns", [True, False], ids=["restarts", "never-returns"])
+def test_a_parameter_server_lost_while_evaluating_is_waited_for_then_fails_the_job(job, clock, returns):
+    """The evaluator keeps its evaluation while a server restarts (it follows the new layout); a
+    server that never comes back ends the job FAILED after the recovery timeout, not EVALUATING."""
+    ps0, ps1 = start_training(job, clock)
+    w = worker(job, clock)
+    for _ in range(6):
+        train_shard(job, clock, w)
+    assert job.lease(w.member_id, 1, clock.now()).outcome is LeaseOutcome.EVALUATE
+    clock.advance(SPEC.heartbeat_timeout_s + 1)
+    beat(job, clock, [ps0, w])
+    assert [m.member_id for m in job.tick(clock.now())] == [ps1.member_id]
+    assert job.lease(w.member_id, 1, clock.now()).outcome is LeaseOutcome.EVALUATE
+    if returns:
+        back = job.register(Role.PARAMETER_SERVER, "10.0.0.9:7000", clock.now(), member_id=ps1.member_id)
+        job.ready(back.member_id, back.incarnation, job.layout_version, clock.now())
+        job.report_evaluation(w.member_id, 1, RESULT, clock.now())
+        assert job.state is JobState.SUCCEEDED
+        return
+    for _ in range(int(job.ps_recovery_timeout_s // SPEC.heartbeat_interval_s) + 2):
+        clock.advance(SPEC.heartbeat_interval_s)
+        beat(job, clock, [ps0, w])
+        job.tick(clock.now())
+    assert job.state is JobState.FAILED and ps1.member_id in job.status(clock.now()).failure
+
+
 # --- parameter server failure ------------------------------------------------------------------
 
 

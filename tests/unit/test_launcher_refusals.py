@@ -52,3 +52,15 @@ def test_a_child_that_crashes_otherwise_is_not_a_configuration_error(tmp_path):
     c = child(tmp_path, "import sys; sys.exit(1)")
     with pytest.raises(ChildFailed, match="exited with 1 before it was ready"):
         wait_ready_file(tmp_path / "ready.json", c, timeout_s=5)
+
+
+def test_a_coordinator_that_could_not_save_its_state_is_reported_with_its_state_directory(tmp_path):
+    c = child(tmp_path, "import sys; sys.exit(161)")  # EXIT_STATE_NOT_SAVED
+    c.args = ["coordinator", "--state-dir", str(tmp_path / "coordinator"), "--epochs", "1"]
+    said = c.exited()
+    assert said.startswith("coordinator exited with 161: it could not save its state in ")
+    assert str(tmp_path / "coordinator") in said and "full" in said
+    with pytest.raises(ChildFailed, match="could not save its state in"):
+        wait_ready_file(tmp_path / "ready.json", c, timeout_s=5)
+    c.args = []  # without a state directory the code is all there is to say
+    assert c.exited() == "coordinator exited with 161"
