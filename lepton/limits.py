@@ -18,7 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+import structlog
+
 from lepton.errors import ConfigError
+
+log = structlog.get_logger("lepton.limits")
 
 HEARTBEAT, CONTROL, READ, WATCH, DATA, STEPS = "heartbeat", "control", "read", "watch", "data", "steps"
 
@@ -251,6 +255,7 @@ class Watchdog:
                 try:
                     callback()
                 except Exception:  # noqa: BLE001 - one failing callback must not stop the others
-                    import structlog
-
-                    structlog.get_logger("lepton.limits").exception("watchdog_callback_failed")
+                    try:
+                        log.exception("watchdog_callback_failed")
+                    except Exception:  # noqa: BLE001 - nor a log that cannot be written
+                        pass

@@ -260,8 +260,8 @@ class _StreamWatch:
                 f"(--stream-lifetime); open it again (WatchJob: after the last sequence seen)"
             )
         self._limiter.admission.note_dropped(self._method, c, reason)
-        log.info("rpc_stream_ended", method=self._method, rpc_class=c.name, reason=reason, peer=self._context.peer())
         end_call(self._context, grpc.StatusCode.DEADLINE_EXCEEDED, details)
+        log.info("rpc_stream_ended", method=self._method, rpc_class=c.name, reason=reason, peer=self._context.peer())
 
     def close(self) -> None:
         with self._lock:
