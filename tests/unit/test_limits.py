@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lepton.cli import main
+from lepton.cli import build_parser, service_options
 from lepton.errors import ConfigError
 from lepton.limits import DEFAULT_LIMITS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
 
@@ -87,9 +87,18 @@ def test_a_table_naming_an_unknown_class_is_refused():
         Limits(classes=(CallClass("read", 1, 1),), methods={WATCH: "watch"})
 
 
-def test_a_bad_rpc_limit_flag_exits_2_with_the_reason(capsys):
-    assert main(["coordinator", "--rpc-limit", "watch=many"]) == 2
-    assert "--rpc-limit 'watch=many'" in capsys.readouterr().err
+def test_the_server_flags_reach_the_limits_and_a_bad_one_is_a_config_error():
+    parser = build_parser()
+    args = parser.parse_args(
+        ["ps", "--coordinator", "127.0.0.1:1", "--rpc-limit", "data=9:3", "--stream-idle-timeout", "2",
+         "--stream-lifetime", "7"]
+    )
+    limits = service_options(args).limits
+    assert (limits.of(PUSH_PULL).limit, limits.of(PUSH_PULL).per_peer, limits.of(PUSH_PULL).idle_s) == (9, 3, 2)
+    assert limits.of(WATCH).lifetime_s == 7
+    assert service_options(parser.parse_args(["coordinator"])).limits == DEFAULT_LIMITS
+    with pytest.raises(ConfigError, match="--rpc-limit 'watch=many'"):  # main() prints it and exits 2
+        service_options(parser.parse_args(["coordinator", "--rpc-limit", "watch=many"]))
 
 
 def test_the_watchdog_calls_what_is_armed_and_not_what_is_disarmed():
