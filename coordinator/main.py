@@ -125,6 +125,7 @@ def serve(
         security=options.security,
         registry=registry,
         reflection_enabled=options.reflection,
+        limits=options.limits,
     )
     server.start()
     metrics_address = metrics.address if metrics else None

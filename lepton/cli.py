@@ -22,6 +22,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, read_job_file
 from lepton.errors import ConfigError, LeptonError
+from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.logs import configure_logging
 from lepton.process import (
     EXIT_CONFIG,
@@ -141,6 +142,19 @@ def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
             "--insecure", action="store_true",
             help="allow plaintext on a non-loopback --listen address (refused without it: exit 2)",
         )
+        p.add_argument(
+            "--rpc-limit", action="append", default=[], metavar="CLASS=LIMIT[:PER_PEER]",
+            help="concurrent calls a class admits, and from one connection (classes: heartbeat, control, "
+            "read, watch, data, steps; repeatable); beyond them: RESOURCE_EXHAUSTED",
+        )
+        p.add_argument(
+            "--stream-idle-timeout", type=float, default=None, metavar="SECONDS",
+            help=f"end a request stream (Push, PushPull) whose next message takes longer (default {DEFAULT_IDLE_S:g})",
+        )
+        p.add_argument(
+            "--stream-lifetime", type=float, default=None, metavar="SECONDS",
+            help=f"end a WatchJob or health Watch stream this long after it began (default {DEFAULT_LIFETIME_S:g})",
+        )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)")
 
@@ -164,6 +178,11 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or listen_host,
         reflection=not getattr(args, "no_reflection", False),
+        limits=DEFAULT_LIMITS.configured(
+            getattr(args, "rpc_limit", None) or (),
+            getattr(args, "stream_idle_timeout", None),
+            getattr(args, "stream_lifetime", None),
+        ),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lepton.handlers import rewrap
@@ -76,6 +76,48 @@ class ClientCallCollector(Collector):
             "Unary calls of this process made without a deadline.",
             value=CLIENT_CALLS.without_deadline,
         )
+
+
+class LimitCollector(Collector):
+    """The server's call limits (``lepton.limits.Admission``), read at scrape time: calls refused
+    and streams ended, by method, class and reason; calls in flight and the limit, by class."""
+
+    def __init__(self, admission: Any) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator:
+        a = self._admission
+        labels = ["service", "method", "rpc_class", "reason"]
+        rejected = CounterMetricFamily(
+            "lepton_rpc_server_rejected",
+            "Calls refused with RESOURCE_EXHAUSTED: their class was at its limit (class_limit) or their "
+            "connection at its share of it (peer_share).",
+            labels=labels,
+        )
+        ended = CounterMetricFamily(
+            "lepton_rpc_server_streams_ended",
+            "Streams the server ended with DEADLINE_EXCEEDED: no request message within the idle time "
+            "(idle) or older than the stream lifetime (lifetime).",
+            labels=labels,
+        )
+        for family, counts in zip((rejected, ended), a.counts()):
+            for (full_method, name, reason), n in sorted(counts.items()):
+                service, _, method = full_method.lstrip("/").partition("/")
+                family.add_metric([service, method, name, reason], n)
+        yield rejected
+        yield ended
+        in_flight = GaugeMetricFamily(
+            "lepton_rpc_server_class_in_flight", "Calls admitted and not yet finished, by class.", labels=["rpc_class"]
+        )
+        limit = GaugeMetricFamily(
+            "lepton_rpc_server_class_limit", "Concurrent calls each class admits (--rpc-limit).", labels=["rpc_class"]
+        )
+        for name, n in sorted(a.in_flight().items()):
+            in_flight.add_metric([name], n)
+        for c in a.limits.classes:
+            limit.add_metric([c.name], c.limit)
+        yield in_flight
+        yield limit
 
 
 class RpcMetricsInterceptor(grpc.ServerInterceptor):

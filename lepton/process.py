@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from lepton.errors import Unavailable
+from lepton.limits import DEFAULT_LIMITS, Limits
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.process")
@@ -73,12 +74,13 @@ def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], 
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """What every role's serve() shares: security, metrics endpoint, reflection switch."""
+    """What every role's serve() shares: security, metrics endpoint, reflection switch, call limits."""
 
     security: Security = INSECURE
     metrics_port: int | None = None  # None: no metrics endpoint; 0: a free port
     metrics_host: str = "127.0.0.1"
     reflection: bool = True
+    limits: Limits = DEFAULT_LIMITS  # per-class and per-peer call limits of a server (lepton.limits)
 
     def metrics(self, collector_factory: Callable[[], object] | None = None):
         """(registry, endpoint) — both None when metrics are off."""
