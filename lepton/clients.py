@@ -185,8 +185,12 @@ class CoordinatorClient(_Client):
             ),
         )
 
-    def lease(self, member: MemberId) -> cpb.LeaseShardResponse:
-        return self._idempotent(self._stub.LeaseShard, cpb.LeaseShardRequest(member=member.to_proto()))
+    def lease(self, member: MemberId, max_wait_s: float = 0.0) -> cpb.LeaseShardResponse:
+        """A lease decision; with ``max_wait_s`` the coordinator may hold a WAIT that long."""
+        request = cpb.LeaseShardRequest(member=member.to_proto(), max_wait_s=max_wait_s)
+        return call_with_retry(
+            lambda: call(self._stub.LeaseShard, request, timeout=self._timeout_s + max_wait_s), self._retry, rng=self._rng
+        )
 
     def progress(
         self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, lease_id: int = 0

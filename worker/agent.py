@@ -39,6 +39,7 @@ log = structlog.get_logger("lepton.worker")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
 MAX_STEP_ATTEMPTS = 8
 PROGRESS_INTERVAL_S = 0.2
+LEASE_WAIT_S = 1.0  # a LeaseShard long poll: the coordinator answers as soon as a shard is free
 
 
 JOIN_ATTEMPTS = 5  # JoinSteps rounds before a sync worker joins by pushing instead
@@ -536,7 +537,7 @@ class WorkerAgent:
                 self._register()
             sent = self._lease_clock.now()
             try:
-                decision = self._coord.lease(self._member)  # type: ignore[arg-type]
+                decision = self._coord.lease(self._member, LEASE_WAIT_S)  # type: ignore[arg-type]
             except Fenced:
                 self._fenced.set()
                 continue
