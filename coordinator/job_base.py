@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -67,7 +67,6 @@ class _Batch:
     last_event: int
     view: JobView
     now: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class JobCore:
