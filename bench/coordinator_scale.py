@@ -9,8 +9,9 @@ What runs:
     and answering no checkpoint orders (checkpoints are off).
 
     *workers*: ``--workers`` simulated workers. Each registers, heartbeats every heartbeat interval
-    (default 0.5 s, 2 Hz) and, beside it, leases a shard, reports progress ``--progress`` times
-    ``--progress-interval`` apart and completes it, then leases again (WAIT answers are obeyed).
+    (default 0.5 s, 2 Hz) and, beside it, leases a shard (a long poll of ``--lease-wait`` s), reports
+    progress ``--progress`` times ``--progress-interval`` apart and completes it, then leases again
+    (WAIT answers are obeyed).
 
     Clients are asyncio gRPC (``grpc.aio``) split over ``--client-procs`` processes so that the
     clients' own event loops do not dominate the latencies they measure.
@@ -134,7 +135,9 @@ async def _worker_heartbeats(stub, tally: ClientTally, member, interval_s: float
 
 async def _worker_shards(stub, tally: ClientTally, member, args: argparse.Namespace, end: float) -> None:  # type: ignore[no-untyped-def]
     while time.monotonic() < end:
-        reply = await _call(tally, "LeaseShard", stub.LeaseShard, cpb.LeaseShardRequest(member=member))
+        reply = await _call(
+            tally, "LeaseShard", stub.LeaseShard, cpb.LeaseShardRequest(member=member, max_wait_s=args.lease_wait),
+        )
         if reply is None:
             await asyncio.sleep(0.5)
             continue
@@ -273,6 +276,7 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
                 "--workers", str(count), "--servers", str(args.servers if i == 0 else 0),
                 "--seconds", str(args.seconds), "--heartbeat-interval", str(args.heartbeat_interval),
                 "--progress", str(args.progress), "--progress-interval", str(args.progress_interval),
+                "--lease-wait", str(args.lease_wait),
             ]))
         for client in clients:
             client.wait(timeout=args.seconds + 120)
@@ -343,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-timeout", type=float, default=30.0)
     parser.add_argument("--progress", type=int, default=2, help="progress reports per shard")
     parser.add_argument("--progress-interval", type=float, default=0.5)
+    parser.add_argument("--lease-wait", type=float, default=1.0,
+                        help="LeaseShard max_wait_s (long poll; 0: the coordinator answers WAIT at once)")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--configs", default="state,memory", help="comma list of: state (SQLite state dir), memory")
     parser.add_argument("--repeats", type=int, default=1)

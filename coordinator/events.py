@@ -99,13 +99,18 @@ class EventLog:
                 self._next = max(self._next, history[-1].sequence + 1)
             self._cond.notify_all()
 
-    def publish(self) -> None:
-        """Makes staged events visible to readers."""
+    def publish(self, through: int | None = None) -> None:
+        """Makes staged events visible to readers: all of them, or those up to sequence
+        ``through`` (the ones a commit carried; later ones wait for theirs)."""
         with self._cond:
             if self._staged:
-                self._events.extend(self._staged)
-                self._staged.clear()
-                self._cond.notify_all()
+                count = len(self._staged) if through is None else sum(
+                    1 for e in self._staged if e.sequence <= through
+                )
+                if count:
+                    self._events.extend(self._staged[:count])
+                    del self._staged[:count]
+                    self._cond.notify_all()
 
     def discard_staged(self) -> None:
         """Drops the staged events of a change that was not committed (nobody has seen them) and

@@ -1,13 +1,17 @@
 """The coordinator's domain: one training job's membership, ledger, layout, lifecycle and events.
 
-Every operation takes ``now`` (monotonic seconds) and runs under one lock; servicers call exactly
-one method per RPC. Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the
+Every operation takes ``now`` (monotonic seconds) and runs under one lock (a worker's heartbeat
+excepted: coordinator/job_membership.py); one that changes durable state answers once its change
+is committed (group commit: coordinator/job_base.py). Servicers call exactly one method per RPC. Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the
 shards and the evaluation; it builds on its shared state and how that is saved (job_base.py,
 state_codec.py), who is in (job_membership.py), the parameter servers' loss and fencing (fleet.py),
 checkpoints (checkpoints.py) and the value types it answers with (job_types.py).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from coordinator.checkpoints import Checkpoint
 from coordinator.events import EventKind
@@ -31,6 +35,10 @@ from coordinator.layout import Layout
 from coordinator.membership import Member, Role
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
 from lepton.tensors import part
+
+
+MAX_LEASE_WAIT_S = 5.0  # the longest a LeaseShard long poll is held
+MAX_LEASE_WAITERS = 16  # long polls held at once (each holds an RPC thread); more answer at once
 
 
 class Job(MembershipOps):
@@ -59,7 +67,7 @@ class Job(MembershipOps):
             )
 
     def ready(self, member_id: str, incarnation: int, layout_version: int, now: float, version: int = 0) -> None:
-        with self._lock:
+        with self._changing():
             member = self._members.check(member_id, incarnation)
             if member.role is not Role.PARAMETER_SERVER:
                 raise FailedPrecondition(f"{member_id} is not a parameter server")
@@ -95,43 +103,74 @@ class Job(MembershipOps):
         shards = self._ledger.shards
         return shards[shard].size if 0 <= shard < len(shards) else max(s.size for s in shards)
 
-    def lease(self, member_id: str, incarnation: int, now: float) -> LeaseDecision:
-        with self._lock:
-            self._worker(member_id, incarnation)
-            wait = LeaseDecision(LeaseOutcome.WAIT, retry_after_s=self.spec.heartbeat_interval_s / 2)
-            if self._state.terminal:
-                return LeaseDecision(LeaseOutcome.JOB_DONE)
-            if self._state is JobState.EVALUATING:
-                if self._evaluator is None:
-                    self._evaluator = (member_id, incarnation)
-                    self._persist(now)
-                return (
-                    LeaseDecision(LeaseOutcome.EVALUATE)
-                    if self._evaluator == (member_id, incarnation)
-                    else wait
-                )
-            if self._state is not JobState.TRAINING or self._fleet.lost_at:
-                return wait  # not started, or a parameter server is restarting
-            if self._fleet.revoking:
-                return wait  # a revocation has not reached every server yet
-            lease = self._ledger.lease(member_id, incarnation, now)
-            if lease is None:
-                return wait
-            self.leases_granted += 1
-            # Staged before the commit, so it is saved with the lease it describes (and dropped
-            # with it when the commit fails).
-            self.events.append(
-                EventKind.SHARD_LEASED,
-                f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
-                f"{lease.offset}",
-                member_id=member_id,
-                incarnation=incarnation,
-                epoch=lease.epoch,
-                shard=lease.shard.index,
-                offset=lease.offset,
+    def lease(
+        self, member_id: str, incarnation: int, now: float, max_wait_s: float = 0.0,
+        clock: Callable[[], float] | None = None,
+    ) -> LeaseDecision:
+        """A lease, or WAIT, EVALUATE, JOB_DONE. With ``max_wait_s`` and ``clock`` (monotonic
+        seconds) a WAIT is held up to ``max_wait_s`` (at most MAX_LEASE_WAIT_S) while the
+        decision could change, and the call decides again whenever the job changes; beyond
+        MAX_LEASE_WAITERS waiting calls it answers at once. Raises InvalidArgument for a negative
+        or NaN wait."""
+        if not max_wait_s >= 0:
+            raise InvalidArgument(f"max_wait_s must be >= 0 seconds (0: answer at once), got {max_wait_s}")
+        with self._changing():
+            decision = self._lease(member_id, incarnation, now)
+            if decision.outcome is not LeaseOutcome.WAIT or clock is None or max_wait_s <= 0:
+                return decision
+            if self._lease_waiters >= MAX_LEASE_WAITERS:
+                return decision
+            give_up = time.monotonic() + min(max_wait_s, MAX_LEASE_WAIT_S)
+            self._lease_waiters += 1
+            try:
+                while decision.outcome is LeaseOutcome.WAIT:
+                    left = give_up - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._job_changed.wait(left)
+                    decision = self._lease(member_id, incarnation, clock())
+            finally:
+                self._lease_waiters -= 1
+            if decision.outcome is LeaseOutcome.WAIT:
+                return LeaseDecision(LeaseOutcome.WAIT, retry_after_s=0.0)  # waited already: ask again now
+            return decision
+
+    def _lease(self, member_id: str, incarnation: int, now: float) -> LeaseDecision:
+        self._worker(member_id, incarnation)
+        wait = LeaseDecision(LeaseOutcome.WAIT, retry_after_s=self.spec.heartbeat_interval_s / 2)
+        if self._state.terminal:
+            return LeaseDecision(LeaseOutcome.JOB_DONE)
+        if self._state is JobState.EVALUATING:
+            if self._evaluator is None:
+                self._evaluator = (member_id, incarnation)
+                self._persist(now)
+            return (
+                LeaseDecision(LeaseOutcome.EVALUATE)
+                if self._evaluator == (member_id, incarnation)
+                else wait
             )
-            self._persist(now)
-            return LeaseDecision(LeaseOutcome.GRANTED, lease)
+        if self._state is not JobState.TRAINING or self._fleet.lost_at:
+            return wait  # not started, or a parameter server is restarting
+        if self._fleet.revoking:
+            return wait  # a revocation has not reached every server yet
+        lease = self._ledger.lease(member_id, incarnation, now)
+        if lease is None:
+            return wait
+        self.leases_granted += 1
+        # Staged before the commit, so it is saved with the lease it describes (and dropped
+        # with it when the commit fails).
+        self.events.append(
+            EventKind.SHARD_LEASED,
+            f"shard {lease.shard.index} of epoch {lease.epoch} leased to {member_id} at offset "
+            f"{lease.offset}",
+            member_id=member_id,
+            incarnation=incarnation,
+            epoch=lease.epoch,
+            shard=lease.shard.index,
+            offset=lease.offset,
+        )
+        self._persist(now)
+        return LeaseDecision(LeaseOutcome.GRANTED, lease)
 
     def progress(
         self,
@@ -152,7 +191,7 @@ class Job(MembershipOps):
             gained = self._ledger.progress(member_id, incarnation, epoch, shard, offset, now, lease_id)
             self._progress.samples += gained
             self._progress.add(loss, samples)
-            self._persist(now)
+            self._persist(now)  # not waited for: committed with the next batch or tick (docs/failures.md)
 
     def complete(
         self,
@@ -166,7 +205,7 @@ class Job(MembershipOps):
         lease_id: int = 0,
     ) -> bool:
         """Counts a shard complete; returns whether it finished the epoch."""
-        with self._lock:
+        with self._changing():
             check_observation("CompleteShard", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
             member.last_heartbeat = now
@@ -205,7 +244,7 @@ class Job(MembershipOps):
     def report_evaluation(
         self, member_id: str, incarnation: int, result: EvaluationResult, now: float
     ) -> None:
-        with self._lock:
+        with self._changing():
             self._worker(member_id, incarnation)
             if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
                 raise FailedPrecondition(f"{member_id} was not asked to evaluate")
@@ -227,7 +266,7 @@ class Job(MembershipOps):
         """Job control: ends an unfinished job as FAILED."""
         if not reason.strip():
             raise InvalidArgument("a cancellation needs a reason")
-        with self._lock:
+        with self._changing():
             if not self._state.terminal:
                 self._failure = f"cancelled: {reason}"
                 self._set_state(JobState.FAILED, now, self._failure)
@@ -243,7 +282,7 @@ class Job(MembershipOps):
             raise InvalidArgument("a failure report needs a reason")
         if len(reason) > MAX_FAILURE_REASON_CHARS:
             raise InvalidArgument(f"a failure reason has at most {MAX_FAILURE_REASON_CHARS} characters")
-        with self._lock:
+        with self._changing():
             member = self._members.check(member_id, incarnation)
             if member.role is not Role.PARAMETER_SERVER:
                 raise FailedPrecondition(f"{member_id} is not a parameter server; only servers report failures")
@@ -259,7 +298,7 @@ class Job(MembershipOps):
         """Job control: asks every parameter server for a checkpoint (or returns the pending one);
         returns it and whether it is new. Raises FailedPrecondition before the layout exists or
         once the job is over, InvalidArgument for an over-long reason."""
-        with self._lock:
+        with self._changing():
             if self._layout is None:
                 raise FailedPrecondition("no parameter layout yet: nothing to checkpoint; retry once training starts")
             if self._state.terminal:

@@ -19,7 +19,8 @@ log = structlog.get_logger("lepton.coordinator")
 
 
 class MembershipOps(JobCore):
-    """Member operations of a Job (under its lock, each change saved before it answers)."""
+    """Member operations of a Job (under its lock, each change committed before it answers;
+    a worker's heartbeat takes neither the lock nor a commit)."""
 
     def register(
         self,
@@ -32,7 +33,7 @@ class MembershipOps(JobCore):
     ) -> Member:
         if pid < 0:
             raise InvalidArgument(f"pid must be >= 0 (0: not given), got {pid}")
-        with self._lock:
+        with self._changing():
             if role is Role.PARAMETER_SERVER:
                 if not address or ":" not in address:
                     raise InvalidArgument("a parameter server must give the host:port workers dial")
@@ -94,36 +95,35 @@ class MembershipOps(JobCore):
         to a checkpoint order, and get the worker roster and the pending checkpoint order back."""
         if version < 0 or roster_version < 0:
             raise InvalidArgument(f"version and roster_version must be >= 0, got {version} and {roster_version}")
-        with self._lock:
+        interval_s = self.spec.heartbeat_interval_s
+        known = self._members.get(member_id)
+        if checkpoint is None and known is not None and known.role is Role.WORKER:
+            # The liveness path: the membership table's own lock, then the last committed view.
+            # The worker's lease is renewed from this heartbeat by the next tick.
+            self._members.heartbeat(member_id, incarnation, now, interval_s)
+            view = self.view
+            return HeartbeatReply(view.state, view.layout_version, (), view.fence_version)
+        with self._changing():
             if checkpoint is not None:
                 checkpoint.check()  # a malformed report rejects the heartbeat before anything changes
-                known = self._members.get(member_id)
                 if known is not None and known.role is not Role.PARAMETER_SERVER:
                     raise InvalidArgument("only parameter servers report checkpoints")
-            previous = self._members.get(member_id)
-            gap = now - previous.last_heartbeat if previous is not None else 0.0
-            member = self._members.heartbeat(member_id, incarnation, now)
-            self.heartbeats_missed += max(0, int(gap / self.spec.heartbeat_interval_s) - 1)
-            workers: tuple[WorkerView, ...] = ()
-            if member.role is Role.WORKER:
-                self._ledger.renew(member_id, incarnation, now)
+            member = self._members.heartbeat(member_id, incarnation, now, interval_s)
+            view = self.view
             if member.role is Role.PARAMETER_SERVER:
                 self._fleet.heard(member_id, version, roster_version)
-                workers = tuple(
-                    WorkerView(m.member_id, m.incarnation, m.alive)
-                    for m in self._members.members(Role.WORKER)
-                )
+                self._wake_lease_waiters()  # an acknowledged revocation may free new leases
                 if member_id in self._fleet.ready:
                     self._checkpoints.manifest.observe(member_id, version, now)
                 if checkpoint is not None:
                     self._record_checkpoint(member_id, checkpoint, now)
                 order = self._checkpoints.manifest.order(self._training_moves(), now)
-                return HeartbeatReply(self._state, self.layout_version, workers, self._fleet.fence_version, order)
-            return HeartbeatReply(self._state, self.layout_version, workers, self._fleet.fence_version)
+                return HeartbeatReply(view.state, view.layout_version, view.workers, view.fence_version, order)
+            return HeartbeatReply(view.state, view.layout_version, (), view.fence_version)
 
     def deregister(self, member_id: str, incarnation: int, now: float) -> int:
         """A graceful leave: the member's leases go back to the queue at once."""
-        with self._lock:
+        with self._changing():
             member = self._members.depart(member_id, incarnation)
             moved = self._forget(member.member_id, now, departed=True, why="left")
             self.events.append(
@@ -137,38 +137,45 @@ class MembershipOps(JobCore):
 
     def tick(self, now: float) -> list[Member]:
         """Declares silent members dead and requeues their work; returns the dead. Once the job
-        is over members leave by themselves: nobody is declared dead any more."""
-        with self._lock:
-            last, self._last_tick = self._last_tick, now
-            if self._state.terminal:
-                return []
-            threshold = self.stall_threshold_s
-            if threshold is not None and last is not None and now - last > threshold:
-                # Judged right after: a member heard before the stall is no later than usual, and
-                # one silent before it still dies even if every tick comes late.
-                self._excuse_stall(now - last, now)
-            dead = [(m, f"{self.spec.heartbeat_timeout_s:g}s without heartbeat") for m in self._members.expire(now)]
-            dead += [(m, f"{self.spec.lease_timeout_s:g}s without renewing its lease") for m in self._expire_leases(now)]
-            for member, why in dead:
-                self._dead_count += 1
-                self.events.append(
-                    EventKind.MEMBER_DECLARED_DEAD,
-                    f"{member.member_id} incarnation {member.incarnation} declared dead after {why}",
-                    member_id=member.member_id,
-                    incarnation=member.incarnation,
+        is over members leave by themselves: nobody is declared dead any more. Also commits the
+        changes nobody waited for (progress reports). Raises StateNotSaved if that commit fails."""
+        with self._changing():
+            dead = self._judge(now)
+        self.flush()
+        return dead
+
+    def _judge(self, now: float) -> list[Member]:
+        last, self._last_tick = self._last_tick, now
+        if self._state.terminal:
+            return []
+        threshold = self.stall_threshold_s
+        if threshold is not None and last is not None and now - last > threshold:
+            # Judged right after: a member heard before the stall is no later than usual, and
+            # one silent before it still dies even if every tick comes late.
+            self._excuse_stall(now - last, now)
+        dead = [(m, f"{self.spec.heartbeat_timeout_s:g}s without heartbeat") for m in self._members.expire(now)]
+        self._ledger.renew_from(self._members.heard_since, now)  # heartbeats renew their leases
+        dead += [(m, f"{self.spec.lease_timeout_s:g}s without renewing its lease") for m in self._expire_leases(now)]
+        for member, why in dead:
+            self._dead_count += 1
+            self.events.append(
+                EventKind.MEMBER_DECLARED_DEAD,
+                f"{member.member_id} incarnation {member.incarnation} declared dead after {why}",
+                member_id=member.member_id,
+                incarnation=member.incarnation,
+            )
+            self._forget(member.member_id, now, departed=False, why="declared dead")
+        failed = False
+        for server in self._fleet.overdue(now):
+            if not self._state.terminal:
+                self._failure = (
+                    f"parameter server {server} did not come back within {self.ps_recovery_timeout_s:g}s"
                 )
-                self._forget(member.member_id, now, departed=False, why="declared dead")
-            failed = False
-            for server in self._fleet.overdue(now):
-                if not self._state.terminal:
-                    self._failure = (
-                        f"parameter server {server} did not come back within {self.ps_recovery_timeout_s:g}s"
-                    )
-                    self._set_state(JobState.FAILED, now, self._failure)
-                    failed = True
-            if dead or failed:
-                self._persist(now)
-            return [member for member, _ in dead]
+                self._set_state(JobState.FAILED, now, self._failure)
+                failed = True
+        if dead or failed:
+            self._persist(now)
+        return [member for member, _ in dead]
 
     def _excuse_stall(self, gap_s: float, now: float) -> None:
         """Grants every member, lease and lost server the time the coordinator was away (the gap
@@ -188,7 +195,7 @@ class MembershipOps(JobCore):
             member = self._members.get(lease.member_id)
             if member is None or not member.alive or member.incarnation != lease.incarnation:
                 continue
-            member.alive = False
+            self._members.fence(member)
             self.leases_expired += 1
             fenced.append(member)
         return fenced

@@ -9,11 +9,15 @@ Every lease has an id (never reused in the job) and a deadline on the coordinato
 clock: granted at ``now + lease_timeout_s``, pushed out by ``renew`` (heartbeats) and ``progress``.
 ``expired(now)`` lists the leases past their deadline; the caller revokes them (fencing the
 holder first). Deadlines are not saved: a restored ledger gives every lease a fresh one.
+
+``dirty`` names the shards changed since the job last collected them for a commit; ``shard_row``
+is one shard's saved row (coordinator/state_codec.py turns rows back into ``to_state``'s form).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotFound
@@ -92,7 +96,11 @@ class ShardLedger:
         self.quarantined: set[int] = set()
         self.epochs = epochs
         self.epoch = 0
-        self._pending: deque[tuple[int, int]] = deque((s.index, 0) for s in self.shards)
+        self._pending: deque[tuple[int, int]] = deque()
+        self._queued: dict[int, tuple[int, int]] = {}  # pending shard -> (queue position, offset)
+        self._front = 0  # the position a requeued shard takes (ahead of every other)
+        self._refill(s.index for s in self.shards)
+        self.dirty: set[int] = set(range(len(self.shards)))
         self._leases: dict[int, Lease] = {}
         self._done: set[int] = set()
         self.completions: list[Completion] = []
@@ -118,6 +126,11 @@ class ShardLedger:
     def pending(self) -> int:
         return len(self._pending)
 
+    def _refill(self, indices) -> None:  # type: ignore[no-untyped-def]
+        self._pending = deque((i, 0) for i in indices)
+        self._queued = {i: (position, 0) for position, (i, _) in enumerate(self._pending)}
+        self._front = 0
+
     def lease_of(self, member_id: str) -> Lease | None:
         for lease in self._leases.values():
             if lease.member_id == member_id:
@@ -134,6 +147,8 @@ class ShardLedger:
         if self.finished or not self._pending:
             return None
         index, offset = self._pending.popleft()
+        del self._queued[index]
+        self.dirty.add(index)
         self._last_lease_id += 1
         lease = Lease(
             self.epoch, self.shards[index], member_id, incarnation, offset,
@@ -151,6 +166,14 @@ class ShardLedger:
                 lease.deadline = max(lease.deadline, now + self.lease_timeout_s)
                 renewed += 1
         return renewed
+
+    def renew_from(self, heard: "Callable[[str, int], float | None]", now: float) -> None:
+        """Renews every lease from its holder's last heartbeat (``heard(member_id, incarnation)``,
+        None for a holder not alive), as ``renew`` would have when that heartbeat arrived."""
+        for lease in self._leases.values():
+            last = heard(lease.member_id, lease.incarnation)
+            if last is not None:
+                lease.deadline = max(lease.deadline, min(last, now) + self.lease_timeout_s)
 
     def excuse(self, stall_s: float, now: float) -> None:
         """Pushes every deadline out by ``stall_s`` (the coordinator could not hear renewals then),
@@ -197,6 +220,7 @@ class ShardLedger:
             )
         gained = offset - lease.offset
         lease.offset = offset
+        self.dirty.add(shard)
         lease.deadline = max(lease.deadline, now + self.lease_timeout_s)
         return gained
 
@@ -213,6 +237,7 @@ class ShardLedger:
         gained = lease.shard.size - lease.offset
         del self._leases[shard]
         self._done.add(shard)
+        self.dirty.add(shard)
         self.completions.append(Completion(epoch, shard, member_id, incarnation))
         return gained, self._advance_if_done()
 
@@ -238,6 +263,7 @@ class ShardLedger:
         for lease in moved:
             index = lease.shard.index
             del self._leases[index]
+            self.dirty.add(index)
             if died:
                 self._deaths[index] = self._deaths.get(index, 0) + 1
             if self.max_attempts and self._deaths.get(index, 0) >= self.max_attempts:
@@ -245,6 +271,8 @@ class ShardLedger:
                 self._advance_if_done()
             else:
                 self._pending.appendleft((index, lease.offset))
+                self._front -= 1
+                self._queued[index] = (self._front, lease.offset)
         self.reassignments += len(moved)
         return moved
 
@@ -257,10 +285,36 @@ class ShardLedger:
         # a completion that late is answered "not held", as for anyone else, and counts nothing.
         self._holders = {k: v for k, v in self._holders.items() if k[0] >= self.epoch - 1}
         if not self.finished:
-            self._pending = deque((s.index, 0) for s in self.shards if s.index not in self.quarantined)
+            self._refill(s.index for s in self.shards if s.index not in self.quarantined)
+        self.dirty.update(range(len(self.shards)))
         return True
 
     # --- durability ------------------------------------------------------------------------------
+
+    def counters(self) -> dict:
+        """The ledger's own saved document (with format 3, the shards are rows of their own)."""
+        return {
+            "epoch": self.epoch,
+            "last_lease_id": self._last_lease_id,
+            "duplicates_rejected": self.duplicates_rejected,
+            "reassignments": self.reassignments,
+        }
+
+    def shard_row(self, index: int) -> dict:
+        """One shard's saved row: its place in the queue, its lease, whether it is done in this
+        epoch, its deaths, and who held it in this epoch and the one before."""
+        lease = self._leases.get(index)
+        queued = self._queued.get(index)
+        return {
+            "pending": list(queued) if queued is not None else None,
+            "lease": [lease.epoch, lease.member_id, lease.incarnation, lease.offset, lease.lease_id] if lease else None,
+            "done": index in self._done,
+            "deaths": self._deaths.get(index, 0),
+            "quarantined": index in self.quarantined,
+            "holders": [
+                [e, m] for e in (self.epoch - 1, self.epoch) for m in sorted(self._holders.get((e, index), ()))
+            ],
+        }
 
     def to_state(self) -> dict:
         """Everything but the completion log (which the store appends row by row)."""
@@ -286,6 +340,9 @@ class ShardLedger:
         the restart, so it stops first."""
         self.epoch = state["epoch"]
         self._pending = deque((int(i), int(o)) for i, o in state["pending"])
+        self._queued = {i: (position, o) for position, (i, o) in enumerate(self._pending)}
+        self._front = 0
+        self.dirty = set(range(len(self.shards)))
         self._leases = {}
         for i, e, m, inc, o, lease_id in state["leases"]:
             self._leases[int(i)] = Lease(

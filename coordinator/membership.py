@@ -3,11 +3,17 @@
 A member's identity is (member id, incarnation). Registering again under a known id fences every
 earlier incarnation. ``expire(now)`` is a pure decision: it returns who died and changes the table;
 the caller acts on the result (requeueing leases, emitting events).
+
+Liveness does not wait for the job: the table has its own small lock, which ``heartbeat`` takes
+alone (never the job's lock) and every change of a member's liveness takes too, so a heartbeat
+and a declaration of death are ordered. ``dirty`` names the members changed since the job last
+collected them for a commit (coordinator/job_base.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass
 from lepton.domain import Role
 from lepton.errors import Fenced, InvalidArgument, NotFound
@@ -42,6 +48,9 @@ class MembershipTable:
         self._members: dict[str, Member] = {}
         self.fenced_rejections = 0  # requests refused because their incarnation was fenced
         self._counters = {Role.PARAMETER_SERVER: itertools.count(), Role.WORKER: itertools.count()}
+        self.heartbeats_missed = 0  # heartbeat intervals that passed without one, over all members
+        self.dirty: set[str] = set()  # member ids whose saved row is out of date
+        self._liveness = threading.Lock()
 
     def register(
         self,
@@ -67,7 +76,9 @@ class MembershipTable:
         member = Member(
             member_id, incarnation, role, address, last_heartbeat=now, hostname=hostname, pid=pid
         )
-        self._members[member_id] = member
+        with self._liveness:
+            self._members[member_id] = member
+        self.dirty.add(member_id)
         return member
 
     def _fresh_id(self, role: Role) -> str:
@@ -78,6 +89,10 @@ class MembershipTable:
 
     def check(self, member_id: str, incarnation: int) -> Member:
         """The live member with this identity; raises NotFound or Fenced otherwise."""
+        with self._liveness:
+            return self._check(member_id, incarnation)
+
+    def _check(self, member_id: str, incarnation: int) -> Member:
         member = self._members.get(member_id)
         if member is None:
             raise NotFound(f"no member {member_id!r} in this job; register first")
@@ -97,33 +112,56 @@ class MembershipTable:
             )
         return member
 
-    def heartbeat(self, member_id: str, incarnation: int, now: float) -> Member:
-        member = self.check(member_id, incarnation)
-        member.last_heartbeat = now
-        return member
+    def heartbeat(self, member_id: str, incarnation: int, now: float, interval_s: float = 0.0) -> Member:
+        """Renews a live member (also proof of life from progress and completions). With
+        ``interval_s``, intervals that passed without a heartbeat count in ``heartbeats_missed``."""
+        with self._liveness:
+            member = self._check(member_id, incarnation)
+            if interval_s > 0:
+                self.heartbeats_missed += max(0, int((now - member.last_heartbeat) / interval_s) - 1)
+            member.last_heartbeat = now
+            return member
 
     def depart(self, member_id: str, incarnation: int) -> Member:
         """Marks a member as gone by its own choice (its incarnation is fenced from now on)."""
-        member = self.check(member_id, incarnation)
-        member.alive = False
-        member.departed = True
+        with self._liveness:
+            member = self._check(member_id, incarnation)
+            member.alive = False
+            member.departed = True
+        self.dirty.add(member_id)
         return member
+
+    def fence(self, member: Member) -> None:
+        """Marks a member dead (its lease ran out): its incarnation is refused from now on."""
+        with self._liveness:
+            member.alive = False
+        self.dirty.add(member.member_id)
 
     def expire(self, now: float) -> list[Member]:
         """Declares dead every live member silent for longer than the timeout; returns them."""
         dead = []
-        for member in self._members.values():
-            if member.alive and now - member.last_heartbeat > self.heartbeat_timeout_s:
-                member.alive = False
-                dead.append(member)
+        with self._liveness:
+            for member in self._members.values():
+                if member.alive and now - member.last_heartbeat > self.heartbeat_timeout_s:
+                    member.alive = False
+                    dead.append(member)
+        self.dirty.update(m.member_id for m in dead)
         return dead
 
     def excuse(self, stall_s: float, now: float) -> None:
         """Forgives every live member ``stall_s`` seconds of silence: the coordinator itself was
         not listening then. No last heartbeat moves past ``now``."""
-        for member in self._members.values():
-            if member.alive:
-                member.last_heartbeat = max(member.last_heartbeat, min(member.last_heartbeat + stall_s, now))
+        with self._liveness:
+            for member in self._members.values():
+                if member.alive:
+                    member.last_heartbeat = max(member.last_heartbeat, min(member.last_heartbeat + stall_s, now))
+
+    def heard_since(self, member_id: str, incarnation: int) -> float | None:
+        """The last heartbeat of this live incarnation, or None (unknown, fenced, superseded)."""
+        member = self._members.get(member_id)
+        if member is None or member.incarnation != incarnation or not member.alive:
+            return None
+        return member.last_heartbeat
 
     def get(self, member_id: str) -> Member | None:
         return self._members.get(member_id)
@@ -136,23 +174,28 @@ class MembershipTable:
 
     # --- durability ------------------------------------------------------------------------------
 
+    def row(self, member_id: str) -> list:
+        """One member's saved row (what ``to_state`` lists)."""
+        m = self._members[member_id]
+        return [m.member_id, m.incarnation, m.role.value, m.address, m.alive, m.departed, m.hostname, m.pid]
+
     def to_state(self) -> dict:
         """Members without their heartbeat times (monotonic clocks do not survive a restart)."""
         return {
-            "members": [
-                [m.member_id, m.incarnation, m.role.value, m.address, m.alive, m.departed, m.hostname, m.pid]
-                for m in self._members.values()
-            ],
+            "members": [self.row(member_id) for member_id in self._members],
             "fenced_rejections": self.fenced_rejections,
         }
 
     def restore(self, state: dict, now: float) -> None:
         """Loads saved members; every live one gets twice the timeout from ``now`` to reattach
         (its channel may be in reconnect backoff when the coordinator comes back)."""
-        self._members = {}
+        members = {}
         for member_id, inc, role, address, alive, departed, hostname, pid in state["members"]:
-            self._members[member_id] = Member(
+            members[member_id] = Member(
                 member_id, int(inc), Role(role), address, last_heartbeat=now + self.heartbeat_timeout_s,
                 alive=bool(alive), departed=bool(departed), hostname=hostname, pid=int(pid),
             )
-        self.fenced_rejections = int(state["fenced_rejections"])
+        with self._liveness:
+            self._members = members
+            self.fenced_rejections = int(state["fenced_rejections"])
+        self.dirty = set(members)

@@ -204,7 +204,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     def LeaseShard(self, request, context):
-        decision = self._job.lease(*_member(request.member), self._now())
+        decision = self._job.lease(*_member(request.member), self._now(), request.max_wait_s, self._now)
         msg = pb.LeaseShardResponse(
             outcome=_LEASE_TO_WIRE[decision.outcome], retry_after_s=decision.retry_after_s
         )

@@ -8,6 +8,13 @@ strictly: every key must be there.
 
 Version 2 writes the same documents as version 1 plus ``format``; upgrading 1 -> 2 fills in what
 coordinators before then did not write yet (zero counters, empty maps).
+
+Version 3 keeps members and shards as rows of their own (``member`` rows keyed by member id,
+``shard`` rows keyed by shard index), so a commit rewrites only the members and shards that
+changed; the ``members`` document keeps only ``fenced_rejections`` and the ``ledger`` document
+only the ledger's counters (``ShardLedger.counters``). Upgrading 2 -> 3 splits the old documents
+into rows; ``decode`` assembles rows back into the forms ``MembershipTable.restore`` and
+``ShardLedger.restore`` take.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError
 from lepton.tensors import TensorSpec, row_slice
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MEMBER_ROWS = "member"
+SHARD_ROWS = "shard"
 
 
 @dataclass(frozen=True)
@@ -92,36 +101,41 @@ def _layout_document(layout: Layout | None) -> dict | None:
     }
 
 
-def encode(job: JobRecord, members: dict, ledger: dict) -> dict[str, dict]:
-    """The documents of the current version (completions and events are saved as rows)."""
-    servers = job.servers
+def encode(job: JobRecord, fenced_rejections: int, ledger_counters: dict) -> dict[str, dict]:
+    """The documents of the current version (members, shards, completions and events are saved as
+    rows)."""
     return {
         "format": {"version": FORMAT_VERSION},
-        "job": {
-            "spec": spec_document(job.spec),
-            "state": job.state.name,
-            "failure": job.failure,
-            "dead_count": job.dead_count,
-            "samples": job.samples,
-            "training_seconds": job.training_seconds,
-            "evaluator": list(job.evaluator) if job.evaluator else None,
-            "evaluation": dataclasses.asdict(job.evaluation) if job.evaluation else None,
-            "last_epoch_announced": job.last_epoch_announced,
-            "leases_granted": job.leases_granted,
-            "heartbeats_missed": job.heartbeats_missed,
-            "layout": _layout_document(job.layout),
-            "ready": sorted(servers.ready),
-            "next_event_sequence": job.next_event_sequence,
-            "ps_restarts": servers.restarts,
-            "steps_rolled_back": servers.steps_rolled_back,
-            "leases_expired": job.leases_expired,
-            "ps_versions": dict(servers.versions),
-            "ps_lost": sorted(servers.lost),
-            "fence_version": servers.fence_version,
-            "checkpoints": job.checkpoints,
-        },
-        "members": members,
-        "ledger": ledger,
+        "job": encode_job(job),
+        "members": {"fenced_rejections": fenced_rejections},
+        "ledger": ledger_counters,
+    }
+
+
+def encode_job(job: JobRecord) -> dict:
+    servers = job.servers
+    return {
+        "spec": spec_document(job.spec),
+        "state": job.state.name,
+        "failure": job.failure,
+        "dead_count": job.dead_count,
+        "samples": job.samples,
+        "training_seconds": job.training_seconds,
+        "evaluator": list(job.evaluator) if job.evaluator else None,
+        "evaluation": dataclasses.asdict(job.evaluation) if job.evaluation else None,
+        "last_epoch_announced": job.last_epoch_announced,
+        "leases_granted": job.leases_granted,
+        "heartbeats_missed": job.heartbeats_missed,
+        "layout": _layout_document(job.layout),
+        "ready": sorted(servers.ready),
+        "next_event_sequence": job.next_event_sequence,
+        "ps_restarts": servers.restarts,
+        "steps_rolled_back": servers.steps_rolled_back,
+        "leases_expired": job.leases_expired,
+        "ps_versions": dict(servers.versions),
+        "ps_lost": sorted(servers.lost),
+        "fence_version": servers.fence_version,
+        "checkpoints": job.checkpoints,
     }
 
 
@@ -148,12 +162,54 @@ def _upgrade_1_to_2(documents: dict[str, dict]) -> dict[str, dict]:
     return {**documents, "format": {"version": 2}, "job": job, "members": members, "ledger": ledger}
 
 
-UPGRADES: dict[int, Callable[[dict[str, dict]], dict[str, dict]]] = {1: _upgrade_1_to_2}
+def _upgrade_2_to_3(documents: dict[str, dict], rows: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Splits the members and ledger documents into member and shard rows."""
+    members, ledger = documents["members"], documents["ledger"]
+    member_rows = {row[0]: list(row) for row in members["members"]}
+    shards: dict[int, dict] = {}
+
+    def shard(i: int) -> dict:
+        return shards.setdefault(int(i), {
+            "pending": None, "lease": None, "done": False, "deaths": 0, "quarantined": False, "holders": [],
+        })
+
+    for position, (i, offset) in enumerate(ledger["pending"]):
+        shard(i)["pending"] = [position, offset]
+    for i, epoch, member_id, incarnation, offset, lease_id in ledger["leases"]:
+        shard(i)["lease"] = [epoch, member_id, incarnation, offset, lease_id]
+    for i in ledger["done"]:
+        shard(i)["done"] = True
+    for i, count in ledger["deaths"].items():
+        shard(int(i))["deaths"] = count
+    for i in ledger["quarantined"]:
+        shard(i)["quarantined"] = True
+    for epoch, i, member_id in ledger["holders"]:
+        shard(i)["holders"].append([epoch, member_id])
+    counters = {k: ledger[k] for k in ("epoch", "last_lease_id", "duplicates_rejected", "reassignments")}
+    documents = {
+        **documents, "format": {"version": 3}, "members": {"fenced_rejections": members["fenced_rejections"]},
+        "ledger": counters,
+    }
+    rows = {**rows, MEMBER_ROWS: member_rows, SHARD_ROWS: {str(i): body for i, body in shards.items()}}
+    return documents, rows
 
 
-def upgrade(documents: dict[str, dict]) -> dict[str, dict]:
-    """The documents in the current version. Raises ConfigError for a version this coordinator does
-    not know (a state directory written by a newer one)."""
+def _documents_only(
+    step: Callable[[dict[str, dict]], dict[str, dict]],
+) -> Callable[[dict[str, dict], dict[str, dict]], tuple[dict[str, dict], dict[str, dict]]]:
+    return lambda documents, rows: (step(documents), rows)
+
+
+UPGRADES: dict[int, Callable[[dict[str, dict], dict[str, dict]], tuple[dict[str, dict], dict[str, dict]]]] = {
+    1: _documents_only(_upgrade_1_to_2),
+    2: _upgrade_2_to_3,
+}
+
+
+def upgrade(documents: dict[str, dict], rows: dict[str, dict] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The documents and rows in the current version. Raises ConfigError for a version this
+    coordinator does not know (a state directory written by a newer one)."""
+    rows = dict(rows or {})
     version = documents.get("format", {"version": 1})["version"]
     if version > FORMAT_VERSION:
         raise ConfigError(
@@ -161,9 +217,29 @@ def upgrade(documents: dict[str, dict]) -> dict[str, dict]:
             f"{FORMAT_VERSION}: run a newer coordinator or use a new --state-dir"
         )
     while version < FORMAT_VERSION:
-        documents = UPGRADES[version](documents)
+        documents, rows = UPGRADES[version](documents, rows)
         version += 1
-    return documents
+    return documents, rows
+
+
+def _assemble(documents: dict[str, dict], rows: dict[str, dict]) -> tuple[dict, dict]:
+    """Member and shard rows as ``MembershipTable.to_state()`` and ``ShardLedger.to_state()``."""
+    members = {
+        "members": list(rows.get(MEMBER_ROWS, {}).values()),
+        "fenced_rejections": documents["members"]["fenced_rejections"],
+    }
+    shards = sorted((int(i), body) for i, body in rows.get(SHARD_ROWS, {}).items())
+    queued = sorted((body["pending"][0], i, body["pending"][1]) for i, body in shards if body["pending"] is not None)
+    ledger = {
+        **documents["ledger"],
+        "pending": [[i, offset] for _, i, offset in queued],
+        "leases": [[i, *body["lease"]] for i, body in shards if body["lease"] is not None],
+        "holders": [[epoch, i, member_id] for i, body in shards for epoch, member_id in body["holders"]],
+        "done": [i for i, body in shards if body["done"]],
+        "deaths": {str(i): body["deaths"] for i, body in shards if body["deaths"]},
+        "quarantined": [i for i, body in shards if body["quarantined"]],
+    }
+    return members, ledger
 
 
 def _layout(document: Mapping | None, specs: Sequence[TensorSpec]) -> Layout | None:
@@ -211,11 +287,12 @@ def decode_job(job: Mapping, specs: Sequence[TensorSpec]) -> JobRecord:
 def decode(saved: SavedJob, specs: Sequence[TensorSpec]) -> StateRecord:
     """The saved state as records, upgraded to the current version. ``specs``: the job's tensors,
     which the layout names. Raises ConfigError for a state format from the future."""
-    documents = upgrade(dict(saved.documents))
+    documents, rows = upgrade(dict(saved.documents), dict(saved.rows))
+    members, ledger = _assemble(documents, rows)
     return StateRecord(
         job=decode_job(documents["job"], specs),
-        members=documents["members"],
-        ledger=documents["ledger"],
+        members=members,
+        ledger=ledger,
         completions=[Completion(c.epoch, c.shard, c.member_id, c.incarnation) for c in saved.completions],
         events=[Event.from_dict(body) for body in saved.events],
     )

@@ -1,8 +1,9 @@
 """Durable coordinator state behind a small interface, with SQLite as the first backend.
 
-The job's control state is a handful of small JSON documents (job, members, ledger) rewritten
-together in one transaction per state change, plus an append-only table of shard completions and
-the job's event history (the newest EVENT_RETENTION events, committed with the change they describe).
+The job's control state is a handful of small JSON documents (job, members, ledger, format) and
+keyed rows (one per member, one per shard: ``rows``), of which a commit rewrites only those that
+changed, plus an append-only table of shard completions and the job's event history (the newest
+EVENT_RETENTION events, committed with the change they describe).
 WAL journaling with synchronous=NORMAL: a committed change survives the coordinator being
 SIGKILLed (it is in the OS once committed); power loss may lose the last few commits.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class SavedJob:
     documents: dict[str, dict]
     completions: list[SavedCompletion]
     events: list[dict] = field(default_factory=list)  # oldest first, at most EVENT_RETENTION
+    rows: dict[str, dict[str, object]] = field(default_factory=dict)  # kind -> key -> JSON body
 
 
 class JobStore(Protocol):
@@ -52,10 +54,12 @@ class JobStore(Protocol):
         documents: dict[str, dict],
         new_completions: Iterable[SavedCompletion] = (),
         new_events: Iterable[dict] = (),
+        rows: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
-        """Atomically replaces the given documents and appends the completions and events (each
-        event a JSON-ready dict with an increasing ``sequence``). Raises StateNotSaved when the
-        change cannot be committed (disk full, I/O error); then nothing was written."""
+        """Atomically replaces the given documents and rows (kind -> key -> JSON-ready body) and
+        appends the completions and events (each event a JSON-ready dict with an increasing
+        ``sequence``). Raises StateNotSaved when the change cannot be committed (disk full, I/O
+        error); then nothing was written."""
         ...
 
     def write_manifest(self, checkpoint_id: str, document: dict) -> str:
@@ -95,6 +99,11 @@ class SqliteJobStore:
         )
         # Added after schema 1 went out; a state directory without it simply has no history yet.
         self._db.execute("CREATE TABLE IF NOT EXISTS events (sequence INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        # Added with state format 3: members and shards as one row each, rewritten when they change.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS rows (kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL,"
+            " PRIMARY KEY (kind, key))"
+        )
         self._db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -116,16 +125,21 @@ class SqliteJobStore:
                     "SELECT body FROM events ORDER BY sequence DESC LIMIT ?", (EVENT_RETENTION,)
                 )
             ]
+            keyed: dict[str, dict[str, object]] = {}
+            for kind, key, body in self._db.execute("SELECT kind, key, body FROM rows"):
+                keyed.setdefault(kind, {})[key] = json.loads(body)
         events.reverse()
-        return SavedJob({name: json.loads(body) for name, body in rows}, completions, events)
+        return SavedJob({name: json.loads(body) for name, body in rows}, completions, events, keyed)
 
     def save(
         self,
         documents: dict[str, dict],
         new_completions: Iterable[SavedCompletion] = (),
         new_events: Iterable[dict] = (),
+        rows: Mapping[str, Mapping[str, object]] | None = None,
     ) -> None:
         events = [(e["sequence"], json.dumps(e)) for e in new_events]
+        keyed = [(kind, key, json.dumps(body)) for kind, bodies in (rows or {}).items() for key, body in bodies.items()]
         with self._lock, _not_saved_on_disk_errors(self.path):
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -134,6 +148,12 @@ class SqliteJobStore:
                     "ON CONFLICT(name) DO UPDATE SET body = excluded.body",
                     [(name, json.dumps(body)) for name, body in documents.items()],
                 )
+                if keyed:
+                    self._db.executemany(
+                        "INSERT INTO rows (kind, key, body) VALUES (?, ?, ?) "
+                        "ON CONFLICT(kind, key) DO UPDATE SET body = excluded.body",
+                        keyed,
+                    )
                 # The primary key makes a double count impossible even if the caller slipped.
                 self._db.executemany(
                     "INSERT INTO completions (epoch, shard, member_id, incarnation) VALUES (?, ?, ?, ?)",

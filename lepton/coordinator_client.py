@@ -193,8 +193,16 @@ class CoordinatorClient(ServiceClient):
             ),
         )
 
-    def lease(self, member: MemberId) -> LeaseGrant:
-        return lease_from_proto(self._idempotent(self._stub.LeaseShard, cpb.LeaseShardRequest(member=member_ref(member))))
+    def lease(self, member: MemberId, max_wait_s: float = 0.0) -> LeaseGrant:
+        """A lease decision; with ``max_wait_s`` the coordinator may hold a WAIT that long."""
+        request = cpb.LeaseShardRequest(member=member_ref(member), max_wait_s=max_wait_s)
+        return lease_from_proto(
+            call_with_retry(
+                lambda: call(self._stub.LeaseShard, request, timeout=self._timeout_s + max_wait_s),
+                self._retry,
+                rng=self._rng,
+            )
+        )
 
     def progress(
         self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, lease_id: int = 0

@@ -37,6 +37,7 @@ from worker.trainer import ShardRange, Trainer
 log = structlog.get_logger("lepton.worker")
 MAX_STEP_ATTEMPTS = 8
 PROGRESS_INTERVAL_S = 0.2
+LEASE_WAIT_S = 1.0  # a LeaseShard long poll: the coordinator answers as soon as a shard is free
 
 
 JOIN_ATTEMPTS = 5  # JoinSteps rounds before a sync worker joins by pushing instead
@@ -560,7 +561,7 @@ class WorkerAgent:
                 self._register()
             sent = self._lease_clock.now()
             try:
-                decision = self._coord.lease(self._member)  # type: ignore[arg-type]
+                decision = self._coord.lease(self._member, LEASE_WAIT_S)  # type: ignore[arg-type]
             except Fenced:
                 self._fenced.set()
                 continue

@@ -233,10 +233,12 @@ class GetLayoutResponse(_message.Message):
     def __init__(self, layout_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerAssignment, _Mapping]]] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
-    __slots__ = ("member",)
+    __slots__ = ("member", "max_wait_s")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ...) -> None: ...
+    max_wait_s: float
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class ShardLease(_message.Message):
     __slots__ = ("epoch", "shard", "start", "end", "offset", "lease_id")

@@ -170,8 +170,11 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LeaseShard(self, request, context):
-        """Asks for work. "No shard available yet" and "job done" are outcomes, not errors.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced).
+        """Asks for work. "No shard available yet" and "job done" are outcomes, not errors. With
+        max_wait_s > 0 the call is a long poll: a WAIT is held up to that long (at most 5 s) and
+        answered as soon as a shard is free (or the job moves on); a coordinator with too many waiters
+        already answers WAIT at once. Give the call a deadline beyond max_wait_s.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced), INVALID_ARGUMENT (max_wait_s negative or NaN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
