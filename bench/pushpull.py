@@ -2,7 +2,7 @@
 
 What is measured:
     *lepton*: one ``ParameterClient.push_pull`` round trip against a real ParameterServer (the
-    ``lepton.rpc.Server`` with its interceptor, the servicer and a ``ParameterServerNode`` in async
+    ``lepton.rpc.Server`` with its interceptor, the servicer and a ``ParameterServer`` in async
     mode with SGD). The worker pushes a gradient for every parameter (``--mib`` MiB of float32 in
     4 tensors), the server checks and applies it, and streams all parameters back. Everything the
     library does is inside the timer: encoding, chunking, protobuf, checks, the SGD step, the
@@ -55,7 +55,7 @@ import torch
 
 from lepton.clients import MemberId, ParameterClient
 from lepton.rpc import MiB, Server, dial, server_options
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer, registration
 
@@ -100,9 +100,9 @@ def make_parameters(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def start_parameter_server(params: dict[str, torch.Tensor]) -> tuple[Server, ParameterServerNode]:
+def start_parameter_server(params: dict[str, torch.Tensor]) -> tuple[Server, ParameterServer]:
     """A loaded, serving ParameterServer on 127.0.0.1:0 that accepts pushes from ``WORKER``."""
-    node = ParameterServerNode(member_id="bench-ps")
+    node = ParameterServer(member_id="bench-ps")
     node.load(params, "sgd", LEARNING_RATE, {}, "async", step_timeout_s=CALL_TIMEOUT_S)
     node.update_roster([WorkerEntry(WORKER.member_id, WORKER.incarnation, True)])
     server = Server(

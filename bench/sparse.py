@@ -6,7 +6,7 @@ exits 1 when any step's ratio is above ``--max-ratio`` (2), so it doubles as a c
 
 What runs:
     *servers*: 1 and 2 real ParameterServers in this process (``lepton.rpc.Server`` on
-    127.0.0.1:0 with its interceptors, ``ParameterServerServicer`` and ``ParameterServerNode``,
+    127.0.0.1:0 with its interceptors, ``ParameterServerServicer`` and ``ParameterServer``,
     async mode), holding the table as ``coordinator.layout.balance`` cuts it (2 servers: rows
     [0, 500000) and [500000, 1000000), each a slice marked ``sparse``). The servers' optimizer is
     built as a job's would be: ``--optimizer adam`` gives SparseAdam on the table.
@@ -134,7 +134,7 @@ from coordinator.layout import balance  # noqa: E402
 from lepton.clients import MemberId, ParameterClient  # noqa: E402
 from lepton.rpc import Server  # noqa: E402
 from lepton.tensors import TensorSpec, part, rows_in, sparse_part  # noqa: E402
-from ps_server.node import ParameterServerNode  # noqa: E402
+from ps_server.parameter_server import ParameterServer  # noqa: E402
 from ps_server.roster import WorkerEntry  # noqa: E402
 from ps_server.servicer import ParameterServerServicer, registration  # noqa: E402
 
@@ -179,7 +179,7 @@ class WireMeter:
 class MeteredServicer(ParameterServerServicer):
     """The unmodified servicer, with the PushPull request stream and every answer counted."""
 
-    def __init__(self, node: ParameterServerNode, meter: WireMeter) -> None:
+    def __init__(self, node: ParameterServer, meter: WireMeter) -> None:
         super().__init__(node)
         self._meter = meter
 
@@ -195,7 +195,7 @@ class MeteredServicer(ParameterServerServicer):
 @dataclass
 class Shard:
     spec: TensorSpec
-    node: ParameterServerNode
+    node: ParameterServer
     server: Server
     meter: WireMeter
     client: ParameterClient
@@ -218,7 +218,7 @@ class Cluster:
                 if not held:  # fewer rows than servers: this one holds nothing
                     continue
                 (spec,) = held
-                node = ParameterServerNode(member_id)
+                node = ParameterServer(member_id)
                 node.load(
                     {spec.name: part({name: tensor}, spec)}, optimizer, lr, {}, "async",
                     step_timeout_s=CALL_TIMEOUT_S, sparse=[spec.name] if sparse else [],

@@ -8,16 +8,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from ps_server.gate import STALENESS_BUCKETS
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 
 
 class ParameterServerCollector(Collector):
-    def __init__(self, node: ParameterServerNode) -> None:
-        self._node = node
+    def __init__(self, server: ParameterServer) -> None:
+        self._server = server
 
     def collect(self) -> Iterator:
-        node = self._node
-        s = node.status()
+        server = self._server
+        s = server.status()
         yield GaugeMetricFamily("lepton_ps_version", "Updates applied to this server's parameters (its version).", value=s.version)
         yield CounterMetricFamily("lepton_ps_updates_applied_total", "Optimizer steps applied.", value=s.updates_applied)
         pushes = CounterMetricFamily("lepton_ps_pushes_total", "Pushes by outcome.", labels=["outcome"])
@@ -34,9 +34,9 @@ class ParameterServerCollector(Collector):
         )
         yield CounterMetricFamily(
             "lepton_ps_stale_requests_rejected_total", "Requests refused because the worker's incarnation is fenced.",
-            value=node.fenced_rejections,
+            value=server.fenced_rejections,
         )
-        gate = node.gate_or_none()
+        gate = server.gate_or_none()
         if gate is not None:
             c = gate.counters
             buckets = [(str(b), c.staleness_le[i]) for i, b in enumerate(STALENESS_BUCKETS)]

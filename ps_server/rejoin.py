@@ -1,5 +1,5 @@
 """What a parameter server that was fenced while alive does next: take its id back or step aside,
-and keep serving what it holds or load afresh. Pure decisions; ps_server.main carries them out."""
+and keep serving what it holds or load afresh. Pure decisions; ps_server.agent carries them out."""
 
 from __future__ import annotations
 

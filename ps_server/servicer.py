@@ -1,4 +1,4 @@
-"""The ParameterServer gRPC service: decode chunks, one call on the node, encode chunks."""
+"""The ParameterServer gRPC service: decode chunks, one call on the ParameterServer, encode chunks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lepton.v1 import parameter_server_pb2 as pb
 from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
 from lepton.wire import MODE_TO_WIRE
 from ps_server.gate import PushOutcome, PushResult
-from ps_server.node import NodeStatus, ParameterServerNode
+from ps_server.parameter_server import ParameterServer, ServerStatus
 
 DEFAULT_PUSH_TIMEOUT_S = 60.0
 _OUTCOME = {PushOutcome.APPLIED: pb.PUSH_OUTCOME_APPLIED, PushOutcome.STALE: pb.PUSH_OUTCOME_STALE}
@@ -58,10 +58,10 @@ def _pull_messages(version: int, tensors, push: pb.PushResponse | None = None) -
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
-    """Adapter from the ParameterServer service to a ParameterServerNode."""
+    """Adapter from the ParameterServer service to a ParameterServer."""
 
-    def __init__(self, node: ParameterServerNode) -> None:
-        self._node = node
+    def __init__(self, server: ParameterServer) -> None:
+        self._server = server
 
     def _decode_push(self, request_iterator, context):
         """Reads the whole push stream: (member, base version, samples, gradients, timeout)."""
@@ -71,7 +71,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise InvalidArgument("the first PushRequest must carry the header")
             header = first.header
             selected = _selections(header.rows)
-            assembler = codec.TensorAssembler(self._node.push_layout(selected))
+            assembler = codec.TensorAssembler(self._server.push_layout(selected))
             for chunk in first.chunks:
                 assembler.add(chunk)
             for msg in request_iterator:
@@ -89,10 +89,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"the push carries {begun} tensors, its header says {header.tensors}")
             grads = assembler.finish(require=list(selected))
             for name, rows in selected.items():
-                grads[name] = codec.rows_to_sparse(self._node.specs[name], rows, grads[name])
+                grads[name] = codec.rows_to_sparse(self._server.specs[name], rows, grads[name])
         except LeptonError as exc:
             if context.is_active() and not isinstance(exc, Cancelled):  # a client that left sent nothing wrong
-                self._node.note_rejected()
+                self._server.note_rejected()
             raise
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
@@ -101,32 +101,32 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     def Pull(self, request, context):
-        version, tensors = self._node.pull(*_member(request.member), list(request.names), _selections(request.rows))
+        version, tensors = self._server.pull(*_member(request.member), list(request.names), _selections(request.rows))
         yield from _pull_messages(version, tensors)
 
     def Push(self, request_iterator, context):
-        return _result(self._node.push(*self._decode_push(request_iterator, context)))
+        return _result(self._server.push(*self._decode_push(request_iterator, context)))
 
     def PushPull(self, request_iterator, context):
-        result, version, tensors = self._node.push_pull(*self._decode_push(request_iterator, context))
+        result, version, tensors = self._server.push_pull(*self._decode_push(request_iterator, context))
         yield from _pull_messages(version, tensors, _result(result))
 
     def JoinSteps(self, request, context):
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
-        joined, version = self._node.join_steps(*_member(request.member), request.from_version, timeout_s)
+        joined, version = self._server.join_steps(*_member(request.member), request.from_version, timeout_s)
         return pb.JoinStepsResponse(joined=joined, version=version)
 
     def LeaveSteps(self, request, context):
-        self._node.leave_steps(*_member(request.member))
+        self._server.leave_steps(*_member(request.member))
         return pb.LeaveStepsResponse()
 
     def GetServerStatus(self, request, context):
-        return encode_status(self._node.status())
+        return encode_status(self._server.status())
 
 
-def encode_status(s: NodeStatus) -> pb.GetServerStatusResponse:
-    """A node's ServerStatus as the wire message (also written as the final status file)."""
+def encode_status(s: ServerStatus) -> pb.GetServerStatusResponse:
+    """A server's status as the wire message (also written as the final status file)."""
     return pb.GetServerStatusResponse(
         member_id=s.member_id,
         version=s.version,

@@ -58,7 +58,10 @@ class InverseStalenessLr:
         return 1.0 / max(1, staleness)
 
 
-_POLICIES: dict[str, LrScaling] = {"staleness": StalenessAwareLr(), "inverse": InverseStalenessLr(), "none": ConstantLr()}
+STALENESS_AWARE = StalenessAwareLr()  # the default
+_POLICIES: dict[str, LrScaling] = {
+    "staleness": STALENESS_AWARE, "inverse": InverseStalenessLr(), "none": ConstantLr(),
+}
 
 
 def staleness_lr_scaling(name: str) -> LrScaling:

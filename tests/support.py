@@ -157,11 +157,11 @@ def serve_share(member_id, specs, initial, optimizer: str, lr: float, kwargs, wo
     w-0..w-(workers-1) live. Returns (node, started server); the caller stops the server."""
     from lepton.rpc import Server
     from lepton.tensors import part
-    from ps_server.node import ParameterServerNode
+    from ps_server.parameter_server import ParameterServer
     from ps_server.roster import WorkerEntry
     from ps_server.servicer import ParameterServerServicer, registration
 
-    node = ParameterServerNode(member_id)
+    node = ParameterServer(member_id)
     node.load(
         {t.name: part(initial, t) for t in specs}, optimizer, lr, kwargs, "sync", step_timeout_s=step_timeout_s,
         sparse=[t.name for t in specs if t.sparse], kinds={t.name: t.kind for t in specs},

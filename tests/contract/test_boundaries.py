@@ -50,7 +50,7 @@ def test_the_check_sees_every_form_of_import():
 
 
 def test_every_parameter_server_module_but_the_servicer_is_checked():
-    assert {"ps_server/main.py", "ps_server/node.py", "ps_server/gate.py"} <= set(NO_MESSAGES)
+    assert {"ps_server/main.py", "ps_server/parameter_server.py", "ps_server/gate.py"} <= set(NO_MESSAGES)
     assert "ps_server/servicer.py" not in NO_MESSAGES
 
 

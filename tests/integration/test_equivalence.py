@@ -28,7 +28,7 @@ from coordinator.layout import balance
 from lepton.clients import MemberId, ParameterClient
 from lepton.rpc import Server
 from lepton.tensors import TensorSpec, assemble, part
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from support import serve_share, wait_until
 
 FULL_STEPS = 5
@@ -84,7 +84,7 @@ def reference_parameters(optimizer: str, workers: int) -> dict[str, torch.Tensor
 @dataclass
 class ServedShard:
     member_id: str
-    node: ParameterServerNode
+    node: ParameterServer
     server: Server
     specs: tuple[TensorSpec, ...]  # whole parameters or row slices
 

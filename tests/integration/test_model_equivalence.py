@@ -26,7 +26,7 @@ from lepton.config import JobSpec
 from lepton.rpc import Server
 from lepton.tensors import TensorSpec, assemble, part
 from lepton.workloads import build_model, load_workload, take, tensor_kinds
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from support import serve_share, wait_until
 from worker.trainer import Trainer
 
@@ -75,7 +75,7 @@ def reference_state(spec: JobSpec) -> dict[str, torch.Tensor]:
 
 
 class Served:
-    def __init__(self, member_id: str, node: ParameterServerNode, server: Server, specs) -> None:
+    def __init__(self, member_id: str, node: ParameterServer, server: Server, specs) -> None:
         self.member_id, self.node, self.server, self.specs = member_id, node, server, specs
 
 

@@ -10,7 +10,7 @@ import torch
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer
 
@@ -69,7 +69,7 @@ class RaisesOnStep(torch.optim.SGD):
 
 def test_pushes_to_a_server_whose_optimizer_failed_get_failed_precondition(monkeypatch):
     monkeypatch.setattr(torch.optim, "RaisesOnStep", RaisesOnStep, raising=False)
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.ones(2, 3)}, "raisesonstep", 0.5, {}, "async", step_timeout_s=5.0)
     node.update_roster([WorkerEntry("worker-0", 2, True)])
     servicer = ParameterServerServicer(node)

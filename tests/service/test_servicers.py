@@ -17,7 +17,7 @@ from lepton.rpc import FENCED_MARKER, guard_stream, guard_unary
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer
 
@@ -160,7 +160,7 @@ def test_assignment_streams_the_servers_initial_tensors(coordinator):
 
 @pytest.fixture
 def ps():
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "async", step_timeout_s=5.0)
     node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False)])
     return ParameterServerServicer(node), node
@@ -215,7 +215,7 @@ def test_push_pull_returns_parameters_after_the_push(ps):
 
 
 def test_pull_before_assignment_is_failed_precondition():
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.update_roster([WorkerEntry("worker-0", 1, True)])
     servicer = ParameterServerServicer(node)
     request = ppb.PullRequest(member=common.MemberRef(member_id="worker-0", incarnation=1))
@@ -244,7 +244,7 @@ def test_unexpected_exception_is_internal_and_the_servicer_keeps_working(ps, mon
 
 
 def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "ssp", step_timeout_s=5.0, staleness=1)
     node.update_roster([WorkerEntry("worker-0", 1, True), WorkerEntry("worker-1", 1, True)])
     servicer = ParameterServerServicer(node)
@@ -257,7 +257,7 @@ def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
 
 @pytest.fixture
 def sync_ps():
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "sync", step_timeout_s=5.0)
     node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False), WorkerEntry("worker-2", 1, True)])
     return ParameterServerServicer(node), node

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lepton.errors import ConfigError, DeadlineExceeded, InvalidArgument, NotFound
+from ps_server.consistency import consistency_gate
 from ps_server.gate import ClockWait, ConsistencyGate, PushOutcome, PushResult
 from lepton.tensors import TensorKind
 from ps_server.store import ParameterStore
@@ -32,7 +33,7 @@ def grads(scale: float) -> dict[str, torch.Tensor]:
 
 
 def make_gate(mode: str, optimizer: str = "sgd", **kwargs) -> ConsistencyGate:
-    return ConsistencyGate(ParameterStore(initial(), optimizer, LR, kwargs), mode, TIMEOUT_S)
+    return consistency_gate(ParameterStore(initial(), optimizer, LR, kwargs), mode, TIMEOUT_S)
 
 
 def params(gate: ConsistencyGate) -> dict[str, torch.Tensor]:
@@ -264,7 +265,7 @@ def test_a_dropped_participant_rejoins_by_pushing():
 
 def test_sync_mean_is_cast_back_to_the_parameter_dtype():
     store = ParameterStore({"h": torch.ones(3, dtype=torch.float16)}, "sgd", 1.0, {})
-    gate = ConsistencyGate(store, "sync", TIMEOUT_S)
+    gate = consistency_gate(store, "sync", TIMEOUT_S)
     gate.push("a", 0, {"h": torch.full((3,), 0.5, dtype=torch.float16)}, 1, T0)
     h = dict(gate.snapshot()[1])["h"]
     assert h.dtype == torch.float16 and h.tolist() == [0.5, 0.5, 0.5]
@@ -274,7 +275,7 @@ def test_sync_mean_is_cast_back_to_the_parameter_dtype():
 
 
 def make_ssp(staleness: int) -> ConsistencyGate:
-    return ConsistencyGate(ParameterStore(initial(), "sgd", LR, {}), "ssp", TIMEOUT_S, staleness=staleness)
+    return consistency_gate(ParameterStore(initial(), "sgd", LR, {}), "ssp", TIMEOUT_S, staleness=staleness)
 
 
 def blocked(gate: ConsistencyGate, wait: ClockWait) -> bool:
@@ -478,12 +479,12 @@ def test_a_frozen_tensor_is_never_updated_and_a_push_of_it_is_refused():
 
 def test_a_buffer_moves_by_the_pushed_change_in_async_and_by_the_weighted_mean_in_sync():
     kinds = {"steps": TensorKind.BUFFER}
-    gate = ConsistencyGate(ParameterStore(initial(), "sgd", LR, {}, kinds=kinds), "async", TIMEOUT_S)
+    gate = consistency_gate(ParameterStore(initial(), "sgd", LR, {}, kinds=kinds), "async", TIMEOUT_S)
     gate.push("w-1", 0, {"steps": torch.tensor([1])}, samples=4, now=T0)
     gate.push("w-2", 0, {"steps": torch.tensor([1])}, samples=4, now=T0)
     assert params(gate)["steps"].tolist() == [9]  # every worker's batch counted
     store = ParameterStore(initial(), "sgd", LR, {}, kinds=kinds)
-    sync = ConsistencyGate(store, "sync", TIMEOUT_S)
+    sync = consistency_gate(store, "sync", TIMEOUT_S)
     sync.join("w-1", 0, 1.0)
     sync.join("w-2", 0, 1.0)
     sync.push("w-1", 0, {"steps": torch.tensor([1]), "b": torch.tensor([1.0, 1.0])}, samples=3, now=T0)
@@ -536,7 +537,7 @@ def test_an_unknown_optimizer_is_a_config_error():
 
 def test_a_retried_async_push_with_the_same_request_id_is_applied_once_and_answered_again():
     store = ParameterStore({"w": torch.zeros(2)}, "sgd", 1.0, {})
-    gate = ConsistencyGate(store, "async", step_timeout_s=5.0)
+    gate = consistency_gate(store, "async", step_timeout_s=5.0)
     first = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
     again = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
     assert first == again and first.version == 1
@@ -548,7 +549,7 @@ def test_a_retried_async_push_with_the_same_request_id_is_applied_once_and_answe
 
 def test_a_retried_sync_push_after_its_step_closed_gets_the_original_answer():
     store = ParameterStore({"w": torch.zeros(2)}, "sgd", 1.0, {})
-    gate = ConsistencyGate(store, "sync", step_timeout_s=5.0)
+    gate = consistency_gate(store, "sync", step_timeout_s=5.0)
     target = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")
     first = gate.wait_for_version(target, 0.0, "w-0", "r1")
     retry = gate.push("w-0", 0, {"w": torch.ones(2)}, 1, 0.0, request_id="r1")

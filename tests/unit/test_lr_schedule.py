@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lepton.errors import ConfigError, InvalidArgument
-from ps_server.checkpoint import CheckpointDirectory
-from ps_server.gate import ConsistencyGate
-from ps_server.node import ParameterServerNode
+from ps_server.checkpoint_files import CheckpointDirectory
+from ps_server.consistency import consistency_gate
+from ps_server.parameter_server import ParameterServer
 from ps_server.store import ParameterStore
 
 LR = 0.1
@@ -105,8 +105,8 @@ def test_a_store_restored_from_a_checkpoint_continues_the_schedule_where_it_stop
 def test_a_node_restarting_from_its_periodic_checkpoint_serves_the_scheduled_lr(tmp_path):
     name, kwargs = SCHEDULES["step"]
 
-    def start() -> tuple[ParameterServerNode, int]:
-        node = ParameterServerNode("ps-0")
+    def start() -> tuple[ParameterServer, int]:
+        node = ParameterServer("ps-0")
         version = node.load(
             initial(), "sgd", LR, {"momentum": 0.9}, "async", step_timeout_s=5.0,
             checkpoints=CheckpointDirectory(tmp_path), checkpoint_every_steps=4,
@@ -128,7 +128,7 @@ def test_a_node_restarting_from_its_periodic_checkpoint_serves_the_scheduled_lr(
 
 
 def test_in_sync_mode_one_step_of_several_pushes_advances_the_schedule_once():
-    gate = ConsistencyGate(make_store("step"), "sync", step_timeout_s=5.0)
+    gate = consistency_gate(make_store("step"), "sync", step_timeout_s=5.0)
     gate.push("a", 0, gradient(0), 1, 0.0)  # a alone closes step 0
     for version in range(1, 4):
         gate.push("b", version, gradient(0), 1, 0.0)

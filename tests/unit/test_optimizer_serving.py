@@ -19,7 +19,7 @@ from lepton.errors import ConfigError, FailedPrecondition, InvalidArgument, Opti
 from lepton.optimizers import ELEMENT_WISE, PER_TENSOR, REFUSED, Granularity, granularity, prove_optimizer
 from lepton.tensors import TensorSpec
 from lepton.workloads import EmbeddingBagClassifier, sparse_parameter_names
-from ps_server.gate import ConsistencyGate
+from ps_server.consistency import consistency_gate
 from ps_server.store import ParameterStore
 
 TORCH_OPTIMIZERS = sorted(
@@ -231,7 +231,7 @@ def test_a_failed_step_refuses_every_later_update_with_the_reason(failing_optimi
 @pytest.mark.parametrize("mode", ["async", "ssp"])
 def test_the_gate_refuses_pushes_once_the_optimizer_failed(failing_optimizer, mode):
     store, g = store_and_grads()
-    gate = ConsistencyGate(store, mode, 5.0)
+    gate = consistency_gate(store, mode, 5.0)
     gate.push("w-0", 0, g, 1, 0.0)
     with pytest.raises(OptimizerFailed):
         gate.push("w-0", 1, g, 1, 0.0)
@@ -243,7 +243,7 @@ def test_a_sync_push_waiting_for_its_step_fails_at_once_when_the_step_fails(fail
     import threading
 
     store, g = store_and_grads()
-    gate = ConsistencyGate(store, "sync", 60.0)
+    gate = consistency_gate(store, "sync", 60.0)
     assert gate.push("w-0", 0, g, 1, 0.0) == 1  # w-0 alone closes step 0
     gate.wait_for_version(1, 1.0)
     gate.join("w-1", 1, 1.0)

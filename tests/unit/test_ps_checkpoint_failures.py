@@ -10,15 +10,15 @@ import shutil
 
 import torch
 
-from ps_server import checkpoint as checkpoint_module
-from ps_server.checkpoint import CheckpointDirectory
-from ps_server.node import ParameterServerNode
+from ps_server import checkpoint_files as checkpoint_module
+from ps_server.checkpoint_files import CheckpointDirectory
+from ps_server.parameter_server import ParameterServer
 
 GRAD = {"w": torch.ones(2)}
 
 
-def loaded(directory) -> ParameterServerNode:
-    node = ParameterServerNode("ps-0")
+def loaded(directory) -> ParameterServer:
+    node = ParameterServer("ps-0")
     node.load(
         {"w": torch.zeros(2)}, "sgd", 0.1, {}, "async", 1.0,
         checkpoints=CheckpointDirectory(directory), checkpoint_every_steps=2,
@@ -26,7 +26,7 @@ def loaded(directory) -> ParameterServerNode:
     return node
 
 
-def push(node: ParameterServerNode, times: int) -> None:
+def push(node: ParameterServer, times: int) -> None:
     for _ in range(times):
         node.gate.push("w-1", node.gate.version, GRAD, 1, 0.0)
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from ps_server.checkpoint import CheckpointDirectory
+from ps_server.checkpoint_files import CheckpointDirectory
+from ps_server.consistency import consistency_gate
 from ps_server.gate import ConsistencyGate
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from ps_server.store import ParameterStore
 
 GRAD = {"w": torch.ones(2)}
 
 
 def gate() -> ConsistencyGate:
-    return ConsistencyGate(ParameterStore({"w": torch.zeros(2)}, "sgd", 0.1, {}), "async", 1.0)
+    return consistency_gate(ParameterStore({"w": torch.zeros(2)}, "sgd", 0.1, {}), "async", 1.0)
 
 
 def test_a_target_ahead_is_captured_when_the_version_reaches_it_and_a_passed_one_is_missed():
@@ -30,7 +31,7 @@ def test_a_target_ahead_is_captured_when_the_version_reaches_it_and_a_passed_one
 
 
 def test_node_writes_one_file_per_order_and_reports_it_until_the_order_changes(tmp_path):
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.zeros(2)}, "sgd", 0.1, {}, "async", 1.0, checkpoints=CheckpointDirectory(tmp_path))
     assert node.answer_checkpoint("ckpt-000001", 1) is None  # target ahead
     node.gate.push("w-1", 0, GRAD, 1, 0.0)
@@ -42,7 +43,7 @@ def test_node_writes_one_file_per_order_and_reports_it_until_the_order_changes(t
 
 
 def test_a_server_without_a_state_dir_answers_with_an_error():
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"w": torch.zeros(2)}, "sgd", 0.1, {}, "async", 1.0)
     report = node.answer_checkpoint("ckpt-000001", 0)
     assert report.error and not report.path
@@ -51,7 +52,7 @@ def test_a_server_without_a_state_dir_answers_with_an_error():
 def test_a_capture_owns_its_optimizer_state_so_later_updates_do_not_leak_into_it():
     """A capture at version 1 is written to disk later; Adam's moments must stay those of version 1
     while the store moves on (torch's state_dict() hands out the live tensors)."""
-    g = ConsistencyGate(ParameterStore({"w": torch.zeros(2)}, "adam", 0.1, {}), "async", 1.0)
+    g = consistency_gate(ParameterStore({"w": torch.zeros(2)}, "adam", 0.1, {}), "async", 1.0)
     assert g.capture(1).state is None  # armed
     g.push("w-1", 0, GRAD, 1, 0.0)
     at_one = ParameterStore({"w": torch.zeros(2)}, "adam", 0.1, {})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lepton.errors import ConfigError
+from ps_server.consistency import consistency_gate
 from ps_server.gate import ConsistencyGate, PushOutcome, PushResult
 from ps_server.staleness import ConstantLr, InverseStalenessLr, StalenessAwareLr, staleness_lr_scaling
 from ps_server.store import ParameterStore
@@ -68,7 +69,7 @@ def test_the_policy_is_chosen_by_its_job_spec_name():
 
 
 def async_gate(optimizer: str = "sgd", policy=StalenessAwareLr(), **kwargs) -> ConsistencyGate:
-    return ConsistencyGate(ParameterStore(initial(), optimizer, LR, kwargs), "async", 5.0, lr_scaling=policy)
+    return consistency_gate(ParameterStore(initial(), optimizer, LR, kwargs), "async", 5.0, lr_scaling=policy)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -106,7 +107,7 @@ def test_workers_declared_dead_stop_counting_towards_the_tolerance():
 
 @pytest.mark.parametrize("mode", ["sync", "ssp"])
 def test_sync_and_ssp_updates_are_never_scaled(mode):
-    gate = ConsistencyGate(ParameterStore(initial(), "sgd", LR, {}), mode, 5.0, staleness=100)
+    gate = consistency_gate(ParameterStore(initial(), "sgd", LR, {}), mode, 5.0, staleness=100)
     outcome = gate.push("a", 0, gradient(1), 1, T0)
     if mode == "ssp":
         for k in (2, 3, 4):

@@ -1,5 +1,6 @@
-"""The parameter server's application object: store + gate + roster, behind one small API that the
-servicer calls once per RPC. Nothing here knows about gRPC."""
+"""The parameter server's domain object: store + consistency gate + worker roster, behind one small
+API that the servicer calls once per RPC, and that the agent loads and keeps in step with the
+coordinator. Nothing here knows about gRPC."""
 
 from __future__ import annotations
 
@@ -9,24 +10,23 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import structlog
 import torch
 
 from lepton.domain import CheckpointReport
-from lepton.tensors import TensorKind, TensorSpec, payload_bytes
 from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
-from ps_server.checkpoint import CheckpointDirectory
-from ps_server.gate import ClockWait, ConsistencyGate, PushResult
+from lepton.tensors import TensorKind, TensorSpec, payload_bytes
+from ps_server.checkpoint_files import CheckpointDirectory, CheckpointTally, PeriodicCheckpoints
+from ps_server.consistency import consistency_gate
+from ps_server.gate import ConsistencyGate, PushResult
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.staleness import staleness_lr_scaling
 from ps_server.store import ParameterStore
 
-log = structlog.get_logger("lepton.ps")
 MIN_REFRESH_INTERVAL_S = 0.2
 
 
 @dataclass(frozen=True)
-class NodeStatus:
+class ServerStatus:
     member_id: str
     mode: str
     version: int
@@ -44,7 +44,7 @@ class NodeStatus:
     checkpoints_failed: int = 0
 
 
-class ParameterServerNode:
+class ParameterServer:
     """Serves this server's share of the parameters.
 
     Args:
@@ -70,8 +70,7 @@ class ParameterServerNode:
         self._roster = WorkerRoster()
         self._last_refresh = float("-inf")
         self.pushes_rejected = 0
-        self.checkpoint_version = -1
-        self.checkpoints_failed = 0  # periodic checkpoints that could not be written (disk full, ...)
+        self.checkpoint_tally = CheckpointTally()  # periodic checkpoints written and failed
         self._checkpoints: CheckpointDirectory | None = None
         self._no_state_dir = False  # loaded without a checkpoint directory: ordered checkpoints fail
         self._snapshot: CheckpointReport | None = None  # the answer to the latest checkpoint order
@@ -104,13 +103,13 @@ class ParameterServerNode:
         if restored is not None:
             store.load_state_dict(restored[1])
         after_apply = (
-            self._checkpointer(checkpoints, checkpoint_every_steps)
+            PeriodicCheckpoints(checkpoints, checkpoint_every_steps, self.checkpoint_tally)
             if checkpoints is not None and checkpoint_every_steps > 0
             else None
         )
         with self._lock:
-            self._gate = ConsistencyGate(
-                store, mode, step_timeout_s, after_apply, staleness, lr_scaling=staleness_lr_scaling(async_lr_scaling)
+            self._gate = consistency_gate(
+                store, mode, step_timeout_s, after_apply, staleness, staleness_lr_scaling(async_lr_scaling)
             )
             self._checkpoints = checkpoints
             self._no_state_dir = checkpoints is None
@@ -148,31 +147,15 @@ class ParameterServerNode:
         self._snapshot = report
         return report
 
-    def _checkpointer(self, checkpoints: CheckpointDirectory, every_steps: int) -> Callable[[ParameterStore], None]:
-        failing = [False]  # runs under the gate's lock: no other guard needed
-        def after_apply(store: ParameterStore) -> None:
-            if store.version % every_steps != 0:
-                return
-            try:
-                checkpoints.save(store.version, store.state_dict())
-            except (OSError, RuntimeError) as exc:
-                # Disk full, file too large, directory gone (torch's zip writer reports a failed
-                # write as RuntimeError): the update is applied and the push it came with must
-                # succeed, so training goes on; the next interval tries again. One log line per
-                # failed interval, never one per push.
-                self.checkpoints_failed += 1
-                failing[0] = True
-                log.warning(
-                    "checkpoint_failed", version=store.version, failures=self.checkpoints_failed,
-                    directory=str(checkpoints.directory), error=str(exc) or type(exc).__name__,
-                )
-                return
-            if failing[0]:
-                log.info("checkpoint_recovered", version=store.version, failures=self.checkpoints_failed)
-            failing[0] = False
-            self.checkpoint_version = store.version
+    @property
+    def checkpoint_version(self) -> int:
+        """The newest periodic checkpoint written (-1: none)."""
+        return self.checkpoint_tally.version
 
-        return after_apply
+    @property
+    def checkpoints_failed(self) -> int:
+        """Periodic checkpoints that could not be written (disk full, ...)."""
+        return self.checkpoint_tally.failed
 
     @property
     def gate(self) -> ConsistencyGate:
@@ -270,11 +253,7 @@ class ParameterServerNode:
             raise
         self._count(bytes_pushed=sum(payload_bytes(g) for g in grads.values()))
         outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic(), request_id)
-        if isinstance(outcome, PushResult):
-            return outcome
-        if isinstance(outcome, ClockWait):
-            return gate.wait_for_clock(outcome, timeout_s)
-        return gate.wait_for_version(outcome, timeout_s, member_id, request_id)
+        return gate.settle(outcome, timeout_s, member_id, request_id)
 
     def push_pull(
         self,
@@ -340,10 +319,10 @@ class ParameterServerNode:
         if self._gate is not None:
             self._gate.tick(self._monotonic())
 
-    def status(self) -> NodeStatus:
+    def status(self) -> ServerStatus:
         gate = self._gate
         c = gate.counters if gate is not None else None
-        return NodeStatus(
+        return ServerStatus(
             member_id=self.member_id,
             mode=gate.mode if gate is not None else "",
             version=gate.version if gate is not None else 0,
