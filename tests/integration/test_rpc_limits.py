@@ -23,7 +23,7 @@ from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
-from ps_server.node import ParameterServerNode
+from ps_server.parameter_server import ParameterServer
 from ps_server.roster import WorkerEntry
 from ps_server.servicer import ParameterServerServicer, registration as ps_registration
 from support import wait_until
@@ -84,7 +84,7 @@ def coordinator_server(limits: Limits, registry=None):
 
 
 def ps_server(limits: Limits, registry=None):
-    node = ParameterServerNode("ps-0")
+    node = ParameterServer("ps-0")
     node.load({"dense": torch.ones(3, 4)}, "sgd", 0.1, {}, "async", step_timeout_s=10)
     node.update_roster([WorkerEntry("w-0", 1, True)])
     server = Server(
