@@ -5,6 +5,8 @@ job is over or ``stop`` is set. The twin of worker/agent.py's WorkerAgent."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -12,7 +14,7 @@ import structlog
 from lepton.clients import AssignmentInfo, CoordinatorClient
 from lepton.config import JobSpec
 from lepton.domain import CheckpointReport, HeartbeatReply, JobState, MemberId, Role
-from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError
+from lepton.errors import ConfigError, DeadlineExceeded, FailedPrecondition, Fenced, LeptonError, Unavailable
 from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK, run_every
 from ps_server.checkpoint_files import CheckpointDirectory
@@ -21,6 +23,10 @@ from ps_server.rejoin import AfterFence, after_fence, keeps_state
 from ps_server.roster import WorkerEntry
 
 log = structlog.get_logger("lepton.ps")
+
+# A server whose coordinator stays unreachable this long exits EXIT_LOST_CONTACT instead of serving
+# a job nobody coordinates; a supervisor restarts it and it rejoins (from its checkpoint, if any).
+COORDINATOR_LOST_AFTER_S = 60.0
 
 
 def _entries(reply: HeartbeatReply) -> list[WorkerEntry]:
@@ -33,6 +39,8 @@ class ParameterServerAgent:
     Args:
         checkpoints: the directory of this server's checkpoints (None: runs without --state-dir,
             so it neither restores nor writes any).
+        coordinator_lost_after_s: unreachable for this long (UNAVAILABLE or DEADLINE_EXCEEDED on
+            every heartbeat), the server stops with EXIT_LOST_CONTACT.
     """
 
     def __init__(
@@ -42,8 +50,13 @@ class ParameterServerAgent:
         *,
         member_id: str = "",
         checkpoints: Path | None = None,
+        coordinator_lost_after_s: float = COORDINATOR_LOST_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._coord = coordinator
+        self._clock = clock
+        self._lost_after_s = coordinator_lost_after_s
+        self._last_contact = clock()
         self._stop = stop
         self._requested_id = member_id
         self._checkpoints = checkpoints
@@ -173,9 +186,19 @@ class ParameterServerAgent:
             except LeptonError as rejoin_exc:  # retried on the next heartbeat
                 log.warning("ps_rejoin_failed", error=str(rejoin_exc))
             return
+        except (Unavailable, DeadlineExceeded) as exc:
+            silent_s = self._clock() - self._last_contact
+            log.warning("heartbeat_failed", error=str(exc), coordinator_silent_s=round(silent_s, 1))
+            if silent_s > self._lost_after_s:
+                log.error("coordinator_lost", silent_s=round(silent_s, 1), limit_s=self._lost_after_s)
+                self._exit_code = EXIT_LOST_CONTACT
+                self._stop.set()
+            return
         except LeptonError as exc:
+            self._last_contact = self._clock()  # it answered, if only to refuse
             log.warning("heartbeat_failed", error=str(exc))
             return
+        self._last_contact = self._clock()
         self.server.update_roster(_entries(reply))
         self._applied_roster = max(self._applied_roster, reply.roster_version)
         self._answer_order(reply)

@@ -11,7 +11,7 @@ from support import wait_until
 from lepton.clients import AssignmentInfo
 from lepton.config import JobSpec
 from lepton.domain import HeartbeatReply, JobState, MemberId
-from lepton.errors import Fenced
+from lepton.errors import FailedPrecondition, Fenced, Unavailable
 from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK
 from ps_server.agent import ParameterServerAgent
 
@@ -28,6 +28,9 @@ class ScriptedCoordinator:
         self.fence = False
         self.newer = False
         self.state = JobState.TRAINING
+        self.unreachable = False  # heartbeats fail with UNAVAILABLE
+        self.refusing = False  # heartbeats fail with FAILED_PRECONDITION (reachable, but refused)
+        self.heartbeats = 0
         self.lock = threading.Lock()
 
     def register(self, role, address="", member_id=""):
@@ -38,6 +41,11 @@ class ScriptedCoordinator:
 
     def heartbeat(self, member, version=0, roster_version=0, checkpoint=None):
         with self.lock:
+            self.heartbeats += 1
+            if self.unreachable:
+                raise Unavailable("connection refused")
+            if self.refusing:
+                raise FailedPrecondition("refused")
             if self.fence and member == self.registrations[-1]:
                 self.fence = False
                 raise Fenced(f"{member} is fenced")
@@ -58,9 +66,19 @@ class ScriptedCoordinator:
         pass
 
 
-def start(coordinator: ScriptedCoordinator) -> tuple[ParameterServerAgent, threading.Event, list[int]]:
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def start(
+    coordinator: ScriptedCoordinator, clock: FakeClock | None = None
+) -> tuple[ParameterServerAgent, threading.Event, list[int]]:
     stop = threading.Event()
-    agent = ParameterServerAgent(coordinator, stop)  # type: ignore[arg-type]
+    agent = ParameterServerAgent(coordinator, stop, clock=clock or FakeClock())  # type: ignore[arg-type]
     agent.register("127.0.0.1:1")
     codes: list[int] = []
     threading.Thread(target=lambda: codes.append(agent.run()), daemon=True).start()
@@ -104,3 +122,32 @@ def test_a_failed_job_ends_the_run_with_the_job_failed_code():
     coordinator.state = JobState.FAILED
     wait_for(lambda: codes, "the run to end")
     assert codes == [EXIT_JOB_FAILED]
+
+
+def test_a_server_whose_coordinator_stays_unreachable_exits_lost_contact_and_not_before():
+    coordinator = ScriptedCoordinator()
+    clock = FakeClock()
+    _, stop, codes = start(coordinator, clock)
+    wait_for(lambda: len(coordinator.ready) == 1, "the first ready report")
+
+    def heartbeats_after(n: int) -> None:
+        seen = coordinator.heartbeats
+        wait_for(lambda: coordinator.heartbeats >= seen + n, f"{n} more heartbeats")
+
+    coordinator.unreachable = True
+    clock.t += 59.0  # an outage just under the limit
+    heartbeats_after(3)
+    coordinator.unreachable = False
+    heartbeats_after(2)  # contact is back: the silence starts again from here
+    coordinator.refusing = True
+    clock.t += 120.0  # refused, but answering: not lost
+    heartbeats_after(3)
+    assert not codes and not stop.is_set()
+    coordinator.refusing = False
+    heartbeats_after(2)
+    coordinator.unreachable = True
+    heartbeats_after(1)
+    assert not codes
+    clock.t += 61.0
+    wait_for(lambda: codes, "the run to end")
+    assert codes == [EXIT_LOST_CONTACT] and stop.is_set()
