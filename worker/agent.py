@@ -283,8 +283,14 @@ class WorkerAgent:
         diverged = divergence(result)
         if diverged is not None:
             log.error("model_diverged", reason=diverged)
-            self._coord.report_failure(self._member, diverged)
-            return
+            try:
+                self._coord.report_failure(self._member, diverged)
+                return
+            except FailedPrecondition as exc:
+                # No longer the evaluator, or a coordinator that takes failures from servers only:
+                # the evaluation itself is then refused as before (FAILED_PRECONDITION, or
+                # INVALID_ARGUMENT for its loss).
+                log.warning("failure_report_refused", reason=str(exc))
         self._coord.report_evaluation(self._member, result)
         log.info("evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4))
 
