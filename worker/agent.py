@@ -328,7 +328,7 @@ class WorkerAgent:
         self._heartbeat.start(self._spec.heartbeat_interval_s)
         try:
             # Built after the heartbeat starts: loading data and model can outlast the timeout.
-            self._trainer = Trainer(self._spec)  # type: ignore[arg-type]
+            self._trainer = Trainer(self._spec)
             self._servers = ServerSet(
                 self._trainer.tensors, self._coord.layout, lambda: self._member,
                 connect=self._ps_client, announced=lambda: self._heartbeat.layout_seen,
@@ -347,6 +347,8 @@ class WorkerAgent:
         return 2 * self._spec.heartbeat_timeout_s + 10.0
 
     def _loop(self) -> int:
+        assert self._servers is not None and self._steps is not None and self._spec is not None
+        servers, steps = self._servers, self._steps
         while True:
             if self._stop.is_set():
                 self._leave()
@@ -361,15 +363,14 @@ class WorkerAgent:
                 self._fenced.set()
                 continue
             if decision.outcome is LeaseOutcome.GRANTED:
-                assert self._spec is not None
                 assert decision.lease is not None
                 self._lease_id = decision.lease.lease_id
                 self._lease_clock.grant(sent, decision.lease_timeout_s or self._spec.lease_timeout_s)
                 try:
-                    self._servers.ensure_layout()  # type: ignore[union-attr]
+                    servers.ensure_layout()
                     self._train(decision.lease)
                 except LeaseLost:
-                    self._steps.leave()  # type: ignore[union-attr]
+                    steps.leave()
                     continue
                 finally:
                     self._lease_clock.release()
@@ -385,7 +386,7 @@ class WorkerAgent:
                 log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)
                 return EXIT_JOB_FAILED if failed else 0
             else:
-                self._steps.leave()  # type: ignore[union-attr]
+                steps.leave()
                 self._stop.wait(max(decision.retry_after_s, 0.05))
 
     def _leave(self) -> None:

@@ -68,7 +68,8 @@ class ServerSet:
             self._layout = layout
             self.fresh = False
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=max(1, len(layout.servers)), thread_name_prefix="ps")
+                workers = max(1, len(layout.servers))
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ps")
         return self._layout
 
     def fan_out(self, fn: Callable[[ServerInfo, ParameterClient], T]) -> list[T]:
@@ -164,7 +165,11 @@ class ServerSet:
     # --- installing ------------------------------------------------------------------------------
 
     def _received(
-        self, server_id: str, version: int, tensors: dict[str, torch.Tensor], rows: Mapping[str, torch.Tensor] | None = None
+        self,
+        server_id: str,
+        version: int,
+        tensors: dict[str, torch.Tensor],
+        rows: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.bytes_pulled += _nbytes(tensors)
         self.install(server_id, tensors, rows)
@@ -190,7 +195,8 @@ class ServerSet:
         for name in [n for n in tensors if n in rows]:
             if tensors[name].shape[0] != rows[name].numel():
                 raise InvalidArgument(
-                    f"parameter server {server_id} sent {tensors[name].shape[0]} rows of {name}, not {rows[name].numel()}"
+                    f"parameter server {server_id} sent {tensors[name].shape[0]} rows of {name}, "
+                    f"not {rows[name].numel()}"
                 )
         with torch.no_grad():
             for name, values in tensors.items():

@@ -22,7 +22,9 @@ class Heartbeat:
     beating (and cleared by the agent when it registers anew); ``layout_seen`` is the newest
     layout version and ``state`` the job's state of the last answer."""
 
-    def __init__(self, coordinator: CoordinatorClient, member: Callable[[], MemberId | None], lease: LeaseClock) -> None:
+    def __init__(
+        self, coordinator: CoordinatorClient, member: Callable[[], MemberId | None], lease: LeaseClock
+    ) -> None:
         self._coord = coordinator
         self._member = member
         self._lease = lease

@@ -78,11 +78,12 @@ class SyncSteps:
                     return
                 timeout_s = min(JOIN_POLL_S, remaining)
 
-                def join(server, client, timeout_s=timeout_s):
+                def join(server, client, timeout_s=timeout_s, answers=answers, targets=targets, target=target):
                     if server.member_id in answers:
                         return server.member_id, answers[server.member_id]
                     try:
-                        answer = client.join_steps(member, targets.get(server.member_id, target), timeout_s=timeout_s)
+                        from_version = targets.get(server.member_id, target)
+                        answer = client.join_steps(member, from_version, timeout_s=timeout_s)
                     except DeadlineExceeded:
                         self.join_polls += 1
                         return server.member_id, None  # not there yet: ask again
@@ -98,8 +99,8 @@ class SyncSteps:
                 if any(not joined for joined, _ in answers.values()):
                     break  # a server was already past the target
             if len(answers) == len(layout.servers) and all(joined for joined, _ in answers.values()):
-                log.info("joined_steps", from_version=target, offset={k: v for k, v in targets.items() if v != target},
-                         attempt=attempt)
+                offset = {k: v for k, v in targets.items() if v != target}
+                log.info("joined_steps", from_version=target, offset=offset, attempt=attempt)
                 return
             self.leave()
             log.info("join_refused_retrying", from_version=target, versions=[v for _, v in answers.values()])

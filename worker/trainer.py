@@ -12,11 +12,18 @@ from torch import nn
 
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
-from lepton.workloads import (
-    Evaluation, build_model, evaluate, load_workload, model_tensors, sparse_parameter_names, take, tensor_kinds,
-)
 from lepton.tasks import resolve_loss, resolve_task, shape_target
 from lepton.tensors import TensorKind, empty_row_sparse
+from lepton.workloads import (
+    Evaluation,
+    build_model,
+    evaluate,
+    load_workload,
+    model_tensors,
+    sparse_parameter_names,
+    take,
+    tensor_kinds,
+)
 
 
 @dataclass(frozen=True)
