@@ -7,7 +7,7 @@ exits 1 when any step's ratio is above ``--max-ratio`` (2), so it doubles as a c
 What runs:
     *servers*: 1 and 2 real ParameterServers in this process (``lepton.rpc.Server`` on
     127.0.0.1:0 with its interceptors, ``ParameterServerServicer`` and ``ParameterServer``,
-    async mode), holding the table as ``coordinator.layout.balance`` cuts it (2 servers: rows
+    async mode, served by tests/support.py's ``serve_layout``), holding the table as ``coordinator.layout.balance`` cuts it (2 servers: rows
     [0, 500000) and [500000, 1000000), each a slice marked ``sparse``). The servers' optimizer is
     built as a job's would be: ``--optimizer adam`` gives SparseAdam on the table.
 
@@ -16,10 +16,12 @@ What runs:
     over bags of 100 ids, and the loss is the mean squared error of the bags against 1, so the
     gradients are real uncoalesced COO tensors as autograd makes them.
 
-    *a step*, as ``worker/agent.py`` does it: pull the rows the step reads from each server
-    (``ParameterClient.pull(rows=...)``), write them into the replica, forward/backward, then one
-    ``ParameterClient.push_pull`` per server (fanned out on threads) with ``sparse_part`` of the
-    gradient, and write the rows that come back into the replica.
+    *a step*, through the worker's own data path (``worker.dataplane.ServerSet``, as
+    ``worker/agent.py`` trains): ``pull_rows`` pulls the rows the step reads from each server
+    (``ParameterClient.pull(rows=...)``) and writes them into the replica, forward/backward, then
+    ``push_pull`` sends one ``ParameterClient.push_pull`` per server (fanned out on threads) with
+    ``sparse_part`` of the gradient and writes the rows that come back into the replica. The
+    timed pull and push_pull include those writes (the dense baseline's too).
 
     *rows touched*: each step reads exactly R distinct rows (``--rows-per-step``, default 100,
     1,000 and 10,000). Ids are drawn Zipf-like (``P(rank k) ∝ 1/k`` over the whole table, ranks
@@ -117,8 +119,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,23 +128,22 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "tests"):  # run as a script from anywhere; tests/support.py serves the servers
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from coordinator.layout import balance  # noqa: E402
-from lepton.clients import MemberId, ParameterClient  # noqa: E402
-from lepton.rpc import Server  # noqa: E402
-from lepton.tensors import TensorSpec, part, rows_in, sparse_part  # noqa: E402
+from lepton.clients import MemberId, ParameterClient, new_request_id  # noqa: E402
 from ps_server.parameter_server import ParameterServer  # noqa: E402
-from ps_server.roster import WorkerEntry  # noqa: E402
-from ps_server.servicer import ParameterServerServicer, registration  # noqa: E402
+from ps_server.servicer import ParameterServerServicer  # noqa: E402
+from support import ServedShard, layout_info, serve_layout, stop_shards  # noqa: E402
+from worker.dataplane import ServerSet  # noqa: E402
 
 TABLE = "embedding.weight"
 BASELINE = "dense.weight"
 BAG_TOKENS = 100  # ids per bag (a synthetic-text document has 100)
 GRPC_PREFIX_BYTES = 5  # gRPC's per-message compressed flag + length
 CALL_TIMEOUT_S = 120.0
-WORKER = MemberId("bench-worker", 1)
+WORKER = MemberId("w-0", 1)  # the identity serve_layout puts on each server's roster
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -192,69 +192,43 @@ class MeteredServicer(ParameterServerServicer):
         yield from self._meter.responses(super().Pull(request, context))
 
 
-@dataclass
-class Shard:
-    spec: TensorSpec
-    node: ParameterServer
-    server: Server
-    meter: WireMeter
-    client: ParameterClient
-    version: int = 0
-
-
 class Cluster:
     """``count`` async parameter servers holding ``tensor`` as ``balance`` cuts it (those left
-    without rows are not started), and one client per server (the worker's)."""
+    without rows are not started), each with its wire meter, and the worker's data path to them
+    (``worker.dataplane.ServerSet``), which writes what comes back into ``replica``."""
 
     def __init__(
-        self, name: str, tensor: torch.Tensor, count: int, sparse: bool, optimizer: str, lr: float
+        self, name: str, tensor: torch.Tensor, count: int, sparse: bool, optimizer: str, lr: float,
+        replica: torch.Tensor,
     ) -> None:
-        whole = TensorSpec(name, tensor.dtype, tuple(tensor.shape), sparse=sparse)
-        layout = balance([whole], [f"ps-{i}" for i in range(count)], 1)
-        self.shards: list[Shard] = []
-        try:
-            for member_id in layout.servers:
-                held = layout.tensors_of(member_id)
-                if not held:  # fewer rows than servers: this one holds nothing
-                    continue
-                (spec,) = held
-                node = ParameterServer(member_id)
-                node.load(
-                    {spec.name: part({name: tensor}, spec)}, optimizer, lr, {}, "async",
-                    step_timeout_s=CALL_TIMEOUT_S, sparse=[spec.name] if sparse else [],
-                )
-                node.update_roster([WorkerEntry(WORKER.member_id, WORKER.incarnation, True)])
-                meter = WireMeter()
-                server = Server(
-                    "127.0.0.1:0", [registration(MeteredServicer(node, meter))], reflection_enabled=False
-                )
-                server.start()
-                client = ParameterClient(server.address, timeout_s=CALL_TIMEOUT_S)
-                self.shards.append(Shard(spec, node, server, meter, client))
-        except BaseException:
-            self.close()
-            raise
-        self.pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix=f"{name}-fan-out")
+        self.meters: list[WireMeter] = []
 
-    def fan_out(self, fn: Callable[[Shard], object]) -> list:
-        return list(self.pool.map(fn, self.shards))
+        def metered(node: ParameterServer) -> MeteredServicer:
+            self.meters.append(WireMeter())
+            return MeteredServicer(node, self.meters[-1])
+
+        self.shards: list[ServedShard] = serve_layout(
+            {name: tensor}, count, optimizer, lr, {}, 1, step_timeout_s=CALL_TIMEOUT_S, mode="async",
+            sparse=[name] if sparse else [], skip_empty=True, servicer=metered,
+        )
+        layout = layout_info(self.shards)
+        self.servers = ServerSet(
+            {name: replica}, lambda: layout, lambda: WORKER,
+            connect=lambda address: ParameterClient(address, timeout_s=CALL_TIMEOUT_S),
+        )
 
     def counters(self) -> tuple[int, int]:
         """(wire bytes pushed, server bytes_pushed) summed over servers."""
-        wire = sum(s.meter.read()[0] for s in self.shards)
-        counted = sum(s.client.server_status().bytes_pushed for s in self.shards)
+        wire = sum(m.read()[0] for m in self.meters)
+        counted = sum(self.servers.fan_out(lambda server, client: client.server_status().bytes_pushed))
         return wire, counted
 
     def pulled_wire(self) -> int:
-        return sum(s.meter.read()[1] for s in self.shards)
+        return sum(m.read()[1] for m in self.meters)
 
     def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown()
-        for s in self.shards:
-            s.client.close()
-            s.server.stop(0)
+        self.servers.close()
+        stop_shards(self.shards)
 
 
 # --- the workload --------------------------------------------------------------------------------
@@ -312,11 +286,6 @@ class Replica:
         assert grad is not None and grad.is_sparse
         return grad.detach()
 
-    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.bag.weight.index_copy_(0, rows, values)
-
-
 # --- the two kinds of step -----------------------------------------------------------------------
 
 
@@ -336,40 +305,15 @@ def sparse_step(cluster: Cluster, replica: Replica, tokens: torch.Tensor) -> Ste
     touched = torch.unique(tokens)
     wire0, counted0 = cluster.counters()
     pulled0 = cluster.pulled_wire()
-
-    def pull(shard: Shard):
-        local = rows_in(shard.spec, touched)
-        if local.numel() == 0:
-            return shard, local, None
-        version, tensors = shard.client.pull(WORKER, [], {shard.spec.name: local})
-        shard.version = version
-        return shard, local, tensors[shard.spec.name]
-
     start = time.perf_counter()
-    pulled = cluster.fan_out(pull)
+    cluster.servers.pull_rows({TABLE: touched})
     pull_s = time.perf_counter() - start
-    for shard, local, values in pulled:
-        if values is not None:
-            assert values.shape[0] == local.numel(), f"{shard.spec.name}: {values.shape[0]} rows for {local.numel()}"
-            replica.write(local + shard.spec.row_offset, values)
     grad = replica.gradient(tokens)
-
-    def push(shard: Shard):
-        share = sparse_part(grad, shard.spec)
-        reply, version, tensors = shard.client.push_pull(
-            WORKER, shard.version, len(tokens), {shard.spec.name: share}, timeout_s=CALL_TIMEOUT_S
-        )
-        assert reply.applied, f"{shard.spec.name}: push not applied ({reply})"
-        shard.version = version
-        return shard, share.indices()[0], tensors.get(shard.spec.name)
-
     start = time.perf_counter()
-    answers = cluster.fan_out(push)
+    replies = cluster.servers.push_pull(len(tokens), {TABLE: grad}, new_request_id(), timeout_s=CALL_TIMEOUT_S)
     push_pull_s = time.perf_counter() - start
-    for shard, local, values in answers:
-        if local.numel():
-            assert values is not None and values.shape[0] == local.numel()
-            replica.write(local + shard.spec.row_offset, values)
+    for server_id, reply in replies.items():
+        assert reply.applied, f"{server_id}: push not applied ({reply})"
     wire1, counted1 = cluster.counters()
     return StepFigures(
         rows=touched.numel(), tokens=tokens.numel(), wire_pushed=wire1 - wire0, server_pushed=counted1 - counted0,
@@ -381,25 +325,15 @@ def dense_step(cluster: Cluster, grad: torch.Tensor, tokens: int) -> StepFigures
     """The baseline: the same bytes as one dense tensor, pulled whole and push_pulled whole."""
     wire0, counted0 = cluster.counters()
     pulled0 = cluster.pulled_wire()
-
-    def pull(shard: Shard):
-        shard.version, tensors = shard.client.pull(WORKER, [shard.spec.name])
-        return tensors
-
     start = time.perf_counter()
-    cluster.fan_out(pull)
+    cluster.servers.pull_all()
     pull_s = time.perf_counter() - start
-
-    def push(shard: Shard):
-        reply, shard.version, _ = shard.client.push_pull(
-            WORKER, shard.version, tokens, {shard.spec.name: part({shard.spec.of: grad}, shard.spec)},
-            timeout_s=CALL_TIMEOUT_S,
-        )
-        assert reply.applied, f"{shard.spec.name}: push not applied ({reply})"
-
     start = time.perf_counter()
-    cluster.fan_out(push)
+    (name,) = cluster.servers.tensors
+    replies = cluster.servers.push_pull(tokens, {name: grad}, new_request_id(), timeout_s=CALL_TIMEOUT_S)
     push_pull_s = time.perf_counter() - start
+    for server_id, reply in replies.items():
+        assert reply.applied, f"{server_id}: push not applied ({reply})"
     wire1, counted1 = cluster.counters()
     return StepFigures(
         rows=grad.shape[0], tokens=tokens, wire_pushed=wire1 - wire0, server_pushed=counted1 - counted0,
@@ -458,7 +392,7 @@ def summarize(config: Configuration, row_bytes: int, table_bytes: int) -> dict:
 def whole_table_dense(table: torch.Tensor, steps: int, optimizer: str, lr: float) -> dict:
     """``steps`` push_pulls of the whole table as a dense gradient to one server (after one
     warm-up): what a step costs without the sparse path."""
-    cluster = Cluster(TABLE, table, 1, sparse=False, optimizer=optimizer, lr=lr)
+    cluster = Cluster(TABLE, table, 1, sparse=False, optimizer=optimizer, lr=lr, replica=torch.empty_like(table))
     try:
         grad = torch.full_like(table, 1e-3)
         figures = [dense_step(cluster, grad, 1) for _ in range(steps + 1)][1:]
@@ -480,12 +414,14 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict | None, dict]:
     draws = RowDraws(args.table_rows, args.draw, args.seed + 1)
     summaries = []
     for count in args.servers:
-        cluster = Cluster(TABLE, table, count, sparse=True, optimizer=args.optimizer, lr=args.lr)
         replica = Replica(table)
+        cluster = Cluster(
+            TABLE, table, count, sparse=True, optimizer=args.optimizer, lr=args.lr, replica=replica.bag.weight
+        )
         baselines = {
             rows: Cluster(
                 BASELINE, torch.randn(rows, args.dim, generator=generator), count, sparse=False,
-                optimizer=args.optimizer, lr=args.lr,
+                optimizer=args.optimizer, lr=args.lr, replica=torch.empty(rows, args.dim),
             )
             for rows in args.rows_per_step
         }
@@ -506,8 +442,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict | None, dict]:
                         dense.append(dense_step(baselines[rows], grad, len(tokens)))
                     configs[rows].sparse.append(sparse)
                     configs[rows].dense.append(dense)
-            for shard in cluster.shards:
-                status = shard.client.server_status()
+            for status in cluster.servers.fan_out(lambda server, client: client.server_status()):
                 assert status.pushes_rejected == 0 and status.pushes_stale == 0, status
         finally:
             cluster.close()

@@ -274,9 +274,10 @@ class Job(MembershipOps):
             return self._state
 
     def report_failure(self, member_id: str, incarnation: int, reason: str, now: float) -> JobState:
-        """A parameter server cannot go on (its optimizer raised): ends an unfinished job as
-        FAILED with its reason. Raises InvalidArgument (empty or over-long reason), NotFound,
-        Fenced, FailedPrecondition (not a parameter server)."""
+        """A parameter server cannot go on (its optimizer raised), or the worker asked to evaluate
+        found the model diverged: ends an unfinished job as FAILED with its reason. Raises
+        InvalidArgument (empty or over-long reason), NotFound, Fenced, FailedPrecondition (a
+        worker that is not the evaluator of a job in EVALUATING)."""
         reason = reason.strip()
         if not reason:
             raise InvalidArgument("a failure report needs a reason")
@@ -284,10 +285,15 @@ class Job(MembershipOps):
             raise InvalidArgument(f"a failure reason has at most {MAX_FAILURE_REASON_CHARS} characters")
         with self._changing():
             member = self._members.check(member_id, incarnation)
-            if member.role is not Role.PARAMETER_SERVER:
-                raise FailedPrecondition(f"{member_id} is not a parameter server; only servers report failures")
+            evaluator = self._state is JobState.EVALUATING and self._evaluator == (member_id, incarnation)
+            if member.role is not Role.PARAMETER_SERVER and not evaluator:
+                raise FailedPrecondition(
+                    f"{member_id} is not a parameter server; only servers, and the worker asked to "
+                    "evaluate, report failures"
+                )
             if not self._state.terminal:
-                self._failure = f"parameter server {member_id}: {reason}"
+                who = "parameter server" if member.role is Role.PARAMETER_SERVER else "worker"
+                self._failure = f"{who} {member_id}: {reason}"
                 self._set_state(JobState.FAILED, now, self._failure)
                 self._persist(now)
             return self._state

@@ -262,7 +262,8 @@ class CoordinatorClient(ServiceClient):
         call(self._stub.CancelJob, cpb.CancelJobRequest(reason=reason), timeout=self._timeout_s)
 
     def report_failure(self, member: MemberId, reason: str) -> None:
-        """Ends the job as FAILED with ``reason`` (parameter servers); idempotent, so retried."""
+        """Ends the job as FAILED with ``reason`` (parameter servers, and the worker asked to
+        evaluate); idempotent, so retried."""
         self._idempotent(self._stub.ReportFailure, cpb.ReportFailureRequest(member=member_ref(member), reason=reason))
 
     def request_checkpoint(self, reason: str = "") -> CheckpointTicket:

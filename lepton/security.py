@@ -65,7 +65,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/lepton.v1.Coordinator/GetStatus": _ANYONE,
     "/lepton.v1.Coordinator/WatchJob": _ANYONE,
     "/lepton.v1.Coordinator/CancelJob": frozenset({"admin"}),
-    "/lepton.v1.Coordinator/ReportFailure": frozenset({"ps", "admin"}),
+    "/lepton.v1.Coordinator/ReportFailure": frozenset({"ps", "worker", "admin"}),  # worker: the evaluator
     "/lepton.v1.Coordinator/RequestCheckpoint": frozenset({"admin"}),
     "/lepton.v1.Coordinator/GetCheckpoint": _ANYONE,
     "/lepton.v1.ParameterServer/Pull": frozenset({"worker", "admin"}),

@@ -10,8 +10,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 CHAOS_TABLE: list[dict] = []  # rows of the chaos matrix, printed at the end of the session
@@ -151,22 +152,99 @@ def job_events(client, after: int = 0) -> list:
     return events
 
 
-def serve_share(member_id, specs, initial, optimizer: str, lr: float, kwargs, workers: int, step_timeout_s: float):
-    """A sync parameter server on 127.0.0.1:0 holding ``specs`` (its share of a layout, with their
-    sparse flags and kinds) cut from the whole tensors ``initial``, with worker identities
-    w-0..w-(workers-1) live. Returns (node, started server); the caller stops the server."""
+def serve_parameters(
+    tensors,
+    optimizer: str = "sgd",
+    lr: float = 0.1,
+    kwargs=None,
+    mode: str = "sync",
+    *,
+    member_id: str = "ps-0",
+    workers=(),
+    step_timeout_s: float = 30.0,
+    sparse=(),
+    kinds=None,
+    servicer=None,
+    **server_options,
+):
+    """A parameter server on 127.0.0.1:0, loaded with ``tensors`` (its share of a layout, by
+    name; ``sparse`` names the row-sparse ones, ``kinds`` their kinds) and with the worker
+    identities ``workers`` (MemberIds) live on its roster. ``servicer(node)`` builds the servicer
+    (default: the real one); ``server_options`` go to ``lepton.rpc.Server``. Returns (node,
+    started server); the caller stops the server. The one helper every test and bench serves a
+    parameter server with."""
     from lepton.rpc import Server
-    from lepton.tensors import part
     from ps_server.parameter_server import ParameterServer
     from ps_server.roster import WorkerEntry
     from ps_server.servicer import ParameterServerServicer, registration
 
     node = ParameterServer(member_id)
     node.load(
-        {t.name: part(initial, t) for t in specs}, optimizer, lr, kwargs, "sync", step_timeout_s=step_timeout_s,
-        sparse=[t.name for t in specs if t.sparse], kinds={t.name: t.kind for t in specs},
+        tensors, optimizer, lr, kwargs or {}, mode, step_timeout_s=step_timeout_s, sparse=list(sparse), kinds=kinds
     )
-    node.update_roster([WorkerEntry(f"w-{i}", 1, True) for i in range(workers)])
-    server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
+    node.update_roster([WorkerEntry(w.member_id, w.incarnation, True) for w in workers])
+    build = servicer or ParameterServerServicer
+    server = Server("127.0.0.1:0", [registration(build(node))], reflection_enabled=False, **server_options)
     server.start()
     return node, server
+
+
+@dataclass
+class ServedShard:
+    """One server of ``serve_layout``: its node (to look inside), its gRPC server and the tensors
+    (whole or row slices) the layout places on it."""
+
+    member_id: str
+    node: Any  # ps_server.parameter_server.ParameterServer
+    server: Any  # lepton.rpc.Server
+    specs: tuple
+
+
+def layout_info(shards: list[ServedShard]):
+    """The ``lepton.clients.LayoutInfo`` of served shards (version 1): what a worker's ServerSet reads."""
+    from lepton.clients import LayoutInfo, ServerInfo
+
+    return LayoutInfo(1, tuple(ServerInfo(s.member_id, s.server.address, s.specs) for s in shards))
+
+
+def stop_shards(shards: list[ServedShard]) -> None:
+    for shard in shards:
+        shard.server.stop(0)
+
+
+def serve_layout(
+    initial, count: int, optimizer: str, lr: float, kwargs, workers: int, *,
+    step_timeout_s: float, sparse=(), kinds=None, whole_tensors: bool = False, mode: str = "sync",
+    skip_empty: bool = False, servicer=None,
+) -> list[ServedShard]:
+    """``count`` parameter servers (``serve_parameters``) holding the whole tensors ``initial`` as
+    ``coordinator.layout.balance`` cuts them (row slices where a range boundary falls inside a
+    tensor; whole tensors with ``whole_tensors``), worker identities w-0..w-(workers-1) live on
+    each (``servicer`` as in ``serve_parameters``). With ``skip_empty``, servers the layout leaves
+    without a tensor are not started. The caller stops them (``stop_shards``)."""
+    from coordinator.layout import balance
+    from lepton.domain import MemberId
+    from lepton.tensors import TensorKind, TensorSpec, part
+
+    kinds = kinds or {}
+    specs = [
+        TensorSpec(n, t.dtype, tuple(t.shape), sparse=n in sparse, kind=kinds.get(n, TensorKind.PARAMETER))
+        for n, t in initial.items()
+    ]
+    layout = balance(specs, [f"ps-{i}" for i in range(count)], 1, whole_tensors=whole_tensors)
+    served: list[ServedShard] = []
+    try:
+        for member_id in layout.servers:
+            held = layout.tensors_of(member_id)
+            if skip_empty and not held:
+                continue
+            node, server = serve_parameters(
+                {t.name: part(initial, t) for t in held}, optimizer, lr, kwargs, mode, member_id=member_id,
+                workers=[MemberId(f"w-{i}", 1) for i in range(workers)], step_timeout_s=step_timeout_s,
+                sparse=[t.name for t in held if t.sparse], kinds={t.name: t.kind for t in held}, servicer=servicer,
+            )
+            served.append(ServedShard(member_id, node, server, held))
+    except BaseException:
+        stop_shards(served)
+        raise
+    return served

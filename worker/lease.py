@@ -17,6 +17,10 @@ from collections.abc import Callable
 MARGIN_FRACTION = 0.2  # stop with a fifth of the lease still left on the coordinator's clock
 
 
+class LeaseLost(Exception):
+    """The shard in hand no longer belongs to this incarnation; drop it and ask for work."""
+
+
 class LeaseClock:
     """Thread-safe: heartbeat and progress threads renew, the training loop asks."""
 

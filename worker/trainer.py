@@ -1,9 +1,10 @@
-"""The trainer: the job's model and data, and nothing about the network. The agent feeds it
-parameters and asks for gradients of batches."""
+"""The trainer: the job's model and data, and nothing about the network. The data path
+(worker/dataplane.py) writes pulled values into its tensors; the agent asks it for gradients."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,11 +12,18 @@ from torch import nn
 
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
-from lepton.workloads import (
-    Evaluation, build_model, evaluate, load_workload, model_tensors, sparse_parameter_names, take, tensor_kinds,
-)
 from lepton.tasks import resolve_loss, resolve_task, shape_target
-from lepton.tensors import TensorKind, TensorSpec, empty_row_sparse, part
+from lepton.tensors import TensorKind, empty_row_sparse
+from lepton.workloads import (
+    Evaluation,
+    build_model,
+    evaluate,
+    load_workload,
+    model_tensors,
+    sparse_parameter_names,
+    take,
+    tensor_kinds,
+)
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,6 @@ class Trainer:
             return {}
         x, _ = take(self.workload.train, indices)
         return self.model.rows_touched(x)  # type: ignore[operator]
-
-    def set_rows(self, parameter: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Writes pulled rows (indices along dimension 0 of the whole parameter) into the model."""
-        with torch.no_grad():
-            self.params[parameter].index_copy_(0, rows, values)
-
-    def set_parameters(
-        self, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec] | None = None
-    ) -> None:
-        """Installs pulled tensors: whole parameters by name, or row slices (named in ``specs``)
-        into their rows of the parameter."""
-        with torch.no_grad():
-            for name, value in tensors.items():
-                spec = specs.get(name) if specs is not None else None
-                target = part(self.tensors, spec) if spec is not None else self.tensors[name]
-                target.copy_(value)
 
     def batches(self, shard: ShardRange) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset after the batch, sample indices) from the shard's offset on. The order within a
@@ -121,3 +113,13 @@ class Trainer:
             self.model, self.workload.test, self.workload.num_classes,
             task=self.task, loss=self.spec.loss, loss_fn=self._loss,
         )
+
+
+def divergence(result: Evaluation) -> str | None:
+    """Why an evaluation shows that the model diverged (its loss, or a regression metric, is NaN
+    or infinite), or None. Such values are no result: the coordinator refuses them."""
+    for name in ("loss", "mse", "mae", "r2"):
+        value = getattr(result, name)
+        if value is not None and not math.isfinite(value):
+            return f"the model diverged: evaluation {name} is {value}"
+    return None

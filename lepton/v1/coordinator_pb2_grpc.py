@@ -262,10 +262,14 @@ class CoordinatorServicer:
 
     def ReportFailure(self, request, context):
         """A parameter server (role ps) reports an error it cannot recover from, such as its optimizer
-        raising in a step: the job ends as FAILED at once with reason as its failure (shown by
-        GetStatus and WatchJob), instead of idling until a timeout. Idempotent on a finished job
-        (nothing changes). Errors: INVALID_ARGUMENT (empty reason, or over 2,000 characters),
-        NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced, or not a parameter server).
+        raising in a step, or the worker (role worker) that LeaseShard asked to evaluate reports that
+        the model diverged (its evaluation loss is NaN or infinite, which ReportEvaluation refuses):
+        the job ends as FAILED at once with reason as its failure (shown by GetStatus and WatchJob,
+        prefixed "parameter server <id>: " or "worker <id>: "), instead of idling until a timeout or
+        staying in EVALUATING. Idempotent on a finished job (nothing changes). Errors:
+        INVALID_ARGUMENT (empty reason, or over 2,000 characters), NOT_FOUND (unknown member),
+        FAILED_PRECONDITION (fenced, or a worker other than the evaluator of a job in
+        JOB_STATE_EVALUATING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

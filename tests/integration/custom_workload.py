@@ -96,3 +96,20 @@ def regressor(input_dim: int, output_dim: int) -> nn.Module:
 def huber() -> nn.Module:
     """A loss factory: any callable (output, target) -> scalar mean loss."""
     return nn.HuberLoss(delta=1.0)
+
+
+class NanWhenEvaluated(nn.Module):
+    """A linear model that trains normally and answers NaN in eval mode: a model whose weights
+    diverged, as evaluation sees it."""
+
+    def __init__(self, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.training else out * float("nan")
+
+
+def nan_when_evaluated(input_dim: int, num_classes: int) -> nn.Module:
+    return NanWhenEvaluated(input_dim, num_classes)

@@ -2,7 +2,8 @@
 
 M parameter servers (real gRPC servers on 127.0.0.1:0, each holding its share of the model as
 the coordinator's layout cuts it: with 3 servers a weight matrix is split into row slices held by
-different servers) and N worker threads that push through ``ParameterClient.push_pull``, against one process
+different servers) and N worker threads that pull and push through the worker's own data path
+(``worker.dataplane.ServerSet``: a ``ParameterClient.push_pull`` per server), against one process
 running ``torch.optim`` on the concatenation of the same batches with the mean loss. The servers
 weight each per-batch mean-loss gradient by its sample count, and the sample-weighted mean of
 per-batch means is the gradient of the mean over the union, so the two must agree to rounding.
@@ -18,18 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from coordinator.layout import balance
 from lepton.clients import MemberId, ParameterClient
-from lepton.rpc import Server
-from lepton.tensors import TensorSpec, assemble, part
-from ps_server.parameter_server import ParameterServer
-from support import serve_share, wait_until
+from lepton.tensors import assemble
+from lepton.workloads import model_tensors
+from support import ServedShard, layout_info, serve_layout, stop_shards, wait_until
+from worker.dataplane import ServerSet
 
 FULL_STEPS = 5
 BATCH_SIZES = (4, 6, 8)  # worker i trains batches of BATCH_SIZES[i] samples
@@ -81,14 +80,6 @@ def reference_parameters(optimizer: str, workers: int) -> dict[str, torch.Tensor
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@dataclass
-class ServedShard:
-    member_id: str
-    node: ParameterServer
-    server: Server
-    specs: tuple[TensorSpec, ...]  # whole parameters or row slices
-
-
 @pytest.fixture
 def servers(request) -> Iterator[list[ServedShard]]:
     """M sync parameter servers on 127.0.0.1:0 holding the model's initial values as
@@ -97,68 +88,51 @@ def servers(request) -> Iterator[list[ServedShard]]:
     optimizer, workers, count = request.param
     name, lr, kwargs = OPTIMIZERS[optimizer]
     initial = {n: p.detach().clone() for n, p in make_model().named_parameters()}
-    ids = [f"ps-{i}" for i in range(count)]
-    layout = balance([TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in initial.items()], ids, 1)
-    shards = []
+    shards = serve_layout(initial, count, name, lr, kwargs, workers, step_timeout_s=CALL_TIMEOUT_S)
     try:
-        for member_id in ids:
-            specs = layout.tensors_of(member_id)
-            assert specs, f"{member_id} holds no tensor"
-            node, server = serve_share(member_id, specs, initial, name, lr, kwargs, workers, CALL_TIMEOUT_S)
-            shards.append(ServedShard(member_id, node, server, specs))
+        for shard in shards:
+            assert shard.specs, f"{shard.member_id} holds no tensor"
         yield shards
     finally:
-        for shard in shards:
-            shard.server.stop(0)
+        stop_shards(shards)
 
 
 class Worker:
-    """One worker: a model replica, a client per server, and a push of its share to each server
-    at once (a step closes on a server only when every participant has pushed there)."""
+    """One worker: a model replica and the worker's own data path (``worker.dataplane.ServerSet``),
+    which pushes each server its share at once (a step closes on a server only when every
+    participant has pushed there) and installs the answers."""
 
     def __init__(self, index: int, shards: list[ServedShard]) -> None:
         self.index = index
         self.member = MemberId(f"w-{index}", 1)
         self.model = make_model()
-        self.shards = shards
-        self.clients = [ParameterClient(s.server.address, timeout_s=CALL_TIMEOUT_S) for s in shards]
-        self.pool = ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix=f"w-{index}")
+        layout = layout_info(shards)
+        self.servers = ServerSet(
+            model_tensors(self.model), lambda: layout, lambda: self.member,
+            connect=lambda address: ParameterClient(address, timeout_s=CALL_TIMEOUT_S),
+        )
         self.version = -1
 
     def close(self) -> None:
-        self.pool.shutdown()
-        for client in self.clients:
-            client.close()
+        self.servers.close()
 
-    def _install(self, versions: list[int], tensors: list[dict[str, torch.Tensor]]) -> None:
+    def _agreed(self) -> None:
+        versions = list(self.servers.versions.values())
         assert len(set(versions)) == 1, f"servers disagree on the version: {versions}"
         self.version = versions[0]
-        params = dict(self.model.named_parameters())
-        specs = {t.name: t for shard in self.shards for t in shard.specs}
-        with torch.no_grad():
-            for values in tensors:
-                for name, value in values.items():
-                    part(params, specs[name]).copy_(value)
 
     def pull(self) -> None:
-        answers = list(self.pool.map(lambda c: c.pull(self.member), self.clients))
-        self._install([v for v, _ in answers], [t for _, t in answers])
+        self.servers.pull_all()
+        self._agreed()
 
     def step(self, step: int) -> None:
         assert self.version == step, f"{self.member} computes step {step} from version {self.version}"
         grads = mean_loss_gradients(self.model, *batch(step, self.index))
         samples = BATCH_SIZES[self.index]
-
-        def push(i: int):
-            share = {t.name: part(grads, t) for t in self.shards[i].specs}
-            return self.clients[i].push_pull(
-                self.member, step, samples, share, timeout_s=CALL_TIMEOUT_S, request_id=f"{self.member}-{step}"
-            )
-
-        answers = list(self.pool.map(push, range(len(self.clients))))
-        for reply, _, _ in answers:
+        replies = self.servers.push_pull(samples, grads, request_id=f"{self.member}-{step}", timeout_s=CALL_TIMEOUT_S)
+        for reply in replies.values():
             assert reply.applied and reply.version == step + 1, f"{self.member} step {step}: {reply}"
-        self._install([v for _, v, _ in answers], [t for _, _, t in answers])
+        self._agreed()
 
 
 def train_through_servers(shards: list[ServedShard], workers: int) -> None:

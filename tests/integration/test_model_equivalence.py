@@ -1,9 +1,10 @@
 """Users' own models train through real parameter servers exactly as torch.optim trains them.
 
 Two sync parameter servers (real gRPC servers on 127.0.0.1:0, holding the layout's cut of the
-model: parameters, frozen ones and buffers, with their kinds) and two worker threads whose pushes
-are what the worker's own ``Trainer.gradients`` produces (no gradient for a frozen parameter or an
-unused branch, a buffer's change), against one process running ``torch.optim`` on the union of the
+model: parameters, frozen ones and buffers, with their kinds) and two worker threads that train
+with the worker's own ``Trainer`` and data path (``worker.dataplane.ServerSet``): their pushes are
+what ``Trainer.gradients`` produces (no gradient for a frozen parameter or an unused branch, a
+buffer's change), against one process running ``torch.optim`` on the union of the
 same batches. As in test_equivalence.py, worker 0 trains a join step alone first.
 
 A BatchNorm model is not equivalent to the union batch (each worker normalises by its own batch, as
@@ -20,14 +21,12 @@ import pytest
 import torch
 from torch import nn
 
-from coordinator.layout import balance
 from lepton.clients import MemberId, ParameterClient
 from lepton.config import JobSpec
-from lepton.rpc import Server
-from lepton.tensors import TensorSpec, assemble, part
+from lepton.tensors import assemble
 from lepton.workloads import build_model, load_workload, take, tensor_kinds
-from ps_server.parameter_server import ParameterServer
-from support import serve_share, wait_until
+from support import ServedShard, layout_info, serve_layout, stop_shards, wait_until
+from worker.dataplane import ServerSet
 from worker.trainer import Trainer
 
 WORKERS, SERVERS = 2, 2
@@ -74,74 +73,55 @@ def reference_state(spec: JobSpec) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
-class Served:
-    def __init__(self, member_id: str, node: ParameterServer, server: Server, specs) -> None:
-        self.member_id, self.node, self.server, self.specs = member_id, node, server, specs
-
-
 @pytest.fixture
-def cluster(request) -> Iterator[tuple[JobSpec, list[Served]]]:
+def cluster(request) -> Iterator[tuple[JobSpec, list[ServedShard]]]:
     """Two sync servers holding the model's tensors as the coordinator lays them out, with kinds."""
     spec = job(*request.param)
     model = build_model(spec.model, load_workload(spec.dataset, spec.seed), spec.seed)
-    kinds = tensor_kinds(model)
     initial = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    ids = [f"ps-{i}" for i in range(SERVERS)]
-    layout = balance([TensorSpec(n, t.dtype, tuple(t.shape), kind=kinds[n]) for n, t in initial.items()], ids, 1)
-    served = []
+    served = serve_layout(
+        initial, SERVERS, spec.optimizer, spec.lr, spec.optimizer_kwargs, WORKERS, step_timeout_s=CALL_TIMEOUT_S,
+        kinds=tensor_kinds(model),
+    )
     try:
-        for member_id in ids:
-            specs = layout.tensors_of(member_id)
-            node, server = serve_share(
-                member_id, specs, initial, spec.optimizer, spec.lr, spec.optimizer_kwargs, WORKERS, CALL_TIMEOUT_S
-            )
-            served.append(Served(member_id, node, server, specs))
         yield spec, served
     finally:
-        for s in served:
-            s.server.stop(0)
+        stop_shards(served)
 
 
 class Worker:
-    """A model replica in the worker's own Trainer; pushes each server the share of what
-    ``Trainer.gradients`` returns that it holds, as the worker's agent does."""
+    """A model replica in the worker's own Trainer and the worker's own data path
+    (``worker.dataplane.ServerSet``), which pushes each server its share of what
+    ``Trainer.gradients`` returns, as the worker's agent does."""
 
-    def __init__(self, index: int, spec: JobSpec, served: list[Served]) -> None:
+    def __init__(self, index: int, spec: JobSpec, served: list[ServedShard]) -> None:
         self.index = index
         self.member = MemberId(f"w-{index}", 1)
         self.trainer = Trainer(spec)
-        self.served = served
-        self.clients = [ParameterClient(s.server.address, timeout_s=CALL_TIMEOUT_S) for s in served]
-        self.pool = ThreadPoolExecutor(max_workers=len(served))
-        self.specs = {t.name: t for s in served for t in s.specs}
+        layout = layout_info(served)
+        self.servers = ServerSet(
+            self.trainer.tensors, lambda: layout, lambda: self.member,
+            connect=lambda address: ParameterClient(address, timeout_s=CALL_TIMEOUT_S),
+        )
         self.pushed: dict[int, dict[str, torch.Tensor]] = {}  # step -> what this worker pushed
 
     def close(self) -> None:
-        self.pool.shutdown()
-        for client in self.clients:
-            client.close()
+        self.servers.close()
 
     def pull(self) -> None:
-        for _, tensors in self.pool.map(lambda c: c.pull(self.member), self.clients):
-            self.trainer.set_parameters(tensors, self.specs)
+        self.servers.pull_all()
 
     def step(self, step: int) -> None:
         _, grads = self.trainer.gradients(batch_indices(step, self.index))
         self.pushed[step] = {n: g.clone() for n, g in grads.items()}
         samples = BATCH_SIZES[self.index]
-
-        def push(i: int):
-            share = {t.name: part(grads, t) for t in self.served[i].specs if t.of in grads}
-            return self.clients[i].push_pull(
-                self.member, step, samples, share, timeout_s=CALL_TIMEOUT_S, request_id=f"{self.member}-{step}"
-            )
-
-        for reply, version, tensors in self.pool.map(push, range(len(self.clients))):
+        replies = self.servers.push_pull(samples, grads, request_id=f"{self.member}-{step}", timeout_s=CALL_TIMEOUT_S)
+        for server_id, reply in replies.items():
+            version = self.servers.versions[server_id]
             assert reply.applied and version == step + 1, f"{self.member} step {step}: {reply}"
-            self.trainer.set_parameters(tensors, self.specs)
 
 
-def train(spec: JobSpec, served: list[Served]) -> list[Worker]:
+def train(spec: JobSpec, served: list[ServedShard]) -> list[Worker]:
     team = [Worker(i, spec, served) for i in range(WORKERS)]
     everyone = {w.member.member_id for w in team}
     team[0].pull()
@@ -166,7 +146,7 @@ def train(spec: JobSpec, served: list[Served]) -> list[Worker]:
     return team
 
 
-def server_state(served: list[Served]) -> dict[str, torch.Tensor]:
+def server_state(served: list[ServedShard]) -> dict[str, torch.Tensor]:
     specs = [t for s in served for t in s.specs]
     values = {name: t for s in served for name, t in s.node.gate.snapshot()[1]}
     return assemble(specs, values)

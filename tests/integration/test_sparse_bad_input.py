@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from lepton import codec
+from lepton.domain import MemberId
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
-from lepton.rpc import Server
-from ps_server.parameter_server import ParameterServer
-from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration
+from support import serve_parameters
 
 TABLE = torch.arange(40, dtype=torch.float32).reshape(10, 4)
 DENSE = torch.ones(3, 4)
@@ -24,11 +22,10 @@ MEMBER = common.MemberRef(member_id="w-0", incarnation=1)
 
 @pytest.fixture(scope="module")
 def ps():
-    node = ParameterServer("ps-0")
-    node.load({"table": TABLE, "dense": DENSE, "scalar": SCALAR}, "adam", 0.1, {}, "async", step_timeout_s=10, sparse=["table"])
-    node.update_roster([WorkerEntry("w-0", 1, True)])
-    server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-    server.start()
+    node, server = serve_parameters(
+        {"table": TABLE, "dense": DENSE, "scalar": SCALAR}, "adam", 0.1, {}, "async",
+        workers=[MemberId("w-0", 1)], step_timeout_s=10, sparse=["table"],
+    )
     channel = grpc.insecure_channel(server.address)
     try:
         yield node, ppb_grpc.ParameterServerStub(channel)
@@ -112,11 +109,10 @@ def test_bad_row_pushes_are_refused_and_change_nothing(ps, tensors, rows, fragme
 
 
 def test_a_push_without_the_table_touches_no_row_and_a_push_by_rows_only_its_rows():
-    node = ParameterServer("ps-1")
-    node.load({"table": TABLE, "dense": DENSE}, "sgd", 0.5, {}, "async", step_timeout_s=10, sparse=["table"])
-    node.update_roster([WorkerEntry("w-0", 1, True)])
-    server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
-    server.start()
+    _, server = serve_parameters(
+        {"table": TABLE, "dense": DENSE}, "sgd", 0.5, {}, "async",
+        member_id="ps-1", workers=[MemberId("w-0", 1)], step_timeout_s=10, sparse=["table"],
+    )
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = ppb_grpc.ParameterServerStub(channel)

@@ -2,8 +2,9 @@
 
 A model with an ``nn.EmbeddingBag(sparse=True)`` table and a dense classifier is trained in
 ``sync`` mode by N worker threads through M parameter servers (real gRPC servers on 127.0.0.1:0
-holding the layout's slices: with 3 servers the table is cut into row slices). Workers pull only the
-rows their batch reads (``RowSelection``) plus the dense tensors, and push row-sparse gradients. One
+holding the layout's slices: with 3 servers the table is cut into row slices). Workers train through
+the worker's own data path (``worker.dataplane.ServerSet``): they pull only the rows their batch
+reads (``RowSelection``) plus the dense tensors when stale, and push row-sparse gradients. One
 process trains the same model with ``build_sparse_aware_optimizer`` (SGD and Adagrad as torch
 applies sparse gradients, Adam as SparseAdam on the table) on the union of each step's batches.
 Parameters must agree to rtol 1e-5, atol 1e-6, and the servers must have received rows, never the
@@ -21,11 +22,11 @@ import pytest
 import torch
 from torch import nn
 
-from coordinator.layout import balance
 from lepton.clients import MemberId, ParameterClient
 from lepton.optimizers import build_sparse_aware_optimizer
-from lepton.tensors import TensorSpec, assemble, part, rows_in, sparse_part
-from support import serve_share, wait_until
+from lepton.tensors import TensorSpec, assemble
+from support import ServedShard, layout_info, serve_layout, stop_shards, wait_until
+from worker.dataplane import ServerSet
 
 VOCAB, DIM, CLASSES, DOC_LEN = 60, 4, 3, 5
 FULL_STEPS = 4
@@ -79,66 +80,42 @@ def reference(optimizer: str, workers: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def cluster(request) -> Iterator[tuple[list, list[TensorSpec]]]:
+def cluster(request) -> Iterator[tuple[list[ServedShard], list[TensorSpec]]]:
     optimizer, workers, count = request.param
     name, lr, kwargs = OPTIMIZERS[optimizer]
     initial = {n: p.detach().clone() for n, p in Model().named_parameters()}
-    specs = [TensorSpec(n, t.dtype, tuple(t.shape), sparse=n in SPARSE) for n, t in initial.items()]
-    layout = balance(specs, [f"ps-{i}" for i in range(count)], 1)
-    served = []
+    served = serve_layout(initial, count, name, lr, kwargs, workers, step_timeout_s=CALL_TIMEOUT_S, sparse=SPARSE)
     try:
-        for member_id in layout.servers:
-            held = layout.tensors_of(member_id)
-            node, server = serve_share(member_id, held, initial, name, lr, kwargs, workers, CALL_TIMEOUT_S)
-            served.append((node, server, held))
-        yield served, list(layout.tensors)
+        yield served, [t for shard in served for t in shard.specs]
     finally:
-        for _, server, _ in served:
-            server.stop(0)
+        stop_shards(served)
 
 
 class Worker:
-    def __init__(self, index: int, served: list) -> None:
+    """A model replica and the worker's own data path (``worker.dataplane.ServerSet``): it pulls
+    the rows a batch reads and pushes row-sparse gradients as the worker's agent does."""
+
+    def __init__(self, index: int, served: list[ServedShard]) -> None:
         self.index = index
         self.member = MemberId(f"w-{index}", 1)
         self.model = Model()
         self.params = dict(self.model.named_parameters())
-        self.served = served
-        self.clients = [ParameterClient(server.address, timeout_s=CALL_TIMEOUT_S) for _, server, _ in served]
-        self.pool = ThreadPoolExecutor(max_workers=len(served))
+        layout = layout_info(served)
+        self.servers = ServerSet(
+            self.params, lambda: layout, lambda: self.member,
+            connect=lambda address: ParameterClient(address, timeout_s=CALL_TIMEOUT_S),
+        )
 
     def close(self) -> None:
-        self.pool.shutdown()
-        for c in self.clients:
-            c.close()
+        self.servers.close()
 
     def pull(self, tokens: torch.Tensor) -> int:
-        """The dense tensors whole, of the table only the rows ``tokens`` read; returns the version."""
-        touched = torch.unique(tokens)
+        """Of the table only the rows ``tokens`` read (and the dense tensors, unless the last
+        answers brought them); returns the version."""
         with torch.no_grad():
             self.params["embedding.weight"].fill_(float("nan"))  # rows not pulled must not be read
-
-        def pull(i: int):
-            held = self.served[i][2]
-            rows = {t.name: rows_in(t, touched) for t in held if t.sparse}
-            rows = {n: r for n, r in rows.items() if r.numel()}
-            names = [t.name for t in held if not t.sparse]
-            if not rows and not names:
-                return None, {}, held, rows
-            version, tensors = self.clients[i].pull(self.member, names, rows)
-            return version, tensors, held, rows
-
-        versions = set()
-        with torch.no_grad():
-            for version, tensors, held, rows in self.pool.map(pull, range(len(self.clients))):
-                if version is None:
-                    continue
-                versions.add(version)
-                for t in held:
-                    if t.name in rows:
-                        self.params[t.of].index_copy_(0, rows[t.name] + t.row_offset, tensors[t.name])
-                    elif t.name in tensors:
-                        part(self.params, t).copy_(tensors[t.name])
+        self.servers.pull_rows({"embedding.weight": torch.unique(tokens)})
+        versions = set(self.servers.versions.values())
         assert len(versions) == 1, versions
         return versions.pop()
 
@@ -150,14 +127,10 @@ class Worker:
         grads = {n: p.grad for n, p in self.params.items()}
         assert grads["embedding.weight"].is_sparse
 
-        def push(i: int):
-            held = self.served[i][2]
-            share = {t.name: sparse_part(grads[t.of], t) if t.sparse else part(grads, t) for t in held}
-            return self.clients[i].push_pull(
-                self.member, step, len(labels), share, timeout_s=CALL_TIMEOUT_S, request_id=f"{self.member}-{step}"
-            )
-
-        for reply, _, _ in self.pool.map(push, range(len(self.clients))):
+        replies = self.servers.push_pull(
+            len(labels), grads, request_id=f"{self.member}-{step}", timeout_s=CALL_TIMEOUT_S
+        )
+        for reply in replies.values():
             assert reply.applied and reply.version == step + 1, reply
 
 
@@ -180,7 +153,7 @@ def test_sparse_sync_training_through_parameter_servers_equals_torch(cluster, re
 
         def run(worker: Worker) -> None:
             if worker.index == 0:
-                wait_until(lambda: all(node.gate.participants == everyone for node, _, _ in served),
+                wait_until(lambda: all(shard.node.gate.participants == everyone for shard in served),
                            CALL_TIMEOUT_S, "every worker to join step 1 on every server")
             else:
                 # joining: a pull makes the worker known; its first push makes it a participant
@@ -199,11 +172,11 @@ def test_sparse_sync_training_through_parameter_servers_equals_torch(cluster, re
     expected = reference(optimizer, workers)
     pieces = {}
     table_bytes = VOCAB * DIM * 4
-    for node, _, _ in served:
-        version, tensors = node.gate.snapshot()
+    for shard in served:
+        version, tensors = shard.node.gate.snapshot()
         assert version == FULL_STEPS + 1
         pieces.update(tensors)
-        status = node.status()
+        status = shard.node.status()
         assert status.steps_timed_out == 0
     assert any(t.is_slice for t in specs) == (count > 1)
     got = assemble(specs, pieces)
@@ -211,4 +184,4 @@ def test_sparse_sync_training_through_parameter_servers_equals_torch(cluster, re
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     # rows travelled, not the table: every push carried fewer bytes than the whole table
     pushes = 1 + FULL_STEPS * workers
-    assert sum(node.status().bytes_pushed for node, _, _ in served) < pushes * table_bytes
+    assert sum(shard.node.status().bytes_pushed for shard in served) < pushes * table_bytes

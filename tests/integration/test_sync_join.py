@@ -15,7 +15,8 @@ from lepton.errors import FailedPrecondition, NotFound
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from support import job_events, wait_until
-from worker.agent import JOIN_POLL_S, WorkerAgent
+from worker.agent import WorkerAgent
+from worker.sync_steps import JOIN_POLL_S
 
 from .conftest import start_cluster, stop_cluster
 

@@ -1,7 +1,7 @@
-"""Adafactor, which reads whole tensors, through two real sync parameter servers equals plain
-torch on the union of the batches: the layout keeps each tensor whole on one server. The same
-run with the tensors sliced by rows (as the layout cuts for element-wise optimizers) does not,
-which is why the layout must not."""
+"""Adafactor, which reads whole tensors, through two real sync parameter servers (trained through
+the worker's data path, as in test_equivalence.py) equals plain torch on the union of the batches:
+the layout keeps each tensor whole on one server. The same run with the tensors sliced by rows (as
+the layout cuts for element-wise optimizers) does not, which is why the layout must not."""
 
 from __future__ import annotations
 
@@ -11,20 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from coordinator.layout import balance
 from lepton.optimizers import Granularity, granularity
-from lepton.tensors import TensorSpec, assemble
-from support import serve_share
+from lepton.tensors import assemble
+from support import ServedShard, serve_layout, stop_shards
 
-from .test_equivalence import (
-    CALL_TIMEOUT_S,
-    FULL_STEPS,
-    ServedShard,
-    batch,
-    make_model,
-    step_workers,
-    train_through_servers,
-)
+from .test_equivalence import CALL_TIMEOUT_S, FULL_STEPS, batch, make_model, step_workers, train_through_servers
 
 WORKERS, SERVERS = 2, 2
 LR = 0.01
@@ -45,18 +36,13 @@ def reference_parameters() -> dict[str, torch.Tensor]:
 def servers(request) -> Iterator[list[ServedShard]]:
     whole = request.param
     initial = {n: p.detach().clone() for n, p in make_model().named_parameters()}
-    ids = [f"ps-{i}" for i in range(SERVERS)]
-    layout = balance([TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in initial.items()], ids, 1, whole_tensors=whole)
-    shards = []
+    shards = serve_layout(
+        initial, SERVERS, "adafactor", LR, {}, WORKERS, step_timeout_s=CALL_TIMEOUT_S, whole_tensors=whole
+    )
     try:
-        for member_id in ids:
-            specs = layout.tensors_of(member_id)
-            node, server = serve_share(member_id, specs, initial, "adafactor", LR, {}, WORKERS, CALL_TIMEOUT_S)
-            shards.append(ServedShard(member_id, node, server, specs))
         yield shards
     finally:
-        for shard in shards:
-            shard.server.stop(0)
+        stop_shards(shards)
 
 
 def served_parameters(shards: list[ServedShard]) -> dict[str, torch.Tensor]:

@@ -11,13 +11,14 @@ from coordinator.events import EventKind, EventLog
 from coordinator.job import Job, JobState, LeaseOutcome
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
-from lepton.errors import InvalidArgument
+from lepton.errors import FailedPrecondition, InvalidArgument
 from lepton.launcher import evaluation_report
 from lepton.status import render, status_dict
 from lepton.tasks import Evaluation
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.wire import evaluation_from_proto, evaluation_to_fields, job_from_proto, job_to_proto
+from worker.trainer import divergence
 
 from .test_job import INITIAL, SAMPLES, SPEC, train_shard, start_training, worker
 
@@ -104,6 +105,50 @@ def test_impossible_metrics_are_refused_and_change_nothing(bad):
     with pytest.raises(InvalidArgument):
         job.report_evaluation(w.member_id, w.incarnation, bad, clock.now())
     assert job.state is JobState.EVALUATING
+
+
+DIVERGED = "the model diverged: evaluation loss is nan"
+
+
+def test_the_evaluator_reports_a_diverged_model_and_the_job_fails_with_its_reason():
+    clock = FakeClock()
+    job, w = evaluating_job(clock)
+    other = worker(job, clock)
+    with pytest.raises(FailedPrecondition, match="not a parameter server"):
+        job.report_failure(other.member_id, other.incarnation, DIVERGED, clock.now())  # not asked to evaluate
+    assert job.state is JobState.EVALUATING and job.status(clock.now()).failure == ""
+    assert job.report_failure(w.member_id, w.incarnation, DIVERGED, clock.now()) is JobState.FAILED
+    assert job.status(clock.now()).failure == f"worker {w.member_id}: {DIVERGED}"
+    changed = [e for e in job.events.after(0) if e.kind is EventKind.JOB_STATE_CHANGED]
+    assert DIVERGED in changed[-1].message
+    assert job.lease(other.member_id, other.incarnation, clock.now()).outcome is LeaseOutcome.JOB_DONE
+
+
+def test_a_worker_reports_no_failure_while_the_job_trains():
+    clock = FakeClock()
+    job = Job(SPEC, SAMPLES, INITIAL, events=EventLog(wall_clock=lambda: 0.0))
+    start_training(job, clock)
+    w = worker(job, clock)
+    with pytest.raises(FailedPrecondition):
+        job.report_failure(w.member_id, w.incarnation, DIVERGED, clock.now())
+    assert job.state is JobState.TRAINING
+
+
+@pytest.mark.parametrize(
+    ("result", "reason"),
+    [
+        (CLASSIFIED, None),
+        (REGRESSED, None),
+        (Evaluation(0.5, 0.5, math.nan, 9, 1.0), DIVERGED),
+        (Evaluation(0.5, 0.5, math.inf, 9, 1.0), "the model diverged: evaluation loss is inf"),
+        (
+            Evaluation(None, None, 0.4, 9, 1.0, task="regression", mse=math.inf, mae=0.2, r2=0.5),
+            "the model diverged: evaluation mse is inf",
+        ),
+    ],
+)
+def test_the_worker_names_a_non_finite_evaluation_as_divergence(result, reason):
+    assert divergence(result) == reason
 
 
 def status_with(result: Evaluation) -> cpb.GetStatusResponse:

@@ -1,0 +1,77 @@
+"""The worker's heartbeat thread: it keeps the current incarnation alive and its lease renewed,
+and notes what the coordinator answers (fencing, the layout version, the job's state)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from lepton.coordinator_client import CoordinatorClient
+from lepton.domain import JobState, MemberId
+from lepton.errors import Fenced, LeptonError
+from worker.lease import LeaseClock
+
+log = structlog.get_logger("lepton.worker")
+
+
+class Heartbeat:
+    """Beats every ``interval_s`` on a thread until ``job_over`` is set (by the job's end, or by
+    the agent once it returns). ``fenced`` is set when the coordinator fences the incarnation
+    beating (and cleared by the agent when it registers anew); ``layout_seen`` is the newest
+    layout version and ``state`` the job's state of the last answer."""
+
+    def __init__(
+        self, coordinator: CoordinatorClient, member: Callable[[], MemberId | None], lease: LeaseClock
+    ) -> None:
+        self._coord = coordinator
+        self._member = member
+        self._lease = lease
+        self.fenced = threading.Event()
+        self.job_over = threading.Event()
+        self.state: JobState | None = None
+        self.layout_seen = 0
+
+    def start(self, interval_s: float) -> None:
+        threading.Thread(target=self._run, args=(interval_s,), name="heartbeat", daemon=True).start()
+
+    def _run(self, interval_s: float) -> None:
+        failures = 0
+        # Beats on after a stop is asked for (a SIGTERM while loading data and model must not let
+        # the member be declared dead before it deregisters) until the agent returns.
+        while not self.job_over.wait(interval_s):
+            member = self._member()
+            if member is None or self.fenced.is_set():
+                continue
+            sent = self._lease.now()
+            try:
+                reply = self._coord.heartbeat(member)
+                failures = 0
+                if member == self._member():
+                    self._lease.renewed(sent)  # a heartbeat renews the member's leases
+            except Fenced as exc:
+                if member == self._member():
+                    log.warning("worker_fenced", reason=str(exc))
+                    self.fenced.set()
+                continue
+            except LeptonError as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("heartbeat_failed", error=str(exc), failures=failures)
+                continue
+            self.layout_seen = max(self.layout_seen, reply.layout_version)
+            self.state = reply.state
+            if reply.state.terminal:
+                self.job_over.set()
+
+    def final_state(self) -> JobState | None:
+        """The job's terminal state: asked once more (the last beat may predate the end), else
+        the last one a beat reported."""
+        member = self._member()
+        if member is not None and not self.fenced.is_set():
+            try:
+                self.state = self._coord.heartbeat(member).state
+            except LeptonError as exc:
+                log.warning("final_state_unknown", error=str(exc))
+        return self.state
