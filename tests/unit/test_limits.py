@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lepton.cli import build_parser, service_options
+from lepton.ops.cli import build_parser, service_options
 from lepton.errors import ConfigError
 from lepton.limits import DEFAULT_LIMITS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
 

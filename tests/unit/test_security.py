@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from lepton.certs import make_dev_pki
+from lepton.ops.certs import make_dev_pki
 from lepton.errors import ConfigError
 from lepton.security import INSECURE, Principal, Security, TokenTable, check_exposure, identity_violation, is_loopback
 from lepton.v1 import common_pb2 as common
