@@ -16,7 +16,7 @@ from lepton.config import JobSpec
 from lepton.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from lepton.ops.export import export_checkpoint
 from lepton.process import ServiceOptions
-from lepton.security import METHOD_ROLES
+from lepton.auth import METHOD_ROLES
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.workloads import build_model, load_workload
