@@ -1,5 +1,5 @@
 """What ``lepton up`` saw of the job, and the report it makes of it: the JSON file ``--report``
-writes and the summary it prints (docs/observability.md lists the keys)."""
+writes and the summary it prints (docs/cli.md lists the keys)."""
 
 from __future__ import annotations
 
