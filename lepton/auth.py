@@ -33,7 +33,7 @@ import grpc
 import structlog
 
 from lepton.errors import ConfigError
-from lepton.handlers import rewrap
+from lepton.handler_rewrap import rewrap
 
 audit = structlog.get_logger("lepton.audit")
 

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from lepton import errors
-from lepton.handlers import rewrap
+from lepton.handler_rewrap import rewrap
 from lepton.limits import DEFAULT_LIMITS, Admission, CallClass, Limits, Watchdog
 from lepton.metrics import CLIENT_CALLS, LimitCollector, RpcMetricsInterceptor, left_because
 from lepton.security import INSECURE, Security
