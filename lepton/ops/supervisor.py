@@ -104,7 +104,8 @@ class Supervisor:
         """With --secure: a fresh development PKI in the state dir, and the flags and tokens that use it."""
         spec = self.cluster.spec
         if not self.cluster.secure:
-            self._token = {f"ps-{i}": [] for i in range(spec.parameter_servers)} | {"worker": []}
+            self._token = {f"ps-{i}": [] for i in range(spec.parameter_servers)}
+            self._token["worker"] = []
             return
         pki = make_dev_pki(
             self.state_dir / "security", ["localhost", "127.0.0.1"], parameter_servers=spec.parameter_servers
