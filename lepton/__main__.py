@@ -2,6 +2,6 @@
 
 import sys
 
-from lepton.cli import main
+from lepton.ops.cli import main
 
 sys.exit(main())

@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lepton.handlers import rewrap
+from lepton.deadline_guard import DEADLINE_GUARD
+from lepton.handler_rewrap import rewrap
 
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A call or handler that ends this long after its deadline counts as one that outlived it (a hang).
@@ -59,8 +60,6 @@ CLIENT_CALLS = ClientCallStats()
 
 class ClientCallCollector(Collector):
     def collect(self) -> Iterator:
-        from lepton.rpc import DEADLINE_GUARD
-
         yield CounterMetricFamily(
             "lepton_rpc_client_cancelled_past_deadline",
             "Response streams of this process still open 0.5 s after their deadline, cancelled by the deadline guard.",

@@ -58,7 +58,7 @@ def resolve_loss(name: str) -> LossFn:
     ``(output, target) -> scalar mean loss``. Raises ConfigError when it cannot be had."""
     if name in BUILTIN_LOSSES:
         return BUILTIN_LOSSES[name][0]()
-    from lepton.workloads import resolve_factory  # workloads imports this module
+    from lepton.factories import resolve_factory
 
     try:
         loss = resolve_factory(name)()

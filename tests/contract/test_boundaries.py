@@ -89,3 +89,37 @@ def test_domain_enums_carry_the_contract_numbers():
         n.removeprefix("JOB_STATE_"): v for n, v in coordinator_pb2.JobState.items() if v
     }
     assert {ROLE_FROM_WIRE[v] for v in common_pb2.Role.values() if v} == set(Role)
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module ``source`` imports, at any depth of the file (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module or "")
+    return found
+
+
+def reaches(source: str, package: str) -> set[str]:
+    return {m for m in imported_modules(source) if m == package or m.startswith(package + ".")}
+
+
+@pytest.mark.parametrize("module, above", [("lepton.metrics", "lepton.rpc"), ("lepton.tasks", "lepton.workloads")])
+def test_a_lower_module_does_not_import_the_one_that_uses_it(module, above):
+    """rpc uses metrics and workloads use tasks; neither lower module imports them back."""
+    source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert imported_modules(source) and reaches(source, above) == set()
+
+
+def test_the_runtime_imports_nothing_of_the_operator_tools():
+    """lepton.ops sits above the shared runtime; only the entry points (``python -m lepton``,
+    ``python -m lepton.healthcheck``) reach into it."""
+    entry_points = {"__main__.py", "healthcheck.py"}
+    runtime = [p for p in sorted((ROOT / "lepton").rglob("*.py")) if p.relative_to(ROOT / "lepton").parts[0] != "ops"]
+    assert len(runtime) > 20
+    offenders = [
+        str(p.relative_to(ROOT)) for p in runtime if p.name not in entry_points and reaches(p.read_text(), "lepton.ops")
+    ]
+    assert offenders == []

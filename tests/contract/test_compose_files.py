@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton.certs import make_dev_pki
-from lepton.cli import build_parser, service_options
+from lepton.ops.certs import make_dev_pki
+from lepton.ops.cli import build_parser, service_options
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 SECURE = yaml.safe_load((DOCKER / "docker-compose.secure.yml").read_text())["services"]

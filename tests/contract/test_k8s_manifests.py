@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton.cli import build_parser, service_options
+from lepton.ops.cli import build_parser, service_options
 from lepton.errors import ConfigError
 from lepton.config import load_job_file
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lepton.export import find_manifest
+from lepton.ops.export import find_manifest
 from lepton.workloads import build_model, load_workload, take
 from support import lepton_argv, read_json
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from coordinator.main import serve as serve_coordinator
-from lepton.certs import make_dev_pki
+from lepton.ops.certs import make_dev_pki
 from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from lepton.export import export_checkpoint
+from lepton.ops.export import export_checkpoint
 from lepton.process import ServiceOptions
-from lepton.security import METHOD_ROLES
+from lepton.auth import METHOD_ROLES
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.workloads import build_model, load_workload

@@ -11,7 +11,7 @@ import threading
 import grpc
 import pytest
 
-from lepton.certs import make_dev_pki
+from lepton.ops.certs import make_dev_pki
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.control_wire import member_ref
 from lepton.domain import Role

@@ -47,6 +47,7 @@ def test_the_import_log_is_read():
         ["lepton", "checkpoint", "--coordinator", UNREACHABLE],
         ["lepton", "scale", "--state-dir", "{tmp}", "--workers", "2", "--timeout", "1"],
         ["lepton.healthcheck", UNREACHABLE, "--timeout", "1"],
+        ["lepton", "healthcheck", UNREACHABLE, "--timeout", "1"],
     ],
     ids=lambda a: " ".join(a[:2]) + (" --json" if "--json" in a else ""),
 )
@@ -63,6 +64,7 @@ def test_operator_commands_import_no_torch_when_nothing_answers(argv, tmp_path):
         ["lepton", "status", "--coordinator", "{address}", "--json"],
         ["lepton", "checkpoint", "--coordinator", "{address}"],
         ["lepton.healthcheck", "{address}", "--timeout", "5"],
+        ["lepton", "healthcheck", "{address}", "--timeout", "5"],
     ],
     ids=lambda a: " ".join(a[:2]) + (" --json" if "--json" in a else ""),
 )

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from lepton import codec
 from lepton.codec import TensorSpec
 from lepton.config import JobSpec
-from lepton.security import ADMIN_METHODS
+from lepton.auth import ADMIN_METHODS
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton.cli import build_parser, job_from_args
+from lepton.ops.cli import build_parser, job_from_args
 from lepton.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits-sgd-sync.toml"
@@ -51,7 +51,7 @@ def test_an_invalid_flag_value_is_a_config_error_naming_the_field():
 
 
 def test_configuration_errors_exit_with_the_documented_code(capsys):
-    from lepton.cli import main
+    from lepton.ops.cli import main
 
     assert main(["up", "--epochs", "0"]) == 2
     assert "epochs" in capsys.readouterr().err

@@ -12,8 +12,9 @@ from coordinator.job import Job, JobState, LeaseOutcome
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import FailedPrecondition, InvalidArgument
-from lepton.launcher import evaluation_report
-from lepton.status import render, status_dict
+from lepton.ops.report import evaluation_report
+from lepton.ops.status import render
+from lepton.status import status_dict
 from lepton.tasks import Evaluation
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb

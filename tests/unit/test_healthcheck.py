@@ -82,3 +82,18 @@ def test_runs_as_a_module(health_server):
     servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "NOT_SERVING" in done.stderr
+
+
+def test_the_lepton_healthcheck_subcommand(health_server, capsys):
+    """``lepton healthcheck`` is the same probe: 0 for SERVING, 1 otherwise, 2 for a bad timeout."""
+    from lepton.ops.cli import main as lepton
+
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert lepton(["healthcheck", address, "--timeout", "5"]) == 0
+    assert f"{address}: SERVING" in capsys.readouterr().out
+    servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert lepton(["healthcheck", address, "--service", SERVICE, "--timeout", "5"]) == 1
+    assert f"{address} [{SERVICE}]: NOT_SERVING" in capsys.readouterr().err
+    assert lepton(["healthcheck", address, "--timeout", "0"]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """How ``lepton up`` learns why a child refused its configuration: from the child's ready file
-(``lepton.cli.main`` writes ``{"error", "pid"}`` there), else the last line of its log. Real
+(``lepton.ops.cli.main`` writes ``{"error", "pid"}`` there), else the last line of its log. Real
 short-lived child processes stand in for the roles."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lepton.errors import ConfigError
-from lepton.launcher import Child, ChildFailed, refusal, wait_ready_file
+from lepton.ops.children import Child, ChildFailed, refusal, wait_ready_file
 
 
 def child(tmp_path: Path, script: str) -> Child:

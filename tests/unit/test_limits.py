@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lepton.cli import build_parser, service_options
+from lepton.ops.cli import build_parser, service_options
 from lepton.errors import ConfigError
 from lepton.limits import DEFAULT_LIMITS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
 
@@ -21,7 +21,7 @@ def test_every_lepton_method_has_a_class_and_heartbeats_are_apart_from_watches()
     assert limits.of(WATCH).name == "watch" and limits.of(WATCH).lifetime_s == 300
     assert limits.of(PUSH_PULL).name == "data" and limits.of(PUSH_PULL).idle_s == 10
     assert limits.of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").name == "read"
-    from lepton.security import METHOD_ROLES
+    from lepton.auth import METHOD_ROLES
 
     assert set(METHOD_ROLES) <= set(limits.methods)
 

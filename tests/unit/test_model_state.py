@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lepton.export import _join_slices
+from lepton.ops.export import _join_slices
 from lepton.tensors import TensorKind, TensorSpec, row_slice
 from lepton.wire import spec_from_proto, spec_to_proto
 from lepton.workloads import model_tensors, tensor_kinds, tied_names

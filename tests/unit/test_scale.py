@@ -12,8 +12,10 @@ import pytest
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, DeadlineExceeded
-from lepton.launcher import Child, Cluster, Workers, apply_scale
-from lepton.scale import (
+from lepton.ops.children import Child, Workers
+from lepton.ops.cluster import Cluster
+from lepton.ops.supervisor import apply_scale
+from lepton.ops.scale import (
     REQUEST_FILE,
     UP_FILE,
     ScaleControl,
@@ -61,7 +63,7 @@ def test_max_workers_below_workers_is_a_config_error():
 
 
 def test_lepton_up_with_max_workers_below_workers_exits_2_with_the_reason(capsys):
-    from lepton.cli import main
+    from lepton.ops.cli import main
 
     assert main(["up", "--workers", "3", "--max-workers", "2"]) == 2
     assert "--max-workers 2 is below --workers 3" in capsys.readouterr().err
@@ -257,7 +259,7 @@ def test_an_up_file_whose_process_is_gone_is_stale(tmp_path):
 
 @pytest.mark.parametrize("workers, message", [(5, "--workers 5 exceeds --max-workers 4"), (0, "--workers must be >= 1")])
 def test_lepton_scale_out_of_range_exits_2_and_sends_nothing(tmp_path, capsys, workers, message):
-    from lepton.cli import main
+    from lepton.ops.cli import main
 
     (tmp_path / UP_FILE).write_text(json.dumps({"pid": os.getpid(), "coordinator": "x", "workers": 2, "max_workers": 4}))
     assert main(["scale", "--state-dir", str(tmp_path), "--workers", str(workers)]) == 2
@@ -266,7 +268,7 @@ def test_lepton_scale_out_of_range_exits_2_and_sends_nothing(tmp_path, capsys, w
 
 
 def test_lepton_scale_without_a_running_up_exits_2(tmp_path, capsys):
-    from lepton.cli import main
+    from lepton.ops.cli import main
 
     assert main(["scale", "--state-dir", str(tmp_path), "--workers", "2"]) == 2
     assert "lepton scale: no running lepton up at" in capsys.readouterr().err

@@ -6,9 +6,10 @@ import stat
 
 import pytest
 
-from lepton.certs import make_dev_pki
+from lepton.ops.certs import make_dev_pki
 from lepton.errors import ConfigError
-from lepton.security import INSECURE, Principal, Security, TokenTable, check_exposure, identity_violation, is_loopback
+from lepton.auth import Principal, TokenTable, identity_violation
+from lepton.security import INSECURE, Security, check_exposure, is_loopback
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb

@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from lepton.cli import build_parser
+from lepton.ops.cli import build_parser
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
-from lepton.launcher import Cluster
+from lepton.ops.cluster import Cluster
 from worker.agent import WorkerAgent
 
 

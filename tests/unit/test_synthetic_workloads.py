@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lepton import workloads
+from lepton.workloads import synthetic as workloads
 from lepton.errors import ConfigError
 from lepton.workloads import (
     SYNTHETIC_IMAGE,

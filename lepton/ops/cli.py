@@ -1,4 +1,5 @@
-"""The ``lepton`` command line: one subcommand per role, plus ``up``, ``scale`` and ``status``.
+"""The ``lepton`` command line: one subcommand per role, plus the operator commands (``up``, ``status``,
+``scale``, ``checkpoint``, ``export``, ``certs``, ``healthcheck``, ...).
 
 Only this module reads flags; it builds settings and hands them to each role's ``serve``.
 """
@@ -24,6 +25,7 @@ from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.logs import configure_logging
+from lepton.ops.healthcheck import add_arguments as add_healthcheck_arguments
 from lepton.process import (
     EXIT_CONFIG,
     EXIT_LOST_CONTACT,
@@ -272,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="PATH", help="where to torch.save the state_dict")
     ex.add_argument("--id", default="", help="checkpoint id (default: the newest complete one)")
 
+    hc = sub.add_parser("healthcheck", help="exit 0 if a server answers SERVING to grpc.health.v1 Check, else 1")
+    add_healthcheck_arguments(hc)
+
     ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role and member tokens (files 0600)")
     ce.add_argument("--out", required=True, help="directory to write into")
     ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers")
@@ -302,21 +307,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
-        from lepton.status import show_status
+        from lepton.ops.status import show_status
 
         return show_status(args.coordinator, as_json=args.json, security=_client_security(args))
     if args.command == "cancel":
-        from lepton.status import cancel_job
+        from lepton.ops.status import cancel_job
 
         return cancel_job(args.coordinator, args.reason, security=_client_security(args))
     if args.command == "checkpoint":
-        from lepton.checkpoint_request import request_checkpoint
+        from lepton.ops.checkpoint_request import request_checkpoint
 
         return request_checkpoint(
             args.coordinator, args.reason, wait_s=args.timeout if args.wait else None, security=_client_security(args)
         )
     if args.command == "export":
-        from lepton.export import export_checkpoint
+        from lepton.ops.export import export_checkpoint
 
         result = export_checkpoint(args.checkpoint, args.out, args.id)
         print(
@@ -326,7 +331,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "scale":
         from lepton.errors import DeadlineExceeded
-        from lepton.scale import request_scale
+        from lepton.ops.scale import request_scale
 
         try:
             before, after = request_scale(args.state_dir, args.workers, args.timeout)
@@ -335,8 +340,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_LOST_CONTACT
         print(f"workers: {before} -> {after}")
         return 0
+    if args.command == "healthcheck":
+        from lepton.ops.healthcheck import probe
+
+        if args.timeout <= 0:
+            raise ConfigError("--timeout must be > 0")
+        return probe(args)
     if args.command == "certs":
-        from lepton.certs import make_dev_pki
+        from lepton.ops.certs import make_dev_pki
 
         if args.parameter_servers < 0 or args.workers < 0:
             raise ConfigError("--parameter-servers and --workers must be >= 0")
@@ -347,7 +358,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{role:<12} {path}")
         return 0
     if args.command == "up":
-        from lepton.launcher import Cluster, run_up
+        from lepton.ops.cluster import Cluster
+        from lepton.ops.launcher import run_up
 
         spec = job_from_args(args, parameter_servers=args.ps)
         if args.workers < 1 or args.ps < 1:

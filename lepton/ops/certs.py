@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lepton.security import ROLES
+from lepton.auth import ROLES
 
 VALIDITY = datetime.timedelta(days=30)
 

@@ -1,5 +1,5 @@
 """``lepton export``: turn a complete checkpoint into one plain PyTorch ``state_dict`` file, no
-cluster needed (``lepton checkpoint`` asks a running job for one: lepton.checkpoint_request).
+cluster needed (``lepton checkpoint`` asks a running job for one: lepton.ops.checkpoint_request).
 
 Where export looks: ``--checkpoint`` names a manifest JSON file, a coordinator's ``--state-dir``
 (manifests in ``checkpoints/``), or a ``lepton up --state-dir`` (manifests in
