@@ -1,8 +1,8 @@
 """docker/smoke.sh: build the image, run the compose cluster host-networked, train to the end.
 
 Skipped unless a Docker engine answers ``docker info`` with the current DOCKER_HOST (CI starts none).
-On this kind of machine: ``eval "$(/work/shared/docker/start-dockerd.sh)"`` and
-``/work/shared/docker/make-python-base-image.sh`` first (see docker/README.md).
+On this kind of machine: ``eval "$(../shared/docker/start-dockerd.sh)"`` and
+``../shared/docker/make-python-base-image.sh`` first (see docker/README.md).
 """
 
 from __future__ import annotations
