@@ -33,7 +33,7 @@ from coordinator.job_types import (  # noqa: F401 - the job's value types, impor
 )
 from coordinator.layout import Layout
 from coordinator.membership import Member, Role
-from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
+from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotReady
 from lepton.tensors import part
 
 
@@ -56,10 +56,11 @@ class Job(MembershipOps):
             if member.role is not Role.PARAMETER_SERVER:
                 raise FailedPrecondition(f"{member_id} is not a parameter server")
             if self._layout is None:
-                raise FailedPrecondition(
+                raise NotReady(
                     "no layout yet: waiting for "
                     f"{self.spec.parameter_servers - len(self._members.alive(Role.PARAMETER_SERVER))}"
-                    " more parameter server(s) to register"
+                    " more parameter server(s) to register",
+                    self.spec.heartbeat_interval_s / 2,
                 )
             specs = self._layout.tensors_of(member_id)
             return Assignment(
@@ -81,10 +82,12 @@ class Job(MembershipOps):
             self._persist(now)
 
     def layout(self) -> tuple[Layout, dict[str, str]]:
-        """The layout and each server's address. Raises FailedPrecondition before it exists."""
+        """The layout and each server's address. Raises NotReady before it exists."""
         with self._lock:
             if self._layout is None:
-                raise FailedPrecondition("no layout yet: parameter servers are still registering")
+                raise NotReady(
+                    "no layout yet: parameter servers are still registering", self.spec.heartbeat_interval_s / 2
+                )
             addresses = {}
             for server in self._layout.servers:
                 member = self._members.get(server)
@@ -300,7 +303,10 @@ class Job(MembershipOps):
         once the job is over, InvalidArgument for an over-long reason."""
         with self._changing():
             if self._layout is None:
-                raise FailedPrecondition("no parameter layout yet: nothing to checkpoint; retry once training starts")
+                raise NotReady(
+                    "no parameter layout yet: nothing to checkpoint; retry once training starts",
+                    self.spec.heartbeat_interval_s / 2,
+                )
             if self._state.terminal:
                 raise FailedPrecondition(
                     f"the job is {self._state.name.lower()}: its servers have stopped; "

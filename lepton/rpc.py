@@ -53,6 +53,8 @@ ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
 }
+# Trailing metadata key of a retry delay in milliseconds (errors.NotReady; options.proto).
+RETRY_AFTER_KEY = "lepton-retry-after-ms"
 # Prefix of messages for fenced incarnations, so clients can tell Fenced from other preconditions.
 FENCED_MARKER = "fenced:"
 
@@ -108,6 +110,9 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
         log.exception("rpc_failed", method=method)
     else:
         log.info("rpc_rejected", method=method, code=code.name, reason=str(exc))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(retry_after_s * 1000)))),))
     context.abort(code, _details(exc))
 
 
@@ -464,7 +469,27 @@ def translate(exc: grpc.RpcError) -> errors.LeptonError:
     cls = ERROR_FOR_STATUS.get(code, errors.LeptonError)
     if code is grpc.StatusCode.CANCELLED:
         cls = errors.Unavailable
+    if code is grpc.StatusCode.UNAVAILABLE:
+        retry_after_s = retry_after(exc)
+        if retry_after_s is not None:
+            return errors.NotReady(details, retry_after_s)
     return cls(f"{code.name}: {details}" if cls is errors.LeptonError else details)
+
+
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """The retry delay in seconds a failed call's trailing metadata names (None: none or malformed)."""
+    try:
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a call object without trailers
+        return None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000 if ms >= 0 else None
+    return None
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

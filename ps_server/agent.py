@@ -12,7 +12,7 @@ import structlog
 from lepton.clients import AssignmentInfo, CoordinatorClient
 from lepton.config import JobSpec
 from lepton.domain import CheckpointReport, HeartbeatReply, JobState, MemberId, Role
-from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError
+from lepton.errors import ConfigError, FailedPrecondition, Fenced, LeptonError, NotReady
 from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK, run_every
 from ps_server.checkpoint_files import CheckpointDirectory
@@ -248,7 +248,11 @@ class ParameterServerAgent:
                 self._exit_code = EXIT_JOB_FAILED
                 stop.set()
                 break
-            except FailedPrecondition as exc:
+            except NotReady as exc:  # no layout yet: the coordinator says when to ask again
+                log.debug("assignment_not_ready", reason=str(exc))
+                stop.wait(exc.retry_after_s if exc.retry_after_s is not None else 0.2)
+                continue
+            except FailedPrecondition as exc:  # e.g. the layout changed between the calls
                 log.debug("assignment_not_ready", reason=str(exc))
                 stop.wait(0.2)
                 continue
