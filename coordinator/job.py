@@ -144,7 +144,7 @@ class Job(MembershipOps):
         if self._state.terminal:
             return LeaseDecision(LeaseOutcome.JOB_DONE)
         if self._state is JobState.EVALUATING:
-            if self._evaluator is None:
+            if self._evaluator is None and (member_id, incarnation) not in self._declined:
                 self._evaluator = (member_id, incarnation)
                 self._persist(now)
             return (
@@ -182,11 +182,12 @@ class Job(MembershipOps):
         epoch: int,
         shard: int,
         offset: int,
-        loss: float,
+        loss: float | None,
         samples: int,
         now: float,
         lease_id: int = 0,
     ) -> None:
+        """Records progress on a lease; ``loss`` None: the worker reported none."""
         with self._lock:
             check_observation("ReportProgress", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
@@ -202,12 +203,13 @@ class Job(MembershipOps):
         incarnation: int,
         epoch: int,
         shard: int,
-        loss: float,
+        loss: float | None,
         samples: int,
         now: float,
         lease_id: int = 0,
     ) -> bool:
-        """Counts a shard complete; returns whether it finished the epoch."""
+        """Counts a shard complete; returns whether it finished the epoch. ``loss`` None: the
+        worker reported none."""
         with self._changing():
             check_observation("CompleteShard", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
@@ -234,7 +236,8 @@ class Job(MembershipOps):
                 incarnation=incarnation,
                 epoch=epoch,
                 shard=shard,
-                loss=loss,
+                offset=self._shard_size(shard),  # every sample of the shard trained
+                loss=loss if loss is not None else 0.0,
             )
             if epoch_done:
                 if self._ledger.finished:
@@ -263,6 +266,27 @@ class Job(MembershipOps):
                 loss=result.loss,
             )
             self._set_state(JobState.SUCCEEDED, now)
+            self._persist(now)
+
+    def decline_evaluation(self, member_id: str, incarnation: int, reason: str, now: float) -> None:
+        """The evaluating worker gives the evaluation back: the next worker to ask for a lease
+        gets it, never this incarnation again. Raises FailedPrecondition if it does not hold the
+        evaluation, InvalidArgument for an over-long reason."""
+        reason = reason.strip()
+        if len(reason) > MAX_FAILURE_REASON_CHARS:
+            raise InvalidArgument(f"a reason has at most {MAX_FAILURE_REASON_CHARS} characters")
+        with self._changing():
+            self._worker(member_id, incarnation)
+            if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
+                raise FailedPrecondition(f"{member_id} does not hold the evaluation")
+            self._evaluator = None
+            self._declined.add((member_id, incarnation))
+            self.events.append(
+                EventKind.EVALUATION_DECLINED,
+                f"{member_id} declined the evaluation" + (f": {reason}" if reason else ""),
+                member_id=member_id,
+                incarnation=incarnation,
+            )
             self._persist(now)
 
     def cancel(self, reason: str, now: float) -> JobState:
@@ -330,8 +354,15 @@ class Job(MembershipOps):
             ledger = self._ledger
             end = self._train_ended if self._train_ended is not None else now
             training_s = end - self._train_started if self._train_started is not None else 0.0
+            over = self._state.terminal
+            timeout_s = self.spec.heartbeat_timeout_s
             snapshots = tuple(
-                MemberSnapshot(m, now - m.last_heartbeat, ledger.lease_of(m.member_id) if m.alive else None)
+                MemberSnapshot(
+                    m,
+                    now - m.last_heartbeat,
+                    ledger.lease_of(m.member_id) if m.alive else None,
+                    m.alive and not (over and now - m.last_heartbeat > timeout_s),
+                )
                 for m in self._members.members()
             )
             return JobStatus(

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from prometheus_client import CollectorRegistry
 
@@ -24,6 +23,7 @@ from lepton import errors
 from lepton.handlers import rewrap
 from lepton.limits import DEFAULT_LIMITS, Admission, CallClass, Limits, Watchdog
 from lepton.metrics import CLIENT_CALLS, LimitCollector, RpcMetricsInterceptor, left_because
+from lepton.reflection import enable_reflection
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
@@ -418,7 +418,7 @@ class Server:
             self._service_names.append(full_name)
         names += self._service_names
         if reflection_enabled:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
+            enable_reflection(names, self._server)  # grpc.reflection.v1 and v1alpha
         credentials = security.server_credentials()
         self.tls = credentials is not None
         self.port = (

@@ -62,6 +62,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/lepton.v1.Coordinator/ReportProgress": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/CompleteShard": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/ReportEvaluation": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/DeclineEvaluation": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/GetStatus": _ANYONE,
     "/lepton.v1.Coordinator/WatchJob": _ANYONE,
     "/lepton.v1.Coordinator/CancelJob": frozenset({"admin"}),
