@@ -333,8 +333,16 @@ class JobCheckpoints:
             )
         return checkpoint, new
 
-    def record(self, member_id: str, report: CheckpointReport, layout: Layout | None, now: float) -> bool:
-        """A server's answer; returns whether it completed or failed a checkpoint (to be saved)."""
+    def record(
+        self,
+        member_id: str,
+        report: CheckpointReport,
+        layout: Layout | None,
+        now: float,
+        incarnation: int = 0,
+    ) -> bool:
+        """A server's answer (from ``incarnation`` of ``member_id``, named in the event); returns
+        whether it completed or failed a checkpoint (to be saved)."""
         checkpoint = self.manifest.report(member_id, report, now, self._wall_clock())
         if checkpoint is None:
             return False
@@ -343,6 +351,7 @@ class JobCheckpoints:
                 EventKind.CHECKPOINT_FAILED,
                 f"checkpoint {checkpoint.checkpoint_id} failed: {checkpoint.error}",
                 member_id=member_id,
+                incarnation=incarnation,
             )
         else:
             versions = ", ".join(f"{r.member_id}@{r.version}" for r in checkpoint.reports.values())
@@ -351,6 +360,7 @@ class JobCheckpoints:
                 f"checkpoint {checkpoint.checkpoint_id} complete ({versions}) after "
                 f"{checkpoint.completed_after_s:.2f}s",
                 member_id=member_id,
+                incarnation=incarnation,
             )
         if self._store is not None and checkpoint.complete:
             checkpoint.manifest_path = self._store.write_manifest(

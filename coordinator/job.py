@@ -33,7 +33,7 @@ from coordinator.job_types import (  # noqa: F401 - the job's value types, impor
 )
 from coordinator.layout import Layout
 from coordinator.membership import Member, Role
-from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument
+from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotReady
 from lepton.tensors import part
 
 
@@ -56,10 +56,11 @@ class Job(MembershipOps):
             if member.role is not Role.PARAMETER_SERVER:
                 raise FailedPrecondition(f"{member_id} is not a parameter server")
             if self._layout is None:
-                raise FailedPrecondition(
+                raise NotReady(
                     "no layout yet: waiting for "
                     f"{self.spec.parameter_servers - len(self._members.alive(Role.PARAMETER_SERVER))}"
-                    " more parameter server(s) to register"
+                    " more parameter server(s) to register",
+                    self.spec.heartbeat_interval_s / 2,
                 )
             specs = self._layout.tensors_of(member_id)
             return Assignment(
@@ -81,10 +82,12 @@ class Job(MembershipOps):
             self._persist(now)
 
     def layout(self) -> tuple[Layout, dict[str, str]]:
-        """The layout and each server's address. Raises FailedPrecondition before it exists."""
+        """The layout and each server's address. Raises NotReady before it exists."""
         with self._lock:
             if self._layout is None:
-                raise FailedPrecondition("no layout yet: parameter servers are still registering")
+                raise NotReady(
+                    "no layout yet: parameter servers are still registering", self.spec.heartbeat_interval_s / 2
+                )
             addresses = {}
             for server in self._layout.servers:
                 member = self._members.get(server)
@@ -141,7 +144,7 @@ class Job(MembershipOps):
         if self._state.terminal:
             return LeaseDecision(LeaseOutcome.JOB_DONE)
         if self._state is JobState.EVALUATING:
-            if self._evaluator is None:
+            if self._evaluator is None and (member_id, incarnation) not in self._declined:
                 self._evaluator = (member_id, incarnation)
                 self._persist(now)
             return (
@@ -179,11 +182,12 @@ class Job(MembershipOps):
         epoch: int,
         shard: int,
         offset: int,
-        loss: float,
+        loss: float | None,
         samples: int,
         now: float,
         lease_id: int = 0,
     ) -> None:
+        """Records progress on a lease; ``loss`` None: the worker reported none."""
         with self._lock:
             check_observation("ReportProgress", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
@@ -199,12 +203,13 @@ class Job(MembershipOps):
         incarnation: int,
         epoch: int,
         shard: int,
-        loss: float,
+        loss: float | None,
         samples: int,
         now: float,
         lease_id: int = 0,
     ) -> bool:
-        """Counts a shard complete; returns whether it finished the epoch."""
+        """Counts a shard complete; returns whether it finished the epoch. ``loss`` None: the
+        worker reported none."""
         with self._changing():
             check_observation("CompleteShard", loss, samples, self._shard_size(shard))
             member = self._worker(member_id, incarnation)
@@ -231,7 +236,8 @@ class Job(MembershipOps):
                 incarnation=incarnation,
                 epoch=epoch,
                 shard=shard,
-                loss=loss,
+                offset=self._shard_size(shard),  # every sample of the shard trained
+                loss=loss if loss is not None else 0.0,
             )
             if epoch_done:
                 if self._ledger.finished:
@@ -260,6 +266,27 @@ class Job(MembershipOps):
                 loss=result.loss,
             )
             self._set_state(JobState.SUCCEEDED, now)
+            self._persist(now)
+
+    def decline_evaluation(self, member_id: str, incarnation: int, reason: str, now: float) -> None:
+        """The evaluating worker gives the evaluation back: the next worker to ask for a lease
+        gets it, never this incarnation again. Raises FailedPrecondition if it does not hold the
+        evaluation, InvalidArgument for an over-long reason."""
+        reason = reason.strip()
+        if len(reason) > MAX_FAILURE_REASON_CHARS:
+            raise InvalidArgument(f"a reason has at most {MAX_FAILURE_REASON_CHARS} characters")
+        with self._changing():
+            self._worker(member_id, incarnation)
+            if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
+                raise FailedPrecondition(f"{member_id} does not hold the evaluation")
+            self._evaluator = None
+            self._declined.add((member_id, incarnation))
+            self.events.append(
+                EventKind.EVALUATION_DECLINED,
+                f"{member_id} declined the evaluation" + (f": {reason}" if reason else ""),
+                member_id=member_id,
+                incarnation=incarnation,
+            )
             self._persist(now)
 
     def cancel(self, reason: str, now: float) -> JobState:
@@ -306,7 +333,10 @@ class Job(MembershipOps):
         once the job is over, InvalidArgument for an over-long reason."""
         with self._changing():
             if self._layout is None:
-                raise FailedPrecondition("no parameter layout yet: nothing to checkpoint; retry once training starts")
+                raise NotReady(
+                    "no parameter layout yet: nothing to checkpoint; retry once training starts",
+                    self.spec.heartbeat_interval_s / 2,
+                )
             if self._state.terminal:
                 raise FailedPrecondition(
                     f"the job is {self._state.name.lower()}: its servers have stopped; "
@@ -330,8 +360,15 @@ class Job(MembershipOps):
             ledger = self._ledger
             end = self._train_ended if self._train_ended is not None else now
             training_s = end - self._train_started if self._train_started is not None else 0.0
+            over = self._state.terminal
+            timeout_s = self.spec.heartbeat_timeout_s
             snapshots = tuple(
-                MemberSnapshot(m, now - m.last_heartbeat, ledger.lease_of(m.member_id) if m.alive else None)
+                MemberSnapshot(
+                    m,
+                    now - m.last_heartbeat,
+                    ledger.lease_of(m.member_id) if m.alive else None,
+                    m.alive and not (over and now - m.last_heartbeat > timeout_s),
+                )
                 for m in self._members.members()
             )
             return JobStatus(

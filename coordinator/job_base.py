@@ -122,6 +122,9 @@ class JobCore:
         self._train_started: float | None = None
         self._train_ended: float | None = None
         self._evaluator: tuple[str, int] | None = None
+        # Incarnations that declined the evaluation: never offered it again (not saved: after a
+        # coordinator restart one may be offered it again and decline again).
+        self._declined: set[tuple[str, int]] = set()
         self._evaluation: EvaluationResult | None = None
         self._last_epoch_announced = -1
         self.leases_granted = 0
@@ -412,6 +415,8 @@ class JobCore:
             self._layout, self._fleet.versions, self._training_moves(), self._state.name, now, reason, final
         )
 
-    def _record_checkpoint(self, member_id: str, report: CheckpointReport, now: float) -> None:  # under _changing
-        if self._checkpoints.record(member_id, report, self._layout, now):
+    def _record_checkpoint(
+        self, member_id: str, incarnation: int, report: CheckpointReport, now: float
+    ) -> None:  # under _changing
+        if self._checkpoints.record(member_id, report, self._layout, now, incarnation):
             self._persist(now)

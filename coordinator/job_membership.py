@@ -16,6 +16,7 @@ from coordinator.membership import Member, Role
 from lepton.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger("lepton.coordinator")
+MAX_INSTANCE_CHARS = 253  # a DNS name (a pod name is one)
 
 
 class MembershipOps(JobCore):
@@ -30,9 +31,14 @@ class MembershipOps(JobCore):
         member_id: str = "",
         hostname: str = "",
         pid: int = 0,
+        instance: str = "",
     ) -> Member:
         if pid < 0:
             raise InvalidArgument(f"pid must be >= 0 (0: not given), got {pid}")
+        if len(instance) > MAX_INSTANCE_CHARS:
+            raise InvalidArgument(
+                f"instance has at most {MAX_INSTANCE_CHARS} characters, got {len(instance)}"
+            )
         with self._changing():
             if role is Role.PARAMETER_SERVER:
                 if not address or ":" not in address:
@@ -60,7 +66,7 @@ class MembershipOps(JobCore):
                     # A restarted server: same tensors, new address; workers re-read the layout.
                     self._layout = dataclasses.replace(self._layout, version=self._layout.version + 1)
                     self._fleet.restarts += 1
-            member = self._members.register(role, address, now, member_id, hostname, pid)
+            member = self._members.register(role, address, now, member_id, hostname, pid, instance)
             self.events.append(
                 EventKind.MEMBER_REGISTERED,
                 f"{member.member_id} ({role.value}) registered, incarnation {member.incarnation}",
@@ -116,7 +122,7 @@ class MembershipOps(JobCore):
                 if member_id in self._fleet.ready:
                     self._checkpoints.manifest.observe(member_id, version, now)
                 if checkpoint is not None:
-                    self._record_checkpoint(member_id, checkpoint, now)
+                    self._record_checkpoint(member_id, incarnation, checkpoint, now)
                 order = self._checkpoints.manifest.order(self._training_moves(), now)
                 return HeartbeatReply(view.state, view.layout_version, view.workers, view.fence_version, order)
             return HeartbeatReply(view.state, view.layout_version, (), view.fence_version)
@@ -214,6 +220,7 @@ class MembershipOps(JobCore):
                     f"parameter server {member_id} {why}; waiting up to {self.ps_recovery_timeout_s:g}s "
                     "for it to restart from its checkpoint",
                     member_id=member_id,
+                    incarnation=member.incarnation,
                     job_state=self._state.name,
                 )
             return 0

@@ -74,6 +74,9 @@ class MemberSnapshot:
     member: Member
     heartbeat_age_s: float
     lease: Lease | None
+    # Whether the member runs: alive in the table and, once the job is over (nobody is declared
+    # dead then), heard from within the heartbeat timeout; a silent one has exited.
+    alive: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,14 @@ class JobStatus:
     last_checkpoint: Checkpoint | None = None  # the newest complete coordinated checkpoint
 
 
-def check_observation(what: str, loss: float, samples: int, most: int) -> None:
-    """A reported mean loss and the samples it averages over: finite, and 0..``most`` samples
-    (no report covers more samples than its shard holds). Raises InvalidArgument."""
-    if not math.isfinite(loss):
-        raise InvalidArgument(f"{what}: loss must be a finite number, got {loss}; send samples=0 for no loss")
+def check_observation(what: str, loss: float | None, samples: int, most: int) -> None:
+    """A reported mean loss (None: the worker has none) and the samples it averages over: finite,
+    and 0..``most`` samples (no report covers more samples than its shard holds). Raises
+    InvalidArgument."""
+    if loss is not None and not math.isfinite(loss):
+        raise InvalidArgument(
+            f"{what}: loss must be a finite number, got {loss}; set loss_unknown for no loss"
+        )
     if not 0 <= samples <= most:
         raise InvalidArgument(f"{what}: samples must lie in [0, {most}] (the shard's size), got {samples}")
 
@@ -117,8 +123,9 @@ class Progress:
     samples: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=32))  # (loss, samples)
 
-    def add(self, loss: float, samples: int) -> None:
-        if samples > 0:
+    def add(self, loss: float | None, samples: int) -> None:
+        """Counts a report's loss into recent_loss (a report without one leaves it alone)."""
+        if loss is not None and samples > 0:
             self.recent.append((loss, samples))
 
     @property

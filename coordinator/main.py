@@ -20,6 +20,7 @@ from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED, ServiceOptions, run_ev
 from lepton.rpc import Server
 from lepton.errors import ConfigError, StateNotSaved
 from lepton.files import check_state_dir
+from lepton.logs import bind
 from lepton.tasks import resolve_task
 from lepton.tensors import TensorKind
 from lepton.workloads import (
@@ -127,6 +128,7 @@ def serve(
     options: ServiceOptions = ServiceOptions(),
     state_dir: str | None = None,
 ) -> int:
+    bind(member="coordinator")  # every line names its member; the coordinator is not one of the job's
     if state_dir:
         check_state_dir(state_dir)  # before the data loads: a bad path is refused in a second
     clock = MonotonicClock()

@@ -32,6 +32,7 @@ class Member:
     departed: bool = False
     hostname: str = ""
     pid: int = 0
+    instance: str = ""  # container, pod or instance name, as the member reported it
 
 
 class MembershipTable:
@@ -60,6 +61,7 @@ class MembershipTable:
         member_id: str = "",
         hostname: str = "",
         pid: int = 0,
+        instance: str = "",
     ) -> Member:
         """Adds a new member, or a new incarnation of ``member_id`` (fencing the old one)."""
         previous = self._members.get(member_id) if member_id else None
@@ -74,7 +76,8 @@ class MembershipTable:
         else:
             incarnation = previous.incarnation + 1
         member = Member(
-            member_id, incarnation, role, address, last_heartbeat=now, hostname=hostname, pid=pid
+            member_id, incarnation, role, address, last_heartbeat=now, hostname=hostname, pid=pid,
+            instance=instance,
         )
         with self._liveness:
             self._members[member_id] = member
@@ -177,7 +180,10 @@ class MembershipTable:
     def row(self, member_id: str) -> list:
         """One member's saved row (what ``to_state`` lists)."""
         m = self._members[member_id]
-        return [m.member_id, m.incarnation, m.role.value, m.address, m.alive, m.departed, m.hostname, m.pid]
+        return [
+            m.member_id, m.incarnation, m.role.value, m.address, m.alive, m.departed, m.hostname, m.pid,
+            m.instance,
+        ]
 
     def to_state(self) -> dict:
         """Members without their heartbeat times (monotonic clocks do not survive a restart)."""
@@ -190,10 +196,13 @@ class MembershipTable:
         """Loads saved members; every live one gets twice the timeout from ``now`` to reattach
         (its channel may be in reconnect backoff when the coordinator comes back)."""
         members = {}
-        for member_id, inc, role, address, alive, departed, hostname, pid in state["members"]:
+        for row in state["members"]:
+            member_id, inc, role, address, alive, departed, hostname, pid = row[:8]
+            instance = row[8] if len(row) > 8 else ""  # rows saved before instances: none
             members[member_id] = Member(
                 member_id, int(inc), Role(role), address, last_heartbeat=now + self.heartbeat_timeout_s,
                 alive=bool(alive), departed=bool(departed), hostname=hostname, pid=int(pid),
+                instance=instance,
             )
         with self._liveness:
             self._members = members

@@ -115,10 +115,11 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
             member=common.MemberRef(member_id=m.member_id, incarnation=m.incarnation),
             role=ROLE_TO_WIRE[m.role],
             address=m.address,
-            alive=m.alive,
+            alive=snap.alive,
             last_heartbeat_age_s=snap.heartbeat_age_s,
             hostname=m.hostname,
             pid=m.pid,
+            instance=m.instance,
         )
         if snap.lease is not None:
             entry.lease.CopyFrom(_lease(snap.lease))
@@ -157,7 +158,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if role is None:
             raise InvalidArgument("role must be ROLE_PARAMETER_SERVER or ROLE_WORKER")
         member = self._job.register(
-            role, request.address, self._now(), request.member_id, request.hostname, request.pid
+            role, request.address, self._now(), request.member_id, request.hostname, request.pid,
+            request.instance,
         )
         return pb.RegisterMemberResponse(
             member=common.MemberRef(member_id=member.member_id, incarnation=member.incarnation),
@@ -219,7 +221,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             request.epoch,
             request.shard,
             request.offset,
-            request.loss,
+            None if request.loss_unknown else request.loss,
             request.samples,
             self._now(),
             _lease_id(request.lease_id),
@@ -231,7 +233,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             *_member(request.member),
             request.epoch,
             request.shard,
-            request.loss,
+            None if request.loss_unknown else request.loss,
             request.samples,
             self._now(),
             _lease_id(request.lease_id),
@@ -241,6 +243,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def ReportEvaluation(self, request, context):
         self._job.report_evaluation(*_member(request.member), evaluation_from_proto(request), self._now())
         return pb.ReportEvaluationResponse()
+
+    def DeclineEvaluation(self, request, context):
+        self._job.decline_evaluation(*_member(request.member), request.reason, self._now())
+        return pb.DeclineEvaluationResponse()
 
     def CancelJob(self, request, context):
         return pb.CancelJobResponse(state=self._job.cancel(request.reason, self._now()).value)

@@ -58,6 +58,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/lepton.v1.Coordinator/ReportProgress": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/CompleteShard": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/ReportEvaluation": frozenset({"worker", "admin"}),
+    "/lepton.v1.Coordinator/DeclineEvaluation": frozenset({"worker", "admin"}),
     "/lepton.v1.Coordinator/GetStatus": _ANYONE,
     "/lepton.v1.Coordinator/WatchJob": _ANYONE,
     "/lepton.v1.Coordinator/CancelJob": frozenset({"admin"}),
@@ -166,7 +167,7 @@ def _audited(handler: grpc.RpcMethodHandler, method: str, principal: Principal) 
                 code = context.code() if hasattr(context, "code") else None
                 if code is not None:
                     outcome = code.name
-                audit.info("audit", principal=principal.name, role=principal.role, method=method, outcome=outcome)
+                audit.info("audit", principal=principal.name, caller_role=principal.role, method=method, outcome=outcome)
 
         return call
 
@@ -207,7 +208,7 @@ def _bound(handler: grpc.RpcMethodHandler, method: str, principal: Principal) ->
 
     def deny(context: grpc.ServicerContext, why: str) -> None:
         audit.warning(
-            "audit", principal=principal.name, role=principal.role, method=method, outcome="PERMISSION_DENIED",
+            "audit", principal=principal.name, caller_role=principal.role, method=method, outcome="PERMISSION_DENIED",
             reason=why,
         )
         context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
@@ -271,7 +272,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         allowed = self._roles.get(method, frozenset({"admin"}))
         if principal.role != "admin" and principal.role not in allowed:
             audit.warning(
-                "audit", principal=principal.name, role=principal.role, method=method, outcome="PERMISSION_DENIED"
+                "audit", principal=principal.name, caller_role=principal.role, method=method, outcome="PERMISSION_DENIED"
             )
             return _rejecting(
                 handler,

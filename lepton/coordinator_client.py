@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -100,6 +100,17 @@ class ServiceClient:
         )
 
 
+def instance_name(environ: Mapping[str, str] = os.environ) -> str:
+    """Which container or pod this process is, for ``lepton status`` where hostname and pid do not
+    tell: $LEPTON_INSTANCE, else $POD_NAME (set from the Kubernetes downward API), else ""."""
+    return (environ.get("LEPTON_INSTANCE") or environ.get("POD_NAME") or "").strip()[:253]
+
+
+def _loss_fields(loss: float | None) -> dict:
+    """A report's loss: None (no loss) is sent as loss_unknown."""
+    return {"loss_unknown": True} if loss is None else {"loss": loss}
+
+
 class CoordinatorClient(ServiceClient):
     """Client of one coordinator. Raises lepton.errors on failure."""
 
@@ -115,6 +126,7 @@ class CoordinatorClient(ServiceClient):
                     member_id=member_id,
                     hostname=socket.gethostname(),
                     pid=os.getpid(),
+                    instance=instance_name(),
                 ),
                 timeout=self._timeout_s,
             ),
@@ -205,37 +217,40 @@ class CoordinatorClient(ServiceClient):
         )
 
     def progress(
-        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int, lease_id: int = 0
+        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float | None, samples: int,
+        lease_id: int = 0,
     ) -> None:
+        """``loss`` None: the worker has none for these samples."""
         self._idempotent(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
-                member=member_ref(member), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples,
-                lease_id=lease_id,
+                member=member_ref(member), epoch=epoch, shard=shard, offset=offset, samples=samples,
+                lease_id=lease_id, **_loss_fields(loss),
             ),
         )
 
     def progress_once(
-        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float, samples: int,
+        self, member: MemberId, epoch: int, shard: int, offset: int, loss: float | None, samples: int,
         timeout_s: float = 5.0, lease_id: int = 0,
     ) -> None:
         """One attempt, short deadline: for reporters that retry by sending newer progress."""
         call(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
-                member=member_ref(member), epoch=epoch, shard=shard, offset=offset, loss=loss, samples=samples,
-                lease_id=lease_id,
+                member=member_ref(member), epoch=epoch, shard=shard, offset=offset, samples=samples,
+                lease_id=lease_id, **_loss_fields(loss),
             ),
             timeout=min(timeout_s, self._timeout_s),
         )
 
     def complete(
-        self, member: MemberId, epoch: int, shard: int, loss: float, samples: int, lease_id: int = 0
+        self, member: MemberId, epoch: int, shard: int, loss: float | None, samples: int, lease_id: int = 0
     ) -> bool:
         reply = call(
             self._stub.CompleteShard,
             cpb.CompleteShardRequest(
-                member=member_ref(member), epoch=epoch, shard=shard, loss=loss, samples=samples, lease_id=lease_id
+                member=member_ref(member), epoch=epoch, shard=shard, samples=samples, lease_id=lease_id,
+                **_loss_fields(loss),
             ),
             timeout=self._timeout_s,
         )
@@ -257,6 +272,14 @@ class CoordinatorClient(ServiceClient):
     def members(self) -> tuple[MemberId, ...]:
         """Every member's latest incarnation, as the coordinator lists them."""
         return tuple(member_from_ref(m.member) for m in self.status().members)
+
+    def decline_evaluation(self, member: MemberId, reason: str = "") -> None:
+        """Gives the evaluation back (the coordinator hands it to another worker)."""
+        call(
+            self._stub.DeclineEvaluation,
+            cpb.DeclineEvaluationRequest(member=member_ref(member), reason=reason),
+            timeout=self._timeout_s,
+        )
 
     def cancel(self, reason: str) -> None:
         call(self._stub.CancelJob, cpb.CancelJobRequest(reason=reason), timeout=self._timeout_s)

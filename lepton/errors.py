@@ -51,6 +51,17 @@ class Unavailable(LeptonError):
     """The peer cannot be reached right now; retrying may help."""
 
 
+class NotReady(Unavailable):
+    """The server cannot answer yet (a parameter server that has not loaded its assignment, a
+    coordinator that has not decided the layout): nothing changed; retry after ``retry_after_s``
+    seconds (None: unknown, back off). Sent as UNAVAILABLE with the delay in the trailing
+    metadata key ``lepton-retry-after-ms`` (protos/lepton/v1/options.proto)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class StateNotSaved(Unavailable):
     """The coordinator could not commit a change to its state directory (disk full, I/O error):
     the change was rolled back, so retrying may succeed once the disk has room again."""

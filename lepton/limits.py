@@ -58,8 +58,8 @@ METHOD_CLASSES: dict[str, str] = {
         _C + m: CONTROL
         for m in (
             "RegisterMember", "Deregister", "GetAssignment", "ReportReady", "GetLayout", "LeaseShard",
-            "ReportProgress", "CompleteShard", "ReportEvaluation", "CancelJob", "ReportFailure",
-            "RequestCheckpoint",
+            "ReportProgress", "CompleteShard", "ReportEvaluation", "DeclineEvaluation", "CancelJob",
+            "ReportFailure", "RequestCheckpoint",
         )
     },
     _C + "GetStatus": READ,

@@ -50,7 +50,9 @@ def call_with_retry(
     on_retry: Callable[[int, BaseException, float], None] | None = None,
 ) -> T:
     """Calls ``fn`` until it succeeds, raises something not in ``retry_on``, or the policy's
-    attempts or total time run out (then the last error is raised)."""
+    attempts or total time run out (then the last error is raised). An error that names its own
+    delay (``retry_after_s``, as errors.NotReady does) is retried after that delay instead of
+    the backoff's."""
     rng = rng or random.Random()
     start = monotonic()
     attempt = 0
@@ -60,6 +62,9 @@ def call_with_retry(
             return fn()
         except retry_on as exc:
             delay = policy.backoff_s(attempt, rng)
+            named = getattr(exc, "retry_after_s", None)
+            if named is not None:
+                delay = min(named, policy.max_backoff_s)
             if attempt >= policy.max_attempts or monotonic() - start + delay > policy.max_total_s:
                 raise
             if on_retry is not None:

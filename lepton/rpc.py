@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from prometheus_client import CollectorRegistry
 
@@ -22,6 +21,7 @@ from lepton.handler_rewrap import rewrap
 from lepton.limit_interceptor import LimitInterceptor
 from lepton.limits import DEFAULT_LIMITS, Admission, Limits
 from lepton.metrics import CLIENT_CALLS, LimitCollector, RpcMetricsInterceptor, left_because
+from lepton.reflection import enable_reflection
 from lepton.security import INSECURE, Security
 
 log = structlog.get_logger("lepton.rpc")
@@ -51,6 +51,8 @@ ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
 }
+# Trailing metadata key of a retry delay in milliseconds (errors.NotReady; options.proto).
+RETRY_AFTER_KEY = "lepton-retry-after-ms"
 # Prefix of messages for fenced incarnations, so clients can tell Fenced from other preconditions.
 FENCED_MARKER = "fenced:"
 
@@ -106,6 +108,9 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
         log.exception("rpc_failed", method=method)
     else:
         log.info("rpc_rejected", method=method, code=code.name, reason=str(exc))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, round(retry_after_s * 1000)))),))
     context.abort(code, _details(exc))
 
 
@@ -267,7 +272,7 @@ class Server:
             self._service_names.append(full_name)
         names += self._service_names
         if reflection_enabled:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
+            enable_reflection(names, self._server)  # grpc.reflection.v1 and v1alpha
         credentials = security.server_credentials()
         self.tls = credentials is not None
         self.port = (
@@ -318,7 +323,27 @@ def translate(exc: grpc.RpcError) -> errors.LeptonError:
     cls = ERROR_FOR_STATUS.get(code, errors.LeptonError)
     if code is grpc.StatusCode.CANCELLED:
         cls = errors.Unavailable
+    if code is grpc.StatusCode.UNAVAILABLE:
+        retry_after_s = retry_after(exc)
+        if retry_after_s is not None:
+            return errors.NotReady(details, retry_after_s)
     return cls(f"{code.name}: {details}" if cls is errors.LeptonError else details)
+
+
+def retry_after(exc: grpc.RpcError) -> float | None:
+    """The retry delay in seconds a failed call's trailing metadata names (None: none or malformed)."""
+    try:
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a call object without trailers
+        return None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return None
+            return ms / 1000 if ms >= 0 else None
+    return None
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

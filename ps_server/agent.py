@@ -14,7 +14,7 @@ import structlog
 from lepton.clients import AssignmentInfo, CoordinatorClient
 from lepton.config import JobSpec
 from lepton.domain import CheckpointReport, HeartbeatReply, JobState, MemberId, Role
-from lepton.errors import ConfigError, DeadlineExceeded, FailedPrecondition, Fenced, LeptonError, Unavailable
+from lepton.errors import ConfigError, DeadlineExceeded, FailedPrecondition, Fenced, LeptonError, NotReady, Unavailable
 from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK, run_every
 from ps_server.checkpoint_files import CheckpointDirectory
@@ -186,6 +186,10 @@ class ParameterServerAgent:
             except LeptonError as rejoin_exc:  # retried on the next heartbeat
                 log.warning("ps_rejoin_failed", error=str(rejoin_exc))
             return
+        except NotReady as exc:  # an answer: the coordinator is there, just not ready
+            self._last_contact = self._clock()
+            log.warning("heartbeat_failed", error=str(exc))
+            return
         except (Unavailable, DeadlineExceeded) as exc:
             silent_s = self._clock() - self._last_contact
             log.warning("heartbeat_failed", error=str(exc), coordinator_silent_s=round(silent_s, 1))
@@ -271,7 +275,11 @@ class ParameterServerAgent:
                 self._exit_code = EXIT_JOB_FAILED
                 stop.set()
                 break
-            except FailedPrecondition as exc:
+            except NotReady as exc:  # no layout yet: the coordinator says when to ask again
+                log.debug("assignment_not_ready", reason=str(exc))
+                stop.wait(exc.retry_after_s if exc.retry_after_s is not None else 0.2)
+                continue
+            except FailedPrecondition as exc:  # e.g. the layout changed between the calls
                 log.debug("assignment_not_ready", reason=str(exc))
                 stop.wait(0.2)
                 continue

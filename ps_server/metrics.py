@@ -25,8 +25,14 @@ class ParameterServerCollector(Collector):
         pushes.add_metric(["stale"], s.pushes_stale)
         pushes.add_metric(["rejected"], s.pushes_rejected)
         yield pushes
-        yield CounterMetricFamily("lepton_ps_bytes_pulled_total", "Parameter bytes sent to workers.", value=s.bytes_pulled)
-        yield CounterMetricFamily("lepton_ps_bytes_pushed_total", "Gradient bytes received from workers.", value=s.bytes_pushed)
+        for name, old, text, value in (
+            ("lepton_ps_pulled_bytes_total", "lepton_ps_bytes_pulled_total", "Parameter bytes sent to workers.",
+             s.bytes_pulled),
+            ("lepton_ps_pushed_bytes_total", "lepton_ps_bytes_pushed_total", "Gradient bytes received from workers.",
+             s.bytes_pushed),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+            yield CounterMetricFamily(old, f"Deprecated: {name} (removed in the next release).", value=value)
         yield CounterMetricFamily("lepton_ps_sync_steps_timed_out_total", "Sync steps closed by the timeout, and (ssp) slow workers dropped after the timeout.", value=s.steps_timed_out)
         yield CounterMetricFamily(
             "lepton_ps_checkpoints_failed_total", "Periodic checkpoints that could not be written (training went on).",

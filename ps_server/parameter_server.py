@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lepton.domain import CheckpointReport
-from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError
+from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError, NotReady
 from lepton.tensors import TensorKind, TensorSpec, payload_bytes
 from ps_server.checkpoint_files import CheckpointDirectory, CheckpointTally, PeriodicCheckpoints
 from ps_server.consistency import consistency_gate
@@ -23,6 +23,7 @@ from ps_server.staleness import staleness_lr_scaling
 from ps_server.store import ParameterStore
 
 MIN_REFRESH_INTERVAL_S = 0.2
+NOT_READY_RETRY_S = 0.2  # the delay a Pull/Push/JoinSteps before the assignment is told to wait
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,9 @@ class ParameterServer:
     def gate(self) -> ConsistencyGate:
         gate = self._gate
         if gate is None:
-            raise FailedPrecondition("this parameter server has no assignment yet; retry shortly")
+            raise NotReady(
+                "this parameter server has not loaded its assignment yet; retry shortly", NOT_READY_RETRY_S
+            )
         return gate
 
     def gate_or_none(self) -> ConsistencyGate | None:

@@ -2,16 +2,20 @@
 // A Lepton client in Node.js that talks to a running job the way a worker does, using nothing but
 // the .proto files in ../../protos (loaded at run time with @grpc/proto-loader):
 //
-//   1. WatchJob (event stream, kept open for the whole run) and GetStatus (polled for a moment,
-//      until the job is TRAINING);
-//   2. RegisterMember as ROLE_WORKER;
-//   3. GetLayout (retried while the layout is not decided yet);
-//   4. Pull one parameter tensor from the parameter server that holds it and decode it
-//      (little-endian, row-major);
+//   1. WatchJob (event stream, kept open for the whole run) for --watch-seconds;
+//   2. RegisterMember as ROLE_WORKER, then Heartbeat every JobSpec.heartbeat_interval_s;
+//   3. GetLayout and Pull one parameter tensor from the parameter server that holds it, decoded
+//      (little-endian, row-major). Both answer UNAVAILABLE until the job is ready (layout not
+//      decided, server not loaded): retried after the trailing metadata lepton-retry-after-ms,
+//      as options.proto says, so the client may start before the servers;
+//   4. LeaseShard until GRANTED (WAIT: ask again after retry_after_s);
 //   5. Push a gradient for EVERY tensor that server holds (a push must carry all of them), with
 //      base_version = the pulled version and sample_count = 1;
 //   6. Pull again and check that the tensor changed (for a fresh Adam job: by exactly one Adam step);
-//   7. Deregister, cancel the watch, print one JSON summary line on stdout.
+//   7. CompleteShard (loss_unknown: this client computes no loss), Deregister, cancel the watch,
+//      print one JSON summary line on stdout.
+//
+// Everything it knows about the protocol is in the .proto comments: no status code is guessed.
 //
 // Exit status: 0 every check passed; 1 a check failed or an RPC failed; 2 bad usage; 3 timed out.
 //
@@ -104,6 +108,26 @@ function tokenMetadata() {
 
 const deadline = (ms = CALL_DEADLINE_MS) => new Date(Date.now() + ms);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const RETRY_AFTER_KEY = 'lepton-retry-after-ms'; // options.proto: the trailing metadata of UNAVAILABLE
+const FALLBACK_BACKOFF_MS = [100, 200, 400, 800, 1600, 2000]; // without a delay: back off
+
+// Calls attempt() until it does not fail with UNAVAILABLE (options.proto: "nothing changed; retry
+// later"), waiting the lepton-retry-after-ms the server sent, else an exponential backoff. Counts
+// the retries by method in summary.unavailable_retries and the delays seen in summary.retry_after_ms.
+async function retryingUnavailable(method, attempt, summary, untilMs) {
+  for (let n = 0; ; n++) {
+    try {
+      return await attempt();
+    } catch (err) {
+      if (err.code !== grpc.status.UNAVAILABLE || Date.now() > untilMs) throw err;
+      const named = err.metadata ? err.metadata.get(RETRY_AFTER_KEY) : [];
+      const delay = named.length ? Number(named[0]) : FALLBACK_BACKOFF_MS[Math.min(n, FALLBACK_BACKOFF_MS.length - 1)];
+      summary.unavailable_retries[method] = (summary.unavailable_retries[method] || 0) + 1;
+      if (named.length) summary.retry_after_ms[method] = Number(named[0]);
+      await sleep(delay);
+    }
+  }
+}
 
 function unary(client, method, request, metadata) {
   return new Promise((resolve, reject) => {
@@ -301,27 +325,24 @@ async function main(opts, summary) {
   const coordinator = new lepton.Coordinator(opts.coordinator, grpc.credentials.createInsecure());
   await waitForChannel(coordinator, `coordinator ${opts.coordinator}`, CALL_DEADLINE_MS);
 
-  // 1. Watch events and status for a moment (and until the job trains).
+  // 1. Watch events for a moment.
   const watcher = watch(coordinator, metadata);
-  const watchUntil = Date.now() + opts.watchSeconds * 1000;
-  let status = await unary(coordinator, 'GetStatus', {}, metadata);
-  summary.status_polls = 1;
-  while (Date.now() < watchUntil || status.state !== 'JOB_STATE_TRAINING') {
-    if (['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED'].includes(status.state)) {
-      throw new Error(`the job is over (${status.state}${status.failure ? ': ' + status.failure : ''})`);
-    }
-    await sleep(100);
-    status = await unary(coordinator, 'GetStatus', {}, metadata);
-    summary.status_polls++;
-  }
-  summary.job_state = status.state;
+  await sleep(opts.watchSeconds * 1000);
   summary.events_before_register = watcher.events.length;
+  const giveUpAt = Date.now() + opts.timeout * 1000;
+  summary.unavailable_retries = {};
+  summary.retry_after_ms = {};
 
-  // 2. Register as a worker.
+  // 2. Register as a worker, and heartbeat from now on (a silent member is declared dead).
   const registered = await unary(
     coordinator,
     'RegisterMember',
-    { role: 'ROLE_WORKER', hostname: os.hostname(), pid: String(process.pid) },
+    {
+      role: 'ROLE_WORKER',
+      hostname: os.hostname(),
+      pid: String(process.pid),
+      instance: process.env.LEPTON_INSTANCE || process.env.POD_NAME || '',
+    },
     metadata
   );
   const member = registered.member;
@@ -330,19 +351,19 @@ async function main(opts, summary) {
   summary.optimizer = job.optimizer ? job.optimizer.name : '';
   summary.learning_rate = job.optimizer ? job.optimizer.learning_rate : null;
   summary.mode = job.mode;
+  summary.heartbeats = 0;
+  const heartbeat = setInterval(() => {
+    coordinator.Heartbeat({ member }, metadata, { deadline: deadline() }, (err) => {
+      if (!err) summary.heartbeats++;
+      else summary.heartbeat_error = withContext(err, 'Heartbeat').message;
+    });
+  }, Math.max(50, job.heartbeat_interval_s * 1000));
 
   try {
-    // 3. The layout (FAILED_PRECONDITION until the coordinator has decided it).
-    let layout;
-    for (;;) {
-      try {
-        layout = await unary(coordinator, 'GetLayout', {}, metadata);
-        break;
-      } catch (err) {
-        if (err.code !== grpc.status.FAILED_PRECONDITION) throw err;
-        await sleep(200);
-      }
-    }
+    // 3. The layout: UNAVAILABLE (with lepton-retry-after-ms) until the coordinator decided it.
+    const layout = await retryingUnavailable(
+      'GetLayout', () => unary(coordinator, 'GetLayout', {}, metadata), summary, giveUpAt
+    );
     summary.layout_version = layout.layout_version;
     summary.servers = layout.servers.length;
     let server = layout.servers.find((s) => s.tensors.length > 0);
@@ -356,20 +377,26 @@ async function main(opts, summary) {
     summary.server = { member_id: server.member_id, address: server.address, tensors: server.tensors.length };
     summary.tensor = { name: info.name, dtype: info.dtype, shape: info.shape.map(Number) };
 
-    // 4. Pull one tensor and decode it.
+    // Pull one tensor: UNAVAILABLE (with lepton-retry-after-ms) until the server loaded its share.
     const ps = new lepton.ParameterServer(server.address, grpc.credentials.createInsecure());
     await waitForChannel(ps, `parameter server ${server.address}`, CALL_DEADLINE_MS);
-    let before;
-    for (;;) {
-      try {
-        before = await pull(ps, member, [info.name], metadata);
-        break;
-      } catch (err) {
-        // A server that has not loaded its assignment yet answers FAILED_PRECONDITION.
-        if (err.code !== grpc.status.FAILED_PRECONDITION) throw err;
-        await sleep(200);
-      }
+    const before = await retryingUnavailable(
+      'Pull', () => pull(ps, member, [info.name], metadata), summary, giveUpAt
+    );
+
+    // 4. A shard to train: WAIT until the job trains (and while no shard is free).
+    let lease = null;
+    summary.lease_waits = 0;
+    while (lease === null) {
+      const answer = await unary(coordinator, 'LeaseShard', { member, max_wait_s: 1 }, metadata);
+      if (answer.outcome === 'LEASE_OUTCOME_GRANTED') lease = answer.lease;
+      else if (answer.outcome === 'LEASE_OUTCOME_WAIT') {
+        summary.lease_waits++;
+        await sleep(answer.retry_after_s * 1000);
+      } else throw new Error(`LeaseShard answered ${answer.outcome}`);
     }
+    summary.lease = { epoch: lease.epoch, shard: lease.shard, lease_id: lease.lease_id };
+    summary.job_state = (await unary(coordinator, 'GetStatus', {}, metadata)).state;
     const pulled = before.tensors.get(info.name);
     if (!pulled) throw new Error(`Pull did not return ${info.name}`);
     if (pulled.shape.join(',') !== info.shape.map(Number).join(',') || pulled.dtype !== info.dtype) {
@@ -449,8 +476,20 @@ async function main(opts, summary) {
     if (watcher.events.length === 0) failures.push('no job event received');
     if (failures.length) throw new Error(failures.join('; '));
     ps.close();
+
+    // 7. Complete the shard. This client computes no loss: loss_unknown, so recent_loss is untouched.
+    const samples = String(BigInt(lease.end) - BigInt(lease.start) - BigInt(lease.offset));
+    const completed = await unary(
+      coordinator,
+      'CompleteShard',
+      { member, epoch: lease.epoch, shard: lease.shard, samples, lease_id: lease.lease_id, loss_unknown: true },
+      metadata
+    );
+    const statusAfter = await unary(coordinator, 'GetStatus', {}, metadata);
+    summary.completed = { samples, epoch_completed: completed.epoch_completed, shard_completions: statusAfter.shard_completions };
   } finally {
-    // 7. Leave cleanly and stop watching.
+    clearInterval(heartbeat);
+    // Leave cleanly and stop watching.
     try {
       await unary(coordinator, 'Deregister', { member }, metadata);
       summary.deregistered = true;

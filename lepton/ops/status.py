@@ -38,7 +38,8 @@ def render(status: cpb.GetStatusResponse) -> str:
         lines.append(
             f"  {m.member.member_id:<12} {role:<7} inc {m.member.incarnation:<3} "
             f"{'alive' if m.alive else 'dead ':<6} heartbeat {m.last_heartbeat_age_s:5.1f}s ago"
-            f"  pid {m.pid}@{m.hostname}{('  ' + m.address) if m.address else ''}{lease}"
+            f"  pid {m.pid}@{m.hostname}{(' (' + m.instance + ')') if m.instance else ''}"
+            f"{('  ' + m.address) if m.address else ''}{lease}"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 from lepton.v1 import common_pb2 as _common_pb2
+from lepton.v1 import options_pb2 as _options_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -43,6 +44,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CHECKPOINT_REQUESTED: _ClassVar[EventKind]
     EVENT_KIND_CHECKPOINT_COMPLETED: _ClassVar[EventKind]
     EVENT_KIND_CHECKPOINT_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_EVALUATION_DECLINED: _ClassVar[EventKind]
 
 class CheckpointState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,24 +79,27 @@ EVENT_KIND_SHARD_QUARANTINED: EventKind
 EVENT_KIND_CHECKPOINT_REQUESTED: EventKind
 EVENT_KIND_CHECKPOINT_COMPLETED: EventKind
 EVENT_KIND_CHECKPOINT_FAILED: EventKind
+EVENT_KIND_EVALUATION_DECLINED: EventKind
 CHECKPOINT_STATE_UNSPECIFIED: CheckpointState
 CHECKPOINT_STATE_PENDING: CheckpointState
 CHECKPOINT_STATE_COMPLETE: CheckpointState
 CHECKPOINT_STATE_FAILED: CheckpointState
 
 class RegisterMemberRequest(_message.Message):
-    __slots__ = ("role", "address", "member_id", "hostname", "pid")
+    __slots__ = ("role", "address", "member_id", "hostname", "pid", "instance")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.Role
     address: str
     member_id: str
     hostname: str
     pid: int
-    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., member_id: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., member_id: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class RegisterMemberResponse(_message.Message):
     __slots__ = ("member", "job")
@@ -269,7 +274,7 @@ class LeaseShardResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[LeaseOutcome, str]] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("member", "epoch", "shard", "offset", "loss", "samples", "lease_id")
+    __slots__ = ("member", "epoch", "shard", "offset", "loss", "samples", "lease_id", "loss_unknown")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +282,7 @@ class ReportProgressRequest(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     epoch: int
     shard: int
@@ -284,27 +290,30 @@ class ReportProgressRequest(_message.Message):
     loss: float
     samples: int
     lease_id: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
+    loss_unknown: bool
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ..., loss_unknown: _Optional[bool] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CompleteShardRequest(_message.Message):
-    __slots__ = ("member", "epoch", "shard", "loss", "samples", "lease_id")
+    __slots__ = ("member", "epoch", "shard", "loss", "samples", "lease_id", "loss_unknown")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     epoch: int
     shard: int
     loss: float
     samples: int
     lease_id: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
+    loss_unknown: bool
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., lease_id: _Optional[int] = ..., loss_unknown: _Optional[bool] = ...) -> None: ...
 
 class CompleteShardResponse(_message.Message):
     __slots__ = ("epoch_completed",)
@@ -356,12 +365,24 @@ class ReportEvaluationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DeclineEvaluationRequest(_message.Message):
+    __slots__ = ("member", "reason")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    reason: str
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineEvaluationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("member", "role", "address", "alive", "last_heartbeat_age_s", "lease", "has_lease", "hostname", "pid")
+    __slots__ = ("member", "role", "address", "alive", "last_heartbeat_age_s", "lease", "has_lease", "hostname", "pid", "instance")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +392,7 @@ class MemberStatus(_message.Message):
     HAS_LEASE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     role: _common_pb2.Role
     address: str
@@ -380,7 +402,8 @@ class MemberStatus(_message.Message):
     has_lease: bool
     hostname: str
     pid: int
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_heartbeat_age_s: _Optional[float] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., has_lease: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., role: _Optional[_Union[_common_pb2.Role, str]] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_heartbeat_age_s: _Optional[float] = ..., lease: _Optional[_Union[ShardLease, _Mapping]] = ..., has_lease: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class EvaluationResult(_message.Message):
     __slots__ = ("accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression")

@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """A member's life: RegisterMember, then Heartbeat every JobSpec.heartbeat_interval_s until it
+    exits (Deregister on the way out). A worker: LeaseShard until GRANTED (WAIT: ask again after
+    retry_after_s), GetLayout, Pull from the layout's servers (UNAVAILABLE until they have loaded
+    their assignment: retry after lepton-retry-after-ms), train and Push, ReportProgress now and
+    then, CompleteShard at the shard's end, LeaseShard again; EVALUATE: evaluate or
+    DeclineEvaluation; JOB_DONE: Deregister and exit.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -84,6 +90,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
+        self.DeclineEvaluation = channel.unary_unary(
+                '/lepton.v1.Coordinator/DeclineEvaluation',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/lepton.v1.Coordinator/GetStatus',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
@@ -117,12 +128,22 @@ class CoordinatorStub:
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A member's life: RegisterMember, then Heartbeat every JobSpec.heartbeat_interval_s until it
+    exits (Deregister on the way out). A worker: LeaseShard until GRANTED (WAIT: ask again after
+    retry_after_s), GetLayout, Pull from the layout's servers (UNAVAILABLE until they have loaded
+    their assignment: retry after lepton-retry-after-ms), train and Push, ReportProgress now and
+    then, CompleteShard at the shard's end, LeaseShard again; EVALUATE: evaluate or
+    DeclineEvaluation; JOB_DONE: Deregister and exit.
+    """
 
     def RegisterMember(self, request, context):
         """Joins the job as a parameter server or worker. Returns the member's identity and the job spec.
         A member that passes a member_id it had before gets the same id with a higher incarnation (the
-        old incarnation is fenced). Errors: INVALID_ARGUMENT (role unspecified, bad address).
+        old incarnation is fenced).
+        Errors: INVALID_ARGUMENT (role unspecified, bad address), FAILED_PRECONDITION (a parameter
+        server beyond JobSpec.parameter_servers).
+        Retryable: UNAVAILABLE. A retry after a lost answer registers again (a new incarnation under
+        the id passed, or a new id if none was): pass the member_id of the first answer if one came.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +152,8 @@ class CoordinatorServicer:
     def Heartbeat(self, request, context):
         """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s. Returns the
         job state and, to parameter servers, the worker membership they fence pushes against.
-        Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation).
+        Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation: re-register).
+        Retryable: UNAVAILABLE (idempotent; or simply send the next heartbeat).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,7 +161,9 @@ class CoordinatorServicer:
 
     def Deregister(self, request, context):
         """Leaves the job gracefully: leased shards go back to the queue at their last reported offset.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced; also the answer to a retry whose first try
+        succeeded: the member has departed).
+        Retryable: UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,8 +171,10 @@ class CoordinatorServicer:
 
     def GetAssignment(self, request, context):
         """Streams a parameter server's share of the initial parameters and the optimizer to run.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, not a parameter server, or the layout is not
-        decided yet because fewer than JobSpec.parameter_servers have registered).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or not a parameter server), UNAVAILABLE with
+        lepton-retry-after-ms (the layout is not decided yet: fewer than JobSpec.parameter_servers
+        have registered).
+        Retryable: UNAVAILABLE (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,25 +182,35 @@ class CoordinatorServicer:
 
     def ReportReady(self, request, context):
         """A parameter server reports that it has loaded its assignment and serves it.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or layout_version is not the current one).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or layout_version is not the current one:
+        GetAssignment again).
+        Retryable: UNAVAILABLE (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetLayout(self, request, context):
-        """Which parameter server holds which tensor. Errors: FAILED_PRECONDITION (not decided yet).
+        """Which parameter server holds which tensor. Answers once the layout is decided (from
+        JOB_STATE_INITIALIZING on); the servers may still be loading it then (their Pull answers
+        UNAVAILABLE until they serve). Re-read it when HeartbeatResponse.layout_version grows.
+        Errors: UNAVAILABLE with lepton-retry-after-ms (the layout is not decided yet).
+        Retryable: UNAVAILABLE (no side effects).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LeaseShard(self, request, context):
-        """Asks for work. "No shard available yet" and "job done" are outcomes, not errors. With
+        """Asks for work. "No shard available yet" and "job done" are outcomes, not errors: before the
+        job trains (servers still registering or loading) the answer is WAIT. With
         max_wait_s > 0 the call is a long poll: a WAIT is held up to that long (at most 5 s) and
         answered as soon as a shard is free (or the job moves on); a coordinator with too many waiters
         already answers WAIT at once. Give the call a deadline beyond max_wait_s.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced), INVALID_ARGUMENT (max_wait_s negative or NaN).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or not a worker), INVALID_ARGUMENT
+        (max_wait_s negative or NaN).
+        Retryable: UNAVAILABLE. A lease granted by a try whose answer was lost stays with the member
+        and comes back (same lease_id) from the next LeaseShard.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,8 +220,10 @@ class CoordinatorServicer:
         """Reports how far into a leased shard the worker has trained (and pushed), and renews the lease
         (as a heartbeat does). If the worker dies, the shard resumes from the last reported offset. A
         lease that is not renewed within JobSpec.lease_timeout_s is revoked and its holder fenced.
-        Errors: NOT_FOUND (member or shard), FAILED_PRECONDITION (fenced, lease not held, epoch over),
-        INVALID_ARGUMENT (offset outside the shard or moving backwards).
+        Errors: NOT_FOUND (member or shard), FAILED_PRECONDITION (fenced, lease not held, epoch over:
+        stop training the shard), INVALID_ARGUMENT (offset outside the shard or moving backwards,
+        loss not finite, samples out of range).
+        Retryable: UNAVAILABLE (idempotent for the same offset; or send newer progress).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,15 +232,35 @@ class CoordinatorServicer:
     def CompleteShard(self, request, context):
         """Marks a leased shard complete for its epoch. Counted exactly once per (epoch, shard): a second
         completion is rejected with FAILED_PRECONDITION and counted in duplicate_completions_rejected.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, lease not held, already completed).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, lease not held, already completed),
+        INVALID_ARGUMENT (as ReportProgress).
+        Retryable: UNAVAILABLE. A retry whose first try was counted gets FAILED_PRECONDITION
+        ("already complete"): treat that as done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReportEvaluation(self, request, context):
-        """The worker that was handed the evaluation reports the final test metrics.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or evaluation not leased to this member).
+        """The worker that was handed the evaluation (LEASE_OUTCOME_EVALUATE) reports the final test
+        metrics; the job then SUCCEEDS.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or evaluation not leased to this member),
+        INVALID_ARGUMENT (loss not finite, samples negative).
+        Retryable: UNAVAILABLE. A retry whose first try was counted gets FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineEvaluation(self, request, context):
+        """A worker that was handed the evaluation (LEASE_OUTCOME_EVALUATE) and cannot evaluate (it has
+        no test set, no model code, ...) gives it back: the coordinator hands it to another worker
+        (the next to ask for a lease) and never offers it to this incarnation again; the member stays
+        in the job (keep heartbeating and asking LeaseShard, which answers WAIT or JOB_DONE).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced, or the evaluation is not leased to this
+        member; also the answer to a retry whose first try took effect), INVALID_ARGUMENT (reason
+        over 2,000 characters).
+        Retryable: UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +268,7 @@ class CoordinatorServicer:
 
     def GetStatus(self, request, context):
         """The job as the coordinator sees it. Never fails while the coordinator serves.
+        Retryable: UNAVAILABLE (no side effects).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +278,7 @@ class CoordinatorServicer:
         """Job control (role admin): ends the job as FAILED with the given reason; members see it on
         their next heartbeat or lease and exit. Idempotent on a finished job (nothing changes).
         Errors: INVALID_ARGUMENT (empty reason), PERMISSION_DENIED (not an admin token).
+        Retryable: UNAVAILABLE (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +290,9 @@ class CoordinatorServicer:
         10,000) are skipped. With a --state-dir the history is committed together with the state
         change each event describes and survives a coordinator restart: a watcher whose stream broke
         reconnects with after_sequence = the last sequence it saw and misses nothing.
+        Errors: INVALID_ARGUMENT (after_sequence negative), DEADLINE_EXCEEDED (the server ended a
+        stream that reached its lifetime, --stream-lifetime: reopen after the last sequence seen).
+        Retryable: UNAVAILABLE, DEADLINE_EXCEEDED (reopen with after_sequence = the last seen).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,8 +307,10 @@ class CoordinatorServicer:
         time: a request while one is pending returns the pending one (coalesced = true).
         sync: every server snapshots at the same version (global step); async and ssp: each server
         snapshots the version it has (recorded per server; not a global cut). See CheckpointManifest.
-        Errors: INVALID_ARGUMENT (reason over 200 characters), FAILED_PRECONDITION (no layout yet,
-        or the job is over), PERMISSION_DENIED (not an admin token).
+        Errors: INVALID_ARGUMENT (reason over 200 characters), UNAVAILABLE with
+        lepton-retry-after-ms (no layout yet), FAILED_PRECONDITION (the job is over),
+        PERMISSION_DENIED (not an admin token).
+        Retryable: UNAVAILABLE (a retry while the first is pending is coalesced into it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -255,6 +320,7 @@ class CoordinatorServicer:
         """One checkpoint's manifest, or the newest complete one when checkpoint_id is empty.
         Errors: INVALID_ARGUMENT (checkpoint_id not of the form ckpt-000001), NOT_FOUND (no such
         checkpoint, or none complete yet).
+        Retryable: UNAVAILABLE (no side effects).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,6 +336,7 @@ class CoordinatorServicer:
         INVALID_ARGUMENT (empty reason, or over 2,000 characters), NOT_FOUND (unknown member),
         FAILED_PRECONDITION (fenced, or a worker other than the evaluator of a job in
         JOB_STATE_EVALUATING).
+        Retryable: UNAVAILABLE (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -328,6 +395,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.SerializeToString,
             ),
+            'DeclineEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineEvaluation,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationResponse.SerializeToString,
+            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.GetStatusRequest.FromString,
@@ -367,7 +439,13 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """A member's life: RegisterMember, then Heartbeat every JobSpec.heartbeat_interval_s until it
+    exits (Deregister on the way out). A worker: LeaseShard until GRANTED (WAIT: ask again after
+    retry_after_s), GetLayout, Pull from the layout's servers (UNAVAILABLE until they have loaded
+    their assignment: retry after lepton-retry-after-ms), train and Push, ReportProgress now and
+    then, CompleteShard at the shard's end, LeaseShard again; EVALUATE: evaluate or
+    DeclineEvaluation; JOB_DONE: Deregister and exit.
+    """
 
     @staticmethod
     def RegisterMember(request,
@@ -629,6 +707,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/ReportEvaluation',
             lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.ReportEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.Coordinator/DeclineEvaluation',
+            lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.DeclineEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,

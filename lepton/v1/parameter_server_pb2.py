@@ -23,39 +23,52 @@ _sym_db = _symbol_database.Default()
 
 
 from lepton.v1 import common_pb2 as lepton_dot_v1_dot_common__pb2
+from lepton.v1 import options_pb2 as lepton_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lepton/v1/parameter_server.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\"i\n\x0bPullRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\r\n\x05names\x18\x02 \x03(\t\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.lepton.v1.RowSelection\"n\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.lepton.v1.TensorChunk\x12%\n\x04push\x18\x03 \x01(\x0b\x32\x17.lepton.v1.PushResponse\"\xaa\x01\n\nPushHeader\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12%\n\x04rows\x18\x05 \x03(\x0b\x32\x17.lepton.v1.RowSelection\x12\x0f\n\x07tensors\x18\x06 \x01(\x05\"\\\n\x0bPushRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lepton.v1.PushHeader\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.lepton.v1.TensorChunk\"[\n\x0cPushResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.lepton.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"9\n\x11LeaveStepsRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\"\x14\n\x12LeaveStepsResponse\"N\n\x10JoinStepsRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\"4\n\x11JoinStepsResponse\x12\x0e\n\x06joined\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x18\n\x16GetServerStatusRequest\"\xec\x02\n\x17GetServerStatusResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x17\n\x0fupdates_applied\x18\x03 \x01(\x03\x12\x17\n\x0fpushes_received\x18\x04 \x01(\x03\x12\x14\n\x0cpushes_stale\x18\x05 \x01(\x03\x12\x17\n\x0fpushes_rejected\x18\x06 \x01(\x03\x12\x17\n\x0fsteps_timed_out\x18\x07 \x01(\x03\x12\x15\n\rmax_staleness\x18\x08 \x01(\x03\x12\x16\n\x0emean_staleness\x18\t \x01(\x01\x12\x14\n\x0c\x62ytes_pulled\x18\n \x01(\x03\x12\x14\n\x0c\x62ytes_pushed\x18\x0b \x01(\x03\x12(\n\x04mode\x18\x0c \x01(\x0e\x32\x1a.lepton.v1.ConsistencyMode\x12\x15\n\rmax_clock_gap\x18\r \x01(\x03\x12\x17\n\x0fmax_compute_gap\x18\x0e \x01(\x03*]\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14PUSH_OUTCOME_APPLIED\x10\x01\x12\x16\n\x12PUSH_OUTCOME_STALE\x10\x02\x32\xb5\x03\n\x0fParameterServer\x12\x39\n\x04Pull\x12\x16.lepton.v1.PullRequest\x1a\x17.lepton.v1.PullResponse0\x01\x12\x39\n\x04Push\x12\x16.lepton.v1.PushRequest\x1a\x17.lepton.v1.PushResponse(\x01\x12?\n\x08PushPull\x12\x16.lepton.v1.PushRequest\x1a\x17.lepton.v1.PullResponse(\x01\x30\x01\x12I\n\nLeaveSteps\x12\x1c.lepton.v1.LeaveStepsRequest\x1a\x1d.lepton.v1.LeaveStepsResponse\x12\x46\n\tJoinSteps\x12\x1b.lepton.v1.JoinStepsRequest\x1a\x1c.lepton.v1.JoinStepsResponse\x12X\n\x0fGetServerStatus\x12!.lepton.v1.GetServerStatusRequest\x1a\".lepton.v1.GetServerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lepton/v1/parameter_server.proto\x12\tlepton.v1\x1a\x16lepton/v1/common.proto\x1a\x17lepton/v1/options.proto\"i\n\x0bPullRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\r\n\x05names\x18\x02 \x03(\t\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.lepton.v1.RowSelection\"n\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.lepton.v1.TensorChunk\x12%\n\x04push\x18\x03 \x01(\x0b\x32\x17.lepton.v1.PushResponse\"\xaa\x01\n\nPushHeader\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0csample_count\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12%\n\x04rows\x18\x05 \x03(\x0b\x32\x17.lepton.v1.RowSelection\x12\x0f\n\x07tensors\x18\x06 \x01(\x05\"\\\n\x0bPushRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lepton.v1.PushHeader\x12&\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x16.lepton.v1.TensorChunk\"[\n\x0cPushResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.lepton.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"9\n\x11LeaveStepsRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\"\x14\n\x12LeaveStepsResponse\"N\n\x10JoinStepsRequest\x12$\n\x06member\x18\x01 \x01(\x0b\x32\x14.lepton.v1.MemberRef\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\"4\n\x11JoinStepsResponse\x12\x0e\n\x06joined\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x18\n\x16GetServerStatusRequest\"\xec\x02\n\x17GetServerStatusResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x17\n\x0fupdates_applied\x18\x03 \x01(\x03\x12\x17\n\x0fpushes_received\x18\x04 \x01(\x03\x12\x14\n\x0cpushes_stale\x18\x05 \x01(\x03\x12\x17\n\x0fpushes_rejected\x18\x06 \x01(\x03\x12\x17\n\x0fsteps_timed_out\x18\x07 \x01(\x03\x12\x15\n\rmax_staleness\x18\x08 \x01(\x03\x12\x16\n\x0emean_staleness\x18\t \x01(\x01\x12\x14\n\x0c\x62ytes_pulled\x18\n \x01(\x03\x12\x14\n\x0c\x62ytes_pushed\x18\x0b \x01(\x03\x12(\n\x04mode\x18\x0c \x01(\x0e\x32\x1a.lepton.v1.ConsistencyMode\x12\x15\n\rmax_clock_gap\x18\r \x01(\x03\x12\x17\n\x0fmax_compute_gap\x18\x0e \x01(\x03*]\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14PUSH_OUTCOME_APPLIED\x10\x01\x12\x16\n\x12PUSH_OUTCOME_STALE\x10\x02\x32\xe7\x03\n\x0fParameterServer\x12\x41\n\x04Pull\x12\x16.lepton.v1.PullRequest\x1a\x17.lepton.v1.PullResponse\"\x06\xca\xf3\x18\x02\x02\x01\x30\x01\x12\x41\n\x04Push\x12\x16.lepton.v1.PushRequest\x1a\x17.lepton.v1.PushResponse\"\x06\xca\xf3\x18\x02\x02\x01(\x01\x12G\n\x08PushPull\x12\x16.lepton.v1.PushRequest\x1a\x17.lepton.v1.PullResponse\"\x06\xca\xf3\x18\x02\x02\x01(\x01\x30\x01\x12Q\n\nLeaveSteps\x12\x1c.lepton.v1.LeaveStepsRequest\x1a\x1d.lepton.v1.LeaveStepsResponse\"\x06\xca\xf3\x18\x02\x02\x01\x12N\n\tJoinSteps\x12\x1b.lepton.v1.JoinStepsRequest\x1a\x1c.lepton.v1.JoinStepsResponse\"\x06\xca\xf3\x18\x02\x02\x01\x12\x62\n\x0fGetServerStatus\x12!.lepton.v1.GetServerStatusRequest\x1a\".lepton.v1.GetServerStatusResponse\"\x08\xca\xf3\x18\x04\x02\x03\x04\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lepton.v1.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUSHOUTCOME']._serialized_start=1258
-  _globals['_PUSHOUTCOME']._serialized_end=1351
-  _globals['_PULLREQUEST']._serialized_start=71
-  _globals['_PULLREQUEST']._serialized_end=176
-  _globals['_PULLRESPONSE']._serialized_start=178
-  _globals['_PULLRESPONSE']._serialized_end=288
-  _globals['_PUSHHEADER']._serialized_start=291
-  _globals['_PUSHHEADER']._serialized_end=461
-  _globals['_PUSHREQUEST']._serialized_start=463
-  _globals['_PUSHREQUEST']._serialized_end=555
-  _globals['_PUSHRESPONSE']._serialized_start=557
-  _globals['_PUSHRESPONSE']._serialized_end=648
-  _globals['_LEAVESTEPSREQUEST']._serialized_start=650
-  _globals['_LEAVESTEPSREQUEST']._serialized_end=707
-  _globals['_LEAVESTEPSRESPONSE']._serialized_start=709
-  _globals['_LEAVESTEPSRESPONSE']._serialized_end=729
-  _globals['_JOINSTEPSREQUEST']._serialized_start=731
-  _globals['_JOINSTEPSREQUEST']._serialized_end=809
-  _globals['_JOINSTEPSRESPONSE']._serialized_start=811
-  _globals['_JOINSTEPSRESPONSE']._serialized_end=863
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=865
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=889
-  _globals['_GETSERVERSTATUSRESPONSE']._serialized_start=892
-  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=1256
-  _globals['_PARAMETERSERVER']._serialized_start=1354
-  _globals['_PARAMETERSERVER']._serialized_end=1791
+  _globals['_PARAMETERSERVER'].methods_by_name['Pull']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['Pull']._serialized_options = b'\312\363\030\002\002\001'
+  _globals['_PARAMETERSERVER'].methods_by_name['Push']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['Push']._serialized_options = b'\312\363\030\002\002\001'
+  _globals['_PARAMETERSERVER'].methods_by_name['PushPull']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['PushPull']._serialized_options = b'\312\363\030\002\002\001'
+  _globals['_PARAMETERSERVER'].methods_by_name['LeaveSteps']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['LeaveSteps']._serialized_options = b'\312\363\030\002\002\001'
+  _globals['_PARAMETERSERVER'].methods_by_name['JoinSteps']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['JoinSteps']._serialized_options = b'\312\363\030\002\002\001'
+  _globals['_PARAMETERSERVER'].methods_by_name['GetServerStatus']._loaded_options = None
+  _globals['_PARAMETERSERVER'].methods_by_name['GetServerStatus']._serialized_options = b'\312\363\030\004\002\003\004\001'
+  _globals['_PUSHOUTCOME']._serialized_start=1283
+  _globals['_PUSHOUTCOME']._serialized_end=1376
+  _globals['_PULLREQUEST']._serialized_start=96
+  _globals['_PULLREQUEST']._serialized_end=201
+  _globals['_PULLRESPONSE']._serialized_start=203
+  _globals['_PULLRESPONSE']._serialized_end=313
+  _globals['_PUSHHEADER']._serialized_start=316
+  _globals['_PUSHHEADER']._serialized_end=486
+  _globals['_PUSHREQUEST']._serialized_start=488
+  _globals['_PUSHREQUEST']._serialized_end=580
+  _globals['_PUSHRESPONSE']._serialized_start=582
+  _globals['_PUSHRESPONSE']._serialized_end=673
+  _globals['_LEAVESTEPSREQUEST']._serialized_start=675
+  _globals['_LEAVESTEPSREQUEST']._serialized_end=732
+  _globals['_LEAVESTEPSRESPONSE']._serialized_start=734
+  _globals['_LEAVESTEPSRESPONSE']._serialized_end=754
+  _globals['_JOINSTEPSREQUEST']._serialized_start=756
+  _globals['_JOINSTEPSREQUEST']._serialized_end=834
+  _globals['_JOINSTEPSRESPONSE']._serialized_start=836
+  _globals['_JOINSTEPSRESPONSE']._serialized_end=888
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=890
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=914
+  _globals['_GETSERVERSTATUSRESPONSE']._serialized_start=917
+  _globals['_GETSERVERSTATUSRESPONSE']._serialized_end=1281
+  _globals['_PARAMETERSERVER']._serialized_start=1379
+  _globals['_PARAMETERSERVER']._serialized_end=1866
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,9 @@ class ParameterServerServicer:
     def Pull(self, request, context):
         """Streams the current values of the requested tensors (all this server holds when `names` is
         empty). The first message carries the version.
-        Errors: NOT_FOUND (unknown tensor name, unknown member), FAILED_PRECONDITION.
+        Errors: NOT_FOUND (unknown tensor name, unknown member), FAILED_PRECONDITION (fenced),
+        UNAVAILABLE with lepton-retry-after-ms (no assignment loaded yet).
+        Retryable: UNAVAILABLE (no side effects), NOT_FOUND for an unknown member (see above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +84,11 @@ class ParameterServerServicer:
         """Pushes one gradient for every tensor this server holds. The first message carries the header.
         In async mode it is applied at once; in sync mode the call returns when the step it belongs to
         has been applied (or was already closed: outcome STALE).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced, optimizer
+        failed), UNAVAILABLE with lepton-retry-after-ms (no assignment loaded yet),
+        DEADLINE_EXCEEDED (sync: the step did not close in time).
+        Retryable: UNAVAILABLE and DEADLINE_EXCEEDED with the same PushHeader.request_id (applied at
+        most once); NOT_FOUND after a backoff (re-pull first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +97,9 @@ class ParameterServerServicer:
     def PushPull(self, request_iterator, context):
         """Push, then stream back the parameters as they are after the push was applied: every dense
         tensor whole except frozen ones (TENSOR_KIND_FROZEN never changes: Pull it once), and of each
-        sparse tensor the rows this push carried. Saves a round trip per step. Errors as Push and Pull.
+        sparse tensor the rows this push carried. Saves a round trip per step.
+        Errors: as Push and Pull.
+        Retryable: as Push.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +108,9 @@ class ParameterServerServicer:
     def LeaveSteps(self, request, context):
         """Sync mode: the worker stops taking part in steps (it has no shard to train right now), so no
         step waits for it. Its next push makes it take part again. Idempotent.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced).
+        Errors: NOT_FOUND, FAILED_PRECONDITION (fenced), UNAVAILABLE with lepton-retry-after-ms (no
+        assignment loaded yet).
+        Retryable: UNAVAILABLE (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,16 +136,19 @@ class ParameterServerServicer:
         async or ssp mode (where workers take part by pushing): joined = true at once. Calling again with the same from_version is safe: it answers joined = true if
         the join took effect meanwhile (and the worker still takes part), or waits again; so a client
         may wait in short calls and stay able to stop between them.
-        Errors: INVALID_ARGUMENT (from_version < 0), NOT_FOUND, FAILED_PRECONDITION (fenced, or no
-        assignment yet), DEADLINE_EXCEEDED (the version did not reach from_version within the call's
-        deadline; the join stands until LeaveSteps or a call with another from_version).
+        Errors: INVALID_ARGUMENT (from_version < 0), NOT_FOUND, FAILED_PRECONDITION (fenced),
+        UNAVAILABLE with lepton-retry-after-ms (no assignment loaded yet), DEADLINE_EXCEEDED (the
+        version did not reach from_version within the call's deadline; the join stands until
+        LeaveSteps or a call with another from_version).
+        Retryable: UNAVAILABLE and DEADLINE_EXCEEDED with the same from_version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerStatus(self, request, context):
-        """Counters of this server, for operators and tests.
+        """Counters of this server, for operators and tests. Never fails while the server serves.
+        Retryable: UNAVAILABLE (no side effects).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

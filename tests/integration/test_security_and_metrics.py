@@ -96,7 +96,7 @@ def test_a_worker_token_may_not_call_an_admin_rpc_but_an_admin_token_may(secure_
         worker.close()
         admin.close()
     audits = [e for e in logs if e.get("event") == "audit"]
-    assert {"principal": "worker", "outcome": "PERMISSION_DENIED"}.items() <= audits[0].items()
+    assert {"principal": "worker", "caller_role": "worker", "outcome": "PERMISSION_DENIED"}.items() <= audits[0].items()
     assert {"principal": "admin", "outcome": "OK", "method": "/lepton.v1.Coordinator/CancelJob"}.items() <= audits[-1].items()
     assert state.state in (cpb.JOB_STATE_FAILED, cpb.JOB_STATE_SUCCEEDED)
 
@@ -165,6 +165,9 @@ def test_metrics_endpoints_show_the_documented_metrics_after_a_run(tmp_path):
     for name in ("lepton_shards_reassigned_total", "lepton_members_declared_dead_total", "lepton_stale_requests_rejected_total", "lepton_heartbeats_missed_total"):
         assert name in coordinator
     assert ps["lepton_ps_version"] > 0 and ps["lepton_ps_updates_applied_total"] == ps["lepton_ps_version"]
-    assert ps["lepton_ps_bytes_pushed_total"] > 0 and ps["lepton_ps_bytes_pulled_total"] > 0
+    assert ps["lepton_ps_pushed_bytes_total"] > 0 and ps["lepton_ps_pulled_bytes_total"] > 0
+    # The names before Prometheus conventions stay one release as deprecated aliases.
+    assert ps["lepton_ps_bytes_pushed_total"] == ps["lepton_ps_pushed_bytes_total"]
+    assert ps["lepton_ps_bytes_pulled_total"] == ps["lepton_ps_pulled_bytes_total"]
     assert ps['lepton_ps_staleness_updates_bucket{le="+Inf"}'] == ps["lepton_ps_updates_applied_total"]
     assert ps['lepton_rpc_server_handled_total{code="OK",method="PushPull",service="lepton.v1.ParameterServer"}'] > 0

@@ -11,7 +11,7 @@ import torch
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.domain import Role
 from lepton.config import JobSpec
-from lepton.errors import FailedPrecondition, NotFound
+from lepton.errors import NotFound, Unavailable
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from support import job_events, wait_until
@@ -46,7 +46,7 @@ def test_a_sync_worker_waiting_in_join_steps_leaves_promptly_when_stopped(tmp_pa
         def joined(client):
             try:
                 return client.join_steps(puppet, 0, timeout_s=5.0) == (True, 0)
-            except (NotFound, FailedPrecondition):  # no assignment yet, or the member is new to it
+            except (NotFound, Unavailable):  # no assignment yet (NotReady), or the member is new to it
                 return False
 
         for client in servers:

@@ -23,20 +23,25 @@ from ps_server.servicer import ParameterServerServicer
 
 
 class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.trailing = dict(trailing)
 
 
 class FakeContext:
     def __init__(self, remaining_s: float | None = 1.0) -> None:
         self._remaining = remaining_s
         self._code = None
+        self._trailing: tuple = ()
+
+    def set_trailing_metadata(self, metadata):
+        self._trailing = tuple(metadata)
 
     def abort(self, code, details):
         self._code = code
-        raise Aborted(code, details)
+        raise Aborted(code, details, self._trailing)
 
     def code(self):
         return self._code
@@ -137,13 +142,16 @@ def test_negative_progress_offset_is_invalid_argument(coordinator):
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_assignment_before_the_layout_is_failed_precondition():
+def test_assignment_and_layout_before_the_layout_are_unavailable_with_a_retry_delay():
     clock = FakeClock()
     job = Job(SPEC.replace(parameter_servers=2), 100, {"w": torch.ones(2)})
     servicer = CoordinatorServicer(job, clock.now)
     ps = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_PARAMETER_SERVER, address="h:1"))
     error = rejected(lambda: streaming(servicer, "GetAssignment", cpb.GetAssignmentRequest(member=ps.member)))
-    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "1 more" in error.details
+    assert error.code is grpc.StatusCode.UNAVAILABLE and "1 more" in error.details
+    assert error.trailing == {"lepton-retry-after-ms": "500"}  # heartbeat_interval_s / 2
+    error = rejected(lambda: unary(servicer, "GetLayout", cpb.GetLayoutRequest()))
+    assert error.code is grpc.StatusCode.UNAVAILABLE and error.trailing == {"lepton-retry-after-ms": "500"}
 
 
 def test_assignment_streams_the_servers_initial_tensors(coordinator):
@@ -214,13 +222,14 @@ def test_push_pull_returns_parameters_after_the_push(ps):
     assert messages[0].version == 1 and torch.allclose(values["w"], torch.zeros(2, 3))
 
 
-def test_pull_before_assignment_is_failed_precondition():
+def test_pull_before_assignment_is_unavailable_with_a_retry_delay():
     node = ParameterServer("ps-0")
     node.update_roster([WorkerEntry("worker-0", 1, True)])
     servicer = ParameterServerServicer(node)
     request = ppb.PullRequest(member=common.MemberRef(member_id="worker-0", incarnation=1))
     error = rejected(lambda: streaming(servicer, "Pull", request))
-    assert error.code is grpc.StatusCode.FAILED_PRECONDITION and "no assignment" in error.details
+    assert error.code is grpc.StatusCode.UNAVAILABLE and "not loaded its assignment" in error.details
+    assert error.trailing == {"lepton-retry-after-ms": "200"}
 
 
 def test_pull_of_unknown_tensor_is_not_found(ps):

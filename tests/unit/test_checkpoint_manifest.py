@@ -15,7 +15,7 @@ from coordinator.membership import Role
 from coordinator.statedb import SqliteJobStore
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
-from lepton.errors import FailedPrecondition, InvalidArgument, NotFound
+from lepton.errors import FailedPrecondition, InvalidArgument, NotFound, NotReady
 
 TENSORS = {"ps-0": ["w"], "ps-1": ["b"]}
 
@@ -171,8 +171,9 @@ def test_a_worker_may_not_report_a_checkpoint_and_nothing_changes():
 def test_no_checkpoint_before_the_layout_or_after_the_job_and_a_final_one_when_training_ends():
     clock = FakeClock()
     job = Job(SPEC, 10, PARAMS)
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(NotReady) as not_ready:
         job.request_checkpoint("", clock.now())
+    assert not_ready.value.retry_after_s == SPEC.heartbeat_interval_s / 2
     job, servers = training_job(clock)
     worker = job.register(Role.WORKER, "", clock.now())
     decision = job.lease(worker.member_id, worker.incarnation, clock.now())

@@ -12,7 +12,7 @@ from coordinator.job import EvaluationResult, Job, JobState, LeaseOutcome
 from coordinator.membership import Member, Role
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
-from lepton.errors import DuplicateCompletion, FailedPrecondition, Fenced, InvalidArgument, NotFound
+from lepton.errors import DuplicateCompletion, FailedPrecondition, Fenced, InvalidArgument, NotFound, NotReady
 from lepton.tensors import assemble
 
 SPEC = JobSpec(
@@ -94,12 +94,13 @@ def test_a_job_runs_from_waiting_for_servers_to_succeeded(job, clock):
     w = worker(job, clock)
     wait = job.lease(w.member_id, w.incarnation, clock.now())
     assert wait.outcome is LeaseOutcome.WAIT and wait.retry_after_s == SPEC.heartbeat_interval_s / 2
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(NotReady) as not_ready:
         job.layout()
+    assert not_ready.value.retry_after_s == SPEC.heartbeat_interval_s / 2
 
     ps0 = job.register(Role.PARAMETER_SERVER, "10.0.0.1:7000", clock.now())
     assert job.state is JobState.WAITING_FOR_SERVERS and job.layout_version == 0
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(NotReady):
         job.assignment(ps0.member_id, ps0.incarnation)
     ps1 = job.register(Role.PARAMETER_SERVER, "10.0.0.2:7000", clock.now())
     assert job.state is JobState.INITIALIZING and job.layout_version == 1
