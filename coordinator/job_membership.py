@@ -10,7 +10,7 @@ import structlog
 from lepton.domain import CheckpointReport
 from coordinator.events import EventKind
 from coordinator.job_base import JobCore
-from coordinator.job_types import HeartbeatReply, JobState, WorkerView
+from coordinator.job_types import HeartbeatReply, JobState
 from coordinator.layout import balance
 from coordinator.membership import Member, Role
 from lepton.errors import FailedPrecondition, InvalidArgument

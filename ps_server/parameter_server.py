@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lepton.domain import CheckpointReport
-from lepton.errors import FailedPrecondition, InvalidArgument, LeptonError, NotReady
+from lepton.errors import InvalidArgument, LeptonError, NotReady
 from lepton.tensors import TensorKind, TensorSpec, payload_bytes
 from ps_server.checkpoint_files import CheckpointDirectory, CheckpointTally, PeriodicCheckpoints
 from ps_server.consistency import consistency_gate

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lepton.certs import make_dev_pki
+from lepton.ops.certs import make_dev_pki
 
 SCRIPT = r"""
 import socket, sys
