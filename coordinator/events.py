@@ -28,6 +28,7 @@ class EventKind(Enum):
     CHECKPOINT_REQUESTED = 12
     CHECKPOINT_COMPLETED = 13
     CHECKPOINT_FAILED = 14
+    VALIDATED = 15
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from lepton.security import INSECURE, Security
 from lepton.status import FINAL_STATUS_FILE, status_dict, to_plain
 from lepton.tasks import REGRESSION, Evaluation
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.wire import evaluation_from_proto
+from lepton.wire import evaluation_from_proto, validation_row
 
 if TYPE_CHECKING:
     from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
@@ -224,6 +224,9 @@ def build_report(
         "coordinator": address,
         "state_dir": str(state_dir),
         "exit_codes": exit_codes,
+        "eval_every_epochs": spec.eval_every_epochs,
+        "validation": [],
+        "stopped_early": None,
     }
     if status is not None:
         ev = status.evaluation if status.has_evaluation else None
@@ -243,6 +246,8 @@ def build_report(
             quarantined_shards=list(status.quarantined_shards),
             leases_expired=status.leases_expired,
             final_status=status_dict(status),
+            validation=[validation_row(row) for row in status.validation],
+            stopped_early=status.stopped_early or None,
         )
     if tally is not None:
         per_epoch = [0] * spec.epochs
