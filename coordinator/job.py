@@ -246,8 +246,12 @@ class Job(MembershipOps):
             return epoch_done
 
     def report_evaluation(
-        self, member_id: str, incarnation: int, result: EvaluationResult, now: float
+        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int = 0
     ) -> None:
+        """The evaluation the worker was asked for: a due validation's (recorded, training goes on)
+        or the final one (the job succeeds). ``model_version``: the newest server version among
+        the parameters it evaluated (0: unknown, the newest heard from the servers is recorded).
+        Raises FailedPrecondition (not asked) and InvalidArgument (impossible metrics)."""
         with self._changing():
             self._worker(member_id, incarnation)
             if not self._evaluating(member_id, incarnation):
@@ -255,13 +259,15 @@ class Job(MembershipOps):
             problem = evaluation_problem(result)
             if problem:
                 raise InvalidArgument(problem)
+            if model_version < 0:
+                raise InvalidArgument(f"model_version must be >= 0 (0: unknown), got {model_version}")
             if self._state is JobState.TRAINING:
-                self._record_validation(member_id, incarnation, result, now)
+                self._record_validation(member_id, incarnation, result, now, model_version)
                 self._persist(now)
                 return
             ended = self._ledger.epoch - 1  # the last epoch trained (earlier, if it stopped early)
             if self.spec.eval_every_epochs and (not self._validation or self._validation[-1].epoch != ended):
-                self._validation.append(self._validation_row(ended, result, final=True))
+                self._validation.append(self._validation_row(ended, result, model_version, final=True))
             self._evaluation = result
             self.events.append(
                 EventKind.EVALUATED,
@@ -280,10 +286,12 @@ class Job(MembershipOps):
         )
         return due and self._evaluator == (member_id, incarnation)
 
-    def _validation_row(self, epoch: int, result: EvaluationResult, final: bool = False) -> ValidationRecord:
+    def _validation_row(
+        self, epoch: int, result: EvaluationResult, model_version: int, final: bool = False
+    ) -> ValidationRecord:
         return ValidationRecord(
             epoch=epoch,
-            step=max(self._fleet.versions.values(), default=0),
+            step=model_version or max(self._fleet.versions.values(), default=0),
             samples_trained=self._progress.samples,
             training_seconds=self._training_seconds(self._last_now),
             time_unix_s=self._wall_clock(),
@@ -291,11 +299,13 @@ class Job(MembershipOps):
             final=final,
         )
 
-    def _record_validation(self, member_id: str, incarnation: int, result: EvaluationResult, now: float) -> None:
+    def _record_validation(
+        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int
+    ) -> None:
         """A due validation's result: recorded, training resumes (or stops early)."""
         assert self._validation_due is not None
         self._last_now = max(self._last_now, now)
-        row = self._validation_row(self._validation_due, result)
+        row = self._validation_row(self._validation_due, result, model_version)
         self._validation.append(row)
         self._validation_due = None
         self._evaluator = None

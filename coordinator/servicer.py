@@ -247,7 +247,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.CompleteShardResponse(epoch_completed=done)
 
     def ReportEvaluation(self, request, context):
-        self._job.report_evaluation(*_member(request.member), evaluation_from_proto(request), self._now())
+        self._job.report_evaluation(
+            *_member(request.member), evaluation_from_proto(request), self._now(), request.model_version
+        )
         return pb.ReportEvaluationResponse()
 
     def CancelJob(self, request, context):

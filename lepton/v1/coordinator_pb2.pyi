@@ -315,7 +315,7 @@ class CompleteShardResponse(_message.Message):
     def __init__(self, epoch_completed: _Optional[bool] = ...) -> None: ...
 
 class ReportEvaluationRequest(_message.Message):
-    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression")
+    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression", "model_version")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_RECALL_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +324,7 @@ class ReportEvaluationRequest(_message.Message):
     INFERENCE_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     accuracy: float
     macro_recall: float
@@ -332,7 +333,8 @@ class ReportEvaluationRequest(_message.Message):
     inference_samples_per_second: float
     classification: ClassificationMetrics
     regression: RegressionMetrics
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ClassificationMetrics(_message.Message):
     __slots__ = ("per_class_recall", "num_classes", "confusion_matrix")

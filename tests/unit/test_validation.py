@@ -16,7 +16,7 @@ from coordinator.statedb import JobStore, SqliteJobStore
 from coordinator.validation import ValidationRecord, early_stop_reason
 from lepton.clock import FakeClock
 from lepton.config import JobSpec
-from lepton.errors import ConfigError, FailedPrecondition
+from lepton.errors import ConfigError, FailedPrecondition, InvalidArgument
 from lepton.tasks import REGRESSION, Evaluation
 from lepton.wire import validation_row
 from tests.unit.test_job import INITIAL, RESULT, SAMPLES, SPEC, beat, kinds, start_training, worker
@@ -37,9 +37,9 @@ def finish_epoch(job: Job, clock: FakeClock, w) -> None:
         job.complete(w.member_id, w.incarnation, lease.epoch, lease.shard.index, 1.0, 10, clock.now(), lease.lease_id)
 
 
-def validate(job: Job, clock: FakeClock, w, evaluation: Evaluation = RESULT) -> None:
+def validate(job: Job, clock: FakeClock, w, evaluation: Evaluation = RESULT, version: int = 0) -> None:
     assert job.lease(w.member_id, w.incarnation, clock.now()).outcome is LeaseOutcome.EVALUATE
-    job.report_evaluation(w.member_id, w.incarnation, evaluation, clock.now())
+    job.report_evaluation(w.member_id, w.incarnation, evaluation, clock.now(), version)
 
 
 def make(spec: JobSpec, store: JobStore | None = None) -> Job:
@@ -54,15 +54,16 @@ def test_every_epoch_is_validated_once_and_the_final_evaluation_is_the_last_row(
         finish_epoch(job, clock, w)
         status = job.status(clock.now())
         assert status.state is JobState.TRAINING and status.validating
-        validate(job, clock, w, result(0.5 + 0.1 * epoch))
+        validate(job, clock, w, result(0.5 + 0.1 * epoch), version=10 * (epoch + 1))
     finish_epoch(job, clock, w)
     assert job.state is JobState.EVALUATING
-    validate(job, clock, w, result(0.9))
+    validate(job, clock, w, result(0.9), version=30)
     status = job.status(clock.now())
     assert status.state is JobState.SUCCEEDED and not status.validating
     assert [(r.epoch, r.final) for r in status.validation] == [(0, False), (1, False), (2, True)]
     assert [r.evaluation.accuracy for r in status.validation] == [0.5, 0.6, 0.9]
     assert [r.samples_trained for r in status.validation] == [30, 60, 90]
+    assert [r.step for r in status.validation] == [10, 20, 30]
     events = kinds(job, EventKind.VALIDATED)
     assert [e.epoch for e in events] == [0, 1]  # the final one is EVALUATED
     wire = event_to_proto(events[1])
@@ -81,6 +82,9 @@ def test_no_lease_is_granted_while_a_validation_is_due_and_only_the_evaluator_ma
     assert job.status(clock.now()).shards_leased == 0
     with pytest.raises(FailedPrecondition):
         job.report_evaluation(b.member_id, b.incarnation, RESULT, clock.now())
+    with pytest.raises(InvalidArgument):
+        job.report_evaluation(a.member_id, a.incarnation, RESULT, clock.now(), -1)
+    assert job.status(clock.now()).validation == ()
     job.report_evaluation(a.member_id, a.incarnation, RESULT, clock.now())
     assert job.lease(b.member_id, b.incarnation, clock.now()).outcome is LeaseOutcome.GRANTED
     with pytest.raises(FailedPrecondition):  # the validation is over: a second report is refused
