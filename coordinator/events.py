@@ -29,6 +29,7 @@ class EventKind(Enum):
     CHECKPOINT_COMPLETED = 13
     CHECKPOINT_FAILED = 14
     EVALUATION_DECLINED = 15
+    VALIDATED = 16
 
 
 @dataclass(frozen=True)

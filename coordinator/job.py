@@ -33,6 +33,7 @@ from coordinator.job_types import (  # noqa: F401 - the job's value types, impor
 )
 from coordinator.layout import Layout
 from coordinator.membership import Member, Role
+from coordinator.validation import ValidationRecord, early_stop_reason
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotReady
 from lepton.tensors import part
 
@@ -156,6 +157,12 @@ class Job(MembershipOps):
             return wait  # not started, or a parameter server is restarting
         if self._fleet.revoking:
             return wait  # a revocation has not reached every server yet
+        if self._validation_due is not None:
+            # A validation is due: no lease until it is in, so nobody moves the model it pulls.
+            if self._evaluator is None and (member_id, incarnation) not in self._declined:
+                self._evaluator = (member_id, incarnation)
+                self._persist(now)
+            return LeaseDecision(LeaseOutcome.EVALUATE) if self._evaluator == (member_id, incarnation) else wait
         lease = self._ledger.lease(member_id, incarnation, now)
         if lease is None:
             return wait
@@ -240,23 +247,33 @@ class Job(MembershipOps):
                 loss=loss if loss is not None else 0.0,
             )
             if epoch_done:
-                if self._ledger.finished:
-                    self._set_state(JobState.EVALUATING, now)
-                else:
-                    self._announce_epoch()
+                self._epoch_ended(epoch, now)
             self._persist(now, self._ledger.completions[-1])
             return epoch_done
 
     def report_evaluation(
-        self, member_id: str, incarnation: int, result: EvaluationResult, now: float
+        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int = 0
     ) -> None:
+        """The evaluation the worker was asked for: a due validation's (recorded, training goes on)
+        or the final one (the job succeeds). ``model_version``: the newest server version among
+        the parameters it evaluated (0: unknown, the newest heard from the servers is recorded).
+        Raises FailedPrecondition (not asked) and InvalidArgument (impossible metrics)."""
         with self._changing():
             self._worker(member_id, incarnation)
-            if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
+            if not self._evaluating(member_id, incarnation):
                 raise FailedPrecondition(f"{member_id} was not asked to evaluate")
             problem = evaluation_problem(result)
             if problem:
                 raise InvalidArgument(problem)
+            if model_version < 0:
+                raise InvalidArgument(f"model_version must be >= 0 (0: unknown), got {model_version}")
+            if self._state is JobState.TRAINING:
+                self._record_validation(member_id, incarnation, result, now, model_version)
+                self._persist(now)
+                return
+            ended = self._ledger.epoch - 1  # the last epoch trained (earlier, if it stopped early)
+            if self.spec.eval_every_epochs and (not self._validation or self._validation[-1].epoch != ended):
+                self._validation.append(self._validation_row(ended, result, model_version, final=True))
             self._evaluation = result
             self.events.append(
                 EventKind.EVALUATED,
@@ -277,7 +294,7 @@ class Job(MembershipOps):
             raise InvalidArgument(f"a reason has at most {MAX_FAILURE_REASON_CHARS} characters")
         with self._changing():
             self._worker(member_id, incarnation)
-            if self._state is not JobState.EVALUATING or self._evaluator != (member_id, incarnation):
+            if not self._evaluating(member_id, incarnation):
                 raise FailedPrecondition(f"{member_id} does not hold the evaluation")
             self._evaluator = None
             self._declined.add((member_id, incarnation))
@@ -288,6 +305,55 @@ class Job(MembershipOps):
                 incarnation=incarnation,
             )
             self._persist(now)
+
+    def _evaluating(self, member_id: str, incarnation: int) -> bool:
+        """Whether this worker is the one asked for the final evaluation or a due validation."""
+        due = self._state is JobState.EVALUATING or (
+            self._state is JobState.TRAINING and self._validation_due is not None
+        )
+        return due and self._evaluator == (member_id, incarnation)
+
+    def _validation_row(
+        self, epoch: int, result: EvaluationResult, model_version: int, final: bool = False
+    ) -> ValidationRecord:
+        return ValidationRecord(
+            epoch=epoch,
+            step=model_version or max(self._fleet.versions.values(), default=0),
+            samples_trained=self._progress.samples,
+            training_seconds=self._training_seconds(self._last_now),
+            time_unix_s=self._wall_clock(),
+            evaluation=result,
+            final=final,
+        )
+
+    def _record_validation(
+        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int
+    ) -> None:
+        """A due validation's result: recorded, training resumes (or stops early)."""
+        assert self._validation_due is not None
+        self._last_now = max(self._last_now, now)
+        row = self._validation_row(self._validation_due, result, model_version)
+        self._validation.append(row)
+        self._validation_due = None
+        self._evaluator = None
+        self.events.append(
+            EventKind.VALIDATED,
+            f"validation after epoch {row.epoch}: {describe_evaluation(result)} on {result.samples} samples",
+            member_id=member_id,
+            incarnation=incarnation,
+            epoch=row.epoch,
+            loss=result.loss,
+            extra={"validation": row.to_state()},
+        )
+        try:
+            why = early_stop_reason(self.spec, self._validation)
+        except ValueError as exc:
+            self._failure = str(exc)
+            self._set_state(JobState.FAILED, now, self._failure)
+            return
+        if why is not None:
+            self._stopped_early = why
+            self._set_state(JobState.EVALUATING, now, why)
 
     def cancel(self, reason: str, now: float) -> JobState:
         """Job control: ends an unfinished job as FAILED."""
@@ -312,7 +378,7 @@ class Job(MembershipOps):
             raise InvalidArgument(f"a failure reason has at most {MAX_FAILURE_REASON_CHARS} characters")
         with self._changing():
             member = self._members.check(member_id, incarnation)
-            evaluator = self._state is JobState.EVALUATING and self._evaluator == (member_id, incarnation)
+            evaluator = self._evaluating(member_id, incarnation)
             if member.role is not Role.PARAMETER_SERVER and not evaluator:
                 raise FailedPrecondition(
                     f"{member_id} is not a parameter server; only servers, and the worker asked to "
@@ -395,6 +461,9 @@ class Job(MembershipOps):
                 quarantined_shards=tuple(sorted(ledger.quarantined)),
                 leases_expired=self.leases_expired,
                 last_checkpoint=self._checkpoints.manifest.latest_complete(),
+                validation=tuple(self._validation),
+                stopped_early=self._stopped_early,
+                validating=self._validation_due is not None and not self._state.terminal,
             )
 
     @property

@@ -42,6 +42,7 @@ from coordinator.state_codec import (
     MEMBER_ROWS, SHARD_ROWS, JobRecord, StateRecord, decode, encode, saved_completion,
 )
 from coordinator.statedb import JobStore, SavedCompletion, SavedJob
+from coordinator.validation import ValidationRecord, validation_due
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, InvalidArgument, StateNotSaved
 from lepton.optimizers import Granularity, granularity
@@ -126,6 +127,10 @@ class JobCore:
         # coordinator restart one may be offered it again and decline again).
         self._declined: set[tuple[str, int]] = set()
         self._evaluation: EvaluationResult | None = None
+        self._validation: list[ValidationRecord] = []  # validations during training, oldest first
+        self._validation_due: int | None = None  # the ended epoch whose validation is pending
+        self._stopped_early = ""  # why training ended before its last epoch
+        self._wall_clock = wall_clock
         self._last_epoch_announced = -1
         self.leases_granted = 0
         self.leases_expired = 0
@@ -289,6 +294,9 @@ class JobCore:
             next_event_sequence=self.events.next_sequence,
             servers=self._fleet.record(),
             checkpoints=self._checkpoints.manifest.to_state(),
+            validation=tuple(self._validation),
+            validation_due=self._validation_due,
+            stopped_early=self._stopped_early,
         )
 
     def _roll_back(self, now: float) -> None:
@@ -336,6 +344,9 @@ class JobCore:
                 self._train_ended = now
         self._evaluator = job.evaluator
         self._evaluation = job.evaluation
+        self._validation = list(job.validation)
+        self._validation_due = job.validation_due
+        self._stopped_early = job.stopped_early
         self._last_epoch_announced = job.last_epoch_announced
         self.leases_granted = job.leases_granted
         self.heartbeats_missed = job.heartbeats_missed
@@ -395,6 +406,17 @@ class JobCore:
             # Training is over: the servers snapshot their final parameters (what `lepton export`
             # turns into a state_dict), coalesced with a checkpoint already pending.
             self._request_checkpoint(now, "final", final=True)
+
+    def _epoch_ended(self, ended: int, now: float) -> None:
+        """After the ledger moved past epoch ``ended``: the final evaluation, or the next epoch
+        (after a validation, if one is due: no lease is granted until it is in)."""
+        if self._ledger.finished:
+            self._set_state(JobState.EVALUATING, now)
+            return
+        if validation_due(self.spec, ended):
+            self._validation_due = ended
+            self._evaluator = None
+        self._announce_epoch()
 
     def _announce_epoch(self) -> None:
         if not self._ledger.finished and self._ledger.epoch != self._last_epoch_announced:

@@ -248,10 +248,7 @@ class MembershipOps(JobCore):
             # server before its shards are handed out again. A departed worker stopped by itself.
             self._fleet.revoke()
         if self._ledger.epoch != epoch_before:  # a quarantine ended the epoch
-            if self._ledger.finished:
-                self._set_state(JobState.EVALUATING, now)
-            else:
-                self._announce_epoch()
+            self._epoch_ended(epoch_before, now)
         if self._evaluator is not None and self._evaluator[0] == member_id:
             self._evaluator = None
         return len(moved)

@@ -12,6 +12,7 @@ import torch
 from coordinator.checkpoints import Checkpoint
 from coordinator.ledger import Lease
 from coordinator.membership import Member
+from coordinator.validation import ValidationRecord
 from lepton.config import JobSpec
 from lepton.domain import HeartbeatReply, JobState, LeaseOutcome, WorkerView  # noqa: F401 - importable from here
 from lepton.errors import InvalidArgument
@@ -104,6 +105,9 @@ class JobStatus:
     quarantined_shards: tuple[int, ...] = ()
     leases_expired: int = 0
     last_checkpoint: Checkpoint | None = None  # the newest complete coordinated checkpoint
+    validation: tuple[ValidationRecord, ...] = ()  # validations during training, oldest first
+    stopped_early: str = ""  # why training ended before its last epoch
+    validating: bool = False  # a validation is due or under way (no lease is granted meanwhile)
 
 
 def check_observation(what: str, loss: float | None, samples: int, most: int) -> None:

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from coordinator.job import Job
 from coordinator.membership import Role
+from lepton.wire import VALIDATION_METRICS
 
 
 class JobCollector(Collector):
@@ -30,6 +31,7 @@ class JobCollector(Collector):
         yield GaugeMetricFamily("lepton_job_epoch", "Current epoch, 0-based.", value=s.epoch)
         yield GaugeMetricFamily("lepton_shards_pending", "Shards of the current epoch waiting for a worker.", value=s.shards_pending)
         yield GaugeMetricFamily("lepton_shards_in_lease", "Shards of the current epoch leased right now.", value=s.shards_leased)
+        yield from validation_metrics(s.validation)
         for name, text, value in [
             ("lepton_shards_leased_total", "Shard leases granted.", job.leases_granted),
             ("lepton_shards_completed_total", "Shard completions counted (once per epoch and shard).", s.shard_completions),
@@ -42,3 +44,18 @@ class JobCollector(Collector):
             ("lepton_state_saves_failed_total", "Changes the state directory refused to commit (rolled back; callers got UNAVAILABLE).", job.saves_failed),
         ]:
             yield CounterMetricFamily(name, text, value=value)
+
+
+def validation_metrics(rows) -> Iterator:  # type: ignore[no-untyped-def]
+    """The validation history's Prometheus view: how many, and the newest one's epoch and metrics."""
+    yield CounterMetricFamily("lepton_validations_total", "Validations on the test split recorded (the final evaluation included when it covers a new epoch).", value=len(rows))
+    if not rows:
+        return
+    last = rows[-1]
+    yield GaugeMetricFamily("lepton_validation_epoch", "Epoch (0-based) the newest validation followed.", value=last.epoch)
+    latest = GaugeMetricFamily("lepton_validation_metric", "The newest validation's metrics on the test split, by metric.", labels=["metric"])
+    for metric in VALIDATION_METRICS:
+        value = getattr(last.evaluation, metric)
+        if value is not None:
+            latest.add_metric([metric], value)
+    yield latest

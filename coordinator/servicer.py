@@ -8,6 +8,7 @@ from coordinator.checkpoints import Checkpoint
 from coordinator.events import Event
 from coordinator.job import Job, JobState, JobStatus, LeaseOutcome
 from coordinator.ledger import Lease
+from coordinator.validation import ValidationRecord
 from lepton import codec
 from lepton.control_wire import ROLE_FROM_WIRE, ROLE_TO_WIRE, heartbeat_to_proto, report_from_proto
 from lepton.domain import CheckpointReport
@@ -15,7 +16,9 @@ from lepton.errors import InvalidArgument
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as pb
 from lepton.v1 import coordinator_pb2_grpc as pb_grpc
-from lepton.wire import evaluation_from_proto, evaluation_to_fields, job_to_proto, spec_to_proto
+from lepton.wire import (
+    evaluation_from_proto, evaluation_to_fields, job_to_proto, spec_to_proto, validation_to_proto,
+)
 
 _LEASE_TO_WIRE = {
     LeaseOutcome.GRANTED: pb.LEASE_OUTCOME_GRANTED,
@@ -128,11 +131,13 @@ def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
         e = status.evaluation
         msg.has_evaluation = True
         msg.evaluation.CopyFrom(pb.EvaluationResult(**evaluation_to_fields(e)))
+    msg.validation.extend(validation_to_proto(row) for row in status.validation)
+    msg.stopped_early = status.stopped_early
     return msg
 
 
 def event_to_proto(event: Event) -> pb.JobEvent:
-    return pb.JobEvent(
+    msg = pb.JobEvent(
         sequence=event.sequence,
         time_unix_s=event.time_unix_s,
         kind=event.kind.value,
@@ -144,6 +149,9 @@ def event_to_proto(event: Event) -> pb.JobEvent:
         loss=event.loss,
         message=event.message,
     )
+    if "validation" in event.extra:
+        msg.validation.CopyFrom(validation_to_proto(ValidationRecord.from_state(event.extra["validation"])))
+    return msg
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -241,7 +249,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.CompleteShardResponse(epoch_completed=done)
 
     def ReportEvaluation(self, request, context):
-        self._job.report_evaluation(*_member(request.member), evaluation_from_proto(request), self._now())
+        self._job.report_evaluation(
+            *_member(request.member), evaluation_from_proto(request), self._now(), request.model_version
+        )
         return pb.ReportEvaluationResponse()
 
     def DeclineEvaluation(self, request, context):

@@ -28,6 +28,7 @@ from coordinator.job_types import EvaluationResult, JobState
 from coordinator.layout import Layout
 from coordinator.ledger import Completion
 from coordinator.statedb import SavedCompletion, SavedJob
+from coordinator.validation import ValidationRecord
 from lepton.config import JobSpec, job_from_mapping
 from lepton.errors import ConfigError
 from lepton.tensors import TensorSpec, row_slice
@@ -69,6 +70,9 @@ class JobRecord:
     next_event_sequence: int
     servers: ServersRecord
     checkpoints: dict  # CheckpointManifest.to_state()
+    validation: tuple[ValidationRecord, ...] = ()
+    validation_due: int | None = None  # the ended epoch whose validation is pending
+    stopped_early: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ def encode_job(job: JobRecord) -> dict:
         "ps_lost": sorted(servers.lost),
         "fence_version": servers.fence_version,
         "checkpoints": job.checkpoints,
+        "validation": [row.to_state() for row in job.validation],
+        "validation_due": job.validation_due,
+        "stopped_early": job.stopped_early,
     }
 
 
@@ -281,6 +288,10 @@ def decode_job(job: Mapping, specs: Sequence[TensorSpec]) -> JobRecord:
             steps_rolled_back=job["steps_rolled_back"],
         ),
         checkpoints=job["checkpoints"],
+        # Absent from state saved before validation during training existed.
+        validation=tuple(ValidationRecord.from_state(row) for row in job.get("validation", ())),
+        validation_due=job.get("validation_due"),
+        stopped_early=job.get("stopped_early", ""),
     )
 
 

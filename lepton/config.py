@@ -21,6 +21,8 @@ TASKS = ("auto", "classification", "regression")
 # ``ps_server/staleness.py``): "staleness" scales it by min(1, max(1, W - 1) / staleness), W the
 # workers pushing; "inverse" by 1 / max(1, staleness); "none" applies every push at the schedule's lr.
 ASYNC_LR_SCALINGS = ("staleness", "inverse", "none")
+# Metrics early stopping can watch, and whether a larger value is better.
+EARLY_STOPPING_METRICS = {"loss": False, "accuracy": True, "macro_recall": True, "mse": False, "mae": False, "r2": True}
 # Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
 # the keyword arguments each takes: {name: (required, optional)}.
 LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -94,10 +96,19 @@ class JobSpec:
     task: str = "auto"
     # async: the learning rate of a push staler than the steady state is scaled down (ASYNC_LR_SCALINGS).
     async_lr_scaling: str = "staleness"
+    # Validate on the test split after every this many epochs (0: only the final evaluation).
+    eval_every_epochs: int = 0
+    # Early stopping: end training once this metric (EARLY_STOPPING_METRICS; "": never) has not
+    # improved on its best for early_stopping_patience validations in a row.
+    early_stopping_metric: str = ""
+    early_stopping_patience: int = 3
 
     def __post_init__(self) -> None:
         problems = []
-        counts = ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps")
+        counts = (
+            "epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps",
+            "eval_every_epochs", "early_stopping_patience",
+        )
         for name in (*counts, "staleness"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -144,6 +155,18 @@ class JobSpec:
             problems.append(
                 f"async_lr_scaling must be one of {ASYNC_LR_SCALINGS}, got {self.async_lr_scaling!r}"
             )
+        if self.eval_every_epochs < 0:
+            problems.append(f"eval_every_epochs must be >= 0 (0: only the final evaluation), got {self.eval_every_epochs}")
+        if self.early_stopping_metric:
+            if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
+                problems.append(
+                    f"early_stopping_metric must be one of {tuple(EARLY_STOPPING_METRICS)} or empty, "
+                    f"got {self.early_stopping_metric!r}"
+                )
+            if self.eval_every_epochs < 1:
+                problems.append("early_stopping_metric needs eval_every_epochs >= 1 (it watches the validations)")
+        if self.early_stopping_patience < 1:
+            problems.append(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         if self.parameter_servers < 1:
             problems.append(f"parameter_servers must be >= 1, got {self.parameter_servers}")
         if not isinstance(self.optimizer_kwargs, Mapping):

@@ -66,6 +66,9 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         loss=spec.loss,
         task=TASK_TO_WIRE[spec.task],
         async_lr_scaling=spec.async_lr_scaling,
+        eval_every_epochs=spec.eval_every_epochs,
+        early_stopping_metric=spec.early_stopping_metric,
+        early_stopping_patience=spec.early_stopping_patience,
     )
 
 
@@ -106,6 +109,9 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         loss=msg.loss or JobSpec.loss,
         task=TASK_FROM_WIRE[msg.task],
         async_lr_scaling=msg.async_lr_scaling or JobSpec.async_lr_scaling,
+        eval_every_epochs=msg.eval_every_epochs,
+        early_stopping_metric=msg.early_stopping_metric,
+        early_stopping_patience=msg.early_stopping_patience or JobSpec.early_stopping_patience,
     )
 
 

@@ -256,12 +256,14 @@ class CoordinatorClient(ServiceClient):
         )
         return reply.epoch_completed
 
-    def report_evaluation(self, member: MemberId, result: Evaluation) -> None:
+    def report_evaluation(self, member: MemberId, result: Evaluation, model_version: int = 0) -> None:
         from lepton.wire import evaluation_to_fields
 
         call(
             self._stub.ReportEvaluation,
-            cpb.ReportEvaluationRequest(member=member_ref(member), **evaluation_to_fields(result)),
+            cpb.ReportEvaluationRequest(
+                member=member_ref(member), model_version=model_version, **evaluation_to_fields(result)
+            ),
             timeout=self._timeout_s,
         )
 

@@ -91,3 +91,35 @@ def evaluation_from_proto(msg: cpb.ReportEvaluationRequest | cpb.EvaluationResul
         confusion_matrix=tuple(tuple(c.confusion_matrix[i * k : (i + 1) * k]) for i in range(k)),
         **common,
     )
+
+
+def validation_to_proto(row) -> cpb.ValidationRecord:  # type: ignore[no-untyped-def]
+    """A ValidationRecord message for a recorded validation (coordinator/validation.py)."""
+    return cpb.ValidationRecord(
+        epoch=row.epoch,
+        step=row.step,
+        samples_trained=row.samples_trained,
+        training_seconds=row.training_seconds,
+        time_unix_s=row.time_unix_s,
+        evaluation=cpb.EvaluationResult(**evaluation_to_fields(row.evaluation)),
+        final=row.final,
+    )
+
+
+VALIDATION_METRICS = ("loss", "accuracy", "macro_recall", "mse", "mae", "r2")
+
+
+def validation_row(msg: cpb.ValidationRecord) -> dict:
+    """One validation as a plain row (reports, `lepton status`): when, and the task's metrics
+    (the others None)."""
+    ev = evaluation_from_proto(msg.evaluation)
+    return {
+        "epoch": msg.epoch,
+        "step": msg.step,
+        "samples_trained": msg.samples_trained,
+        "training_seconds": round(msg.training_seconds, 3),
+        "time_unix_s": msg.time_unix_s,
+        "final": msg.final,
+        "samples": ev.samples,
+        **{name: getattr(ev, name) for name in VALIDATION_METRICS},
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -94,6 +95,8 @@ class WorkerAgent:
         self.samples = 0
         self.stale_steps = 0
         self.registrations = 0
+        self.pushes = 0  # push-pulls answered (applied or stale)
+        self.push_seconds = 0.0  # their total latency, seconds
 
     @property
     def bytes_pushed(self) -> int:
@@ -152,7 +155,10 @@ class WorkerAgent:
                     if self._step_delay_s:
                         self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
                 loss, grads, request_id = pending
+                started = time.perf_counter()
                 replies = servers.push_pull(len(indices), grads, request_id, timeout_s=self._call_timeout_s())
+                self.push_seconds += time.perf_counter() - started
+                self.pushes += 1
                 steps.participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
                 pending = None
                 applied = all(reply.applied for reply in replies.values())
@@ -292,7 +298,7 @@ class WorkerAgent:
                 # the evaluation itself is then refused as before (FAILED_PRECONDITION, or
                 # INVALID_ARGUMENT for its loss).
                 log.warning("failure_report_refused", reason=str(exc))
-        self._coord.report_evaluation(self._member, result)
+        self._coord.report_evaluation(self._member, result, max(self._servers.versions.values(), default=0))
         log.info("evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4))
 
     def _pull_for_evaluation(self) -> None:

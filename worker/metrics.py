@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.agent import WorkerAgent
@@ -30,3 +30,7 @@ class WorkerCollector(Collector):
             ("lepton_worker_lease_pauses_total", "Times training paused because its lease was overdue for renewal.", a.lease_pauses),
         ]:
             yield CounterMetricFamily(name, text, value=value)
+        yield SummaryMetricFamily(
+            "lepton_worker_push_seconds", "Latency of push-pulls answered by every server (one per batch attempt), seconds.",
+            count_value=a.pushes, sum_value=a.push_seconds,
+        )

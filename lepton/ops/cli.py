@@ -68,6 +68,16 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
         f"async: {' or '.join(ASYNC_LR_SCALINGS)}; staleness: a push staler than (workers - 1) gets its lr "
         "scaled by (workers - 1) / staleness (default)",
     ),
+    "--eval-every-epochs": (
+        "eval_every_epochs", int, "validate on the test split after every K epochs (0: only the final evaluation)",
+    ),
+    "--early-stopping-metric": (
+        "early_stopping_metric", str,
+        "end training once this validation metric stops improving: loss, accuracy, macro_recall, mse, mae, r2",
+    ),
+    "--early-stopping-patience": (
+        "early_stopping_patience", int, "validations without improvement before early stopping (default 3)",
+    ),
 }
 # JSON-object flags: flag -> JobSpec field.
 _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}

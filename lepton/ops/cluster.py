@@ -66,4 +66,7 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--lease-timeout", repr(spec.lease_timeout_s),
         "--parameter-servers", str(spec.parameter_servers),
         "--checkpoint-every", str(spec.checkpoint_every_steps),
+        "--eval-every-epochs", str(spec.eval_every_epochs),
+        "--early-stopping-metric", spec.early_stopping_metric,
+        "--early-stopping-patience", str(spec.early_stopping_patience),
     ]

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 from lepton.errors import LeptonError
 from lepton.ops.children import Children
 from lepton.ops.cluster import Cluster
+from lepton.ops.curves import Curves
 from lepton.security import INSECURE, Security
 from lepton.status import FINAL_STATUS_FILE, status_dict, to_plain
 from lepton.tasks import REGRESSION, Evaluation
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.wire import evaluation_from_proto
+from lepton.wire import evaluation_from_proto, validation_row
 
 if TYPE_CHECKING:
     from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
@@ -136,18 +137,22 @@ class Observed:
     past_deadline: dict[str, dict[str, float]] = field(default_factory=dict)
     scale_events: list[dict] = field(default_factory=list)
     workers_at_end: int = 0
+    pages: dict[str, str | None] = field(default_factory=dict)  # each child's /metrics page, last poll
+    curves: Curves | None = None
 
     def scrape(self) -> None:
         """Fenced requests refused and requests that outlived their deadline so far, per process
         (a counter survives until its process dies; a restarted one starts again from 0)."""
+        self.pages = {}
         for name, where in self.metrics.items():
-            seen = scrape_counters(
-                where,
+            page = self.pages[name] = fetch_page(where)
+            if page is None:
+                continue
+            seen = sum_counters(
+                page,
                 {"stale": STALE_COUNTERS, "server": SERVER_PAST_DEADLINE, "client": CLIENT_PAST_DEADLINE,
                  "guard_cancelled": GUARD_CANCELLED},
             )
-            if seen is None:
-                continue
             if not name.startswith("worker"):
                 self.stale_seen[name] = max(self.stale_seen.get(name, 0.0), seen["stale"])
             past = self.past_deadline.setdefault(name, {"server": 0.0, "client": 0.0, "guard_cancelled": 0.0})
@@ -224,6 +229,9 @@ def build_report(
         "coordinator": address,
         "state_dir": str(state_dir),
         "exit_codes": exit_codes,
+        "eval_every_epochs": spec.eval_every_epochs,
+        "validation": [],
+        "stopped_early": None,
     }
     if status is not None:
         ev = status.evaluation if status.has_evaluation else None
@@ -243,6 +251,8 @@ def build_report(
             quarantined_shards=list(status.quarantined_shards),
             leases_expired=status.leases_expired,
             final_status=status_dict(status),
+            validation=[validation_row(row) for row in status.validation],
+            stopped_early=status.stopped_early or None,
         )
     if tally is not None:
         per_epoch = [0] * spec.epochs
@@ -283,13 +293,23 @@ GUARD_CANCELLED = ("lepton_rpc_client_cancelled_past_deadline_total",)
 def scrape_counters(address: str | None, groups: dict[str, tuple[str, ...]]) -> dict[str, float] | None:
     """For each group, the sum of the named counters (over all their labels) on a /metrics
     endpoint; None if unreachable."""
+    text = fetch_page(address)
+    return None if text is None else sum_counters(text, groups)
+
+
+def fetch_page(address: str | None) -> str | None:
+    """A /metrics endpoint's page, or None if unreachable."""
     if not address:
         return None
     try:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=1.0) as response:
-            text = response.read().decode()
+            return response.read().decode()
     except OSError:
         return None
+
+
+def sum_counters(text: str, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """For each group, the sum of the named counters (over all their labels) on a /metrics page."""
     totals = dict.fromkeys(groups, 0.0)
     for line in text.splitlines():
         if line.startswith("#"):

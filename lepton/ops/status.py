@@ -29,6 +29,11 @@ def render(status: cpb.GetStatusResponse) -> str:
         f"training   {status.samples_trained} samples, {status.samples_per_second:.0f} samples/s, loss "
         + ("-" if math.isnan(status.recent_loss) else f"{status.recent_loss:.4f}"),
     ]
+    if status.validation:
+        lines.append("validation")
+        lines += ["  " + validation_line(row) for row in status.validation]
+    if status.stopped_early:
+        lines.append(f"stopped    {status.stopped_early}")
     if status.has_evaluation:
         lines += evaluation_lines(status.evaluation)
     lines.append("members")
@@ -42,6 +47,19 @@ def render(status: cpb.GetStatusResponse) -> str:
             f"{('  ' + m.address) if m.address else ''}{lease}"
         )
     return "\n".join(lines)
+
+
+def validation_line(row: cpb.ValidationRecord) -> str:
+    """One validation: its epoch (1-based, as the epoch line), step, and the task's metrics."""
+    ev = row.evaluation
+    if ev.WhichOneof("task_metrics") == "regression":
+        metrics = f"mse {ev.regression.mse:.4f}, mae {ev.regression.mae:.4f}, r2 {ev.regression.r2:.4f}"
+    else:
+        metrics = f"accuracy {ev.accuracy:.4f}, macro recall {ev.macro_recall:.4f}"
+    return (
+        f"epoch {row.epoch + 1:<3} step {row.step:<6} {metrics}, loss {ev.loss:.4f}  "
+        f"at {row.training_seconds:.1f}s" + ("  (final)" if row.final else "")
+    )
 
 
 def evaluation_lines(msg: cpb.EvaluationResult) -> list[str]:

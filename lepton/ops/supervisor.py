@@ -19,6 +19,7 @@ from lepton.errors import ConfigError, LeptonError
 from lepton.ops.certs import make_dev_pki
 from lepton.ops.children import Child, ChildFailed, Children, Workers, read_ready, refusal, wait_ready_file
 from lepton.ops.cluster import Cluster, job_flags
+from lepton.ops.curves import TENSORBOARD_DIR, Curves
 from lepton.ops.placement import Placements
 from lepton.ops.report import EventTally, Observed, ServerStatusTally
 from lepton.ops.scale import ScaleControl, worker_name
@@ -171,6 +172,7 @@ class Supervisor:
         )
         seen.tally = EventTally(client)
         seen.servers = ServerStatusTally(self.security)
+        seen.curves = Curves(state_dir / TENSORBOARD_DIR)
         line = ProgressLine()
         listen = f"{self.placements('coordinator').host}:{cluster.coordinator_port}"
         coordinator_args = [a if a != listen else seen.address for a in coordinator.args]
@@ -238,6 +240,8 @@ class Supervisor:
                 if facts and facts.get("pid") == child.process.pid:
                     seen.metrics[child.name] = facts.get("metrics")
         seen.scrape()
+        if seen.curves is not None:
+            seen.curves.observe(seen.status, seen.pages, time.monotonic())
         # Before the terminal check: servers leave soon after the job ends.
         assert seen.servers is not None and seen.status is not None
         for child in self.children.items:

@@ -45,6 +45,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CHECKPOINT_COMPLETED: _ClassVar[EventKind]
     EVENT_KIND_CHECKPOINT_FAILED: _ClassVar[EventKind]
     EVENT_KIND_EVALUATION_DECLINED: _ClassVar[EventKind]
+    EVENT_KIND_VALIDATED: _ClassVar[EventKind]
 
 class CheckpointState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -80,6 +81,7 @@ EVENT_KIND_CHECKPOINT_REQUESTED: EventKind
 EVENT_KIND_CHECKPOINT_COMPLETED: EventKind
 EVENT_KIND_CHECKPOINT_FAILED: EventKind
 EVENT_KIND_EVALUATION_DECLINED: EventKind
+EVENT_KIND_VALIDATED: EventKind
 CHECKPOINT_STATE_UNSPECIFIED: CheckpointState
 CHECKPOINT_STATE_PENDING: CheckpointState
 CHECKPOINT_STATE_COMPLETE: CheckpointState
@@ -322,7 +324,7 @@ class CompleteShardResponse(_message.Message):
     def __init__(self, epoch_completed: _Optional[bool] = ...) -> None: ...
 
 class ReportEvaluationRequest(_message.Message):
-    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression")
+    __slots__ = ("member", "accuracy", "macro_recall", "loss", "samples", "inference_samples_per_second", "classification", "regression", "model_version")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MACRO_RECALL_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +333,7 @@ class ReportEvaluationRequest(_message.Message):
     INFERENCE_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     member: _common_pb2.MemberRef
     accuracy: float
     macro_recall: float
@@ -339,7 +342,8 @@ class ReportEvaluationRequest(_message.Message):
     inference_samples_per_second: float
     classification: ClassificationMetrics
     regression: RegressionMetrics
-    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ClassificationMetrics(_message.Message):
     __slots__ = ("per_class_recall", "num_classes", "confusion_matrix")
@@ -424,7 +428,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., macro_recall: _Optional[float] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ..., inference_samples_per_second: _Optional[float] = ..., classification: _Optional[_Union[ClassificationMetrics, _Mapping]] = ..., regression: _Optional[_Union[RegressionMetrics, _Mapping]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired", "last_checkpoint")
+    __slots__ = ("job", "state", "epoch", "shards_completed_in_epoch", "shards_leased", "shards_pending", "shard_completions", "duplicate_completions_rejected", "reassignments", "members_declared_dead", "samples_trained", "samples_per_second", "recent_loss", "members", "evaluation", "has_evaluation", "training_seconds", "layout_version", "failure", "ps_restarts", "steps_rolled_back", "quarantined_shards", "leases_expired", "last_checkpoint", "validation", "stopped_early")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -449,6 +453,8 @@ class GetStatusResponse(_message.Message):
     QUARANTINED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.JobSpec
     state: JobState
     epoch: int
@@ -473,7 +479,27 @@ class GetStatusResponse(_message.Message):
     quarantined_shards: _containers.RepeatedScalarFieldContainer[int]
     leases_expired: int
     last_checkpoint: CheckpointManifest
-    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ..., leases_expired: _Optional[int] = ..., last_checkpoint: _Optional[_Union[CheckpointManifest, _Mapping]] = ...) -> None: ...
+    validation: _containers.RepeatedCompositeFieldContainer[ValidationRecord]
+    stopped_early: str
+    def __init__(self, job: _Optional[_Union[_common_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., epoch: _Optional[int] = ..., shards_completed_in_epoch: _Optional[int] = ..., shards_leased: _Optional[int] = ..., shards_pending: _Optional[int] = ..., shard_completions: _Optional[int] = ..., duplicate_completions_rejected: _Optional[int] = ..., reassignments: _Optional[int] = ..., members_declared_dead: _Optional[int] = ..., samples_trained: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., recent_loss: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., has_evaluation: _Optional[bool] = ..., training_seconds: _Optional[float] = ..., layout_version: _Optional[int] = ..., failure: _Optional[str] = ..., ps_restarts: _Optional[int] = ..., steps_rolled_back: _Optional[int] = ..., quarantined_shards: _Optional[_Iterable[int]] = ..., leases_expired: _Optional[int] = ..., last_checkpoint: _Optional[_Union[CheckpointManifest, _Mapping]] = ..., validation: _Optional[_Iterable[_Union[ValidationRecord, _Mapping]]] = ..., stopped_early: _Optional[str] = ...) -> None: ...
+
+class ValidationRecord(_message.Message):
+    __slots__ = ("epoch", "step", "samples_trained", "training_seconds", "time_unix_s", "evaluation", "final")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    step: int
+    samples_trained: int
+    training_seconds: float
+    time_unix_s: float
+    evaluation: EvaluationResult
+    final: bool
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., samples_trained: _Optional[int] = ..., training_seconds: _Optional[float] = ..., time_unix_s: _Optional[float] = ..., evaluation: _Optional[_Union[EvaluationResult, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("after_sequence",)
@@ -482,7 +508,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("sequence", "time_unix_s", "kind", "member", "epoch", "shard", "offset", "job_state", "loss", "message")
+    __slots__ = ("sequence", "time_unix_s", "kind", "member", "epoch", "shard", "offset", "job_state", "loss", "message", "validation")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -493,6 +519,7 @@ class JobEvent(_message.Message):
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time_unix_s: float
     kind: EventKind
@@ -503,7 +530,8 @@ class JobEvent(_message.Message):
     job_state: JobState
     loss: float
     message: str
-    def __init__(self, sequence: _Optional[int] = ..., time_unix_s: _Optional[float] = ..., kind: _Optional[_Union[EventKind, str]] = ..., member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., job_state: _Optional[_Union[JobState, str]] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    validation: ValidationRecord
+    def __init__(self, sequence: _Optional[int] = ..., time_unix_s: _Optional[float] = ..., kind: _Optional[_Union[EventKind, str]] = ..., member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., job_state: _Optional[_Union[JobState, str]] = ..., loss: _Optional[float] = ..., message: _Optional[str] = ..., validation: _Optional[_Union[ValidationRecord, _Mapping]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("reason",)
