@@ -66,6 +66,8 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         loss=spec.loss,
         task=TASK_TO_WIRE[spec.task],
         async_lr_scaling=spec.async_lr_scaling,
+        feature_columns=list(spec.feature_columns),
+        label_column=spec.label_column,
     )
 
 
@@ -106,6 +108,8 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         loss=msg.loss or JobSpec.loss,
         task=TASK_FROM_WIRE[msg.task],
         async_lr_scaling=msg.async_lr_scaling or JobSpec.async_lr_scaling,
+        feature_columns=tuple(msg.feature_columns),
+        label_column=msg.label_column or JobSpec.label_column,
     )
 
 
