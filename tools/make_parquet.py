@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK_ROWS = 16_384  # rows generated (and, for Parquet, per row group) at a time
+CHUNK_ROWS = 4096  # rows generated at a time, and (default) per Parquet row group: decoding one
+# takes several times its size (list values come with repetition and definition levels)
 
 
 def _chunk(rng: np.random.Generator, rows: int, centres: np.ndarray, projection: np.ndarray, noise: float):
@@ -27,7 +28,7 @@ def _chunk(rng: np.random.Generator, rows: int, centres: np.ndarray, projection:
 
 
 def write(out: Path, train_rows: int, test_rows: int, features: int, classes: int, fmt: str,
-          files: int, seed: int) -> int:
+          files: int, seed: int, chunk_rows: int = CHUNK_ROWS) -> int:
     """Writes the data set; returns its size on disk in bytes."""
     rng = np.random.default_rng(seed)
     latent = 16
@@ -39,8 +40,8 @@ def write(out: Path, train_rows: int, test_rows: int, features: int, classes: in
         if fmt == "npy":
             x = np.lib.format.open_memmap(directory / "features.npy", mode="w+", dtype=np.float32, shape=(rows, features))
             y = np.lib.format.open_memmap(directory / "label.npy", mode="w+", dtype=np.int64, shape=(rows,))
-            for lo in range(0, rows, CHUNK_ROWS):
-                hi = min(rows, lo + CHUNK_ROWS)
+            for lo in range(0, rows, chunk_rows):
+                hi = min(rows, lo + chunk_rows)
                 x[lo:hi], y[lo:hi] = _chunk(rng, hi - lo, centres, projection, 1.0)
             x.flush(), y.flush()
             del x, y
@@ -55,10 +56,10 @@ def write(out: Path, train_rows: int, test_rows: int, features: int, classes: in
             if lo_file >= hi_file:
                 break
             with pq.ParquetWriter(directory / f"part-{f:04d}.parquet", schema, compression="none") as writer:
-                for lo in range(lo_file, hi_file, CHUNK_ROWS):
-                    x, y = _chunk(rng, min(hi_file, lo + CHUNK_ROWS) - lo, centres, projection, 1.0)
+                for lo in range(lo_file, hi_file, chunk_rows):
+                    x, y = _chunk(rng, min(hi_file, lo + chunk_rows) - lo, centres, projection, 1.0)
                     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), features)
-                    writer.write_table(pa.table({"features": column, "label": y}, schema=schema), row_group_size=CHUNK_ROWS)
+                    writer.write_table(pa.table({"features": column, "label": y}, schema=schema), row_group_size=chunk_rows)
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=4, help="Parquet files per split")
     p.add_argument("--format", choices=["parquet", "npy"], default="parquet")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--row-group-rows", type=int, default=CHUNK_ROWS, help="rows per Parquet row group")
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"{args.out} exists; choose a new directory", file=sys.stderr)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     row_bytes = 4 * args.features + 8
     rows = args.rows if args.rows else int((args.megabytes or 100) * 1e6 / row_bytes)
     size = write(args.out, rows, max(1, int(rows * args.test_fraction)), args.features, args.classes,
-                 args.format, args.files, args.seed)
+                 args.format, args.files, args.seed, args.row_group_rows)
     print(f"wrote {args.out}: {rows} training rows, {size / 1e6:.1f} MB on disk")
     return 0
 

@@ -159,7 +159,7 @@ class ParquetRows(Rows):
             return self._cache[i]
         f, g = self.groups[i]
         if f not in self._files:
-            self._files[f] = _pyarrow().ParquetFile(self.paths[f], memory_map=True)
+            self._files[f] = _pyarrow().ParquetFile(self.paths[f])  # read, not mapped: mapped pages would count
         decoded = self._decode(self._files[f].read_row_group(g, columns=[*self.features, self.label]))
         self._cache[i] = decoded
         while len(self._cache) > CACHED_ROW_GROUPS:
@@ -189,17 +189,21 @@ class ParquetRows(Rows):
     def window(self, start: int, end: int) -> Window:
         """Reads only the row groups that hold rows ``[start, end)``, and keeps only those rows."""
         first = max(bisect.bisect_right(self.starts, start) - 1, 0)
-        xs, ys = [], []
+        x_out = y_out = None
         i = first
         while i < len(self.groups) and self.starts[i] < end:
             x, y = self._group(i)
-            lo = max(start - self.starts[i], 0)
-            hi = min(end - self.starts[i], len(y))
-            xs.append(x[lo:hi])
-            ys.append(y[lo:hi])
+            if x_out is None or y_out is None:  # filled group by group: no second copy of the rows
+                x_out = x.new_empty((end - start, *x.shape[1:]))
+                y_out = y.new_empty((end - start, *y.shape[1:]))
+            lo, hi = max(start - self.starts[i], 0), min(end - self.starts[i], len(y))
+            at = self.starts[i] + lo - start
+            x_out[at:at + hi - lo], y_out[at:at + hi - lo] = x[lo:hi], y[lo:hi]
             i += 1
         self._cache.clear()
-        return Window(start, torch.cat(xs), torch.cat(ys))
+        if x_out is None or y_out is None:
+            raise IndexError(f"rows [{start}, {end}) are outside [0, {self.length})")
+        return Window(start, x_out, y_out)
 
 
 def _flat_numbers(column: Any, name: str, rows: int) -> np.ndarray:
