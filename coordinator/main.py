@@ -45,11 +45,12 @@ def keep_gc_off_the_request_path() -> None:
 
 
 def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], float] = time.monotonic) -> Job:
-    """Loads the dataset (for its size) and the model (for its initial parameters); with a state
+    """Loads the dataset (for its size: a file-backed one reads metadata and a sample, not its rows)
+    and the model (for its initial parameters); with a state
     directory, the job is durable and resumes what the directory holds. The clock is read after
     loading, so restored members' reattach grace starts when serving is about to start."""
     granularity(spec.optimizer)  # an unknown or refused optimizer is refused before data loads
-    workload = load_workload(spec.dataset, spec.seed)
+    workload = load_workload(spec.dataset, spec.seed, spec.feature_columns, spec.label_column)
     # Refuse a loss or task that cannot train this data (ConfigError: exit 2) before any member
     # loads the job; the model's output width follows the task, as the workers build it.
     task = resolve_task(spec.task, spec.loss, workload.label_dtype)

@@ -102,6 +102,9 @@ class JobSpec:
     # improved on its best for early_stopping_patience validations in a row.
     early_stopping_metric: str = ""
     early_stopping_patience: int = 3
+    # parquet:DIR and npy:DIR data sets: the feature columns (empty: all but the label) and the label's.
+    feature_columns: tuple[str, ...] = ()
+    label_column: str = "label"
 
     def __post_init__(self) -> None:
         problems = []
@@ -172,6 +175,12 @@ class JobSpec:
         if not isinstance(self.optimizer_kwargs, Mapping):
             problems.append("optimizer_kwargs must be a table")
         problems += _lr_schedule_problems(self.lr_schedule, self.lr_schedule_kwargs)
+        if isinstance(self.feature_columns, str) or not all(isinstance(c, str) and c for c in self.feature_columns):
+            problems.append(f"feature_columns must be a list of column names, got {self.feature_columns!r}")
+        else:
+            object.__setattr__(self, "feature_columns", tuple(self.feature_columns))
+        if not isinstance(self.label_column, str) or not self.label_column:
+            problems.append(f"label_column must name a column, got {self.label_column!r}")
         if problems:
             raise ConfigError("invalid job: " + "; ".join(problems))
 

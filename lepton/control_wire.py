@@ -69,6 +69,8 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         eval_every_epochs=spec.eval_every_epochs,
         early_stopping_metric=spec.early_stopping_metric,
         early_stopping_patience=spec.early_stopping_patience,
+        feature_columns=list(spec.feature_columns),
+        label_column=spec.label_column,
     )
 
 
@@ -112,6 +114,8 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         eval_every_epochs=msg.eval_every_epochs,
         early_stopping_metric=msg.early_stopping_metric,
         early_stopping_patience=msg.early_stopping_patience or JobSpec.early_stopping_patience,
+        feature_columns=tuple(msg.feature_columns),
+        label_column=msg.label_column or JobSpec.label_column,
     )
 
 

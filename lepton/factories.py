@@ -30,6 +30,22 @@ def is_file_factory(spec: str) -> bool:
     return spec.partition(":")[0].endswith(".py")
 
 
+FILE_DATASET_KINDS = ("parquet", "npy")  # built-in file-backed data sets: KIND:DIR
+
+
+def is_file_dataset(spec: str) -> bool:
+    """Whether ``spec`` names a built-in file-backed data set (``parquet:DIR``, ``npy:DIR``)."""
+    return spec.partition(":")[0] in FILE_DATASET_KINDS
+
+
+def absolute_file_dataset(spec: str) -> str:
+    """``parquet:DIR`` or ``npy:DIR`` with DIR made absolute; any other spec unchanged."""
+    if not is_file_dataset(spec):
+        return spec
+    kind, _, where = spec.partition(":")
+    return f"{kind}:{Path(where).expanduser().resolve()}"
+
+
 def absolute_factory(spec: str) -> str:
     """``spec`` with a file path made absolute (so that processes started elsewhere find the same
     file); any other spec unchanged."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +57,30 @@ def write_ready_file(path: str | None, **facts: object) -> None:
     tmp = target.with_suffix(target.suffix + ".tmp")
     tmp.write_text(json.dumps({**facts, "pid": os.getpid()}))
     os.replace(tmp, target)
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """The most resident memory this process (or its largest reaped child, ``RUSAGE_CHILDREN``)
+    has held, in MiB, as the kernel counts it."""
+    kib = resource.getrusage(who).ru_maxrss  # Linux: KiB; macOS: bytes
+    return round(kib / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def record_peak_rss(path: str | None) -> None:
+    """Adds ``peak_rss_mb`` (and ``children_peak_rss_mb``: its largest reaped child, e.g. a
+    DataLoader worker) to the ready file as the process exits; nothing without one."""
+    if not path:
+        return
+    try:
+        facts = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        facts = {}
+    try:
+        write_ready_file(
+            path, **{**facts, "peak_rss_mb": peak_rss_mb(), "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+        )
+    except OSError as exc:
+        log.warning("peak_rss_not_recorded", path=path, error=str(exc))
 
 
 def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], name: str) -> threading.Thread:

@@ -33,7 +33,7 @@ from worker.heartbeat import Heartbeat
 from worker.lease import LeaseClock, LeaseLost
 from worker.progress import ProgressReporter
 from worker.sync_steps import SyncSteps
-from worker.trainer import ShardRange, Trainer, divergence
+from worker.trainer import Batch, LoaderOptions, ShardRange, Trainer, divergence
 
 log = structlog.get_logger("lepton.worker")
 MAX_STEP_ATTEMPTS = 8
@@ -57,6 +57,7 @@ class WorkerAgent:
         ps_client: builds a ParameterClient for an address (tests inject their own).
         step_delay_s: a test and demo hook: sleep this long before each push and before pulling
             to evaluate (a slow worker).
+        loader: how the trainer's DataLoader makes batches (``--loader-workers`` and friends).
     """
 
     def __init__(
@@ -68,10 +69,12 @@ class WorkerAgent:
         ps_client: Callable[[str], ParameterClient] = ParameterClient,
         retry: RetryPolicy | None = None,
         step_delay_s: float = 0.0,
+        loader: LoaderOptions = LoaderOptions(),
     ) -> None:
         if step_delay_s < 0:
             raise ConfigError(f"the step delay must be >= 0 s (got {step_delay_s})")
         self._step_delay_s = step_delay_s
+        self._loader = loader
         self._requested_id = member_id
         self._coord = coordinator
         self._stop = stop
@@ -126,7 +129,7 @@ class WorkerAgent:
         if self._spec is None:
             self._spec = spec
 
-    def _step(self, indices: torch.Tensor) -> float:
+    def _step(self, batch: Batch) -> float:
         """Trains one batch through the servers; returns its loss.
 
         A push whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED) is retried as it was, with
@@ -147,16 +150,16 @@ class WorkerAgent:
                     if self._spec.mode == "sync" and not steps.participating:
                         steps.join()
                     if self._trainer.sparse:
-                        servers.pull_rows(self._trainer.rows_touched(indices))
+                        servers.pull_rows(self._trainer.rows_touched(batch))
                     elif not servers.fresh:
                         servers.pull_all()
-                    loss, grads = self._trainer.gradients(indices)
+                    loss, grads = self._trainer.gradients(batch)
                     pending = (loss, grads, new_request_id())
                     if self._step_delay_s:
                         self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
                 loss, grads, request_id = pending
                 started = time.perf_counter()
-                replies = servers.push_pull(len(indices), grads, request_id, timeout_s=self._call_timeout_s())
+                replies = servers.push_pull(len(batch.indices), grads, request_id, timeout_s=self._call_timeout_s())
                 self.push_seconds += time.perf_counter() - started
                 self.pushes += 1
                 steps.participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
@@ -164,7 +167,7 @@ class WorkerAgent:
                 applied = all(reply.applied for reply in replies.values())
                 if applied:
                     self.steps += 1
-                    self.samples += len(indices)
+                    self.samples += len(batch.indices)
                     return loss
                 self.stale_steps += 1
                 if self._spec.mode == "sync":
@@ -226,7 +229,7 @@ class WorkerAgent:
         reporter.begin(shard.epoch, shard.shard, shard.offset)
         log.info("shard_started", epoch=shard.epoch, shard=shard.shard, offset=shard.offset)
         try:
-            for offset_after, indices in self._trainer.batches(shard):
+            for batch in self._trainer.batches(shard):
                 if self._stop.is_set() or self._fenced.is_set():
                     reporter.flush()
                     return
@@ -234,8 +237,8 @@ class WorkerAgent:
                     raise Fenced("fenced while reporting progress")
                 if reporter.lost.is_set():
                     raise FailedPrecondition("the coordinator no longer lists this lease")
-                loss = self._step(indices)
-                reporter.update(offset_after, loss, len(indices))
+                loss = self._step(batch)
+                reporter.update(batch.offset_after, loss, len(batch.indices))
             loss, samples = reporter.end()
             self._complete(member, shard, loss, samples)
             self.shards_completed += 1
@@ -335,7 +338,7 @@ class WorkerAgent:
         self._heartbeat.start(self._spec.heartbeat_interval_s)
         try:
             # Built after the heartbeat starts: loading data and model can outlast the timeout.
-            self._trainer = Trainer(self._spec)
+            self._trainer = Trainer(self._spec, self._loader)
             self._servers = ServerSet(
                 self._trainer.tensors, self._coord.layout, lambda: self._member,
                 connect=self._ps_client, announced=lambda: self._heartbeat.layout_seen,

@@ -14,6 +14,7 @@ from lepton.process import EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
 from lepton.retry import RetryPolicy
 from worker.agent import WorkerAgent
 from worker.metrics import WorkerCollector
+from worker.trainer import LoaderOptions
 
 log = structlog.get_logger("lepton.worker")
 REGISTER_RETRY = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0, max_attempts=60, max_total_s=60.0)
@@ -27,11 +28,12 @@ def serve(
     ready_file: str | None = None,
     options: ServiceOptions = ServiceOptions(),
     step_delay_s: float = 0.0,
+    loader: LoaderOptions = LoaderOptions(),
 ) -> int:
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     agent = WorkerAgent(
         client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security),
-        step_delay_s=step_delay_s,
+        step_delay_s=step_delay_s, loader=loader,
     )
     _, metrics = options.metrics(lambda: WorkerCollector(agent))
     write_ready_file(ready_file, metrics=metrics.address if metrics else None)

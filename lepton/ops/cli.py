@@ -31,6 +31,7 @@ from lepton.process import (
     EXIT_LOST_CONTACT,
     ServiceOptions,
     stop_event_on_signals,
+    record_peak_rss,
     write_ready_file,
 )
 from lepton.security import Security, check_exposure, load_security
@@ -78,6 +79,11 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
     "--early-stopping-patience": (
         "early_stopping_patience", int, "validations without improvement before early stopping (default 3)",
     ),
+    "--feature-columns": (
+        "feature_columns", lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        "parquet:DIR and npy:DIR data sets: comma-separated feature columns (default: all but the label)",
+    ),
+    "--label-column": ("label_column", str, "parquet:DIR and npy:DIR data sets: the label column (default: label)"),
 }
 # JSON-object flags: flag -> JobSpec field.
 _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}
@@ -125,10 +131,11 @@ def job_from_args(args: argparse.Namespace, **overrides: Any) -> JobSpec:
     spec = job_from_mapping(values)
     # A factory file is named absolutely from here on: every process of the job (children of
     # `lepton up`, workers told by the coordinator) loads the same file whatever its directory.
-    from lepton.factories import absolute_factory
+    from lepton.factories import absolute_factory, absolute_file_dataset
 
     return spec.replace(
-        model=absolute_factory(spec.model), dataset=absolute_factory(spec.dataset), loss=absolute_factory(spec.loss)
+        model=absolute_factory(spec.model), dataset=absolute_file_dataset(absolute_factory(spec.dataset)),
+        loss=absolute_factory(spec.loss),
     )
 
 
@@ -198,6 +205,24 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
     )
 
 
+def _add_loader_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data loading (each worker's torch DataLoader over the shard it holds)")
+    g.add_argument(
+        "--loader-workers", type=int, default=0, metavar="N",
+        help="processes making batches ahead of training (default 0: in the training thread)",
+    )
+    g.add_argument("--prefetch", type=int, default=2, metavar="N", help="batches each loader process keeps ready (default 2)")
+    g.add_argument("--pin-memory", action="store_true", help="make batches in pinned (page-locked) memory")
+
+
+def loader_options(args: argparse.Namespace) -> Any:
+    from worker.trainer import LoaderOptions
+
+    if args.loader_workers < 0 or args.prefetch < 1:
+        raise ConfigError("--loader-workers must be >= 0 and --prefetch >= 1")
+    return LoaderOptions(workers=args.loader_workers, pin_memory=args.pin_memory, prefetch=args.prefetch)
+
+
 def _add_member(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
@@ -233,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="test/demo hook, not for production: sleep this long before each push and before evaluating, "
         "making this worker slow on purpose (default 0)",
     )
+    _add_loader_flags(w)
     _add_service(w, server=False)
     _add_common(w)
 
@@ -253,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="test/demo hook: worker-0 alone (also when restarted) sleeps this long before each push "
         "(`lepton worker --step-delay`), so one worker is slow on purpose (default 0)",
     )
+    _add_loader_flags(u)
     _add_job_flags(u)
     _add_common(u)
 
@@ -309,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         write_ready_file(getattr(args, "ready_file", None), error=str(exc))
         return EXIT_CONFIG
     finally:
+        if args.command in ("coordinator", "ps", "worker"):
+            record_peak_rss(getattr(args, "ready_file", None))
         # The interpreter's collections at exit walk every object torch, the data set and gRPC made:
         # seconds on a busy machine, during which a supervisor's SIGTERM finds the default handler
         # restored (exit -15). Nothing left needs collecting, so exit without walking them.
@@ -383,6 +412,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             secure=args.secure,
             worker_delay_s=args.worker_delay,
+            loader=loader_options(args),
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
@@ -414,7 +444,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve_worker(
             args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
-            step_delay_s=args.step_delay,
+            step_delay_s=args.step_delay, loader=loader_options(args),
         )
     raise AssertionError(args.command)
 

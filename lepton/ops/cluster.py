@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
@@ -26,6 +27,7 @@ class Cluster:
     secure: bool = False
     max_workers: int | None = None  # None: max(workers, lepton.ops.scale.DEFAULT_MAX_WORKERS)
     worker_delay_s: float = 0.0  # test/demo hook: worker-0 sleeps this long before each push
+    loader: Any = None  # every worker's worker.trainer.LoaderOptions (None: the defaults)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -36,8 +38,15 @@ class Cluster:
             raise ConfigError(f"--worker-delay must be >= 0 (got {self.worker_delay_s})")
 
     def worker_flags(self, name: str) -> list[str]:
-        """Flags for worker ``name`` beyond the common ones: the slow-worker hook for worker-0 only."""
-        return ["--step-delay", repr(self.worker_delay_s)] if self.worker_delay_s and name == worker_name(0) else []
+        """Flags for worker ``name`` beyond the common ones: data loading, and the slow-worker hook
+        for worker-0 only."""
+        flags = []
+        if self.loader is not None:
+            flags += ["--loader-workers", str(self.loader.workers), "--prefetch", str(self.loader.prefetch)]
+            flags += ["--pin-memory"] if self.loader.pin_memory else []
+        if self.worker_delay_s and name == worker_name(0):
+            flags += ["--step-delay", repr(self.worker_delay_s)]
+        return flags
 
     @property
     def worker_cap(self) -> int:
@@ -69,4 +78,6 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--eval-every-epochs", str(spec.eval_every_epochs),
         "--early-stopping-metric", spec.early_stopping_metric,
         "--early-stopping-patience", str(spec.early_stopping_patience),
+        "--feature-columns", ",".join(spec.feature_columns),
+        "--label-column", spec.label_column,
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lepton.errors import LeptonError
-from lepton.ops.children import Children
+from lepton.ops.children import Children, read_ready
 from lepton.ops.cluster import Cluster
 from lepton.ops.curves import Curves
 from lepton.security import INSECURE, Security
@@ -174,6 +174,7 @@ def make_report(seen: Observed, cluster: Cluster, children: Children, wall_s: fl
     report["requests_past_deadline"] = {
         name: {side: int(n) for side, n in sides.items()} for name, sides in seen.past_deadline.items()
     }
+    report["members"] = member_entries(children, exit_codes, state_dir)
     report["restarts"] = {c.name: c.restarts for c in children.items if c.restarts}
     report["coordinator_restarts"] = sum(c.restarts for c in children.items if c.name == "coordinator")
     report["secure"] = cluster.secure
@@ -190,6 +191,21 @@ def make_report(seen: Observed, cluster: Cluster, children: Children, wall_s: fl
     if seen.refused:
         report["failure"] = seen.refused
     return report
+
+
+def member_entries(children: Children, exit_codes: dict[str, int | None], state_dir: Path) -> dict[str, dict]:
+    """Per child: its exit code and the peak resident memory its last incarnation measured of
+    itself as it exited (``peak_rss_mb``, MiB; None when it did not exit on its own, e.g. killed)
+    and of its largest child process (``children_peak_rss_mb``: DataLoader workers)."""
+    entries = {}
+    for child in children.items:
+        facts = read_ready(state_dir / f"{child.name}.ready.json") or {}
+        entries[child.name] = {
+            "exit_code": exit_codes.get(child.name),
+            "peak_rss_mb": facts.get("peak_rss_mb"),
+            "children_peak_rss_mb": facts.get("children_peak_rss_mb"),
+        }
+    return dict(sorted(entries.items()))
 
 
 def publish(report: dict, report_path: str | None, refused: str) -> None:

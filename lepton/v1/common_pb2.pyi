@@ -106,7 +106,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience")
+    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience", "feature_columns", "label_column")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,8 @@ class JobSpec(_message.Message):
     EVAL_EVERY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_METRIC_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     epochs: int
@@ -151,7 +153,9 @@ class JobSpec(_message.Message):
     eval_every_epochs: int
     early_stopping_metric: str
     early_stopping_patience: int
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ...) -> None: ...
+    feature_columns: _containers.RepeatedScalarFieldContainer[str]
+    label_column: str
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., feature_columns: _Optional[_Iterable[str]] = ..., label_column: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse", "kind")

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lepton.errors import ConfigError
-from lepton.factories import call_with_known_kwargs, resolve_factory, unknown
+from lepton.factories import call_with_known_kwargs, is_file_dataset, resolve_factory, unknown
+from lepton.workloads.filesets import DEFAULT_LABEL_COLUMN, load_files
 from lepton.workloads.synthetic import _synthetic_image, _synthetic_text
 from lepton.workloads.workload import Workload
 
@@ -55,12 +56,17 @@ DATASETS: dict[str, Callable[..., Workload]] = {
 }
 
 
-def load_workload(dataset: str, seed: int) -> Workload:
-    """The named built-in dataset, or a user factory returning a Workload or (train, test). For
+def load_workload(
+    dataset: str, seed: int, feature_columns: tuple[str, ...] = (), label_column: str = DEFAULT_LABEL_COLUMN
+) -> Workload:
+    """The named built-in dataset, a file-backed one (``parquet:DIR``, ``npy:DIR``: read lazily,
+    see ``lepton.workloads.filesets``), or a user factory returning a Workload or (train, test). For
     (train, test), integer labels give ``num_classes`` (the largest id + 1) and floating labels
     are regression targets (``num_classes`` 0, ``target_dim`` their size)."""
     if dataset in DATASETS:
         return DATASETS[dataset](seed=seed)
+    if is_file_dataset(dataset):
+        return load_files(dataset, feature_columns, label_column)
     if ":" not in dataset:
         raise unknown("dataset", dataset, list(DATASETS))
     result = call_with_known_kwargs(f"dataset factory {dataset!r}", resolve_factory(dataset), seed=seed)

@@ -43,6 +43,9 @@ def take(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors
         return x[indices], y[indices]
+    take_rows = getattr(dataset, "take_rows", None)  # file-backed rows read a batch at once
+    if take_rows is not None:
+        return take_rows(indices)
     items = [dataset[int(i)] for i in indices]
     labels = [torch.as_tensor(y) for _, y in items]
     if labels and labels[0].is_floating_point():

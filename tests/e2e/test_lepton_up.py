@@ -77,6 +77,9 @@ def test_lepton_up_trains_digits_to_target_accuracy(processes, tmp_path, mode):
         for s in status.values():
             assert s["pushes_stale"] == 0 or s["steps_timed_out"] > 0, status
     assert all(code == 0 for code in report["exit_codes"].values()), report["exit_codes"]
+    # every member measured its own peak memory as it exited (a Python process with torch: > 50 MiB)
+    assert sorted(report["members"]) == sorted(report["exit_codes"])
+    assert all(m["peak_rss_mb"] > 50 for m in report["members"].values()), report["members"]
     assert tagged_pids(processes.tag) == []
 
 
