@@ -21,6 +21,9 @@ TASKS = ("auto", "classification", "regression")
 # ``ps_server/staleness.py``): "staleness" scales it by min(1, max(1, W - 1) / staleness), W the
 # workers pushing; "inverse" by 1 / max(1, staleness); "none" applies every push at the schedule's lr.
 ASYNC_LR_SCALINGS = ("staleness", "inverse", "none")
+# Where a worker trains ("cuda:N" too) and the precision of its forward and backward passes.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
 # the keyword arguments each takes: {name: (required, optional)}.
 LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -32,6 +35,18 @@ LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def device_problem(device: Any) -> str | None:
+    """Why ``device`` is no device name (auto, cpu, cuda, cuda:N), or None."""
+    if isinstance(device, str) and (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
+        return None
+    return f"device must be auto, cpu, cuda or cuda:N, got {device!r}"
+
+
+def precision_problem(precision: Any) -> str | None:
+    """Why ``precision`` is not one of PRECISIONS, or None."""
+    return None if precision in PRECISIONS else f"precision must be one of {PRECISIONS}, got {precision!r}"
 
 
 def _lr_schedule_problems(schedule: str, kwargs: Any) -> list[str]:
@@ -94,15 +109,27 @@ class JobSpec:
     task: str = "auto"
     # async: the learning rate of a push staler than the steady state is scaled down (ASYNC_LR_SCALINGS).
     async_lr_scaling: str = "staleness"
+    # Where workers train and at what precision; `lepton worker --device/--precision` override them.
+    device: str = "auto"
+    precision: str = "fp32"
+    # A worker clips its whole-model gradient to this global L2 norm before pushing (0: no clipping).
+    clip_grad_norm: float = 0.0
+    # Linear lr warmup over this many server updates, multiplied into lr_schedule (0: none).
+    warmup_steps: int = 0
+    # Batches of batch_size whose mean-loss gradient one push carries (gradient accumulation).
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         problems = []
-        counts = ("epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps")
+        counts = (
+            "epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps",
+            "warmup_steps", "accumulate",
+        )
         for name in (*counts, "staleness"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
-        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s"):
+        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s", "clip_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be a number, got {value!r}")
@@ -149,6 +176,13 @@ class JobSpec:
         if not isinstance(self.optimizer_kwargs, Mapping):
             problems.append("optimizer_kwargs must be a table")
         problems += _lr_schedule_problems(self.lr_schedule, self.lr_schedule_kwargs)
+        problems += [p for p in (device_problem(self.device), precision_problem(self.precision)) if p]
+        if not (0 <= self.clip_grad_norm < float("inf")):
+            problems.append(f"clip_grad_norm must be a finite number >= 0 (0: off), got {self.clip_grad_norm}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0 (updates), got {self.warmup_steps}")
+        if self.accumulate < 1:
+            problems.append(f"accumulate must be >= 1 (batches per push), got {self.accumulate}")
         if problems:
             raise ConfigError("invalid job: " + "; ".join(problems))
 

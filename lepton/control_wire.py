@@ -66,6 +66,11 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         loss=spec.loss,
         task=TASK_TO_WIRE[spec.task],
         async_lr_scaling=spec.async_lr_scaling,
+        device=spec.device,
+        precision=spec.precision,
+        clip_grad_norm=spec.clip_grad_norm,
+        warmup_steps=spec.warmup_steps,
+        accumulate=spec.accumulate,
     )
 
 
@@ -106,6 +111,11 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         loss=msg.loss or JobSpec.loss,
         task=TASK_FROM_WIRE[msg.task],
         async_lr_scaling=msg.async_lr_scaling or JobSpec.async_lr_scaling,
+        device=msg.device or "cpu",
+        precision=msg.precision or JobSpec.precision,
+        clip_grad_norm=msg.clip_grad_norm,
+        warmup_steps=msg.warmup_steps,
+        accumulate=msg.accumulate or 1,
     )
 
 

@@ -67,10 +67,13 @@ class WorkerAgent:
         ps_client: Callable[[str], ParameterClient] = ParameterClient,
         retry: RetryPolicy | None = None,
         step_delay_s: float = 0.0,
+        device: str | None = None,
+        precision: str | None = None,
     ) -> None:
         if step_delay_s < 0:
             raise ConfigError(f"the step delay must be >= 0 s (got {step_delay_s})")
         self._step_delay_s = step_delay_s
+        self._device, self._precision = device, precision  # None: the job's
         self._requested_id = member_id
         self._coord = coordinator
         self._stop = stop
@@ -93,6 +96,7 @@ class WorkerAgent:
         self.steps = 0
         self.samples = 0
         self.stale_steps = 0
+        self.skipped_steps = 0  # fp16 steps whose gradients overflowed: nothing pushed
         self.registrations = 0
 
     @property
@@ -148,6 +152,12 @@ class WorkerAgent:
                     elif not servers.fresh:
                         servers.pull_all()
                     loss, grads = self._trainer.gradients(indices)
+                    if grads is None:  # fp16 overflow: the loss scale falls, nothing is pushed
+                        self.skipped_steps += 1
+                        if self._spec.mode == "sync":
+                            steps.leave()  # the step closes without this worker; the next batch joins again
+                        log.info("step_skipped_overflow", loss_scale=self._trainer.scaler.scale if self._trainer.scaler else None)
+                        return loss
                     pending = (loss, grads, new_request_id())
                     if self._step_delay_s:
                         self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
@@ -329,7 +339,7 @@ class WorkerAgent:
         self._heartbeat.start(self._spec.heartbeat_interval_s)
         try:
             # Built after the heartbeat starts: loading data and model can outlast the timeout.
-            self._trainer = Trainer(self._spec)
+            self._trainer = Trainer(self._spec, self._device, self._precision)
             self._servers = ServerSet(
                 self._trainer.tensors, self._coord.layout, lambda: self._member,
                 connect=self._ps_client, announced=lambda: self._heartbeat.layout_seen,

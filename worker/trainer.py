@@ -14,6 +14,7 @@ from lepton.config import JobSpec
 from lepton.errors import ConfigError
 from lepton.tasks import resolve_loss, resolve_task, shape_target
 from lepton.tensors import TensorKind, empty_row_sparse
+from worker.device import HostBuffers, LossScaler, autocast, check_precision, clip_by_global_norm, resolve_device
 from lepton.workloads import (
     Evaluation,
     build_model,
@@ -35,16 +36,45 @@ class ShardRange:
     offset: int
 
 
-class Trainer:
-    """Owns the model replica and the dataset; computes mean-loss gradients of batches."""
+class _OnDevice(nn.Module):
+    """A model on a device as evaluation sees it: inputs moved there, outputs back as float32 on
+    the CPU, where the data set and the metrics live."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.model(x.to(self.device))
+        return output.float().cpu() if output.is_floating_point() else output.cpu()
+
+
+class Trainer:
+    """Owns the model replica and the dataset; computes mean-loss gradients of batches.
+
+    Args:
+        device: where the model and batches live (``--device``; default: the job's ``device``).
+        precision: autocast of forward and backward (``--precision``; default: the job's).
+
+    Raises:
+        ConfigError: a device this machine lacks, a precision it cannot run, or a model that
+            cannot be served (see below).
+    """
+
+    def __init__(self, spec: JobSpec, device: str | None = None, precision: str | None = None) -> None:
         self.spec = spec
+        self.device = resolve_device(device or spec.device)
+        self.precision = precision or spec.precision
+        check_precision(self.precision, self.device)
         self.workload = load_workload(spec.dataset, spec.seed)
         self.task = resolve_task(spec.task, spec.loss, self.workload.label_dtype)
         self.model = build_model(
             spec.model, self.workload, spec.seed, self.workload.output_dim(self.task, spec.loss)
-        )
+        ).to(self.device)
+        # fp16 gradients underflow without loss scaling; a step whose scaled gradients overflow is skipped.
+        self.scaler = LossScaler() if self.precision == "fp16" else None
+        self._host = HostBuffers(self.device)
+        self.last_grad_norm: float | None = None  # before clipping, when clipping is on
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         # Everything the servers hold, by name: parameters (frozen ones too) and persistent buffers.
         self.tensors = model_tensors(self.model)
@@ -65,10 +95,11 @@ class Trainer:
         if not self.sparse:
             return {}
         x, _ = take(self.workload.train, indices)
-        return self.model.rows_touched(x)  # type: ignore[operator]
+        return {n: r.cpu() for n, r in self.model.rows_touched(x.to(self.device)).items()}  # type: ignore[operator]
 
     def batches(self, shard: ShardRange) -> Iterator[tuple[int, torch.Tensor]]:
-        """(offset after the batch, sample indices) from the shard's offset on. The order within a
+        """(offset after the step, sample indices) from the shard's offset on: ``accumulate``
+        batches of ``batch_size`` per step (``gradients`` cuts them apart again). The order within a
         shard is a permutation fixed by (seed, epoch, shard), so a resumed shard continues exactly
         where the previous holder stopped."""
         size = shard.end - shard.start
@@ -76,22 +107,36 @@ class Trainer:
             (self.spec.seed * 1_000_003 + shard.epoch * 10_007 + shard.shard) % (2**63)
         )
         order = shard.start + torch.randperm(size, generator=generator)
-        bs = self.spec.batch_size
+        bs = self.spec.batch_size * self.spec.accumulate
         for lo in range(shard.offset, size, bs):
             hi = min(size, lo + bs)
             yield hi, order[lo:hi]
 
-    def gradients(self, indices: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-        """Mean loss (the job's) of the batch and what a push carries: the gradient of each
+    def gradients(self, indices: torch.Tensor) -> tuple[float, dict[str, torch.Tensor] | None]:
+        """Mean loss (the job's) of the samples and what a push carries: the gradient of each
         trainable parameter that has one (torch's ``grad is None`` leaves it out: the servers'
-        optimizer skips it, as torch.optim does), and for each buffer the forward pass changed
-        (BatchNorm's running statistics), its change."""
-        x, y = take(self.workload.train, indices)
+        optimizer skips it, as torch.optim does), and for each buffer the forward passes changed
+        (BatchNorm's running statistics), its change; in host memory.
+
+        The samples are cut into micro-batches of ``batch_size``, each its own forward and backward
+        pass, their losses weighted by size (the gradient is that of the mean loss over all of
+        them). Then, with ``clip_grad_norm``, the gradients are clipped by their global norm. With
+        fp16, an overflowing step returns None for the gradients: it pushes nothing."""
         before = {name: self.tensors[name].detach().clone() for name in self.buffers}
         self.model.zero_grad(set_to_none=True)
-        output = self.model(x)
-        loss = self._loss(output, shape_target(self.spec.loss, self.task, output, y))
-        loss.backward()
+        total = len(indices)
+        loss_sum = 0.0
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        for micro in torch.split(indices, self.spec.batch_size):
+            x, y = take(self.workload.train, micro)
+            x, y = self._to_device(x), self._to_device(y)
+            with autocast(self.precision, self.device):
+                output = self.model(x)
+                loss = self._loss(output, shape_target(self.spec.loss, self.task, output, y))
+            weight = len(micro) / total
+            ((loss.float() * weight * scale) if weight != 1.0 or scale != 1.0 else loss).backward()
+            loss_sum += float(loss.detach()) * len(micro)
+        mean_loss = loss_sum / max(total, 1)
         grads = {}
         for name, p in self.params.items():
             if not p.requires_grad:
@@ -100,17 +145,27 @@ class Trainer:
                 grads[name] = p.grad.detach()
             elif name in self.sparse:  # the table is unused in this batch: no rows touched
                 grads[name] = empty_row_sparse(p)
+        if self.scaler is not None and not self.scaler.unscale(grads.values()):
+            return mean_loss, None
+        if self.spec.clip_grad_norm > 0:
+            self.last_grad_norm = clip_by_global_norm(grads.values(), self.spec.clip_grad_norm)
         for name, old in before.items():
             if old.dtype == torch.bool:
                 continue  # a flag, not a statistic: it has no change to average
             change = self.tensors[name].detach() - old
             if bool(change.any()):
                 grads[name] = change
-        return float(loss.detach()), grads
+        return mean_loss, self._host.to_host(grads)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def evaluate(self) -> Evaluation:
+        model = self.model if self.device.type == "cpu" else _OnDevice(self.model, self.device)
         return evaluate(
-            self.model, self.workload.test, self.workload.num_classes,
+            model, self.workload.test, self.workload.num_classes,
             task=self.task, loss=self.spec.loss, loss_fn=self._loss,
         )
 

@@ -66,4 +66,9 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--lease-timeout", repr(spec.lease_timeout_s),
         "--parameter-servers", str(spec.parameter_servers),
         "--checkpoint-every", str(spec.checkpoint_every_steps),
+        "--device", spec.device,
+        "--precision", spec.precision,
+        "--clip-grad-norm", repr(spec.clip_grad_norm),
+        "--warmup-steps", str(spec.warmup_steps),
+        "--accumulate", str(spec.accumulate),
     ]
