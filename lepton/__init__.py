@@ -13,12 +13,13 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 __version__ = "0.1.0"
 
-# The Python API (README "From Python"), loaded on first use so that importing lepton stays cheap.
+# The Python API (README "From Python"), loaded on first use: importing lepton stays cheap and
+# the runtime does not load the operator tools (lepton.ops) unless run_local is asked for.
 _API = {
     "JobSpec": "lepton.config",
-    "run_local": "lepton.api",
-    "LocalJob": "lepton.api",
-    "JobResult": "lepton.api",
+    "run_local": "lepton.ops.api",
+    "LocalJob": "lepton.ops.api",
+    "JobResult": "lepton.ops.api",
     "CoordinatorClient": "lepton.coordinator_client",
 }
 __all__ = ["__version__", *_API]
