@@ -156,7 +156,8 @@ class WorkerAgent:
                         self.skipped_steps += 1
                         if self._spec.mode == "sync":
                             steps.leave()  # the step closes without this worker; the next batch joins again
-                        log.info("step_skipped_overflow", loss_scale=self._trainer.scaler.scale if self._trainer.scaler else None)
+                        scaler = self._trainer.scaler
+                        log.info("step_skipped_overflow", loss_scale=scaler.scale if scaler else None)
                         return loss
                     pending = (loss, grads, new_request_id())
                     if self._step_delay_s:

@@ -27,12 +27,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {name} was requested, but this machine has no CUDA device (torch {torch.__version__})")
+        raise ConfigError(
+            f"device {name} was requested, but this machine has no CUDA device (torch {torch.__version__})"
+        )
     device = torch.device(name)
     index = 0 if device.index is None else device.index
     count = torch.cuda.device_count()
     if index >= count:
-        raise ConfigError(f"device {name} was requested, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        raise ConfigError(
+            f"device {name} was requested, but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+        )
     return torch.device("cuda", index)
 
 
@@ -42,7 +46,8 @@ def check_precision(precision: str, device: torch.device) -> None:
     if problem is not None:
         raise ConfigError(problem)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision bf16 was requested, but {device} ({torch.cuda.get_device_name(device)}) has no bfloat16")
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"precision bf16 was requested, but {device} ({name}) has no bfloat16")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -14,7 +14,6 @@ from lepton.config import JobSpec
 from lepton.errors import ConfigError
 from lepton.tasks import resolve_loss, resolve_task, shape_target
 from lepton.tensors import TensorKind, empty_row_sparse
-from worker.device import HostBuffers, LossScaler, autocast, check_precision, clip_by_global_norm, resolve_device
 from lepton.workloads import (
     Evaluation,
     build_model,
@@ -25,6 +24,7 @@ from lepton.workloads import (
     take,
     tensor_kinds,
 )
+from worker.device import HostBuffers, LossScaler, autocast, check_precision, clip_by_global_norm, resolve_device
 
 
 @dataclass(frozen=True)

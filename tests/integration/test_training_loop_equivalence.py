@@ -115,9 +115,9 @@ def reference_state(case: Case) -> dict[str, torch.Tensor]:
                 opt.zero_grad(set_to_none=True)
                 accumulate(indices, len(indices))
                 torch.nn.utils.clip_grad_norm_(params, case.clip)
-                for m, p in zip(mean, params):
+                for m, p in zip(mean, params, strict=True):
                     m += p.grad * (len(indices) / total)
-            for m, p in zip(mean, params):
+            for m, p in zip(mean, params, strict=True):
                 p.grad = m
         for group in opt.param_groups:
             group["lr"] = warmed_up_lr(case, step)
