@@ -65,7 +65,7 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
     # here, before any of them loads it (ConfigError: `lepton coordinator` reports it, exits 2).
     kind = prove_optimizer(
         [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad], sparse,
-        spec.optimizer, spec.lr, spec.optimizer_kwargs, spec.lr_schedule, spec.lr_schedule_kwargs,
+        spec.optimizer, spec.lr, spec.optimizer_kwargs, spec.lr_schedule, spec.lr_schedule_kwargs, spec.warmup_steps,
     )
     if kind is Granularity.TENSOR and spec.parameter_servers > len(tensors):
         raise ConfigError(

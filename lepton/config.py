@@ -23,6 +23,9 @@ TASKS = ("auto", "classification", "regression")
 ASYNC_LR_SCALINGS = ("staleness", "inverse", "none")
 # Metrics early stopping can watch, and whether a larger value is better.
 EARLY_STOPPING_METRICS = {"loss": False, "accuracy": True, "macro_recall": True, "mse": False, "mae": False, "r2": True}
+# Where a worker trains ("cuda:N" too) and the precision of its forward and backward passes.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
 # the keyword arguments each takes: {name: (required, optional)}.
 LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -34,6 +37,18 @@ LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def device_problem(device: Any) -> str | None:
+    """Why ``device`` is no device name (auto, cpu, cuda, cuda:N), or None."""
+    if isinstance(device, str) and (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
+        return None
+    return f"device must be auto, cpu, cuda or cuda:N, got {device!r}"
+
+
+def precision_problem(precision: Any) -> str | None:
+    """Why ``precision`` is not one of PRECISIONS, or None."""
+    return None if precision in PRECISIONS else f"precision must be one of {PRECISIONS}, got {precision!r}"
 
 
 def _lr_schedule_problems(schedule: str, kwargs: Any) -> list[str]:
@@ -105,18 +120,28 @@ class JobSpec:
     # parquet:DIR and npy:DIR data sets: the feature columns (empty: all but the label) and the label's.
     feature_columns: tuple[str, ...] = ()
     label_column: str = "label"
+    # Where workers train and at what precision; `lepton worker --device/--precision` override them.
+    device: str = "auto"
+    precision: str = "fp32"
+    # A worker clips its whole-model gradient to this global L2 norm before pushing (0: no clipping).
+    clip_grad_norm: float = 0.0
+    # Linear lr warmup over this many server updates, multiplied into lr_schedule (0: none).
+    warmup_steps: int = 0
+    # Batches of batch_size whose mean-loss gradient one push carries (gradient accumulation).
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         problems = []
         counts = (
             "epochs", "batch_size", "shards_per_epoch", "parameter_servers", "seed", "checkpoint_every_steps",
             "eval_every_epochs", "early_stopping_patience",
+            "warmup_steps", "accumulate",
         )
         for name in (*counts, "staleness"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
-        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s"):
+        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s", "clip_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be a number, got {value!r}")
@@ -181,6 +206,13 @@ class JobSpec:
             object.__setattr__(self, "feature_columns", tuple(self.feature_columns))
         if not isinstance(self.label_column, str) or not self.label_column:
             problems.append(f"label_column must name a column, got {self.label_column!r}")
+        problems += [p for p in (device_problem(self.device), precision_problem(self.precision)) if p]
+        if not (0 <= self.clip_grad_norm < float("inf")):
+            problems.append(f"clip_grad_norm must be a finite number >= 0 (0: off), got {self.clip_grad_norm}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0 (updates), got {self.warmup_steps}")
+        if self.accumulate < 1:
+            problems.append(f"accumulate must be >= 1 (batches per push), got {self.accumulate}")
         if problems:
             raise ConfigError("invalid job: " + "; ".join(problems))
 

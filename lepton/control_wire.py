@@ -71,6 +71,11 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         early_stopping_patience=spec.early_stopping_patience,
         feature_columns=list(spec.feature_columns),
         label_column=spec.label_column,
+        device=spec.device,
+        precision=spec.precision,
+        clip_grad_norm=spec.clip_grad_norm,
+        warmup_steps=spec.warmup_steps,
+        accumulate=spec.accumulate,
     )
 
 
@@ -116,6 +121,11 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         early_stopping_patience=msg.early_stopping_patience or JobSpec.early_stopping_patience,
         feature_columns=tuple(msg.feature_columns),
         label_column=msg.label_column or JobSpec.label_column,
+        device=msg.device or "cpu",
+        precision=msg.precision or JobSpec.precision,
+        clip_grad_norm=msg.clip_grad_norm,
+        warmup_steps=msg.warmup_steps,
+        accumulate=msg.accumulate or 1,
     )
 
 

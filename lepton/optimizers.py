@@ -81,6 +81,7 @@ def prove_optimizer(
     kwargs: Mapping[str, Any],
     lr_schedule: str = "constant",
     lr_schedule_kwargs: Mapping[str, Any] | None = None,
+    warmup_steps: int = 0,
 ) -> Granularity:
     """Proves that the servers can run this optimizer: builds it and its schedule on copies of
     the parameters, takes one optimizer step and one schedule step with zero gradients (empty
@@ -99,7 +100,7 @@ def prove_optimizer(
     ]
     try:
         optimizer = build_sparse_aware_optimizer(copies, sparse, name, lr, kwargs)
-        scheduler = build_lr_scheduler(optimizer, lr_schedule, lr_schedule_kwargs or {})
+        scheduler = build_lr_scheduler(optimizer, lr_schedule, lr_schedule_kwargs or {}, warmup_steps)
         for n, p in copies:
             p.grad = _zero_gradient(p, n in sparse)
         optimizer.step()
@@ -134,10 +135,29 @@ def build_optimizer(
 
 
 def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, kwargs: Mapping[str, Any], warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The torch scheduler for a JobSpec ``lr_schedule`` (None for "constant" without warmup), to
+    be stepped once per optimizer step, so its epoch is the number of updates applied. With
+    ``warmup_steps`` W > 0, a ``LinearLR`` from 1 / (W + 1) to 1 over W updates chained with the
+    schedule (``ChainedScheduler``: the factors multiply), so update v (0-based) runs at the
+    schedule's rate times min(1, (v + 1) / (W + 1)). Raises ConfigError."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be an integer >= 0 (updates), got {warmup_steps!r}")
+    if warmup_steps == 0:
+        return _schedule(optimizer, schedule, kwargs)
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps
+    )
+    after = _schedule(optimizer, schedule, kwargs)
+    if after is None:
+        return warmup
+    return torch.optim.lr_scheduler.ChainedScheduler([warmup, after], optimizer=optimizer)
+
+
+def _schedule(
     optimizer: torch.optim.Optimizer, schedule: str, kwargs: Mapping[str, Any]
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The torch scheduler for a JobSpec ``lr_schedule`` (None for "constant"), to be stepped once
-    per optimizer step, so its epoch is the number of updates applied. Raises ConfigError."""
     if schedule == "constant":
         return None
     try:

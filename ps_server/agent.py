@@ -239,6 +239,7 @@ class ParameterServerAgent:
             lr_schedule_kwargs=spec.lr_schedule_kwargs,
             staleness=spec.staleness,
             async_lr_scaling=spec.async_lr_scaling,
+            warmup_steps=spec.warmup_steps,
         )
 
     def _join(self) -> None:

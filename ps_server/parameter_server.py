@@ -94,11 +94,12 @@ class ParameterServer:
         sparse: Collection[str] = (),
         kinds: Mapping[str, TensorKind] | None = None,
         async_lr_scaling: str = "staleness",
+        warmup_steps: int = 0,
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
         when there is one; returns the version it serves from (0 for a fresh start)."""
         store = ParameterStore(
-            tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse, kinds
+            tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse, kinds, warmup_steps
         )
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:

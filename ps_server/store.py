@@ -40,6 +40,7 @@ class ParameterStore:
         lr_schedule_kwargs: Mapping[str, Any] | None = None,
         sparse: Collection[str] = (),
         kinds: Mapping[str, TensorKind] | None = None,
+        warmup_steps: int = 0,
     ) -> None:
         kinds = kinds or {}
         unknown = sorted((set(sparse) | set(kinds)) - set(tensors))
@@ -73,8 +74,9 @@ class ParameterStore:
         self._optimizer_name = optimizer
         self.failure = ""
         self._optimizer = build_sparse_aware_optimizer(trainable, self.sparse, optimizer, lr, optimizer_kwargs)
-        self._lr_schedule = lr_schedule
-        self._scheduler = build_lr_scheduler(self._optimizer, lr_schedule, lr_schedule_kwargs or {})
+        # A checkpoint names the schedule it was written under (warmup included): it restores only into the same.
+        self._lr_schedule = f"{lr_schedule}+warmup{warmup_steps}" if warmup_steps else lr_schedule
+        self._scheduler = build_lr_scheduler(self._optimizer, lr_schedule, lr_schedule_kwargs or {}, warmup_steps)
         self.version = 0
 
     @property

@@ -165,12 +165,14 @@ def serve_parameters(
     sparse=(),
     kinds=None,
     servicer=None,
+    load_options=None,
     **server_options,
 ):
     """A parameter server on 127.0.0.1:0, loaded with ``tensors`` (its share of a layout, by
     name; ``sparse`` names the row-sparse ones, ``kinds`` their kinds) and with the worker
     identities ``workers`` (MemberIds) live on its roster. ``servicer(node)`` builds the servicer
-    (default: the real one); ``server_options`` go to ``lepton.rpc.Server``. Returns (node,
+    (default: the real one); ``load_options`` (lr_schedule, warmup_steps, ...) go to
+    ``ParameterServer.load``, ``server_options`` to ``lepton.rpc.Server``. Returns (node,
     started server); the caller stops the server. The one helper every test and bench serves a
     parameter server with."""
     from lepton.rpc import Server
@@ -180,7 +182,8 @@ def serve_parameters(
 
     node = ParameterServer(member_id)
     node.load(
-        tensors, optimizer, lr, kwargs or {}, mode, step_timeout_s=step_timeout_s, sparse=list(sparse), kinds=kinds
+        tensors, optimizer, lr, kwargs or {}, mode, step_timeout_s=step_timeout_s, sparse=list(sparse), kinds=kinds,
+        **(load_options or {}),
     )
     node.update_roster([WorkerEntry(w.member_id, w.incarnation, True) for w in workers])
     build = servicer or ParameterServerServicer
@@ -215,7 +218,7 @@ def stop_shards(shards: list[ServedShard]) -> None:
 def serve_layout(
     initial, count: int, optimizer: str, lr: float, kwargs, workers: int, *,
     step_timeout_s: float, sparse=(), kinds=None, whole_tensors: bool = False, mode: str = "sync",
-    skip_empty: bool = False, servicer=None,
+    skip_empty: bool = False, servicer=None, load_options=None,
 ) -> list[ServedShard]:
     """``count`` parameter servers (``serve_parameters``) holding the whole tensors ``initial`` as
     ``coordinator.layout.balance`` cuts them (row slices where a range boundary falls inside a
@@ -242,6 +245,7 @@ def serve_layout(
                 {t.name: part(initial, t) for t in held}, optimizer, lr, kwargs, mode, member_id=member_id,
                 workers=[MemberId(f"w-{i}", 1) for i in range(workers)], step_timeout_s=step_timeout_s,
                 sparse=[t.name for t in held if t.sparse], kinds={t.name: t.kind for t in held}, servicer=servicer,
+                load_options=load_options,
             )
             served.append(ServedShard(member_id, node, server, held))
     except BaseException:

@@ -70,11 +70,14 @@ class WorkerAgent:
         retry: RetryPolicy | None = None,
         step_delay_s: float = 0.0,
         loader: LoaderOptions = LoaderOptions(),
+        device: str | None = None,
+        precision: str | None = None,
     ) -> None:
         if step_delay_s < 0:
             raise ConfigError(f"the step delay must be >= 0 s (got {step_delay_s})")
         self._step_delay_s = step_delay_s
         self._loader = loader
+        self._device, self._precision = device, precision  # None: the job's
         self._requested_id = member_id
         self._coord = coordinator
         self._stop = stop
@@ -97,6 +100,7 @@ class WorkerAgent:
         self.steps = 0
         self.samples = 0
         self.stale_steps = 0
+        self.skipped_steps = 0  # fp16 steps whose gradients overflowed: nothing pushed
         self.registrations = 0
         self.pushes = 0  # push-pulls answered (applied or stale)
         self.push_seconds = 0.0  # their total latency, seconds
@@ -154,6 +158,13 @@ class WorkerAgent:
                     elif not servers.fresh:
                         servers.pull_all()
                     loss, grads = self._trainer.gradients(batch)
+                    if grads is None:  # fp16 overflow: the loss scale falls, nothing is pushed
+                        self.skipped_steps += 1
+                        if self._spec.mode == "sync":
+                            steps.leave()  # the step closes without this worker; the next batch joins again
+                        scaler = self._trainer.scaler
+                        log.info("step_skipped_overflow", loss_scale=scaler.scale if scaler else None)
+                        return loss
                     pending = (loss, grads, new_request_id())
                     if self._step_delay_s:
                         self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
@@ -338,7 +349,7 @@ class WorkerAgent:
         self._heartbeat.start(self._spec.heartbeat_interval_s)
         try:
             # Built after the heartbeat starts: loading data and model can outlast the timeout.
-            self._trainer = Trainer(self._spec, self._loader)
+            self._trainer = Trainer(self._spec, self._loader, self._device, self._precision)
             self._servers = ServerSet(
                 self._trainer.tensors, self._coord.layout, lambda: self._member,
                 connect=self._ps_client, announced=lambda: self._heartbeat.layout_seen,

@@ -202,6 +202,7 @@ class ServerSet:
             for name, values in tensors.items():
                 spec = specs[name]
                 if name in rows:
-                    self.tensors[spec.of].index_copy_(0, rows[name] + spec.row_offset, values)
+                    target = self.tensors[spec.of]  # on the worker's device: index and values go there
+                    target.index_copy_(0, (rows[name] + spec.row_offset).to(target.device), values.to(target.device))
                 else:
                     part(self.tensors, spec).copy_(values)

@@ -13,6 +13,7 @@ from lepton.errors import ConfigError, LeptonError
 from lepton.process import EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
 from lepton.retry import RetryPolicy
 from worker.agent import WorkerAgent
+from worker.device import check_precision, resolve_device
 from worker.metrics import WorkerCollector
 from worker.trainer import LoaderOptions
 
@@ -29,11 +30,17 @@ def serve(
     options: ServiceOptions = ServiceOptions(),
     step_delay_s: float = 0.0,
     loader: LoaderOptions = LoaderOptions(),
+    device: str | None = None,
+    precision: str | None = None,
 ) -> int:
+    """Runs a worker until the job ends. ``device`` and ``precision`` override the job's; a device
+    this machine lacks (or a precision it cannot run) is refused before registering (ConfigError)."""
+    if device is not None:
+        check_precision(precision or "fp32", resolve_device(device))
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     agent = WorkerAgent(
         client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security),
-        step_delay_s=step_delay_s, loader=loader,
+        step_delay_s=step_delay_s, loader=loader, device=device, precision=precision,
     )
     _, metrics = options.metrics(lambda: WorkerCollector(agent))
     write_ready_file(ready_file, metrics=metrics.address if metrics else None)

@@ -21,7 +21,16 @@ import structlog
 # (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", exit -6).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, read_job_file
+from lepton.config import (
+    ASYNC_LR_SCALINGS,
+    LR_SCHEDULES,
+    MODES,
+    PRECISIONS,
+    TASKS,
+    JobSpec,
+    job_from_mapping,
+    read_job_file,
+)
 from lepton.errors import ConfigError, LeptonError
 from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.logs import configure_logging
@@ -84,6 +93,11 @@ _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
         "parquet:DIR and npy:DIR data sets: comma-separated feature columns (default: all but the label)",
     ),
     "--label-column": ("label_column", str, "parquet:DIR and npy:DIR data sets: the label column (default: label)"),
+    "--device": ("device", str, "where workers train: auto (CUDA if present), cpu, cuda or cuda:N (default auto)"),
+    "--precision": ("precision", str, f"workers' forward/backward precision: {', '.join(PRECISIONS)} (default fp32)"),
+    "--clip-grad-norm": ("clip_grad_norm", float, "clip each push's whole-model gradient to this L2 norm (0: off)"),
+    "--warmup-steps": ("warmup_steps", int, "linear lr warmup over this many server updates, times the schedule"),
+    "--accumulate": ("accumulate", int, "batches whose mean gradient one push carries (gradient accumulation)"),
 }
 # JSON-object flags: flag -> JobSpec field.
 _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}
@@ -253,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker")
     _add_member(w)
     w.add_argument("--ready-file", default=None, help="write {metrics, pid} as JSON here once started")
+    w.add_argument(
+        "--device", default=None, metavar="DEVICE",
+        help="train on auto, cpu, cuda or cuda:N instead of the job's device; one this machine lacks exits 2",
+    )
+    w.add_argument(
+        "--precision", default=None, choices=PRECISIONS, help="forward/backward precision instead of the job's",
+    )
     w.add_argument(
         "--step-delay", type=float, default=0.0, metavar="SECONDS",
         help="test/demo hook, not for production: sleep this long before each push and before evaluating, "
@@ -444,7 +465,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve_worker(
             args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
-            step_delay_s=args.step_delay, loader=loader_options(args),
+            step_delay_s=args.step_delay, loader=loader_options(args), device=args.device, precision=args.precision,
         )
     raise AssertionError(args.command)
 

@@ -80,4 +80,9 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--early-stopping-patience", str(spec.early_stopping_patience),
         "--feature-columns", ",".join(spec.feature_columns),
         "--label-column", spec.label_column,
+        "--device", spec.device,
+        "--precision", spec.precision,
+        "--clip-grad-norm", repr(spec.clip_grad_norm),
+        "--warmup-steps", str(spec.warmup_steps),
+        "--accumulate", str(spec.accumulate),
     ]

@@ -260,9 +260,9 @@ class ProgressLine:
     """One status line: rewritten in place on a terminal, printed on change (at most every few
     seconds) otherwise."""
 
-    def __init__(self, stream=sys.stdout) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
+    def __init__(self, stream=None) -> None:
+        self._stream = stream if stream is not None else sys.stdout  # now, not at import (pytest swaps it)
+        self._tty = self._stream.isatty()
         self._last = ""
         self._last_print = 0.0
 

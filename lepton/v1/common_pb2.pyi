@@ -106,7 +106,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience", "feature_columns", "label_column")
+    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience", "feature_columns", "label_column", "device", "precision", "clip_grad_norm", "warmup_steps", "accumulate")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,11 @@ class JobSpec(_message.Message):
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     epochs: int
@@ -155,7 +160,12 @@ class JobSpec(_message.Message):
     early_stopping_patience: int
     feature_columns: _containers.RepeatedScalarFieldContainer[str]
     label_column: str
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., feature_columns: _Optional[_Iterable[str]] = ..., label_column: _Optional[str] = ...) -> None: ...
+    device: str
+    precision: str
+    clip_grad_norm: float
+    warmup_steps: int
+    accumulate: int
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., feature_columns: _Optional[_Iterable[str]] = ..., label_column: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., clip_grad_norm: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., accumulate: _Optional[int] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse", "kind")
