@@ -201,10 +201,11 @@ class ParameterStore:
         self.version = int(state["version"])
 
     def snapshot(
-        self, names: Iterable[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None
+        self, names: Iterable[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None, copy: bool = True
     ) -> list[tuple[str, torch.Tensor]]:
         """Copies of the named tensors (all when both ``names`` and ``rows`` are empty) and of the
-        selected rows of the tensors in ``rows`` (checked: distinct, in range)."""
+        selected rows of the tensors in ``rows`` (checked: distinct, in range). ``copy=False``:
+        the whole tensors themselves (detached), for a reader that copies them at once."""
         rows = rows or {}
         wanted = list(names) if names else ([] if rows else list(self._params))
         unknown = [n for n in [*wanted, *rows] if n not in self._params]
@@ -213,7 +214,7 @@ class ParameterStore:
         both = sorted(set(wanted) & set(rows))
         if both:
             raise InvalidArgument(f"tensors {both[:8]} asked for both whole and by rows")
-        out = [(n, self._params[n].detach().clone()) for n in wanted]
+        out = [(n, self._params[n].detach().clone() if copy else self._params[n].detach()) for n in wanted]
         for name, selected in rows.items():
             p = self._params[name]
             if p.dim() == 0:
