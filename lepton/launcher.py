@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from lepton import threads
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, LeptonError
 from lepton.placement import Placements
@@ -157,6 +159,7 @@ class Children:
     log_dir: Path
     items: list[Child] = field(default_factory=list)
     placements: Placements = field(default_factory=Placements)
+    env: dict[str, str] = field(default_factory=dict)  # added to each child's environment
 
     def _spawn(self, name: str, log_path: Path, args: list[str]) -> subprocess.Popen:
         out = open(log_path, "ab")
@@ -166,6 +169,7 @@ class Children:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env} if self.env else None,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
@@ -549,7 +553,9 @@ def run_up(cluster: Cluster, report_path: str | None, timeout_s: float) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = stop_event_on_signals()
     placements = Placements.from_env()
-    children = Children(log_dir, placements=placements)
+    # intra-op threads: the cores shared among the servers and workers (lepton.threads)
+    env = threads.child_environment(spec.parameter_servers + cluster.workers)
+    children = Children(log_dir, placements=placements, env=env)
     started = time.monotonic()
     outcome = "failed"
     status: cpb.GetStatusResponse | None = None
