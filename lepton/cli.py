@@ -369,11 +369,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
-    configure_logging(args.log_format, args.log_level, role=args.command)
     try:
         threads.apply(args.threads)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    configure_logging(args.log_format, args.log_level, role=args.command)
     stop = stop_event_on_signals()
     if args.command == "coordinator":
         from coordinator.main import serve as serve_coordinator

@@ -42,6 +42,25 @@ class PushReply:
     staleness: int
 
 
+class PendingPushPull:
+    """A push-pull in flight (``ParameterClient.push_pull_async``)."""
+
+    def __init__(self, client: ParameterClient, future, fallback) -> None:
+        self._client = client
+        self._future = future
+        self._fallback = fallback  # the same push over the stream, same request id
+
+    def result(self) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
+        if self._future is None:
+            return self._fallback()
+        try:
+            answer = self._future.result()
+        except grpc.RpcError as exc:
+            self._client._unary_failed(exc)
+            return self._fallback()
+        return self._client._answer(_read_pull([answer], None))
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -92,7 +111,7 @@ def _push_messages(
     samples: int,
     grads: Iterable[tuple[str, torch.Tensor]],
     request_id: str = "",
-    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = codec.STREAM_CHUNK_BYTES,
 ) -> Iterator[bytes]:
     """The serialized PushRequest messages of a push (``lepton.data_wire``: chunks straight from
     tensor memory)."""
@@ -179,8 +198,38 @@ class ParameterClient(ServiceClient):
             (message,) = data_wire.encode_push(header, dense, max(size, 1))
             result = self._push_pull_unary(message, timeout_s)
         if result is None:
-            responses = self._push_pull_call(data_wire.encode_push(header, dense, codec.DEFAULT_CHUNK_BYTES), timeout=timeout_s)
+            responses = self._push_pull_call(data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=timeout_s)
             result = _read_pull(responses, timeout_s)
+        return self._answer(result)
+
+    def push_pull_async(
+        self,
+        member: MemberId,
+        base_version: int,
+        samples: int,
+        grads: Mapping[str, torch.Tensor],
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> PendingPushPull:
+        """``push_pull`` started without waiting: ``result()`` of the returned handle gives its
+        answer (or raises). A small step is one PushPullUnary in flight, so a worker sends one to
+        every server and then waits, with no thread per server; a large one (a stream) runs here
+        before this returns."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        request_id = request_id or new_request_id()
+        dense, selections = _push_parts(grads.items())
+        size = sum(t.numel() * t.element_size() for _, t in dense)
+        if max(size, self._last_answer_bytes) > self.unary_max_bytes:
+            done = self.push_pull(member, base_version, samples, grads, timeout_s, request_id)
+            return PendingPushPull(self, None, lambda: done)
+        header = _header(member, base_version, samples, request_id, selections, len(dense))
+        (message,) = data_wire.encode_push(header, dense, max(size, 1))
+        future = self._push_pull_unary_call.future(message, timeout=timeout_s)
+        return PendingPushPull(self, future, lambda: self.push_pull(
+            member, base_version, samples, grads, timeout_s, request_id
+        ))
+
+    def _answer(self, result) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         version, tensors, push = result
         self._last_answer_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if push is None:
@@ -196,17 +245,23 @@ class ParameterClient(ServiceClient):
         try:
             answer = self._push_pull_unary_call(message, timeout=timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code is grpc.StatusCode.UNIMPLEMENTED:
-                self.unary_max_bytes = 0
-                return None
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or ""):
-                self.unary_max_bytes //= 2
-                return None
-            raise translate(exc) from None
+            self._unary_failed(exc)
+            return None
         finally:
             CLIENT_CALLS.record(timeout_s, time.monotonic() - start)
         return _read_pull([answer], None)
+
+    def _unary_failed(self, exc: grpc.RpcError) -> None:
+        """Returns when the push should go over the stream instead (see PushPullUnary), else
+        raises the domain error."""
+        code = exc.code() if hasattr(exc, "code") else None
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            self.unary_max_bytes = 0
+            return
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or ""):
+            self.unary_max_bytes //= 2
+            return
+        raise translate(exc) from None
 
     def push(
         self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor],

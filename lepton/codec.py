@@ -16,7 +16,10 @@ from lepton.errors import InvalidArgument
 from lepton.tensors import TensorSpec, check_rows  # noqa: F401  (TensorSpec re-exported for receivers)
 from lepton.v1 import common_pb2 as pb
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured with the generated classes
+# The data plane's streams (hand codec, lepton.data_wire): fewer, larger messages cost less of
+# grpc's per-message work; well inside the 8 MiB default receive limit (docs/performance.md).
+STREAM_CHUNK_BYTES = 4 << 20
 
 _TORCH_TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -135,7 +138,8 @@ class _Partial:
         """Takes the next chunk's bytes (checked by the caller to fit)."""
         n = len(data)
         if self.received == 0 and n == self.total and n and not _BIG_ENDIAN_HOST:
-            self.tensor = torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).view(self.shape)
+            t = torch.frombuffer(data, dtype=self.dtype)
+            self.tensor = t if len(self.shape) == 1 else t.view(self.shape)
         else:
             if self.u8 is None:
                 self.tensor = torch.empty(self.shape, dtype=self.dtype)

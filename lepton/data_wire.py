@@ -222,6 +222,8 @@ def decode_pull(data: bytes) -> PullMessage | ppb.PullResponse:
 
 
 def _varint_bytes(v: int) -> bytes:
+    if 0 <= v < 0x80:
+        return _SMALL[v]
     if v < 0:
         v += _U64
     out = bytearray()
@@ -232,36 +234,63 @@ def _varint_bytes(v: int) -> bytes:
     return bytes(out)
 
 
+_SMALL = [bytes([i]) for i in range(0x80)]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's little-endian row-major bytes as a flat memoryview: its own memory when it is
-    contiguous (no copy), else a contiguous copy."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    u8 = flat.view(torch.uint8)
-    if _BIG_ENDIAN_HOST and flat.element_size() > 1:
-        u8 = u8.view(-1, flat.element_size()).flip(1).reshape(-1)
-    return memoryview(u8.cpu().numpy()).cast("B")
+    contiguous and in CPU memory (no copy), else a contiguous copy."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if _BIG_ENDIAN_HOST and t.element_size() > 1:
+        t = t.reshape(-1).view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous()
+    elif t.dtype in _NO_NUMPY:
+        t = t.view(_NO_NUMPY[t.dtype])
+    return memoryview(t.numpy().reshape(-1)).cast("B")
+
+
+_NO_NUMPY = {torch.bfloat16: torch.int16}  # dtypes numpy lacks: their bytes as an integer of that width
+_PREFIXES: dict[tuple[str, torch.dtype, tuple[int, ...]], bytes] = {}
+
+
+def _prefix(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """A TensorChunk's name, dtype and shape fields (remembered: the same tensors travel every step)."""
+    key = (name, dtype, shape)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        from lepton.codec import wire_dtype  # codec imports this module
+
+        name_b = name.encode("utf-8")
+        parts = [b"\x0a", _varint_bytes(len(name_b)), name_b, b"\x10", _varint_bytes(wire_dtype(dtype))]
+        if shape:
+            packed = b"".join(_varint_bytes(d) for d in shape)
+            parts += [b"\x1a", _varint_bytes(len(packed)), packed]
+        prefix = b"".join(parts)
+        if len(_PREFIXES) >= 65536:
+            _PREFIXES.clear()
+        _PREFIXES[key] = prefix
+    return prefix
 
 
 class _TensorHead:
-    """The bytes of a TensorChunk before its data (name, dtype, shape), built once per tensor."""
+    """A tensor's bytes and the bytes of its chunks before their data."""
 
     __slots__ = ("prefix", "total", "data")
 
-    def __init__(self, name: str, wire_dtype: int, tensor: torch.Tensor) -> None:
-        name_b = name.encode("utf-8")
-        parts = [b"\x0a", _varint_bytes(len(name_b)), name_b]
-        if wire_dtype:
-            parts += [b"\x10", _varint_bytes(wire_dtype)]
-        if tensor.dim():
-            packed = b"".join(_varint_bytes(d) for d in tensor.shape)
-            parts += [b"\x1a", _varint_bytes(len(packed)), packed]
-        self.prefix = b"".join(parts)
+    def __init__(self, name: str, tensor: torch.Tensor) -> None:
+        self.prefix = _prefix(name, tensor.dtype, tuple(tensor.shape))
         self.data = tensor_bytes(tensor)
         self.total = len(self.data)
 
     def chunk(self, offset: int, end: int) -> list:
         """The parts of the message field ``chunks`` (field 2) holding bytes [offset, end)."""
         n = end - offset
+        if not offset and n:  # the common case: a whole tensor, or the first chunk of one
+            tail = b"\x2a" + _varint_bytes(n)
+            return [b"\x12", _varint_bytes(len(self.prefix) + len(tail) + n), self.prefix, tail, self.data[:end]]
         body = [self.prefix]
         if offset:
             body += [b"\x20", _varint_bytes(offset)]
@@ -280,8 +309,6 @@ def _messages(
 ) -> Iterator[bytes]:
     """Message bytes: ``first_prefix`` / ``prefix`` then the chunks of ``tensors`` grouped as
     ``lepton.codec.pack`` groups them (then ``first_suffix`` in the first message)."""
-    from lepton.codec import wire_dtype  # codec imports this module's decoders
-
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     batch: list = []
@@ -296,7 +323,7 @@ def _messages(
         return out
 
     for name, tensor in tensors:
-        head = _TensorHead(name, wire_dtype(tensor.dtype), tensor)
+        head = _TensorHead(name, tensor)
         offset = 0
         while True:
             end = min(head.total, offset + chunk_bytes)

@@ -59,7 +59,7 @@ class _Encoder:
         return data_wire.encode_pull(version, tensors, self._chunk_bytes, push)
 
 
-_STREAMED = _Encoder(codec.DEFAULT_CHUNK_BYTES)
+_STREAMED = _Encoder(codec.STREAM_CHUNK_BYTES)
 _ONE_MESSAGE = _Encoder(1 << 62)
 
 

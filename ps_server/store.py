@@ -5,6 +5,7 @@ version ``v + 1`` is the schedule's value at ``v``."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ _FOREACH_DTYPES = (torch.float32, torch.float64)
 def _finite(values: torch.Tensor) -> bool:
     """Whether every element is finite: a NaN or Inf makes the sum NaN or Inf, so a finite sum
     (one read, no temporary) proves it; a sum that overflowed is checked element by element."""
-    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+    return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())
 
 
 class ParameterStore:
