@@ -44,13 +44,21 @@ class Chunk:
 
 
 class PushMessage:
-    """A decoded PushRequest: ``header`` (a generated PushHeader, or None) and ``chunks``."""
+    """A decoded PushRequest: ``header`` (a generated PushHeader, or None) and ``chunks``. It has
+    the generated class's ``DESCRIPTOR``, ``HasField`` and ``ByteSize`` (the bytes it was decoded
+    from), so code that inspects requests (the identity check of ``lepton.security``) sees it as
+    a PushRequest."""
 
-    __slots__ = ("header", "chunks")
+    __slots__ = ("header", "chunks", "_size")
+    DESCRIPTOR = ppb.PushRequest.DESCRIPTOR
 
-    def __init__(self, header: ppb.PushHeader | None, chunks: list[Chunk]) -> None:
+    def __init__(self, header: ppb.PushHeader | None, chunks: list[Chunk], size: int = 0) -> None:
         self.header = header
         self.chunks = chunks
+        self._size = size
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return self._size
 
     def HasField(self, name: str) -> bool:  # noqa: N802 - the generated classes' spelling
         if name != "header":
@@ -59,14 +67,20 @@ class PushMessage:
 
 
 class PullMessage:
-    """A decoded PullResponse: ``version``, ``chunks`` and ``push`` (a generated PushResponse, or None)."""
+    """A decoded PullResponse: ``version``, ``chunks`` and ``push`` (a generated PushResponse, or
+    None); ``DESCRIPTOR``, ``HasField`` and ``ByteSize`` as PushMessage."""
 
-    __slots__ = ("version", "chunks", "push")
+    __slots__ = ("version", "chunks", "push", "_size")
+    DESCRIPTOR = ppb.PullResponse.DESCRIPTOR
 
-    def __init__(self, version: int, chunks: list[Chunk], push: ppb.PushResponse | None) -> None:
+    def __init__(self, version: int, chunks: list[Chunk], push: ppb.PushResponse | None, size: int = 0) -> None:
         self.version = version
         self.chunks = chunks
         self.push = push
+        self._size = size
+
+    def ByteSize(self) -> int:  # noqa: N802
+        return self._size
 
     def HasField(self, name: str) -> bool:  # noqa: N802
         if name != "push":
@@ -168,7 +182,7 @@ def _decode_push(data: bytes) -> PushMessage:
                 raise _Fallback from None
         else:
             raise _Fallback
-    return PushMessage(header, chunks)
+    return PushMessage(header, chunks, end)
 
 
 def decode_push(data: bytes) -> PushMessage | ppb.PushRequest:
@@ -207,7 +221,7 @@ def _decode_pull(data: bytes) -> PullMessage:
                 raise _Fallback from None
         else:
             raise _Fallback
-    return PullMessage(version, chunks, push)
+    return PullMessage(version, chunks, push, end)
 
 
 def decode_pull(data: bytes) -> PullMessage | ppb.PullResponse:

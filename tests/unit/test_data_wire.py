@@ -226,3 +226,15 @@ def test_a_whole_tensor_in_one_chunk_is_read_in_place_and_a_split_one_is_copied(
     assert start <= whole.data_ptr() < start + len(raw)  # a view of the received message
     split = assemble([data_wire.decode_pull(b) for b in data_wire.encode_pull(1, [("w", torch.arange(4.0))], 4)])
     assert torch.equal(whole, torch.arange(4.0)) and torch.equal(split["w"], torch.arange(4.0))
+
+
+def test_the_identity_check_sees_the_member_of_a_hand_decoded_push():
+    from lepton.security import Principal, identity_violation
+
+    (raw,) = data_wire.encode_push(HEADER, TENSORS, 1 << 20)
+    msg = data_wire.decode_push(raw)
+    assert isinstance(msg, data_wire.PushMessage) and msg.ByteSize() == len(raw)
+    method = "/lepton.v1.ParameterServer/PushPullUnary"
+    assert identity_violation(Principal("w1", "worker", "worker-1"), method, msg) is None
+    why = identity_violation(Principal("w2", "worker", "worker-2"), method, msg)
+    assert why is not None and "'worker-1'" in why
