@@ -439,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         tcp = TcpPath(tcp_sock, tiny_bytes)
         medians = interleave(
             {"lepton": repeat(lepton.step), "lepton, no pool": repeat(lepton.step_futures),
-             "torch RPC": repeat(rpcp.step), "gloo": gloo.run, "raw TCP": repeat(tcp.step)},
+             "torch RPC": repeat(rpcp.step), "gloo": gloo.run, "raw TCP": repeat(tcp.step)}
+            if hasattr(lepton.clients[0], "push_pull_async")  # (older trees, for before/after runs)
+            else {"lepton": repeat(lepton.step), "torch RPC": repeat(rpcp.step), "gloo": gloo.run,
+                  "raw TCP": repeat(tcp.step)},
             tiny_iters, args.reps, warmup=warmup_tiny,
         )
         lepton.check()
@@ -482,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{row[n]['mb_per_s']:,.0f} MB/s ±{row[n]['spread_pct']:.0f}%" if n in row else "—" for n in paths]
             ratio = f"{row['lepton']['mb_per_s'] / row['torch RPC']['mb_per_s']:.2f}×"
         else:
-            cells = [f"{row[n]['median_ms']:.2f} ms ±{row[n]['spread_pct']:.0f}%" for n in paths]
+            cells = [f"{row[n]['median_ms']:.2f} ms ±{row[n]['spread_pct']:.0f}%" if n in row else "—" for n in paths]
             ratio = " / ".join(
-                f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×" for n in ("lepton", "lepton, no pool")
+                f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×" for n in ("lepton", "lepton, no pool") if n in row
             )
         print(f"| {what} | {' | '.join(cells)} | {ratio} |")
     print("\nMB/s: parameter bytes (10^6) per round trip; ± is (max - min) / median over repetitions; "
