@@ -69,8 +69,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, server: ParameterServer) -> None:
         self._server = server
 
-    def _decode_push(self, request_iterator, context):
-        """Reads the whole push stream: (member, base version, samples, gradients, timeout)."""
+    def _decode_push(self, request_iterator, context, one_message: bool = False):
+        """Reads the whole push stream: (member, base version, samples, gradients, timeout).
+        ``one_message``: the push is a single message (PushPullUnary), which arrives whole or not
+        at all, so fewer tensors than its header says is bad input, not a client that left."""
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
@@ -86,6 +88,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 for chunk in msg.chunks:
                     assembler.add(chunk)
             begun, whole = assembler.received
+            if whole < header.tensors and one_message:
+                raise InvalidArgument(f"the push carries {whole} whole tensors, its header says {header.tensors}")
             if whole < header.tensors:  # grpc ends the stream of a client that left as if it had finished
                 raise Cancelled(
                     f"the push stream ended after {whole} of its {header.tensors} tensors: its client left; "
@@ -120,7 +124,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         yield from messages
 
     def PushPullUnary(self, request, context):
-        _, _, messages = self._server.push_pull(*self._decode_push(iter((request,)), context), pack=_ONE_MESSAGE)
+        push = self._decode_push(iter((request,)), context, one_message=True)
+        _, _, messages = self._server.push_pull(*push, pack=_ONE_MESSAGE)
         return messages[0]
 
     def JoinSteps(self, request, context):

@@ -104,7 +104,9 @@ class ParameterServerServicer:
     def PushPullUnary(self, request, context):
         """PushPull in one message each way, for a small step: one round trip, no stream to set up. The
         request is one PushRequest holding the header and every chunk; the answer one PullResponse
-        holding the push outcome, the version and every chunk. Same semantics and errors as PushPull.
+        holding the push outcome, the version and every chunk. Same semantics and errors as PushPull,
+        except that a request with fewer tensors than PushHeader.tensors is INVALID_ARGUMENT (one
+        message arrives whole: it cannot be a push its client abandoned).
         Use it when the push and its answer both fit in a message (the receive limits, 8 MiB by
         default): beyond them the call fails with RESOURCE_EXHAUSTED (a request too large is refused
         before anything is applied; an answer too large fails after the push was applied, so retry
