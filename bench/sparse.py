@@ -166,9 +166,9 @@ class WireMeter:
             yield msg
 
     def responses(self, messages: Iterator) -> Iterator:
-        for msg in messages:
+        for msg in messages:  # the servicer answers wire bytes (lepton.data_wire)
             with self._lock:
-                self.pull_bytes += msg.ByteSize() + GRPC_PREFIX_BYTES
+                self.pull_bytes += len(msg) + GRPC_PREFIX_BYTES
             yield msg
 
     def read(self) -> tuple[int, int]:
@@ -185,6 +185,10 @@ class MeteredServicer(ParameterServerServicer):
 
     def PushPull(self, request_iterator, context):
         yield from self._meter.responses(super().PushPull(self._meter.requests(request_iterator), context))
+
+    def PushPullUnary(self, request, context):
+        (answer,) = self._meter.responses([super().PushPullUnary(next(self._meter.requests([request])), context)])
+        return answer
 
     def Pull(self, request, context):
         with self._meter._lock:

@@ -68,6 +68,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/lepton.v1.ParameterServer/Pull": frozenset({"worker", "admin"}),
     "/lepton.v1.ParameterServer/Push": frozenset({"worker", "admin"}),
     "/lepton.v1.ParameterServer/PushPull": frozenset({"worker", "admin"}),
+    "/lepton.v1.ParameterServer/PushPullUnary": frozenset({"worker", "admin"}),
     "/lepton.v1.ParameterServer/LeaveSteps": frozenset({"worker", "admin"}),
     "/lepton.v1.ParameterServer/JoinSteps": frozenset({"worker", "admin"}),
     "/lepton.v1.ParameterServer/GetServerStatus": _ANYONE,

@@ -7,13 +7,15 @@ boundary, idempotent calls retried on Unavailable.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import grpc
 import torch
 
-from lepton import codec
+from lepton import codec, data_wire
 from lepton.control_wire import member_ref
 from lepton.coordinator_client import (  # noqa: F401  (re-exported)
     DEFAULT_TIMEOUT_S,
@@ -25,8 +27,9 @@ from lepton.coordinator_client import (  # noqa: F401  (re-exported)
 )
 from lepton.domain import MemberId
 from lepton.errors import InvalidArgument
+from lepton.metrics import CLIENT_CALLS
 from lepton.retry import call_with_retry
-from lepton.rpc import call, iterate
+from lepton.rpc import call, iterate, translate
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
@@ -39,17 +42,42 @@ class PushReply:
     staleness: int
 
 
+class PendingPushPull:
+    """A push-pull in flight (``ParameterClient.push_pull_async``)."""
+
+    def __init__(self, client: ParameterClient, future, fallback) -> None:
+        self._client = client
+        self._future = future
+        self._fallback = fallback  # the same push over the stream, same request id
+
+    def result(self) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
+        if self._future is None:
+            return self._fallback()
+        try:
+            answer = self._future.result()
+        except grpc.RpcError as exc:
+            self._client._unary_failed(exc)
+            return self._fallback()
+        return self._client._answer(_read_pull([answer], None))
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _push_messages(
-    member: MemberId,
-    base_version: int,
-    samples: int,
+_SERVICE = "/" + ppb.DESCRIPTOR.services_by_name["ParameterServer"].full_name + "/"
+# A push up to this many bytes (and an answer that was last this small) goes as PushPullUnary:
+# one message each way, well inside the 8 MiB default receive limit.
+UNARY_MAX_BYTES = 6 << 20
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _push_parts(
     grads: Iterable[tuple[str, torch.Tensor]],
-    request_id: str = "",
-) -> Iterator[ppb.PushRequest]:
+) -> tuple[list[tuple[str, torch.Tensor]], list[common.RowSelection]]:
     """A sparse COO gradient (row-sparse, e.g. from ``nn.Embedding(sparse=True)``) travels as its
     rows: a RowSelection in the header and the rows' data under the tensor's name."""
     dense: list[tuple[str, torch.Tensor]] = []
@@ -61,29 +89,42 @@ def _push_messages(
             dense.append((name, values))
         else:
             dense.append((name, g))
-    header = ppb.PushHeader(
+    return dense, selections
+
+
+def _header(
+    member: MemberId, base_version: int, samples: int, request_id: str, selections, tensors: int
+) -> ppb.PushHeader:
+    return ppb.PushHeader(
         member=member_ref(member),
         base_version=base_version,
         sample_count=samples,
         request_id=request_id or new_request_id(),
         rows=selections,
-        tensors=len(dense),
+        tensors=tensors,
     )
-    first = True
-    for chunks in codec.pack(dense):
-        yield ppb.PushRequest(header=header, chunks=chunks) if first else ppb.PushRequest(chunks=chunks)
-        first = False
-    if first:
-        yield ppb.PushRequest(header=header)
 
 
-def _read_pull(
-    responses: Iterator[ppb.PullResponse], timeout_s: float
-) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
+def _push_messages(
+    member: MemberId,
+    base_version: int,
+    samples: int,
+    grads: Iterable[tuple[str, torch.Tensor]],
+    request_id: str = "",
+    chunk_bytes: int = codec.STREAM_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """The serialized PushRequest messages of a push (``lepton.data_wire``: chunks straight from
+    tensor memory)."""
+    dense, selections = _push_parts(grads)
+    header = _header(member, base_version, samples, request_id, selections, len(dense))
+    return data_wire.encode_push(header, dense, chunk_bytes)
+
+
+def _read_pull(responses: Iterable, timeout_s: float | None) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
     assembler = codec.TensorAssembler()
     version = -1
     push = None
-    for msg in iterate(responses, timeout_s):
+    for msg in iterate(responses, timeout_s) if timeout_s is not None else responses:
         if version < 0:
             version = msg.version
             push = msg.push if msg.HasField("push") else None
@@ -93,9 +134,31 @@ def _read_pull(
 
 
 class ParameterClient(ServiceClient):
-    """Client of one parameter server. Raises lepton.errors on failure."""
+    """Client of one parameter server. Raises lepton.errors on failure.
+
+    The data-plane calls bypass the generated message classes (``lepton.data_wire``); a step whose
+    push, and whose answer last time, fit in ``UNARY_MAX_BYTES`` takes PushPullUnary."""
 
     _stub_class = ppb_grpc.ParameterServerStub
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        ch = self._channel
+        self._pull_call = ch.unary_stream(
+            _SERVICE + "Pull", request_serializer=ppb.PullRequest.SerializeToString,
+            response_deserializer=data_wire.decode_pull,
+        )
+        self._push_call = ch.stream_unary(
+            _SERVICE + "Push", request_serializer=_identity, response_deserializer=ppb.PushResponse.FromString
+        )
+        self._push_pull_call = ch.stream_stream(
+            _SERVICE + "PushPull", request_serializer=_identity, response_deserializer=data_wire.decode_pull
+        )
+        self._push_pull_unary_call = ch.unary_unary(
+            _SERVICE + "PushPullUnary", request_serializer=_identity, response_deserializer=data_wire.decode_pull
+        )
+        self.unary_max_bytes = UNARY_MAX_BYTES  # 0: always stream (an old server, or answers too big)
+        self._last_answer_bytes = 0
 
     def pull(
         self, member: MemberId, names: Iterable[str] = (), rows: Mapping[str, torch.Tensor] | None = None
@@ -109,7 +172,7 @@ class ParameterClient(ServiceClient):
         )
 
         def once():
-            version, tensors, _ = _read_pull(self._stub.Pull(request, timeout=self._timeout_s), self._timeout_s)
+            version, tensors, _ = _read_pull(self._pull_call(request, timeout=self._timeout_s), self._timeout_s)
             return version, tensors
 
         return call_with_retry(once, self._retry, rng=self._rng)
@@ -126,21 +189,86 @@ class ParameterClient(ServiceClient):
         """Not retried here. To retry safely, call again with the same ``request_id``: the server
         applies a push at most once and answers a retry with the original outcome."""
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
-        responses = self._stub.PushPull(
-            _push_messages(member, base_version, samples, grads.items(), request_id), timeout=timeout_s
-        )
-        version, tensors, push = _read_pull(responses, timeout_s)
+        request_id = request_id or new_request_id()
+        dense, selections = _push_parts(grads.items())
+        header = _header(member, base_version, samples, request_id, selections, len(dense))
+        size = sum(t.numel() * t.element_size() for _, t in dense)
+        result = None
+        if max(size, self._last_answer_bytes) <= self.unary_max_bytes:
+            (message,) = data_wire.encode_push(header, dense, max(size, 1))
+            result = self._push_pull_unary(message, timeout_s)
+        if result is None:
+            responses = self._push_pull_call(data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=timeout_s)
+            result = _read_pull(responses, timeout_s)
+        return self._answer(result)
+
+    def push_pull_async(
+        self,
+        member: MemberId,
+        base_version: int,
+        samples: int,
+        grads: Mapping[str, torch.Tensor],
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> PendingPushPull:
+        """``push_pull`` started without waiting: ``result()`` of the returned handle gives its
+        answer (or raises). A small step is one PushPullUnary in flight, so a worker sends one to
+        every server and then waits, with no thread per server; a large one (a stream) runs here
+        before this returns."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        request_id = request_id or new_request_id()
+        dense, selections = _push_parts(grads.items())
+        size = sum(t.numel() * t.element_size() for _, t in dense)
+        if max(size, self._last_answer_bytes) > self.unary_max_bytes:
+            done = self.push_pull(member, base_version, samples, grads, timeout_s, request_id)
+            return PendingPushPull(self, None, lambda: done)
+        header = _header(member, base_version, samples, request_id, selections, len(dense))
+        (message,) = data_wire.encode_push(header, dense, max(size, 1))
+        future = self._push_pull_unary_call.future(message, timeout=timeout_s)
+        return PendingPushPull(self, future, lambda: self.push_pull(
+            member, base_version, samples, grads, timeout_s, request_id
+        ))
+
+    def _answer(self, result) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
+        version, tensors, push = result
+        self._last_answer_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if push is None:
             raise InvalidArgument(f"{self.address} answered PushPull without the push outcome")
         reply = PushReply(push.outcome == ppb.PUSH_OUTCOME_APPLIED, push.version, push.staleness)
         return reply, version, tensors
+
+    def _push_pull_unary(self, message: bytes, timeout_s: float):
+        """PushPullUnary's (version, tensors, push), or None when the stream must carry it: the
+        server lacks the method (from now on every push streams) or a message was too large
+        (nothing applied, or the retry over PushPull with the same request id gets the outcome)."""
+        start = time.monotonic()
+        try:
+            answer = self._push_pull_unary_call(message, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            self._unary_failed(exc)
+            return None
+        finally:
+            CLIENT_CALLS.record(timeout_s, time.monotonic() - start)
+        return _read_pull([answer], None)
+
+    def _unary_failed(self, exc: grpc.RpcError) -> None:
+        """Returns when the push should go over the stream instead (see PushPullUnary), else
+        raises the domain error."""
+        code = exc.code() if hasattr(exc, "code") else None
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            self.unary_max_bytes = 0
+            return
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (exc.details() or ""):
+            self.unary_max_bytes //= 2
+            return
+        raise translate(exc) from None
 
     def push(
         self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor],
         timeout_s: float | None = None, request_id: str = "",
     ) -> PushReply:
         reply = call(
-            self._stub.Push,
+            self._push_call,
             _push_messages(member, base_version, samples, grads.items(), request_id),
             timeout=self._timeout_s if timeout_s is None else timeout_s,
         )

@@ -16,7 +16,10 @@ from lepton.errors import InvalidArgument
 from lepton.tensors import TensorSpec, check_rows  # noqa: F401  (TensorSpec re-exported for receivers)
 from lepton.v1 import common_pb2 as pb
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured (PERFORMANCE.md)
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured with the generated classes
+# The data plane's streams (hand codec, lepton.data_wire): fewer, larger messages cost less of
+# grpc's per-message work; well inside the 8 MiB default receive limit (docs/performance.md).
+STREAM_CHUNK_BYTES = 4 << 20
 
 _TORCH_TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -118,15 +121,48 @@ def pack(
 
 
 class _Partial:
-    __slots__ = ("dtype", "shape", "tensor", "u8", "received")
+    """One tensor being received. Its buffer is allocated at the first chunk, unless that chunk
+    holds the whole tensor: then the tensor reads the received bytes in place (no copy)."""
+
+    __slots__ = ("dtype", "shape", "tensor", "u8", "received", "total")
 
     def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         self.dtype = dtype
         self.shape = shape
-        self.tensor = torch.empty(shape, dtype=dtype)
-        flat = self.tensor.reshape(-1)
-        self.u8 = (flat.view(torch.uint8) if dtype == torch.bool else flat).view(torch.uint8)
+        self.tensor: torch.Tensor | None = None
+        self.u8: torch.Tensor | None = None
+        self.total = _numel(shape) * _ITEMSIZE[dtype]
         self.received = 0
+
+    def take(self, data) -> None:
+        """Takes the next chunk's bytes (checked by the caller to fit)."""
+        n = len(data)
+        if self.received == 0 and n == self.total and n and not _BIG_ENDIAN_HOST:
+            t = torch.frombuffer(data, dtype=self.dtype)
+            self.tensor = t if len(self.shape) == 1 else t.view(self.shape)
+        else:
+            if self.u8 is None:
+                self.tensor = torch.empty(self.shape, dtype=self.dtype)
+                flat = self.tensor.reshape(-1)
+                self.u8 = (flat.view(torch.uint8) if self.dtype == torch.bool else flat).view(torch.uint8)
+            if n:
+                self.u8[self.received : self.received + n].copy_(torch.frombuffer(data, dtype=torch.uint8))
+        self.received += n
+
+    def result(self) -> torch.Tensor:
+        if self.tensor is None:  # no bytes at all: an empty tensor
+            self.tensor = torch.empty(self.shape, dtype=self.dtype)
+        return self.tensor
+
+
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _TORCH_TO_WIRE}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class TensorAssembler:
@@ -173,8 +209,8 @@ class TensorAssembler:
             raise InvalidArgument(f"tensor {name!r}: dtype or shape changed between chunks")
         elif name != self._current:
             raise InvalidArgument(f"tensor {name!r} sent twice")
-        data = chunk.data  # one copy out of the message
-        total = part.u8.numel()
+        data = chunk.data  # one copy out of a generated message; a view of a hand-decoded one
+        total = part.total
         if chunk.offset_bytes != part.received:
             raise InvalidArgument(
                 f"tensor {name!r}: chunk at byte offset {chunk.offset_bytes}, expected {part.received}"
@@ -184,16 +220,12 @@ class TensorAssembler:
                 f"tensor {name!r}: {part.received + len(data)} bytes for shape {list(shape)} x {dtype}"
                 f" which needs {total}"
             )
-        if data:
-            part.u8[part.received : part.received + len(data)].copy_(
-                torch.frombuffer(data, dtype=torch.uint8)
-            )
-        part.received += len(data)
+        part.take(data)
         self.bytes_received += len(data)
 
     @staticmethod
     def _complete(part: _Partial) -> bool:
-        return part.received == part.u8.numel()
+        return part.received == part.total
 
     @property
     def received(self) -> tuple[int, int]:
@@ -205,7 +237,7 @@ class TensorAssembler:
         for name, part in self._parts.items():
             if not self._complete(part):
                 raise InvalidArgument(
-                    f"tensor {name!r}: received {part.received} of {part.u8.numel()} bytes"
+                    f"tensor {name!r}: received {part.received} of {part.total} bytes"
                 )
         if require is not None:
             missing = sorted(set(require) - set(self._parts))
@@ -213,7 +245,7 @@ class TensorAssembler:
                 raise InvalidArgument(f"tensors missing: {missing[:8]}")
         out: dict[str, torch.Tensor] = {}
         for name, part in self._parts.items():
-            t = part.tensor
+            t = part.result()
             if _BIG_ENDIAN_HOST and t.element_size() > 1:
                 t = _le_bytes(t).view(t.dtype).reshape(part.shape)
             out[name] = t

@@ -68,6 +68,7 @@ METHOD_CLASSES: dict[str, str] = {
     _P + "Pull": DATA,
     _P + "Push": DATA,
     _P + "PushPull": DATA,
+    _P + "PushPullUnary": DATA,
     _P + "JoinSteps": STEPS,
     _P + "LeaveSteps": STEPS,
     _P + "GetServerStatus": READ,

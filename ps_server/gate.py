@@ -18,11 +18,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import torch
 
 from lepton.errors import DeadlineExceeded, OptimizerFailed
 from ps_server.store import ParameterStore
+
+T = TypeVar("T")
 
 
 class PushOutcome(Enum):
@@ -289,3 +292,15 @@ class ConsistencyGate:
         """(version, copies of the tensors or of their selected rows) taken atomically."""
         with self._cond:
             return self.store.version, self.store.snapshot(names, rows)
+
+    def read(
+        self,
+        names: list[str] | None,
+        rows: Mapping[str, torch.Tensor] | None,
+        reader: Callable[[int, list[tuple[str, torch.Tensor]]], T],
+    ) -> tuple[int, T]:
+        """(version, ``reader(version, tensors)``) with ``reader`` called under the lock on the
+        live tensors (whole ones not copied; selected rows are): it must copy what it keeps."""
+        with self._cond:
+            version = self.store.version
+            return version, reader(version, self.store.snapshot(names, rows, copy=False))

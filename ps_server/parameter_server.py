@@ -24,6 +24,9 @@ from ps_server.store import ParameterStore
 
 MIN_REFRESH_INTERVAL_S = 0.2
 NOT_READY_RETRY_S = 0.2  # the delay a Pull/Push/JoinSteps before the assignment is told to wait
+# Turns (version, the live tensors, the push's result or None) into what a read returns; called
+# under the gate's lock, so it must copy what it keeps (the servicer's encoder does).
+Pack = Callable[[int, list[tuple[str, torch.Tensor]], "PushResult | None"], Any]
 
 
 @dataclass(frozen=True)
@@ -211,9 +214,16 @@ class ParameterServer:
     # --- data plane ----------------------------------------------------------------------------
 
     def pull(
-        self, member_id: str, incarnation: int, names: list[str], rows: Mapping[str, torch.Tensor] | None = None
-    ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``.
+        self,
+        member_id: str,
+        incarnation: int,
+        names: list[str],
+        rows: Mapping[str, torch.Tensor] | None = None,
+        pack: Pack | None = None,
+    ) -> tuple[int, Any]:
+        """Whole tensors ``names`` (all when both are empty) and the selected rows of ``rows``:
+        (version, copies of them), or with ``pack`` (version, ``pack(version, tensors)``), called
+        under the gate's lock on the live tensors (it must copy what it keeps: an encoder).
 
         Each tensor may be named once (the store refuses one both whole and by rows, and repeated
         rows), so a response never exceeds this server's own parameters: no request amplifies
@@ -224,9 +234,23 @@ class ParameterServer:
             if name in seen:
                 raise InvalidArgument(f"tensor {name!r} is asked for more than once; name each tensor once")
             seen.add(name)
-        version, tensors = self.gate.snapshot(names, rows)
-        self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
-        return version, tensors
+        return self._read(names, rows, pack, None)
+
+    def _read(
+        self, names: list[str], rows: Mapping[str, torch.Tensor] | None, pack: Pack | None, result: PushResult | None
+    ) -> tuple[int, Any]:
+        pulled = 0
+
+        def read(version: int, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+            nonlocal pulled
+            pulled = sum(t.numel() * t.element_size() for _, t in tensors)
+            if pack is None:
+                return [(n, t.clone()) for n, t in tensors]
+            return pack(version, tensors, result)
+
+        version, out = self.gate.read(names, rows, read)
+        self._count(bytes_pulled=pulled)
+        return version, out
 
     def _count(self, *, bytes_pulled: int = 0, bytes_pushed: int = 0, rejected: int = 0) -> None:
         with self._lock:
@@ -268,18 +292,23 @@ class ParameterServer:
         grads: Mapping[str, torch.Tensor],
         timeout_s: float,
         request_id: str = "",
-    ) -> tuple[PushResult, int, list[tuple[str, torch.Tensor]]]:
+        pack: Pack | None = None,
+    ) -> tuple[PushResult, int, Any]:
         """Push, then the parameters as they are once it was applied (or found stale): dense
         tensors whole, of sparse ones the rows this push carried. Frozen tensors never change,
-        so they are left out (a Pull gives them)."""
+        so they are left out (a Pull gives them). With ``pack``, the parameters are
+        ``pack(version, tensors, result)`` (see ``pull``)."""
         result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id)
-        sparse = self.gate.store.sparse
-        specs = self.gate.store.specs
-        dense = [n for n in self.gate.store.names if n not in sparse and specs[n].pushed]
+        store = self.gate.store
+        sparse = store.sparse
+        specs = store.specs
+        dense = [n for n in store.names if n not in sparse and specs[n].pushed]
         rows = {n: g._indices()[0] for n, g in grads.items() if n in sparse}
-        version, tensors = self.gate.snapshot(dense, rows) if dense or rows else (self.gate.version, [])
-        self._count(bytes_pulled=sum(t.numel() * t.element_size() for _, t in tensors))
-        return result, version, tensors
+        if not dense and not rows:
+            version = self.gate.version
+            return result, version, [] if pack is None else pack(version, [], result)
+        version, out = self._read(dense, rows, pack, result)
+        return result, version, out
 
     def push_layout(self, rows: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
         """What a push with row selections ``rows`` (name -> row indices) must carry: every tensor

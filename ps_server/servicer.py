@@ -1,13 +1,13 @@
-"""The ParameterServer gRPC service: decode chunks, one call on the ParameterServer, encode chunks."""
+"""The ParameterServer gRPC service: decode chunks, one call on the ParameterServer, encode chunks
+(the data-plane messages with the hand codec, ``lepton.data_wire``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
+import grpc
 import numpy as np
 import torch
 
-from lepton import codec
+from lepton import codec, data_wire
 from lepton.errors import Cancelled, InvalidArgument, LeptonError
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as pb
@@ -42,19 +42,25 @@ def _result(result: PushResult) -> pb.PushResponse:
     )
 
 
-def _pull_messages(version: int, tensors, push: pb.PushResponse | None = None) -> Iterator[pb.PullResponse]:
-    first = True
-    for chunks in codec.pack(tensors):
-        msg = pb.PullResponse(version=version, chunks=chunks)
-        if first and push is not None:
-            msg.push.CopyFrom(push)
-        first = False
-        yield msg
-    if first:  # nothing to send but the version (and the push outcome)
-        msg = pb.PullResponse(version=version)
-        if push is not None:
-            msg.push.CopyFrom(push)
-        yield msg
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class _Encoder:
+    """Encodes the parameters a pull sends into PullResponse messages (``lepton.data_wire``),
+    called by the gate under its lock on the live tensors: the encoding is the snapshot, the one
+    copy of the data on the server's way out."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._chunk_bytes = chunk_bytes
+
+    def __call__(self, version: int, tensors, result: PushResult | None = None) -> list[bytes]:
+        push = _result(result) if result is not None else None
+        return data_wire.encode_pull(version, tensors, self._chunk_bytes, push)
+
+
+_STREAMED = _Encoder(codec.STREAM_CHUNK_BYTES)
+_ONE_MESSAGE = _Encoder(1 << 62)
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -63,8 +69,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def __init__(self, server: ParameterServer) -> None:
         self._server = server
 
-    def _decode_push(self, request_iterator, context):
-        """Reads the whole push stream: (member, base version, samples, gradients, timeout)."""
+    def _decode_push(self, request_iterator, context, one_message: bool = False):
+        """Reads the whole push stream: (member, base version, samples, gradients, timeout).
+        ``one_message``: the push is a single message (PushPullUnary), which arrives whole or not
+        at all, so fewer tensors than its header says is bad input, not a client that left."""
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
@@ -80,6 +88,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 for chunk in msg.chunks:
                     assembler.add(chunk)
             begun, whole = assembler.received
+            if whole < header.tensors and one_message:
+                raise InvalidArgument(f"the push carries {whole} whole tensors, its header says {header.tensors}")
             if whole < header.tensors:  # grpc ends the stream of a client that left as if it had finished
                 raise Cancelled(
                     f"the push stream ended after {whole} of its {header.tensors} tensors: its client left; "
@@ -101,15 +111,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     def Pull(self, request, context):
-        version, tensors = self._server.pull(*_member(request.member), list(request.names), _selections(request.rows))
-        yield from _pull_messages(version, tensors)
+        _, messages = self._server.pull(
+            *_member(request.member), list(request.names), _selections(request.rows), pack=_STREAMED
+        )
+        yield from messages
 
     def Push(self, request_iterator, context):
         return _result(self._server.push(*self._decode_push(request_iterator, context)))
 
     def PushPull(self, request_iterator, context):
-        result, version, tensors = self._server.push_pull(*self._decode_push(request_iterator, context))
-        yield from _pull_messages(version, tensors, _result(result))
+        _, _, messages = self._server.push_pull(*self._decode_push(request_iterator, context), pack=_STREAMED)
+        yield from messages
+
+    def PushPullUnary(self, request, context):
+        push = self._decode_push(iter((request,)), context, one_message=True)
+        _, _, messages = self._server.push_pull(*push, pack=_ONE_MESSAGE)
+        return messages[0]
 
     def JoinSteps(self, request, context):
         remaining = context.time_remaining()
@@ -145,9 +162,36 @@ def encode_status(s: ServerStatus) -> pb.GetServerStatusResponse:
     )
 
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Registers the service with the hand codec (``lepton.data_wire``) on the data-plane methods
+    and the generated classes on the rest."""
+    handlers = {
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull, pb.PullRequest.FromString, _identity
+        ),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, data_wire.decode_push, pb.PushResponse.SerializeToString
+        ),
+        "PushPull": grpc.stream_stream_rpc_method_handler(servicer.PushPull, data_wire.decode_push, _identity),
+        "PushPullUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.PushPullUnary, data_wire.decode_push, _identity
+        ),
+        "JoinSteps": grpc.unary_unary_rpc_method_handler(
+            servicer.JoinSteps, pb.JoinStepsRequest.FromString, pb.JoinStepsResponse.SerializeToString
+        ),
+        "LeaveSteps": grpc.unary_unary_rpc_method_handler(
+            servicer.LeaveSteps, pb.LeaveStepsRequest.FromString, pb.LeaveStepsResponse.SerializeToString
+        ),
+        "GetServerStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerStatus, pb.GetServerStatusRequest.FromString,
+            pb.GetServerStatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def registration(servicer: ParameterServerServicer):
-    return (
-        pb_grpc.add_ParameterServerServicer_to_server,
-        servicer,
-        pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name,
-    )
+    return (add_to_server, servicer, SERVICE_NAME)

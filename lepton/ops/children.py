@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,7 @@ class Children:
     log_dir: Path
     items: list[Child] = field(default_factory=list)
     placements: Placements = field(default_factory=Placements)
+    env: dict[str, str] = field(default_factory=dict)  # added to each child's environment
 
     def _spawn(self, name: str, log_path: Path, args: list[str]) -> subprocess.Popen:
         out = open(log_path, "ab")
@@ -85,6 +87,7 @@ class Children:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env} if self.env else None,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:

@@ -43,6 +43,7 @@ from lepton.process import (
     record_peak_rss,
     write_ready_file,
 )
+from lepton import threads
 from lepton.security import Security, check_exposure, load_security
 
 # flag -> JobSpec field
@@ -188,6 +189,10 @@ def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
             "--stream-lifetime", type=float, default=None, metavar="SECONDS",
             help=f"end a WatchJob or health Watch stream this long after it began (default {DEFAULT_LIFETIME_S:g})",
         )
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help=f"torch intra-op threads (default: ${threads.ENV}, else the cores this process may use)",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)")
 
@@ -437,6 +442,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
+    try:
+        threads.apply(args.threads)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     configure_logging(args.log_format, args.log_level, role=args.command)
     stop = stop_event_on_signals()
     if args.command == "coordinator":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from lepton import threads
 from lepton.errors import ConfigError, LeptonError
 from lepton.ops.certs import make_dev_pki
 from lepton.ops.children import Child, ChildFailed, Children, Workers, read_ready, refusal, wait_ready_file
@@ -50,7 +51,9 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.stop = stop
         self.placements = Placements.from_env()
-        self.children = Children(self.log_dir, placements=self.placements)
+        # intra-op threads: the cores shared among the servers and workers (lepton.threads)
+        env = threads.child_environment(cluster.spec.parameter_servers + cluster.workers)
+        self.children = Children(self.log_dir, placements=self.placements, env=env)
         self.started = time.monotonic()
         self.seen = Observed()
         self.workers: Workers | None = None

@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.PushPullUnary = channel.unary_unary(
+                '/lepton.v1.ParameterServer/PushPullUnary',
+                request_serializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+                _registered_method=True)
         self.LeaveSteps = channel.unary_unary(
                 '/lepton.v1.ParameterServer/LeaveSteps',
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsRequest.SerializeToString,
@@ -100,6 +105,25 @@ class ParameterServerServicer:
         sparse tensor the rows this push carried. Saves a round trip per step.
         Errors: as Push and Pull.
         Retryable: as Push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullUnary(self, request, context):
+        """PushPull in one message each way, for a small step: one round trip, no stream to set up. The
+        request is one PushRequest holding the header and every chunk; the answer one PullResponse
+        holding the push outcome, the version and every chunk. Same semantics and errors as PushPull,
+        except that a request with fewer tensors than PushHeader.tensors is INVALID_ARGUMENT (one
+        message arrives whole: it cannot be a push its client abandoned).
+        Use it when the push and its answer both fit in a message (the receive limits, 8 MiB by
+        default): beyond them the call fails with RESOURCE_EXHAUSTED (a request too large is refused
+        before anything is applied; an answer too large fails after the push was applied, so retry
+        over PushPull with the same request_id to get the original outcome). A server that predates
+        this method answers UNIMPLEMENTED: use PushPull.
+        Errors: as PushPull, plus RESOURCE_EXHAUSTED (a message over the limits), UNIMPLEMENTED (an
+        older server).
+        Retryable: as Push (same request_id), or over PushPull after RESOURCE_EXHAUSTED/UNIMPLEMENTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +193,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             ),
             'PushPull': grpc.stream_stream_rpc_method_handler(
                     servicer.PushPull,
+                    request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
+            ),
+            'PushPullUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullUnary,
                     request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
             ),
@@ -267,6 +296,33 @@ class ParameterServer:
             request_iterator,
             target,
             '/lepton.v1.ParameterServer/PushPull',
+            lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
+            lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.ParameterServer/PushPullUnary',
             lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
             lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
             options,

@@ -146,7 +146,7 @@ def test_parameter_servers_are_a_statefulset_behind_a_headless_service():
 
     c = container(statefulset)
     assert c["args"][0] == "ps"
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "fieldRef" in e.get("valueFrom", {})}
     assert env["POD_NAME"] == "metadata.name"
     assert env["POD_ORDINAL"] == "metadata.labels['apps.kubernetes.io/pod-index']"
     assert arg(c, "--id") == "ps-$(POD_ORDINAL)"
@@ -226,3 +226,11 @@ def test_serving_roles_on_the_pod_network_say_insecure_or_the_cli_refuses_them(k
     without = {**c, "args": [a for a in c["args"] if a != "--insecure"]}
     with pytest.raises(ConfigError, match="refusing to serve plaintext on 0.0.0.0"):
         service_options(parse_cli(without, env))
+
+
+def test_servers_and_workers_take_their_threads_from_their_cpu_limit():
+    for kind, name in (("StatefulSet", "lepton-ps"), ("Deployment", "lepton-worker")):
+        c = container(named(kind, name))
+        (threads,) = [e for e in c["env"] if e["name"] == "LEPTON_THREADS"]
+        assert threads["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu", name
+        assert "cpu" in c["resources"]["limits"], name

@@ -170,4 +170,4 @@ def test_metrics_endpoints_show_the_documented_metrics_after_a_run(tmp_path):
     assert ps["lepton_ps_bytes_pushed_total"] == ps["lepton_ps_pushed_bytes_total"]
     assert ps["lepton_ps_bytes_pulled_total"] == ps["lepton_ps_pulled_bytes_total"]
     assert ps['lepton_ps_staleness_updates_bucket{le="+Inf"}'] == ps["lepton_ps_updates_applied_total"]
-    assert ps['lepton_rpc_server_handled_total{code="OK",method="PushPull",service="lepton.v1.ParameterServer"}'] > 0
+    assert ps['lepton_rpc_server_handled_total{code="OK",method="PushPullUnary",service="lepton.v1.ParameterServer"}'] > 0

@@ -216,7 +216,8 @@ def test_bad_push_gets_precise_status_and_changes_nothing(ps, member, grads, mut
 
 def test_push_pull_returns_parameters_after_the_push(ps):
     servicer, node = ps
-    messages = streaming(servicer, "PushPull", push(("worker-0", 2), {"w": torch.full((2, 3), 2.0)}))
+    encoded = streaming(servicer, "PushPull", push(("worker-0", 2), {"w": torch.full((2, 3), 2.0)}))
+    messages = [ppb.PullResponse.FromString(m) for m in encoded]  # the servicer answers wire bytes
     assert messages[0].push.outcome == ppb.PUSH_OUTCOME_APPLIED
     values = codec.from_wire([c for m in messages for c in m.chunks])
     assert messages[0].version == 1 and torch.allclose(values["w"], torch.zeros(2, 3))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton.ops.cli import build_parser, job_from_args
+from lepton.ops.cli import build_parser, job_from_args, main
 from lepton.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits-sgd-sync.toml"
@@ -98,3 +98,28 @@ def test_flags_and_job_file_values_win_over_a_workloads_recommended_settings(tmp
 def test_the_async_lr_scaling_flag_sets_the_policy():
     spec = job_from_args(build_parser().parse_args(["coordinator", "--async-lr-scaling", "none"]))
     assert spec.async_lr_scaling == "none"
+
+
+def test_threads_come_from_the_flag_then_the_environment_then_the_cores(tmp_path):
+    from lepton import threads
+
+    assert threads.chosen(3, {"LEPTON_THREADS": "5"}) == 3
+    assert threads.chosen(None, {"LEPTON_THREADS": "5"}) == 5
+    assert threads.chosen(None, {}) == threads.available_cores()
+    for bad in ({"LEPTON_THREADS": "two"}, {"LEPTON_THREADS": "0"}):
+        with pytest.raises(ValueError, match="LEPTON_THREADS"):
+            threads.chosen(None, bad)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert threads.available_cores(quota) == min(2, threads.available_cores(tmp_path / "none"))
+    quota.write_text("max 100000\n")
+    assert threads.available_cores(quota) == threads.available_cores(tmp_path / "none")
+    assert threads.share(5, cores=2) == 1 and threads.share(2, cores=16) == 8
+    env = threads.child_environment(4, {})
+    assert env["LEPTON_THREADS"] == str(threads.share(4)) and "mmap_threshold" in env["GLIBC_TUNABLES"]
+    assert threads.child_environment(4, {"LEPTON_THREADS": "2", "GLIBC_TUNABLES": ""}) == {}
+
+
+def test_a_bad_thread_count_is_a_configuration_error(capsys):
+    assert main(["ps", "--coordinator", "127.0.0.1:1", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err

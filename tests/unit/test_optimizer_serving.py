@@ -286,3 +286,58 @@ def test_a_failure_reported_by_a_parameter_server_fails_the_job_with_its_reason(
     # a second report (the same server retrying) changes nothing
     job.report_failure(ps.member_id, ps.incarnation, "another", clock.now())
     assert "another" not in job.status(clock.now()).failure
+
+
+# --- foreach on the server ---------------------------------------------------------------------
+
+FOREACH_CASES = [
+    ("sgd", {}), ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.1, "maximize": True}),
+    ("adam", {}), ("adam", {"weight_decay": 0.1, "maximize": True}), ("adam", {"amsgrad": True}),
+    ("adam", {"betas": (0.8, 0.9), "eps": 1e-6}), ("adamw", {}), ("adamw", {"amsgrad": True, "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, kwargs", FOREACH_CASES)
+def test_the_store_uses_foreach_and_gets_the_for_loops_numbers_exactly(name, kwargs, dtype):
+    """FOREACH_EXACT's promise: a store with foreach matches torch's default (for-loop) optimizer
+    bit for bit, over steps with a changing learning rate and a tensor without a gradient."""
+    torch.manual_seed(3)
+    tensors = {"w": torch.randn(257, 33, dtype=dtype), "b": torch.randn(10, dtype=dtype), "s": torch.randn((), dtype=dtype)}
+    store = ParameterStore(tensors, name, 0.01, kwargs, "step", {"step_size": 2, "gamma": 0.5})
+    assert store._optimizer.param_groups[0]["foreach"] is True
+    params = {n: nn.Parameter(t.clone()) for n, t in tensors.items()}
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    reference = cls(list(params.values()), lr=0.01, foreach=False, **kwargs)
+    schedule = torch.optim.lr_scheduler.StepLR(reference, step_size=2, gamma=0.5)
+    for step in range(12):
+        grads = {n: torch.randn_like(t) * 10.0 ** (step % 5 - 2) for n, t in tensors.items() if not (step % 3 == 0 and n == "b")}
+        store.apply(grads)
+        for n, p in params.items():
+            p.grad = grads.get(n)
+        reference.step()
+        schedule.step()
+    state = store.state_dict()["params"]
+    for n, p in params.items():
+        assert torch.equal(state[n], p.detach()), n
+
+
+def test_a_job_that_names_foreach_or_fused_keeps_its_choice():
+    store = ParameterStore({"w": torch.zeros(3)}, "adam", 0.1, {"foreach": False}, "constant")
+    assert store._optimizer.param_groups[0]["foreach"] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_gradients_whose_sum_overflows_are_accepted_and_nan_or_inf_refused(dtype):
+    big = torch.finfo(dtype).max
+    store = ParameterStore({"w": torch.zeros(4, dtype=dtype)}, "sgd", 0.0, {}, "constant")
+    store.check_gradients({"w": torch.tensor([big, big, -0.0, 1.0], dtype=dtype)})  # the sum is inf
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = torch.ones(4, dtype=dtype)
+        g[2] = bad
+        with pytest.raises(InvalidArgument, match="NaN or Inf"):
+            store.check_gradients({"w": g})
+    g = torch.tensor([big, big, float("nan"), 1.0], dtype=dtype)
+    with pytest.raises(InvalidArgument, match="NaN or Inf"):
+        store.check_gradients({"w": g})
