@@ -229,7 +229,7 @@ def test_a_whole_tensor_in_one_chunk_is_read_in_place_and_a_split_one_is_copied(
 
 
 def test_the_identity_check_sees_the_member_of_a_hand_decoded_push():
-    from lepton.security import Principal, identity_violation
+    from lepton.auth import Principal, identity_violation
 
     (raw,) = data_wire.encode_push(HEADER, TENSORS, 1 << 20)
     msg = data_wire.decode_push(raw)
