@@ -9,7 +9,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-
 EVENT_RETENTION = 10_000  # events kept in memory and in the coordinator's store
 
 
@@ -52,7 +51,7 @@ class Event:
         return {**dataclasses.asdict(self), "kind": self.kind.name}
 
     @classmethod
-    def from_dict(cls, body: dict) -> "Event":
+    def from_dict(cls, body: dict) -> Event:
         return cls(**{**body, "kind": EventKind[body["kind"]]})
 
 

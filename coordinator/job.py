@@ -37,7 +37,6 @@ from coordinator.validation import ValidationRecord, early_stop_reason
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotReady
 from lepton.tensors import part
 
-
 MAX_LEASE_WAIT_S = 5.0  # the longest a LeaseShard long poll is held
 MAX_LEASE_WAITERS = 16  # long polls held at once (each holds an RPC thread); more answer at once
 

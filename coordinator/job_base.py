@@ -30,20 +30,25 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.checkpoints import Checkpoint, JobCheckpoints
-from lepton.domain import CheckpointReport
 from coordinator.events import EventKind, EventLog
 from coordinator.fleet import ServerFleet
-from coordinator.job_types import EvaluationResult, JobState, Progress
+from coordinator.job_types import EvaluationResult, JobState, Progress, WorkerView
 from coordinator.layout import Layout
 from coordinator.ledger import Completion, ShardLedger
 from coordinator.membership import MembershipTable, Role
-from coordinator.job_types import WorkerView
 from coordinator.state_codec import (
-    MEMBER_ROWS, SHARD_ROWS, JobRecord, StateRecord, decode, encode, saved_completion,
+    MEMBER_ROWS,
+    SHARD_ROWS,
+    JobRecord,
+    StateRecord,
+    decode,
+    encode,
+    saved_completion,
 )
 from coordinator.statedb import JobStore, SavedCompletion, SavedJob
 from coordinator.validation import ValidationRecord, validation_due
 from lepton.config import JobSpec
+from lepton.domain import CheckpointReport
 from lepton.errors import ConfigError, InvalidArgument, StateNotSaved
 from lepton.optimizers import Granularity, granularity
 from lepton.tensors import TensorKind, TensorSpec

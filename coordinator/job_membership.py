@@ -7,12 +7,12 @@ import dataclasses
 
 import structlog
 
-from lepton.domain import CheckpointReport
 from coordinator.events import EventKind
 from coordinator.job_base import JobCore
 from coordinator.job_types import HeartbeatReply, JobState
 from coordinator.layout import balance
 from coordinator.membership import Member, Role
+from lepton.domain import CheckpointReport
 from lepton.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger("lepton.coordinator")

@@ -167,7 +167,7 @@ class ShardLedger:
                 renewed += 1
         return renewed
 
-    def renew_from(self, heard: "Callable[[str, int], float | None]", now: float) -> None:
+    def renew_from(self, heard: Callable[[str, int], float | None], now: float) -> None:
         """Renews every lease from its holder's last heartbeat (``heard(member_id, incarnation)``,
         None for a holder not alive), as ``renew`` would have when that heartbeat arrived."""
         for lease in self._leases.values():

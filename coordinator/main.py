@@ -10,21 +10,27 @@ from collections.abc import Callable
 import structlog
 
 from coordinator.job import Job
+from coordinator.metrics import JobCollector
 from coordinator.servicer import CoordinatorServicer, registration
 from coordinator.statedb import SqliteJobStore
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
-from lepton.optimizers import Granularity, granularity, prove_optimizer
-from coordinator.metrics import JobCollector
-from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED, ServiceOptions, run_every, write_ready_file
-from lepton.rpc import Server
 from lepton.errors import ConfigError, StateNotSaved
 from lepton.files import check_state_dir
 from lepton.logs import bind
+from lepton.optimizers import Granularity, granularity, prove_optimizer
+from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED, ServiceOptions, run_every, write_ready_file
+from lepton.rpc import Server
 from lepton.tasks import resolve_task
 from lepton.tensors import TensorKind
 from lepton.workloads import (
-    build_model, check_loss, load_workload, model_tensors, sparse_parameter_names, tensor_kinds, tied_names,
+    build_model,
+    check_loss,
+    load_workload,
+    model_tensors,
+    sparse_parameter_names,
+    tensor_kinds,
+    tied_names,
 )
 
 log = structlog.get_logger("lepton.coordinator")

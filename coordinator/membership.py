@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
+
 from lepton.domain import Role
 from lepton.errors import Fenced, InvalidArgument, NotFound
 

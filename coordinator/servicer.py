@@ -17,7 +17,11 @@ from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as pb
 from lepton.v1 import coordinator_pb2_grpc as pb_grpc
 from lepton.wire import (
-    evaluation_from_proto, evaluation_to_fields, job_to_proto, spec_to_proto, validation_to_proto,
+    evaluation_from_proto,
+    evaluation_to_fields,
+    job_to_proto,
+    spec_to_proto,
+    validation_to_proto,
 )
 
 _LEASE_TO_WIRE = {

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from prometheus_client import CollectorRegistry
 
 from lepton import errors

@@ -14,8 +14,8 @@ from lepton.control_wire import (  # noqa: F401  (re-exported)
     optimizer_kwargs,
 )
 from lepton.errors import InvalidArgument
-from lepton.tensors import TensorKind
 from lepton.tasks import REGRESSION, Evaluation
+from lepton.tensors import TensorKind
 from lepton.v1 import common_pb2 as pb
 from lepton.v1 import coordinator_pb2 as cpb
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from lepton.tensors import TensorKind, TensorSpec, check_rows, empty_row_sparse
 from lepton.errors import InvalidArgument, NotFound, OptimizerFailed
 from lepton.optimizers import build_lr_scheduler, build_sparse_aware_optimizer
-
+from lepton.tensors import TensorKind, TensorSpec, check_rows, empty_row_sparse
 
 # Optimizers whose foreach implementation gives bit-for-bit the for-loop's results on float32 and
 # float64 tensors (tests/unit/test_optimizer_serving.py proves it); the store uses it unless the

@@ -5,8 +5,13 @@ HOLD_S seconds (the job should go on and succeed); ``stay``: it stays (the coord
 exit codes and counts of the relevant log events. Usage:
 ``python tools/full_disk_check.py recover 12`` (from the repository root, with the venv's python).
 """
-import json, subprocess, sys, tempfile, time
+import json
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 BIN = str(Path(sys.executable).with_name("lepton"))
 scenario = sys.argv[1]  # "recover" (space returns after HOLD s) or "stay" (stays full)
 HOLD = float(sys.argv[2]) if len(sys.argv) > 2 else 15

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import structlog
-
-from functools import partial
 
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.errors import ConfigError, LeptonError

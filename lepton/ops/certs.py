@@ -50,7 +50,7 @@ def make_dev_pki(
     ``workers`` workers; returns their paths by name (``"<role>-token"``, ``"ps-0-token"``, ...)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Lepton development CA")])

@@ -21,6 +21,7 @@ import structlog
 # (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", exit -6).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+from lepton import threads
 from lepton.config import (
     ASYNC_LR_SCALINGS,
     LR_SCHEDULES,
@@ -39,11 +40,10 @@ from lepton.process import (
     EXIT_CONFIG,
     EXIT_LOST_CONTACT,
     ServiceOptions,
-    stop_event_on_signals,
     record_peak_rss,
+    stop_event_on_signals,
     write_ready_file,
 )
-from lepton import threads
 from lepton.security import Security, check_exposure, load_security
 
 # flag -> JobSpec field

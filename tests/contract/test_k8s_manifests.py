@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lepton.ops.cli import build_parser, service_options
-from lepton.errors import ConfigError
 from lepton.config import load_job_file
+from lepton.errors import ConfigError
+from lepton.ops.cli import build_parser, service_options
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate (the `test` extra) validates the manifests"

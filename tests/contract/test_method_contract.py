@@ -13,8 +13,8 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from lepton import errors
-from lepton.rpc import RETRY_AFTER_KEY, Server, translate
 from lepton.auth import METHOD_ROLES, ROLES
+from lepton.rpc import RETRY_AFTER_KEY, Server, translate
 from lepton.v1 import common_pb2, coordinator_pb2, options_pb2, parameter_server_pb2
 from lepton.v1 import parameter_server_pb2_grpc as ps_grpc
 from ps_server.parameter_server import ParameterServer

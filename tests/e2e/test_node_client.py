@@ -21,9 +21,9 @@ import grpc
 import pytest
 import structlog
 import torch
+from integration.conftest import InProcessCluster, stop_cluster
 
 from coordinator.main import serve as serve_coordinator
-from integration.conftest import InProcessCluster, stop_cluster
 from lepton.config import JobSpec
 from lepton.coordinator_client import CoordinatorClient
 from lepton.v1 import parameter_server_pb2 as ps_pb

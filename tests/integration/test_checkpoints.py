@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from coordinator.main import serve as serve_coordinator
-from lepton.ops.certs import make_dev_pki
+from lepton.auth import METHOD_ROLES
 from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
 from lepton.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from lepton.ops.certs import make_dev_pki
 from lepton.ops.export import export_checkpoint
 from lepton.process import ServiceOptions
-from lepton.auth import METHOD_ROLES
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.workloads import build_model, load_workload
@@ -24,7 +24,8 @@ from ps_server.main import serve as serve_ps
 from support import lepton_argv, read_json, wait_until
 
 from .conftest import start_cluster, stop_cluster
-from .test_security_and_metrics import SPEC as SECURE_SPEC, security
+from .test_security_and_metrics import SPEC as SECURE_SPEC
+from .test_security_and_metrics import security
 
 SPEC = JobSpec(epochs=1, shards_per_epoch=4, parameter_servers=2, heartbeat_interval_s=0.2, heartbeat_timeout_s=600.0)
 

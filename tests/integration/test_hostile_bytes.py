@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
-from google.protobuf import message_factory
 from hypothesis import strategies as st
 
 from lepton.v1 import parameter_server_pb2 as ppb

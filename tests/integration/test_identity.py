@@ -11,10 +11,10 @@ import threading
 import grpc
 import pytest
 
-from lepton.ops.certs import make_dev_pki
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.control_wire import member_ref
 from lepton.domain import Role
+from lepton.ops.certs import make_dev_pki
 from lepton.process import EXIT_CONFIG, ServiceOptions
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb

@@ -12,7 +12,6 @@ from lepton.clients import CoordinatorClient
 from lepton.config import JobSpec
 from lepton.process import EXIT_JOB_FAILED
 from lepton.v1 import coordinator_pb2 as cpb
-
 from support import job_events
 
 from .conftest import start_cluster, stop_cluster

@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lepton import codec
+from lepton.auth import ADMIN_METHODS
 from lepton.codec import TensorSpec
 from lepton.config import JobSpec
-from lepton.auth import ADMIN_METHODS
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -155,7 +155,7 @@ def _is_map(f: pbd.FieldDescriptor) -> bool:
     return f.type == FD.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def random_message(
     descriptor: pbd.Descriptor, hints: Hints = NO_HINTS, depth: int = 0
 ) -> st.SearchStrategy[Message]:

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.job import Job
 from coordinator.membership import Role
-from coordinator.servicer import CoordinatorServicer, registration as coordinator_registration
+from coordinator.servicer import CoordinatorServicer
+from coordinator.servicer import registration as coordinator_registration
 from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from lepton.limits import DEFAULT_LIMITS, Limits
@@ -25,7 +26,8 @@ from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
 from ps_server.parameter_server import ParameterServer
 from ps_server.roster import WorkerEntry
-from ps_server.servicer import ParameterServerServicer, registration as ps_registration
+from ps_server.servicer import ParameterServerServicer
+from ps_server.servicer import registration as ps_registration
 from support import wait_until
 
 WORKER = common.MemberRef(member_id="w-0", incarnation=1)

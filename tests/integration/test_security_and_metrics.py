@@ -12,10 +12,10 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lepton.ops.certs import make_dev_pki
 from lepton.clients import CoordinatorClient, ParameterClient
 from lepton.config import JobSpec
 from lepton.errors import PermissionDenied, Unauthenticated, Unavailable
+from lepton.ops.certs import make_dev_pki
 from lepton.process import ServiceOptions
 from lepton.security import load_security
 from lepton.v1 import coordinator_pb2 as cpb

@@ -9,8 +9,8 @@ import time
 import torch
 
 from lepton.clients import CoordinatorClient, ParameterClient
-from lepton.domain import Role
 from lepton.config import JobSpec
+from lepton.domain import Role
 from lepton.errors import NotFound, Unavailable
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb

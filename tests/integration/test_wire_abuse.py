@@ -11,12 +11,12 @@ import pytest
 import structlog
 
 from lepton.clients import CoordinatorClient, ParameterClient
+from lepton.config import JobSpec
 from lepton.control_wire import member_ref
 from lepton.domain import Role
-from lepton.config import JobSpec
 from lepton.errors import InvalidArgument
-from lepton.process import EXIT_JOB_FAILED, ServiceOptions
 from lepton.ops.status import show_status
+from lepton.process import EXIT_JOB_FAILED, ServiceOptions
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc

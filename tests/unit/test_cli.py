@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lepton.ops.cli import build_parser, job_from_args, main
 from lepton.errors import ConfigError
+from lepton.ops.cli import build_parser, job_from_args, main
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits-sgd-sync.toml"
 

@@ -9,8 +9,8 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry
 
-from lepton.metrics import PAST_DEADLINE_SLACK_S, ClientCallStats, RpcMetricsInterceptor
 from lepton.deadline_guard import GUARD_SLACK_S, DeadlineGuard
+from lepton.metrics import PAST_DEADLINE_SLACK_S, ClientCallStats, RpcMetricsInterceptor
 
 
 def test_client_calls_are_counted_late_only_beyond_the_slack():

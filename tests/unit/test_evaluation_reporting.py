@@ -21,7 +21,7 @@ from lepton.v1 import coordinator_pb2 as cpb
 from lepton.wire import evaluation_from_proto, evaluation_to_fields, job_from_proto, job_to_proto
 from worker.trainer import divergence
 
-from .test_job import INITIAL, SAMPLES, SPEC, train_shard, start_training, worker
+from .test_job import INITIAL, SAMPLES, SPEC, start_training, train_shard, worker
 
 CLASSIFIED = Evaluation(
     accuracy=0.75, macro_recall=0.5, loss=0.6, samples=4, inference_samples_per_second=10.0,

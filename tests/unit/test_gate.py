@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lepton.errors import ConfigError, DeadlineExceeded, InvalidArgument, NotFound
+from lepton.tensors import TensorKind
 from ps_server.consistency import consistency_gate
 from ps_server.gate import ClockWait, ConsistencyGate, PushOutcome, PushResult
-from lepton.tensors import TensorKind
 from ps_server.store import ParameterStore
 
 LR = 0.1

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from lepton.ops.cli import build_parser, service_options
 from lepton.errors import ConfigError
 from lepton.limits import DEFAULT_LIMITS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
+from lepton.ops.cli import build_parser, service_options
 
 WATCH = "/lepton.v1.Coordinator/WatchJob"
 HEARTBEAT = "/lepton.v1.Coordinator/Heartbeat"

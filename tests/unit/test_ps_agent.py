@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import torch
-from support import wait_until
 
 from lepton.clients import AssignmentInfo
 from lepton.config import JobSpec
@@ -14,6 +13,7 @@ from lepton.domain import HeartbeatReply, JobState, MemberId
 from lepton.errors import FailedPrecondition, Fenced, Unavailable
 from lepton.process import EXIT_JOB_FAILED, EXIT_LOST_CONTACT, EXIT_OK
 from ps_server.agent import ParameterServerAgent
+from support import wait_until
 
 RUN_TIMEOUT_S = 30.0
 

@@ -14,7 +14,6 @@ from lepton.config import JobSpec
 from lepton.errors import ConfigError, DeadlineExceeded
 from lepton.ops.children import Child, Workers
 from lepton.ops.cluster import Cluster
-from lepton.ops.supervisor import apply_scale
 from lepton.ops.scale import (
     REQUEST_FILE,
     UP_FILE,
@@ -24,6 +23,7 @@ from lepton.ops.scale import (
     plan_scale,
     request_scale,
 )
+from lepton.ops.supervisor import apply_scale
 
 NO_SUCH_PID = 2**31 - 1  # above any pid_max
 

@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from lepton.ops.certs import make_dev_pki
-from lepton.errors import ConfigError
 from lepton.auth import Principal, TokenTable, identity_violation
+from lepton.errors import ConfigError
+from lepton.ops.certs import make_dev_pki
 from lepton.security import INSECURE, Security, check_exposure, is_loopback
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb

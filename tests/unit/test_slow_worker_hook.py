@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from lepton.ops.cli import build_parser
 from lepton.config import JobSpec
 from lepton.errors import ConfigError
+from lepton.ops.cli import build_parser
 from lepton.ops.cluster import Cluster
 from worker.agent import WorkerAgent
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from lepton.workloads import synthetic as workloads
 from lepton.errors import ConfigError
 from lepton.workloads import (
     SYNTHETIC_IMAGE,
@@ -23,6 +22,7 @@ from lepton.workloads import (
     sparse_parameter_names,
     take,
 )
+from lepton.workloads import synthetic as workloads
 
 # Small enough to build in milliseconds; chunk_rows below n_train so blocks are exercised.
 SMALL = GaussianMixture(n_train=203, n_test=47, features=24, classes=5, latent_dim=4, chunk_rows=64)
