@@ -273,14 +273,14 @@ class RpcPath:
         from torch.distributed import rpc
 
         start = time.perf_counter()
-        futures = [rpc.rpc_async(s, _rpc_sgd, args=(g,)) for s, g in zip(self.servers, self.grads)]
+        futures = [rpc.rpc_async(s, _rpc_sgd, args=(g,)) for s, g in zip(self.servers, self.grads, strict=True)]
         self.pulled = [f.wait() for f in futures]
         elapsed = time.perf_counter() - start
         self.steps += 1
         return elapsed
 
     def check(self, steps_before: int = 0) -> None:
-        for share, pulled in zip(self.initial, self.pulled):
+        for share, pulled in zip(self.initial, self.pulled, strict=True):
             for n, t in share.items():
                 expected = replica(t, self.steps + steps_before)
                 assert torch.equal(pulled[n], expected), f"torch RPC answered wrong values for {n}"
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # torch RPC: rank 0 is this process; ps1 and ps2 hold every payload (keyed by name)
         rpc_port = free_port()
         rpc_shares = [{}, {}]
-        for i, (size, t) in enumerate(big.items()):
+        for size, t in big.items():
             rpc_shares[0].update({f"{size}/{n}": v for n, v in t.items()})
         rpc_shares[0].update({f"tiny/{n}": v for n, v in halves[0].items()})
         rpc_shares[1].update({f"tiny/{n}": v for n, v in halves[1].items()})

@@ -441,7 +441,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict | None, dict]:
                     steps = [draws.step(rows) for _ in range(args.steps)]  # drawn outside the timers
                     grads = [torch.randn(rows, args.dim, generator=generator) for _ in range(args.steps)]
                     sparse, dense = [], []
-                    for tokens, grad in zip(steps, grads):
+                    for tokens, grad in zip(steps, grads, strict=True):
                         sparse.append(sparse_step(cluster, replica, tokens))
                         dense.append(dense_step(baselines[rows], grad, len(tokens)))
                     configs[rows].sparse.append(sparse)

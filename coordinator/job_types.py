@@ -135,4 +135,4 @@ class Progress:
     @property
     def recent_loss(self) -> float:
         total = sum(n for _, n in self.recent)
-        return sum(l * n for l, n in self.recent) / total if total else float("nan")
+        return sum(loss * n for loss, n in self.recent) / total if total else float("nan")

@@ -74,7 +74,8 @@ def balance(
         # Row r goes to server k = floor((before + r*row + row/2) * m / total), in integers:
         # k = floor((2*before + (2r + 1)*row) * m / (2*total)).
         def server_of(r: int) -> int:
-            return min(m - 1, (2 * before + (2 * r + 1) * row) * m // (2 * total))
+            # called only within this iteration, so the loop variables are current
+            return min(m - 1, (2 * before + (2 * r + 1) * row) * m // (2 * total))  # noqa: B023
 
         start = 0
         while start < rows:

@@ -322,8 +322,8 @@ class ShardLedger:
             "epoch": self.epoch,
             "pending": [list(p) for p in self._pending],
             "leases": [
-                [l.shard.index, l.epoch, l.member_id, l.incarnation, l.offset, l.lease_id]
-                for l in self._leases.values()
+                [lease.shard.index, lease.epoch, lease.member_id, lease.incarnation, lease.offset, lease.lease_id]
+                for lease in self._leases.values()
             ],
             "last_lease_id": self._last_lease_id,
             "holders": [[e, i, m] for (e, i), members in self._holders.items() for m in sorted(members)],

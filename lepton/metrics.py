@@ -99,7 +99,7 @@ class LimitCollector(Collector):
             "(idle) or older than the stream lifetime (lifetime).",
             labels=labels,
         )
-        for family, counts in zip((rejected, ended), a.counts()):
+        for family, counts in zip((rejected, ended), a.counts(), strict=True):
             for (full_method, name, reason), n in sorted(counts.items()):
                 service, _, method = full_method.lstrip("/").partition("/")
                 family.add_metric([service, method, name, reason], n)

@@ -230,7 +230,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
         states = state_dict["optimizers"]
         if len(states) != len(self.optimizers):
             raise ValueError(f"state of {len(states)} optimizers, this one combines {len(self.optimizers)}")
-        for opt, state in zip(self.optimizers, states):
+        for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -220,7 +220,7 @@ class RegressionTally:
             self.sq, self.ab, self.y_sum, self.y_sq = parts
         else:
             self.sq, self.ab, self.y_sum, self.y_sq = (
-                a + b for a, b in zip((self.sq, self.ab, self.y_sum, self.y_sq), parts)
+                a + b for a, b in zip((self.sq, self.ab, self.y_sum, self.y_sq), parts, strict=True)
             )
         self.n += len(y)
 

@@ -175,12 +175,12 @@ class ParameterStore:
             return
         groups = self._optimizer.param_groups
         saved = [group["lr"] for group in groups]
-        for group, lr in zip(groups, saved):
+        for group, lr in zip(groups, saved, strict=True):
             group["lr"] = lr * lr_scale
         try:
             self._optimizer.step()
         finally:
-            for group, lr in zip(groups, saved):
+            for group, lr in zip(groups, saved, strict=True):
                 group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:

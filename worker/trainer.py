@@ -170,7 +170,7 @@ class Trainer:
             pin_memory=self.loader.pin_memory,
             prefetch_factor=self.loader.prefetch if workers else None,
         )
-        for (lo, hi), (x, y) in zip(spans, loader):
+        for (lo, hi), (x, y) in zip(spans, loader, strict=True):
             yield Batch(hi, order[lo:hi], x, y)
 
     def gradients(self, batch: Batch | torch.Tensor) -> tuple[float, dict[str, torch.Tensor] | None]:

@@ -132,9 +132,9 @@ def write_png(series: dict[str, list[tuple[int, float]]], path: Path) -> str:
     if not panels:
         return "no curves PNG: nothing was recorded"
     figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)
-    for ax, (title, tags) in zip(axes[:, 0], panels):
+    for ax, (title, tags) in zip(axes[:, 0], panels, strict=True):
         for i, tag in enumerate(tags):
-            xs, ys = zip(*series[tag])
+            xs, ys = zip(*series[tag], strict=True)
             validation = tag.startswith("validation/")
             ax.plot(xs, ys, marker="o" if validation else None, markersize=4, linestyle=("-", "--", ":")[i % 3],
                     label=tag.split("/", 1)[0] if title.startswith("loss") else tag.split("/", 1)[1])

@@ -53,7 +53,7 @@ def test_a_running_lepton_up_grows_to_four_workers_and_shrinks_to_one_without_lo
         assert up_to_four.returncode == 0, up_to_four.stderr
         assert up_to_four.stdout.strip() == "workers: 2 -> 4"
         joiners = {
-            wait_until(lambda: read_json(state / f"worker-{i}.ready.json"), 60, f"worker-{i} to start")["pid"]
+            wait_until(lambda i=i: read_json(state / f"worker-{i}.ready.json"), 60, f"worker-{i} to start")["pid"]
             for i in (2, 3)
         }
         leased: set[int] = set()

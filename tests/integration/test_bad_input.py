@@ -180,7 +180,7 @@ def test_coordinator_rejects_bad_shard_reports_precisely(raw, idle_cluster):
         (cpb.ReportProgressRequest(shard=0), grpc.StatusCode.INVALID_ARGUMENT, "member_id"),
     ]
     for request, code, fragment in cases:
-        assert_rejected(lambda: coord.ReportProgress(request, timeout=5), code, fragment)
+        assert_rejected(lambda request=request: coord.ReportProgress(request, timeout=5), code, fragment)
     assert_rejected(
         lambda: coord.CompleteShard(cpb.CompleteShardRequest(member=member, epoch=0, shard=999), timeout=5),
         grpc.StatusCode.NOT_FOUND,

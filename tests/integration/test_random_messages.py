@@ -17,6 +17,7 @@ import hashlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import grpc
@@ -292,7 +293,7 @@ def push_stream(draw, headers: st.SearchStrategy[ppb.PushHeader], chunks: st.Sea
     all_chunks = draw(chunks)
     cuts = sorted(draw(st.lists(st.integers(0, len(all_chunks)), max_size=2)))
     bounds = [0, *cuts, len(all_chunks)]
-    messages = [ppb.PushRequest(chunks=all_chunks[a:b]) for a, b in zip(bounds, bounds[1:])]
+    messages = [ppb.PushRequest(chunks=all_chunks[a:b]) for a, b in pairwise(bounds)]
     messages[0].header.CopyFrom(draw(headers))
     return Requests(messages)
 
@@ -423,7 +424,7 @@ def exchange(
         if method.server_streaming:
             call = rpc(request, timeout=timeout_s)
             try:
-                for _, _ in zip(range(STREAM_READ_MESSAGES), call):
+                for _, _ in zip(range(STREAM_READ_MESSAGES), call, strict=False):
                     pass
             finally:
                 call.cancel()

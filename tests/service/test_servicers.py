@@ -107,7 +107,7 @@ def test_member_declared_dead_is_fenced_with_failed_precondition(coordinator):
         ("ReportProgress", cpb.ReportProgressRequest(member=worker, epoch=0, shard=lease.lease.shard, offset=1)),
         ("CompleteShard", cpb.CompleteShardRequest(member=worker, epoch=0, shard=lease.lease.shard)),
     ]:
-        error = rejected(lambda: unary(servicer, method, request))
+        error = rejected(lambda method=method, request=request: unary(servicer, method, request))
         assert error.code is grpc.StatusCode.FAILED_PRECONDITION
         assert error.details.startswith(FENCED_MARKER)
     assert job.status(clock.now()).shard_completions == 0

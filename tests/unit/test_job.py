@@ -607,7 +607,7 @@ def test_a_shard_whose_holders_keep_dying_is_quarantined_and_the_job_goes_on(clo
     job = Job(SPEC.replace(epochs=2, shards_per_epoch=2), SAMPLES, INITIAL, max_shard_attempts=2)
     servers = start_training(job, clock)
     poison = None
-    for attempt in range(2):
+    for _ in range(2):
         victim = worker(job, clock)
         beat(job, clock, servers)
         lease = job.lease(victim.member_id, victim.incarnation, clock.now()).lease

@@ -4,6 +4,7 @@ slices, bytes balanced within one row, deterministic; slices put back together e
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_every_row_is_placed_exactly_once_in_contiguous_slices(seed, servers):
         if len(ranges) == 1:
             continue  # whole
         assert ranges[0][0] == 0 and ranges[-1][1] == full.shape[0]
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
+        assert all(a[1] == b[0] for a, b in pairwise(ranges)), ranges
     for t in layout.tensors:
         if t.is_slice:
             assert t.parameter_shape == by_name[t.parameter].shape

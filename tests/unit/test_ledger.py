@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from coordinator.ledger import Shard, ShardLedger, split
@@ -25,7 +27,7 @@ def test_split_covers_the_range_contiguously_with_near_equal_shards(num_samples,
     assert len(shards) == min(num_samples, num_shards)
     assert [s.index for s in shards] == list(range(len(shards)))
     assert shards[0].start == 0 and shards[-1].end == num_samples
-    for a, b in zip(shards, shards[1:]):
+    for a, b in pairwise(shards):
         assert a.end == b.start
     sizes = [s.size for s in shards]
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1

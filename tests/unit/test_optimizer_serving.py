@@ -110,7 +110,7 @@ def test_an_optimizer_that_cannot_step_is_refused_with_torchs_reason(name, lr, k
     before = [p.clone() for _, p in params]
     with pytest.raises(ConfigError, match=reason):
         prove_optimizer(params, frozenset(), name, lr, kwargs)
-    assert all(torch.equal(a, p) for a, (_, p) in zip(before, params)), "the proof step changed the model"
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, params, strict=True)), "the proof step changed the model"
 
 
 def test_a_schedule_that_fails_its_first_step_is_refused():
@@ -128,7 +128,7 @@ def test_a_working_optimizer_passes_and_leaves_the_model_untouched(name, kwargs)
     before = [p.clone() for _, p in params]
     kind = prove_optimizer(params, frozenset(), name, 0.01, kwargs, "cosine", {"t_max": 10})
     assert kind is granularity(name)
-    assert all(torch.equal(a, p) for a, (_, p) in zip(before, params))
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, params, strict=True))
 
 
 def test_a_model_with_a_sparse_embedding_passes_with_empty_row_sparse_gradients():

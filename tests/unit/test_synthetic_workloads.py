@@ -34,7 +34,7 @@ def tensors(workload: Workload) -> list[torch.Tensor]:
 
 def test_generating_twice_gives_identical_tensors():
     first, second = SMALL.generate(), SMALL.generate()
-    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(second)))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(second), strict=True))
 
 
 def test_data_does_not_depend_on_the_number_of_threads():
@@ -44,7 +44,7 @@ def test_data_does_not_depend_on_the_number_of_threads():
         single = SMALL.generate()
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(tensors(single), tensors(SMALL.generate())))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(single), tensors(SMALL.generate()), strict=True))
 
 
 def test_test_split_does_not_depend_on_the_training_size():
@@ -85,7 +85,7 @@ def test_labels_carry_signal_in_the_features():
 def test_the_job_seed_does_not_change_the_built_in_data(monkeypatch):
     monkeypatch.setattr(workloads, "SYNTHETIC_IMAGE", SMALL)
     a, b = load_workload("synthetic-image", seed=0), load_workload("synthetic-image", seed=99)
-    assert all(torch.equal(p, q) for p, q in zip(tensors(a), tensors(b)))
+    assert all(torch.equal(p, q) for p, q in zip(tensors(a), tensors(b), strict=True))
 
 
 def test_a_recipe_with_a_size_below_one_is_refused():
@@ -127,7 +127,7 @@ def synthetic_text() -> Workload:
 
 def test_text_generating_twice_gives_identical_tensors():
     first, second = SMALL_TEXT.generate(), SMALL_TEXT.generate()
-    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(second)))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(second), strict=True))
 
 
 def test_text_does_not_depend_on_the_number_of_threads():
@@ -137,7 +137,7 @@ def test_text_does_not_depend_on_the_number_of_threads():
         single = SMALL_TEXT.generate()
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(tensors(single), tensors(SMALL_TEXT.generate())))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(single), tensors(SMALL_TEXT.generate()), strict=True))
 
 
 def test_text_test_split_does_not_depend_on_the_training_size():
@@ -149,7 +149,7 @@ def test_text_test_split_does_not_depend_on_the_training_size():
 def test_the_job_seed_does_not_change_the_built_in_text(monkeypatch):
     monkeypatch.setattr(workloads, "SYNTHETIC_TEXT", SMALL_TEXT)
     a, b = load_workload("synthetic-text", seed=0), load_workload("synthetic-text", seed=99)
-    assert all(torch.equal(p, q) for p, q in zip(tensors(a), tensors(b)))
+    assert all(torch.equal(p, q) for p, q in zip(tensors(a), tensors(b), strict=True))
 
 
 def test_a_text_recipe_out_of_range_is_refused():
