@@ -269,7 +269,9 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
     try:
         cpu_before = _cpu_seconds(coordinator.pid)
         wall_before = time.monotonic()
-        per = [args.workers // args.client_procs + (i < args.workers % args.client_procs) for i in range(args.client_procs)]
+        per = [
+            args.workers // args.client_procs + (i < args.workers % args.client_procs) for i in range(args.client_procs)
+        ]
         for i, count in enumerate(per):
             clients.append(subprocess.Popen([
                 sys.executable, __file__, "--_client-out", str(work / f"client-{i}.json"), "--_address", address,
@@ -332,8 +334,10 @@ def _print(results: list[RunResult], args: argparse.Namespace) -> None:
     for config in dict.fromkeys(r.config for r in results):
         rows = [r for r in results if r.config == config]
         p99 = [r.heartbeat_p99_ms for r in rows]
-        print(f"median over {len(rows)}: {config}: hb p99 {statistics.median(p99):.1f} ms "
-              f"(spread {min(p99):.1f}-{max(p99):.1f}), dead {statistics.median(r.members_declared_dead for r in rows)}")
+        print(
+            f"median over {len(rows)}: {config}: hb p99 {statistics.median(p99):.1f} ms "
+            f"(spread {min(p99):.1f}-{max(p99):.1f}), dead {statistics.median(r.members_declared_dead for r in rows)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -422,8 +422,15 @@ def main(argv: list[str] | None = None) -> int:
             gloo = GlooPath(gloo_conns, payload)
             tcp = TcpPath(tcp_sock, payload)
             medians = interleave(
-                {"lepton": repeat(lepton.step), "torch RPC": repeat(rpcp.step), "gloo": gloo.run, "raw TCP": repeat(tcp.step)},
-                iters[size], args.reps, warmup=2,
+                {
+                    "lepton": repeat(lepton.step),
+                    "torch RPC": repeat(rpcp.step),
+                    "gloo": gloo.run,
+                    "raw TCP": repeat(tcp.step),
+                },
+                iters[size],
+                args.reps,
+                warmup=2,
             )
             lepton.check()
             rpcp.check()
@@ -487,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cells = [f"{row[n]['median_ms']:.2f} ms ±{row[n]['spread_pct']:.0f}%" if n in row else "—" for n in paths]
             ratio = " / ".join(
-                f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×" for n in ("lepton", "lepton, no pool") if n in row
+                f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×"
+                for n in ("lepton", "lepton, no pool")
+                if n in row
             )
         print(f"| {what} | {' | '.join(cells)} | {ratio} |")
     print("\nMB/s: parameter bytes (10^6) per round trip; ± is (max - min) / median over repetitions; "

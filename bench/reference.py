@@ -84,8 +84,8 @@ core busy: two busy loops of ours plus other engineers' test clusters, load aver
 test accuracy 0.8920 in 230 s wall (91 s training) against the reference's 0.9021 at seed 0
 (-1.01 pt); as tests/e2e/test_workload_defaults.py at load 11.4-13.3, 0.8984 in 142 s wall
 (-0.37 pt; staleness mean 1.90-1.94, max 11-12); the same command with ``--async-lr-scaling
-none`` right after, at load 15.7-21.8, did not train (ps-1, still building the data set, missed its heartbeats: "parameter server ps-1
-did not come back within 30s").
+none`` right after, at load 15.7-21.8, did not train (ps-1, still building the data set, missed
+its heartbeats: "parameter server ps-1 did not come back within 30s").
 
 How to run::
 

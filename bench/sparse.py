@@ -7,8 +7,9 @@ exits 1 when any step's ratio is above ``--max-ratio`` (2), so it doubles as a c
 What runs:
     *servers*: 1 and 2 real ParameterServers in this process (``lepton.rpc.Server`` on
     127.0.0.1:0 with its interceptors, ``ParameterServerServicer`` and ``ParameterServer``,
-    async mode, served by tests/support.py's ``serve_layout``), holding the table as ``coordinator.layout.balance`` cuts it (2 servers: rows
-    [0, 500000) and [500000, 1000000), each a slice marked ``sparse``). The servers' optimizer is
+    async mode, served by tests/support.py's ``serve_layout``), holding the table as
+    ``coordinator.layout.balance`` cuts it (2 servers: rows [0, 500000) and [500000, 1000000), each
+    a slice marked ``sparse``). The servers' optimizer is
     built as a job's would be: ``--optimizer adam`` gives SparseAdam on the table.
 
     *the table*: 1,000,000 x 16 float32 (64 B a row, 64,000,000 B in all; ``--table-rows``,
@@ -532,7 +533,8 @@ def print_report(summaries: list[dict], whole: dict | None, env: dict, max_ratio
     if whole is not None:
         print(
             f"whole table as a dense gradient, 1 server, {whole['steps']} steps: wire pushed "
-            f"{whole['wire_pushed_median']:,.0f} B, pull {whole['pull_ms']:.0f} ms, push_pull {whole['push_pull_ms']:.0f} ms"
+            f"{whole['wire_pushed_median']:,.0f} B, pull {whole['pull_ms']:.0f} ms, "
+            f"push_pull {whole['push_pull_ms']:.0f} ms"
         )
     worst = max(max(s["wire_ratio_max"], s["server_ratio_max"]) for s in summaries)
     verdict = "within" if worst <= max_ratio else "NOT within"

@@ -172,8 +172,8 @@ class CheckpointManifest:
         final: bool = False,
     ) -> tuple[Checkpoint, bool]:
         """Opens a checkpoint of the servers in ``tensors`` (server -> the tensor names it holds), or
-        returns the pending one; returns it and whether it is new. ``training``: whether workers may still move the versions (sync picks a target
-        ahead of them)."""
+        returns the pending one; returns it and whether it is new. ``training``: whether workers may
+        still move the versions (sync picks a target ahead of them)."""
         if len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(f"reason is {len(reason)} characters; at most {MAX_REASON_CHARS}")
         pending = self.pending()
@@ -376,7 +376,11 @@ class JobCheckpoints:
             "consistent": checkpoint.consistent,
             # name -> where a slice's rows go: export concatenates a parameter's slices in row order
             "slices": {
-                t.name: {"parameter": t.parameter, "row_offset": t.row_offset, "parameter_shape": list(t.parameter_shape)}
+                t.name: {
+                    "parameter": t.parameter,
+                    "row_offset": t.row_offset,
+                    "parameter_shape": list(t.parameter_shape),
+                }
                 for t in (layout.tensors if layout is not None else ())
                 if t.is_slice
             },

@@ -2,8 +2,9 @@
 
 Every operation takes ``now`` (monotonic seconds) and runs under one lock (a worker's heartbeat
 excepted: coordinator/job_membership.py); one that changes durable state answers once its change
-is committed (group commit: coordinator/job_base.py). Servicers call exactly one method per RPC. Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the
-shards and the evaluation; it builds on its shared state and how that is saved (job_base.py,
+is committed (group commit: coordinator/job_base.py). Servicers call exactly one method per RPC.
+Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the shards and the
+evaluation; it builds on its shared state and how that is saved (job_base.py,
 state_codec.py), who is in (job_membership.py), the parameter servers' loss and fencing (fleet.py),
 checkpoints (checkpoints.py) and the value types it answers with (job_types.py).
 """

@@ -193,7 +193,9 @@ class ShardLedger:
         if epoch > self.epoch or epoch < 0:
             raise NotFound(f"epoch {epoch} has not started (current epoch {self.epoch})")
         if lease_id > self._last_lease_id:
-            raise NotFound(f"lease {lease_id} is unknown: no such lease was ever issued (the newest is {self._last_lease_id})")
+            raise NotFound(
+                f"lease {lease_id} is unknown: no such lease was ever issued (the newest is {self._last_lease_id})"
+            )
         lease = self._leases.get(shard) if epoch == self.epoch else None
         if lease is None or (lease.member_id, lease.incarnation) != (member_id, incarnation):
             raise FailedPrecondition(

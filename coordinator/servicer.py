@@ -283,7 +283,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def WatchJob(self, request, context) -> Iterator[pb.JobEvent]:
         if request.after_sequence < 0:
-            raise InvalidArgument(f"after_sequence must be >= 0 (0: from the oldest event), got {request.after_sequence}")
+            raise InvalidArgument(
+                f"after_sequence must be >= 0 (0: from the oldest event), got {request.after_sequence}"
+            )
         sequence = request.after_sequence
         events = self._job.events
         while context.is_active() and not events.closed:

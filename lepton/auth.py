@@ -168,7 +168,9 @@ def _audited(handler: grpc.RpcMethodHandler, method: str, principal: Principal) 
                 code = context.code() if hasattr(context, "code") else None
                 if code is not None:
                     outcome = code.name
-                audit.info("audit", principal=principal.name, caller_role=principal.role, method=method, outcome=outcome)
+                audit.info(
+                    "audit", principal=principal.name, caller_role=principal.role, method=method, outcome=outcome
+                )
 
         return call
 
@@ -273,7 +275,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         allowed = self._roles.get(method, frozenset({"admin"}))
         if principal.role != "admin" and principal.role not in allowed:
             audit.warning(
-                "audit", principal=principal.name, caller_role=principal.role, method=method, outcome="PERMISSION_DENIED"
+                "audit",
+                principal=principal.name,
+                caller_role=principal.role,
+                method=method,
+                outcome="PERMISSION_DENIED",
             )
             return _rejecting(
                 handler,

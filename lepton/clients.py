@@ -120,7 +120,9 @@ def _push_messages(
     return data_wire.encode_push(header, dense, chunk_bytes)
 
 
-def _read_pull(responses: Iterable, timeout_s: float | None) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
+def _read_pull(
+    responses: Iterable, timeout_s: float | None
+) -> tuple[int, dict[str, torch.Tensor], ppb.PushResponse | None]:
     assembler = codec.TensorAssembler()
     version = -1
     push = None
@@ -198,7 +200,9 @@ class ParameterClient(ServiceClient):
             (message,) = data_wire.encode_push(header, dense, max(size, 1))
             result = self._push_pull_unary(message, timeout_s)
         if result is None:
-            responses = self._push_pull_call(data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=timeout_s)
+            responses = self._push_pull_call(
+                data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=timeout_s
+            )
             result = _read_pull(responses, timeout_s)
         return self._answer(result)
 

@@ -184,7 +184,9 @@ class JobSpec:
                 f"async_lr_scaling must be one of {ASYNC_LR_SCALINGS}, got {self.async_lr_scaling!r}"
             )
         if self.eval_every_epochs < 0:
-            problems.append(f"eval_every_epochs must be >= 0 (0: only the final evaluation), got {self.eval_every_epochs}")
+            problems.append(
+                f"eval_every_epochs must be >= 0 (0: only the final evaluation), got {self.eval_every_epochs}"
+            )
         if self.early_stopping_metric:
             if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
                 problems.append(

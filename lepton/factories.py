@@ -127,7 +127,9 @@ def call_with_known_kwargs(what: str, fn: Callable[..., Any], **kwargs: Any) -> 
         chosen = kwargs
     else:
         named = {
-            n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            n
+            for n, p in params.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         }
         chosen = {k: v for k, v in kwargs.items() if k in named}
     try:

@@ -48,7 +48,9 @@ class _StreamWatch:
 
     def start_lifetime(self) -> None:
         if self._class.lifetime_s is not None:
-            self._lifetime_entry = self._limiter.watchdog.arm(self._class.lifetime_s, lambda: self._end("lifetime", None))
+            self._lifetime_entry = self._limiter.watchdog.arm(
+                self._class.lifetime_s, lambda: self._end("lifetime", None)
+            )
 
     def requests(self, request_iterator: Iterator[Any]) -> Iterator[Any]:
         """The request stream, each message awaited for at most the class's idle time."""

@@ -77,7 +77,8 @@ def record_peak_rss(path: str | None) -> None:
         facts = {}
     try:
         write_ready_file(
-            path, **{**facts, "peak_rss_mb": peak_rss_mb(), "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+            path,
+            **{**facts, "peak_rss_mb": peak_rss_mb(), "children_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)},
         )
     except OSError as exc:
         log.warning("peak_rss_not_recorded", path=path, error=str(exc))

@@ -77,8 +77,9 @@ def _details(exc: BaseException) -> str:
 
 def abandoned_status(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     """CANCELLED or DEADLINE_EXCEEDED when the client has gone (it cancelled, or its deadline
-    passed: see ``lepton.metrics.left_because``); None while the call is live. Whatever a handler raises then is the consequence of the
-    client leaving (its request stream raises, a wait is cut short), not a server fault."""
+    passed: see ``lepton.metrics.left_because``); None while the call is live. Whatever a handler
+    raises then is the consequence of the client leaving (its request stream raises, a wait is cut
+    short), not a server fault."""
     if context.is_active():
         return None
     return left_because(context.time_remaining())

@@ -18,8 +18,12 @@ class ParameterServerCollector(Collector):
     def collect(self) -> Iterator:
         server = self._server
         s = server.status()
-        yield GaugeMetricFamily("lepton_ps_version", "Updates applied to this server's parameters (its version).", value=s.version)
-        yield CounterMetricFamily("lepton_ps_updates_applied_total", "Optimizer steps applied.", value=s.updates_applied)
+        yield GaugeMetricFamily(
+            "lepton_ps_version", "Updates applied to this server's parameters (its version).", value=s.version
+        )
+        yield CounterMetricFamily(
+            "lepton_ps_updates_applied_total", "Optimizer steps applied.", value=s.updates_applied
+        )
         pushes = CounterMetricFamily("lepton_ps_pushes_total", "Pushes by outcome.", labels=["outcome"])
         pushes.add_metric(["received"], s.pushes_received)
         pushes.add_metric(["stale"], s.pushes_stale)
@@ -33,7 +37,11 @@ class ParameterServerCollector(Collector):
         ):
             yield CounterMetricFamily(name, text, value=value)
             yield CounterMetricFamily(old, f"Deprecated: {name} (removed in the next release).", value=value)
-        yield CounterMetricFamily("lepton_ps_sync_steps_timed_out_total", "Sync steps closed by the timeout, and (ssp) slow workers dropped after the timeout.", value=s.steps_timed_out)
+        yield CounterMetricFamily(
+            "lepton_ps_sync_steps_timed_out_total",
+            "Sync steps closed by the timeout, and (ssp) slow workers dropped after the timeout.",
+            value=s.steps_timed_out,
+        )
         yield CounterMetricFamily(
             "lepton_ps_checkpoints_failed_total", "Periodic checkpoints that could not be written (training went on).",
             value=s.checkpoints_failed,
@@ -48,6 +56,8 @@ class ParameterServerCollector(Collector):
             buckets = [(str(b), c.staleness_le[i]) for i, b in enumerate(STALENESS_BUCKETS)]
             buckets.append(("+Inf", c.staleness_count))
             yield HistogramMetricFamily(
-                "lepton_ps_staleness_updates", "Staleness of applied async gradients, in updates (server version at apply minus base version).",
-                buckets=buckets, sum_value=c.staleness_sum,
+                "lepton_ps_staleness_updates",
+                "Staleness of applied async gradients, in updates (server version at apply minus base version).",
+                buckets=buckets,
+                sum_value=c.staleness_sum,
             )

@@ -65,7 +65,9 @@ class ParameterStore:
             name: kinds.get(name, TensorKind.PARAMETER if t.is_floating_point() else TensorKind.BUFFER)
             for name, t in tensors.items()
         }
-        not_float = sorted(n for n, t in tensors.items() if kind_of[n] is TensorKind.PARAMETER and not t.is_floating_point())
+        not_float = sorted(
+            n for n, t in tensors.items() if kind_of[n] is TensorKind.PARAMETER and not t.is_floating_point()
+        )
         if not_float:
             raise InvalidArgument(f"trainable tensors {not_float[:8]} are not floating point")
         self._params = {

@@ -38,7 +38,9 @@ def write(out: Path, train_rows: int, test_rows: int, features: int, classes: in
         directory = out / split
         directory.mkdir(parents=True, exist_ok=False)
         if fmt == "npy":
-            x = np.lib.format.open_memmap(directory / "features.npy", mode="w+", dtype=np.float32, shape=(rows, features))
+            x = np.lib.format.open_memmap(
+                directory / "features.npy", mode="w+", dtype=np.float32, shape=(rows, features)
+            )
             y = np.lib.format.open_memmap(directory / "label.npy", mode="w+", dtype=np.int64, shape=(rows,))
             for lo in range(0, rows, chunk_rows):
                 hi = min(rows, lo + chunk_rows)
@@ -59,7 +61,9 @@ def write(out: Path, train_rows: int, test_rows: int, features: int, classes: in
                 for lo in range(lo_file, hi_file, chunk_rows):
                     x, y = _chunk(rng, min(hi_file, lo + chunk_rows) - lo, centres, projection, 1.0)
                     column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), features)
-                    writer.write_table(pa.table({"features": column, "label": y}, schema=schema), row_group_size=chunk_rows)
+                    writer.write_table(
+                        pa.table({"features": column, "label": y}, schema=schema), row_group_size=chunk_rows
+                    )
     return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 

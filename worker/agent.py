@@ -276,7 +276,9 @@ class WorkerAgent:
         def once() -> bool:
             nonlocal attempts
             attempts += 1
-            return self._coord.complete(member, shard.epoch, shard.shard, *_observed(loss, samples), lease_id=self._lease_id)
+            return self._coord.complete(
+                member, shard.epoch, shard.shard, *_observed(loss, samples), lease_id=self._lease_id
+            )
 
         try:
             call_with_retry(once, self._retry, rng=self._rng)
@@ -313,7 +315,9 @@ class WorkerAgent:
                 # INVALID_ARGUMENT for its loss).
                 log.warning("failure_report_refused", reason=str(exc))
         self._coord.report_evaluation(self._member, result, max(self._servers.versions.values(), default=0))
-        log.info("evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4))
+        log.info(
+            "evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4)
+        )
 
     def _pull_for_evaluation(self) -> None:
         """Pulls every server's parameters, following layout changes as training does: a server

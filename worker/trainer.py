@@ -189,7 +189,9 @@ class Trainer:
         total = len(x_all)
         loss_sum = 0.0
         scale = self.scaler.scale if self.scaler is not None else 1.0
-        for x, y in zip(torch.split(x_all, self.spec.batch_size), torch.split(y_all, self.spec.batch_size), strict=True):
+        for x, y in zip(
+            torch.split(x_all, self.spec.batch_size), torch.split(y_all, self.spec.batch_size), strict=True
+        ):
             x, y = self._to_device(x), self._to_device(y)
             with autocast(self.precision, self.device):
                 output = self.model(x)

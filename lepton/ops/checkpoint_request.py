@@ -16,8 +16,9 @@ POLL_S = 0.2
 
 
 def describe(checkpoint: cpb.CheckpointManifest) -> str:
+    state = cpb.CheckpointState.Name(checkpoint.state).removeprefix("CHECKPOINT_STATE_").lower()
     lines = [
-        f"checkpoint {checkpoint.checkpoint_id} {cpb.CheckpointState.Name(checkpoint.state).removeprefix('CHECKPOINT_STATE_').lower()}"
+        f"checkpoint {checkpoint.checkpoint_id} {state}"
         + (f" after {checkpoint.completed_after_s:.2f}s" if checkpoint.completed_after_s else "")
         + (", consistent (every server at the same step)" if checkpoint.consistent else ""),
     ]

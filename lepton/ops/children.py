@@ -208,7 +208,9 @@ def refusal(child: Child, ready_path: Path | None) -> ConfigError:
     facts = read_ready(ready_path) if ready_path is not None else None
     if facts and facts.get("pid") == child.process.pid and facts.get("error"):
         return ConfigError(f"{child.name}: {facts['error']}")
-    return ConfigError(f"{child.name}: {last_line(child.log_path) or 'refused its configuration'} (log: {child.log_path})")
+    return ConfigError(
+        f"{child.name}: {last_line(child.log_path) or 'refused its configuration'} (log: {child.log_path})"
+    )
 
 
 def wait_ready_file(path: Path, child: Child, timeout_s: float) -> dict:

@@ -161,7 +161,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_client_security(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security (tokens only from files or LEPTON_TOKEN, never flags)")
-    g.add_argument("--tls-ca", default=None, metavar="PEM", help="CA bundle: verify servers (and, on servers, require client certificates)")
+    g.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA bundle: verify servers (and, on servers, require client certificates)",
+    )
     g.add_argument("--tls-cert", default=None, metavar="PEM", help="this process's certificate chain")
     g.add_argument("--tls-key", default=None, metavar="PEM", help="this process's private key")
     g.add_argument("--token-file", default=None, metavar="FILE", help="bearer token to send (default: $LEPTON_TOKEN)")
@@ -170,7 +175,12 @@ def _add_client_security(p: argparse.ArgumentParser) -> None:
 def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
     _add_client_security(p)
     if server:
-        p.add_argument("--auth-file", default=None, metavar="TOML", help="token table to check (default: $LEPTON_AUTH_FILE; none: no authentication)")
+        p.add_argument(
+            "--auth-file",
+            default=None,
+            metavar="TOML",
+            help="token table to check (default: $LEPTON_AUTH_FILE; none: no authentication)",
+        )
         p.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off")
         p.add_argument(
             "--insecure", action="store_true",
@@ -193,8 +203,12 @@ def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
         "--threads", type=int, default=None, metavar="N",
         help=f"torch intra-op threads (default: ${threads.ENV}, else the cores this process may use)",
     )
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)")
-    p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: a free one)"
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="metrics bind address (default: the --listen host, else 127.0.0.1)"
+    )
 
 
 def service_options(args: argparse.Namespace) -> ServiceOptions:
@@ -230,7 +244,9 @@ def _add_loader_flags(p: argparse.ArgumentParser) -> None:
         "--loader-workers", type=int, default=0, metavar="N",
         help="processes making batches ahead of training (default 0: in the training thread)",
     )
-    g.add_argument("--prefetch", type=int, default=2, metavar="N", help="batches each loader process keeps ready (default 2)")
+    g.add_argument(
+        "--prefetch", type=int, default=2, metavar="N", help="batches each loader process keeps ready (default 2)"
+    )
     g.add_argument("--pin-memory", action="store_true", help="make batches in pinned (page-locked) memory")
 
 
@@ -264,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_member(s)
     s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--advertise", default="", metavar="HOST:PORT", help="address workers dial, if not --listen")
-    s.add_argument("--state-dir", default=None, help="checkpoints of this server; a restart with the same --id and --state-dir restores the newest")
+    s.add_argument(
+        "--state-dir",
+        default=None,
+        help="checkpoints of this server; a restart with the same --id and --state-dir restores the newest",
+    )
     s.add_argument("--ready-file", default=None)
     _add_service(s)
     _add_common(s)
@@ -299,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--state-dir", default=None, help="logs and state of every child (default: a temp dir)")
     u.add_argument("--report", default=None, metavar="PATH", help="write the JSON report here")
     u.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
-    u.add_argument("--secure", action="store_true", help="TLS (mutual) and role tokens on every service, made fresh in the state dir")
+    u.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS (mutual) and role tokens on every service, made fresh in the state dir",
+    )
     u.add_argument(
         "--worker-delay", type=float, default=0.0, metavar="SECONDS",
         help="test/demo hook: worker-0 alone (also when restarted) sleeps this long before each push "
@@ -312,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="grow or shrink the workers of a running `lepton up`")
     sc.add_argument("--state-dir", required=True, help="the --state-dir of the running lepton up")
     sc.add_argument("--workers", type=int, required=True, help="worker count wanted (1 to its --max-workers)")
-    sc.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for lepton up to acknowledge (default 30)")
+    sc.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for lepton up to acknowledge (default 30)"
+    )
 
     st = sub.add_parser("status", help="show a running job as the coordinator sees it")
     st.add_argument("--coordinator", required=True, metavar="HOST:PORT")
@@ -324,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--reason", required=True)
     _add_client_security(k)
 
-    cp = sub.add_parser("checkpoint", help="ask every parameter server for a coordinated checkpoint (needs an admin token)")
+    cp = sub.add_parser(
+        "checkpoint", help="ask every parameter server for a coordinated checkpoint (needs an admin token)"
+    )
     cp.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     cp.add_argument("--reason", default="", help="recorded in the manifest")
     cp.add_argument("--wait", action="store_true", help="wait until every server has written its file")
@@ -340,9 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     hc = sub.add_parser("healthcheck", help="exit 0 if a server answers SERVING to grpc.health.v1 Check, else 1")
     add_healthcheck_arguments(hc)
 
-    ce = sub.add_parser("certs", help="make a development CA, a certificate for every service, and role and member tokens (files 0600)")
+    ce = sub.add_parser(
+        "certs", help="make a development CA, a certificate for every service, and role and member tokens (files 0600)"
+    )
     ce.add_argument("--out", required=True, help="directory to write into")
-    ce.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers")
+    ce.add_argument(
+        "--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names and IPs the certificate covers"
+    )
     ce.add_argument("--parameter-servers", type=int, default=2, help="member tokens ps-0.token... to make (default 2)")
     ce.add_argument("--workers", type=int, default=3, help="member tokens worker-0.token... to make (default 3)")
     return parser

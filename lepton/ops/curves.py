@@ -86,7 +86,9 @@ class Curves:
             if name.startswith("worker") and now_s > then:
                 self._add(f"samples_per_second/{name}", step, delta["lepton_worker_samples_total"] / (now_s - then))
                 if delta["lepton_worker_push_seconds_count"] > 0:
-                    latency_ms = 1000 * delta["lepton_worker_push_seconds_sum"] / delta["lepton_worker_push_seconds_count"]
+                    latency_ms = (
+                        1000 * delta["lepton_worker_push_seconds_sum"] / delta["lepton_worker_push_seconds_count"]
+                    )
                     self._add(f"push_latency_ms/{name}", step, latency_ms)
             if name.startswith("ps") and delta["lepton_ps_staleness_updates_count"] > 0:
                 staleness = delta["lepton_ps_staleness_updates_sum"] / delta["lepton_ps_staleness_updates_count"]

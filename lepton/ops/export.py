@@ -75,7 +75,8 @@ def _server_file(manifest_path: Path, checkpoint_id: str, server: str, recorded:
 
 def merge(manifest_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest and the model's tensors merged from every server's file (whole tensors as they
-    are, row slices concatenated back into their parameters). Raises ConfigError for an incomplete or inconsistent checkpoint."""
+    are, row slices concatenated back into their parameters). Raises ConfigError for an incomplete
+    or inconsistent checkpoint."""
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -95,7 +96,9 @@ def merge(manifest_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ConfigError(f"{path} holds version {state['version']}, the manifest says {report['version']}")
         expected = set(manifest["tensors"].get(server, ()))
         if set(state["params"]) != expected:
-            raise ConfigError(f"{path} holds tensors {sorted(state['params'])[:8]}, the manifest {sorted(expected)[:8]}")
+            raise ConfigError(
+                f"{path} holds tensors {sorted(state['params'])[:8]}, the manifest {sorted(expected)[:8]}"
+            )
         for name, value in state["params"].items():
             if name in tensors:
                 raise ConfigError(f"tensor {name!r} is in more than one server's file")

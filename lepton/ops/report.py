@@ -348,7 +348,9 @@ def evaluation_report(ev: Evaluation | None) -> dict:
         "test_loss": ev.loss if ev else None,
         "test_accuracy": ev.accuracy if ev else None,
         "test_macro_recall": ev.macro_recall if ev else None,
-        "test_per_class_recall": [None if r != r else r for r in ev.per_class_recall] if ev and not regression else None,
+        "test_per_class_recall": [None if r != r else r for r in ev.per_class_recall]
+        if ev and not regression
+        else None,
         "test_confusion_matrix": [list(row) for row in ev.confusion_matrix] if ev and not regression else None,
         "test_mse": ev.mse if ev else None,
         "test_mae": ev.mae if ev else None,

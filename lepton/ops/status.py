@@ -17,14 +17,16 @@ from lepton.v1 import coordinator_pb2 as cpb
 
 def render(status: cpb.GetStatusResponse) -> str:
     job = status.job
+    mode = common.ConsistencyMode.Name(job.mode).removeprefix("CONSISTENCY_MODE_").lower()
     lines = [
-        f"job        {state_name(status.state)}"
-        + (f" ({status.failure})" if status.failure else ""),
-        f"workload   {job.dataset} / {job.model}, mode {common.ConsistencyMode.Name(job.mode).removeprefix('CONSISTENCY_MODE_').lower()}, "
+        f"job        {state_name(status.state)}" + (f" ({status.failure})" if status.failure else ""),
+        f"workload   {job.dataset} / {job.model}, mode {mode}, "
         f"optimizer {job.optimizer.name} lr {job.optimizer.learning_rate:g}",
-        f"epoch      {status.epoch + 1}/{job.epochs}: {status.shards_completed_in_epoch}/{job.shards_per_epoch} shards done, "
+        f"epoch      {status.epoch + 1}/{job.epochs}: "
+        f"{status.shards_completed_in_epoch}/{job.shards_per_epoch} shards done, "
         f"{status.shards_leased} leased, {status.shards_pending} pending",
-        f"counts     {status.shard_completions} completions, {status.duplicate_completions_rejected} duplicates rejected, "
+        f"counts     {status.shard_completions} completions, "
+        f"{status.duplicate_completions_rejected} duplicates rejected, "
         f"{status.reassignments} reassignments, {status.members_declared_dead} members declared dead",
         f"training   {status.samples_trained} samples, {status.samples_per_second:.0f} samples/s, loss "
         + ("-" if math.isnan(status.recent_loss) else f"{status.recent_loss:.4f}"),

@@ -158,8 +158,13 @@ class Supervisor:
         )
         self.workers.start([worker_name(i) for i in range(cluster.workers)])
         for child in children.items[1:]:
-            seen.metrics[child.name] = wait_ready_file(self.ready_files[child.name], child, READY_TIMEOUT_S).get("metrics")
-        print("metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in seen.metrics.items()), flush=True)
+            seen.metrics[child.name] = wait_ready_file(self.ready_files[child.name], child, READY_TIMEOUT_S).get(
+                "metrics"
+            )
+        print(
+            "metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in seen.metrics.items()),
+            flush=True,
+        )
         return coordinator
 
     def _watch(self, coordinator: Child, deadline: float) -> None:

@@ -133,7 +133,12 @@ class ParquetRows(Rows):
                 self.starts.append(self.length)
                 self.length += group.num_rows
                 stats = group.column(column).statistics
-                if self.label_max is not None and stats is not None and stats.has_min_max and isinstance(stats.max, int):
+                if (
+                    self.label_max is not None
+                    and stats is not None
+                    and stats.has_min_max
+                    and isinstance(stats.max, int)
+                ):
                     self.label_max = max(self.label_max, stats.max)
                 else:
                     self.label_max = None
@@ -285,7 +290,9 @@ def load_files(spec: str, features: tuple[str, ...] = (), label: str = DEFAULT_L
         directory = root / split
         if not directory.is_dir():
             raise ConfigError(f"dataset {spec!r}: no directory {directory} (a {kind} data set has train/ and test/)")
-        rows: Rows = (ParquetRows if kind == "parquet" else NpyRows)(directory, tuple(features), label or DEFAULT_LABEL_COLUMN)
+        rows: Rows = (ParquetRows if kind == "parquet" else NpyRows)(
+            directory, tuple(features), label or DEFAULT_LABEL_COLUMN
+        )
         splits[split] = rows
     train = splits["train"]
     if len(train) == 0:

@@ -98,7 +98,10 @@ class Fabric:
         bind address."""
         path.write_text(
             json.dumps(
-                {name: {"exec": ["ip", "netns", "exec", ns], "host": host} for name, (ns, host, _) in self.members.items()}
+                {
+                    name: {"exec": ["ip", "netns", "exec", ns], "host": host}
+                    for name, (ns, host, _) in self.members.items()
+                }
             )
         )
         return path

@@ -15,8 +15,9 @@ must hold whatever the fault:
 
 Faults are chosen and timed from a fixed seed; every wait is bounded. The CI subset runs by
 default; ``pytest tests/chaos --chaos-full -s`` runs the whole matrix and prints a fault x outcome
-table; ``--chaos-mode sync`` (or ``ssp``, with staleness 2) runs it in another consistency mode. Network partitions run the cluster inside network namespaces (``netns.py``): every child in
-its own namespace, joined by a bridge whose port is taken down to cut a member off and brought
+table; ``--chaos-mode sync`` (or ``ssp``, with staleness 2) runs it in another consistency mode.
+Network partitions run the cluster inside network namespaces (``netns.py``): every child in its
+own namespace, joined by a bridge whose port is taken down to cut a member off and brought
 back up to heal; they need root and are skipped where namespaces cannot be made.
 """
 
@@ -286,7 +287,9 @@ FAULTS = [
     Fault("coordinator-sigkill", kill_coordinator, lambda r: [] if r["coordinator_restarts"] == 1 else ["no restart"]),
     Fault("worker-zombie", zombie_worker, expect_zombie_fenced),
     Fault("worker-short-pause", short_pause, expect_nothing_reassigned),
-    Fault("worker-sigterm", sigterm_worker, lambda r: [] if r["members_declared_dead"] == 0 else ["a leave was a death"]),
+    Fault(
+        "worker-sigterm", sigterm_worker, lambda r: [] if r["members_declared_dead"] == 0 else ["a leave was a death"]
+    ),
     Fault("worker-joins", join_worker, lambda r: []),
     Fault("worker-sigkill-x3", repeated_worker_kills, expect_dead_and_reassigned),
     Fault("worker-partition", partition_worker, expect_partitioned_worker_fenced, network=True),
@@ -342,7 +345,9 @@ def baseline_accuracy(tmp_path_factory, request) -> float | None:
         return None
     accuracies = []
     for i in range(BASELINE_RUNS):
-        report, _, _ = run_cluster(tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None, chaos_job(request.config))
+        report, _, _ = run_cluster(
+            tmp_path_factory.mktemp("baseline"), f"baseline-{i}", None, chaos_job(request.config)
+        )
         assert report["status"] == "succeeded"
         accuracies.append(report["test_accuracy"])
         TABLE.append({"fault": f"(none: baseline {i + 1})", "ok": True, "accuracy": report["test_accuracy"],

@@ -76,7 +76,9 @@ def test_the_control_plane_values_import_neither_grpc_nor_torch():
 
 
 def test_the_coordinator_client_imports_no_torch():
-    probe = "import sys, lepton.coordinator_client\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    probe = (
+        "import sys, lepton.coordinator_client\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -18,7 +18,11 @@ from ps_server.servicer import ParameterServerServicer
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = [
-    (coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"], CoordinatorServicer, coordinator_pb2_grpc.CoordinatorServicer),
+    (
+        coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
+        CoordinatorServicer,
+        coordinator_pb2_grpc.CoordinatorServicer,
+    ),
     (
         parameter_server_pb2.DESCRIPTOR.services_by_name["ParameterServer"],
         ParameterServerServicer,
@@ -62,7 +66,9 @@ def test_generated_stubs_match_the_protos(tmp_path):
         cwd=ROOT, check=True,
     )
     generated = sorted(p.name for p in (tmp_path / "lepton" / "v1").iterdir())
-    committed = sorted(p.name for p in (ROOT / "lepton" / "v1").iterdir() if p.name != "__init__.py" and p.suffix in (".py", ".pyi"))
+    committed = sorted(
+        p.name for p in (ROOT / "lepton" / "v1").iterdir() if p.name != "__init__.py" and p.suffix in (".py", ".pyi")
+    )
     assert generated == committed
     _, mismatch, errors = filecmp.cmpfiles(tmp_path / "lepton" / "v1", ROOT / "lepton" / "v1", generated, shallow=False)
     assert not mismatch and not errors, f"stale stubs {mismatch}{errors}: run `python -m lepton.protogen`"
@@ -72,7 +78,8 @@ def test_domain_modules_import_no_grpc_and_no_generated_code():
     probe = (
         "import importlib, sys\n"
         f"for name in {DOMAIN_MODULES!r}: importlib.import_module(name)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or m.startswith(('lepton.v1', 'google.protobuf')))\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] == 'grpc' or m.startswith(('lepton.v1', 'google.protobuf')))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)

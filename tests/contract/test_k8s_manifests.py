@@ -84,7 +84,9 @@ def test_resource_validates_against_the_kubernetes_schema(resource, version):
     try:
         kubernetes_validate.validate(resource, version, strict=True)
     except kubernetes_validate.ValidationError as e:
-        pytest.fail(f"{resource['kind']}/{resource['metadata']['name']} invalid for {version}: {e.message} at {list(e.path)}")
+        pytest.fail(
+            f"{resource['kind']}/{resource['metadata']['name']} invalid for {version}: {e.message} at {list(e.path)}"
+        )
 
 
 def test_the_schema_check_rejects_a_broken_manifest():
@@ -200,7 +202,10 @@ def test_every_role_runs_the_image_with_resources_and_a_grace_period(kind, name)
         assert {"cpu", "memory"} <= set(c["resources"][part]), f"{name}: {part}"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
-    assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        workload["spec"]["selector"]["matchLabels"].items()
+        <= workload["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 @pytest.mark.parametrize("kind,name,service", [

@@ -51,7 +51,9 @@ def test_every_rpc_requires_the_roles_the_server_enforces(path, method):
     assert roles, f"{path} has no (lepton.v1.required_role) option"
     assert "admin" in roles, f"{path}: admin may call every method, so the option lists it"
     assert path in METHOD_ROLES, f"{path} is not in lepton.security.METHOD_ROLES (it would need admin)"
-    assert roles == set(METHOD_ROLES[path]), f"{path}: protos say {sorted(roles)}, server enforces {sorted(METHOD_ROLES[path])}"
+    assert roles == set(METHOD_ROLES[path]), (
+        f"{path}: protos say {sorted(roles)}, server enforces {sorted(METHOD_ROLES[path])}"
+    )
 
 
 def test_the_authorization_table_names_no_method_the_protos_lack():

@@ -55,7 +55,9 @@ def test_a_batchnorm_model_exports_its_running_statistics_and_loads_strictly(pro
     model_name = "integration.custom_workload:batchnorm_mlp"
     up = processes.start(
         "up",
-        lepton_argv("up", "--model", model_name, "--epochs", "3", "--state-dir", str(state), "--report", str(report_path)),
+        lepton_argv(
+            "up", "--model", model_name, "--epochs", "3", "--state-dir", str(state), "--report", str(report_path)
+        ),
     )
     up.wait(timeout=RUN_TIMEOUT_S)
     report = read_json(report_path)

@@ -40,7 +40,12 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
             for m in client.status().members:
                 # One shard per epoch, picked in its first half: it cannot finish before the signal lands.
                 half = (m.lease.end - m.lease.start) // 2
-                if m.role == common_pb2.ROLE_WORKER and m.pid == leaver.pid and m.has_lease and 0 < m.lease.offset < half:
+                if (
+                    m.role == common_pb2.ROLE_WORKER
+                    and m.pid == leaver.pid
+                    and m.has_lease
+                    and 0 < m.lease.offset < half
+                ):
                     return m
             return None
 
@@ -68,7 +73,10 @@ def test_sigterm_requeues_the_lease_at_once_and_a_joining_worker_takes_leases(pr
 
         def joiner_lease():
             for event in job_events(client, sequence):
-                if event.kind == cpb.EVENT_KIND_SHARD_LEASED and event.member.member_id not in ("", member.member.member_id):
+                if event.kind == cpb.EVENT_KIND_SHARD_LEASED and event.member.member_id not in (
+                    "",
+                    member.member.member_id,
+                ):
                     return event
             return None
 

@@ -79,7 +79,8 @@ def test_a_running_lepton_up_grows_to_four_workers_and_shrinks_to_one_without_lo
     finally:
         client.close()
     print(
-        f"up.json after {ready_s:.1f}s; scale 2->4 acknowledged in {took_up:.2f}s; 4 live workers, all leasing, {grown_s:.1f}s after start; "
+        f"up.json after {ready_s:.1f}s; scale 2->4 acknowledged in {took_up:.2f}s; "
+        f"4 live workers, all leasing, {grown_s:.1f}s after start; "
         f"scale 4->1 acknowledged in {took_down:.2f}s; 1 live worker {shrunk_s:.2f}s after the request "
         f"(epoch {epoch_at_shrink + 1}/{EPOCHS})"
     )

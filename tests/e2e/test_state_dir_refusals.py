@@ -71,7 +71,9 @@ def test_a_parameter_server_under_a_regular_file_exits_2_naming_the_path(tmp_pat
 def test_a_parameter_server_on_a_read_only_file_system_exits_2_naming_the_path(tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
         code, stderr, _ = run(

@@ -25,7 +25,9 @@ def raw(idle_cluster):
     ps_channel = grpc.insecure_channel(idle_cluster.servers[0], options=OPTIONS)
     coord = cpb_grpc.CoordinatorStub(coord_channel)
     ps = ppb_grpc.ParameterServerStub(ps_channel)
-    wait_until(lambda: coord.GetStatus(cpb.GetStatusRequest(), timeout=5).state == cpb.JOB_STATE_TRAINING, 60, "training")
+    wait_until(
+        lambda: coord.GetStatus(cpb.GetStatusRequest(), timeout=5).state == cpb.JOB_STATE_TRAINING, 60, "training"
+    )
     reply = coord.RegisterMember(cpb.RegisterMemberRequest(role=common.ROLE_WORKER), timeout=5)
     yield coord, ps, reply.member, (coord_channel, ps_channel)
     coord_channel.close()
@@ -169,9 +171,21 @@ def test_coordinator_rejects_bad_shard_reports_precisely(raw, idle_cluster):
     coord, _, member, _ = raw
     before = coord.GetStatus(cpb.GetStatusRequest(), timeout=5)
     cases = [
-        (cpb.ReportProgressRequest(member=member, epoch=0, shard=999, offset=1), grpc.StatusCode.NOT_FOUND, "no shard 999"),
-        (cpb.ReportProgressRequest(member=member, epoch=0, shard=1, offset=1), grpc.StatusCode.FAILED_PRECONDITION, "does not hold"),
-        (cpb.ReportProgressRequest(member=member, epoch=7, shard=1, offset=1), grpc.StatusCode.NOT_FOUND, "has not started"),
+        (
+            cpb.ReportProgressRequest(member=member, epoch=0, shard=999, offset=1),
+            grpc.StatusCode.NOT_FOUND,
+            "no shard 999",
+        ),
+        (
+            cpb.ReportProgressRequest(member=member, epoch=0, shard=1, offset=1),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "does not hold",
+        ),
+        (
+            cpb.ReportProgressRequest(member=member, epoch=7, shard=1, offset=1),
+            grpc.StatusCode.NOT_FOUND,
+            "has not started",
+        ),
         (
             cpb.ReportProgressRequest(member=common.MemberRef(member_id="worker-404", incarnation=1), shard=0),
             grpc.StatusCode.NOT_FOUND,

@@ -112,7 +112,10 @@ def test_bad_checkpoint_requests_get_precise_statuses_and_change_nothing(durable
 def test_every_rpc_has_a_role_and_checkpoint_requests_need_an_admin():
     methods = {
         f"/lepton.v1.{service.name}/{m.name}"
-        for service in (cpb.DESCRIPTOR.services_by_name["Coordinator"], ppb.DESCRIPTOR.services_by_name["ParameterServer"])
+        for service in (
+            cpb.DESCRIPTOR.services_by_name["Coordinator"],
+            ppb.DESCRIPTOR.services_by_name["ParameterServer"],
+        )
         for m in service.methods
     }
     assert methods == set(METHOD_ROLES)

@@ -77,7 +77,9 @@ def test_identity_attacks_are_denied_change_nothing_and_the_job_succeeds(cluster
                 role=common.ROLE_PARAMETER_SERVER, member_id="ps-0", address="203.0.113.9:1"))
             assert "may register only as ROLE_WORKER" in why
         # Taking over, heartbeating as, and deregistering another worker.
-        why = denied(thief._stub.RegisterMember, cpb.RegisterMemberRequest(role=common.ROLE_WORKER, member_id="worker-0"))
+        why = denied(
+            thief._stub.RegisterMember, cpb.RegisterMemberRequest(role=common.ROLE_WORKER, member_id="worker-0")
+        )
         assert "may act only as member 'worker-1', not 'worker-0'" in why
         denied(thief._stub.Heartbeat, cpb.HeartbeatRequest(member=ref))
         denied(thief._stub.Deregister, cpb.DeregisterRequest(member=ref))

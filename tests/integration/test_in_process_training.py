@@ -107,9 +107,17 @@ def test_a_sparse_embedding_model_trains_by_rows_through_two_servers(tmp_path, m
     """The table is cut across both servers; workers pull the rows each batch reads and push
     row gradients (Adam on the dense layer, SparseAdam on the table)."""
     spec = JobSpec(
-        mode=mode, dataset="integration.custom_workload:token_bags", model="integration.custom_workload:bag_of_embeddings",
-        optimizer="adam", lr=0.05, batch_size=25, epochs=3, shards_per_epoch=6, parameter_servers=2,
-        heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0,
+        mode=mode,
+        dataset="integration.custom_workload:token_bags",
+        model="integration.custom_workload:bag_of_embeddings",
+        optimizer="adam",
+        lr=0.05,
+        batch_size=25,
+        epochs=3,
+        shards_per_epoch=6,
+        parameter_servers=2,
+        heartbeat_interval_s=0.2,
+        heartbeat_timeout_s=2.0,
     )
     cluster = start_cluster(tmp_path, spec)
     try:

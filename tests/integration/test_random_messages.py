@@ -520,7 +520,9 @@ def test_random_messages_get_a_precise_status_and_errors_change_nothing(target, 
 
 @pytest.mark.parametrize("service, method", JOB_ENDING_METHODS, ids=_ids(JOB_ENDING_METHODS))
 def test_random_messages_to_a_job_ending_method_get_a_precise_status(tmp_path, service, method):
-    spec = JobSpec(epochs=1, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=0.2, heartbeat_timeout_s=600.0)
+    spec = JobSpec(
+        epochs=1, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=0.2, heartbeat_timeout_s=600.0
+    )
     cluster = start_cluster(tmp_path, spec)
     coordinator = grpc.insecure_channel(cluster.coordinator)
     try:

@@ -126,7 +126,12 @@ def test_a_class_at_its_limit_refuses_at_once_while_other_classes_are_served(ope
         wait_until(lambda: server.admission.in_flight()["watch"] == 1, 10, "the cancelled watch to leave")
         assert next(stubs[1].WatchJob(cpb.WatchJobRequest(), timeout=30)).sequence >= 1
         watches[1].cancel()
-        labels = {"service": "lepton.v1.Coordinator", "method": "WatchJob", "rpc_class": "watch", "reason": "class_limit"}
+        labels = {
+            "service": "lepton.v1.Coordinator",
+            "method": "WatchJob",
+            "rpc_class": "watch",
+            "reason": "class_limit",
+        }
         assert registry.get_sample_value("lepton_rpc_server_rejected_total", labels) == 1
         handled = {"service": "lepton.v1.Coordinator", "method": "WatchJob", "code": "RESOURCE_EXHAUSTED"}
         assert registry.get_sample_value("lepton_rpc_server_handled_total", handled) == 1
@@ -227,8 +232,11 @@ def test_more_idle_streams_than_the_old_thread_pool_leave_both_servers_answering
         pushes = [data_stubs[i % 3].PushPull(iter(s), timeout=60) for i, s in enumerate(silences)]
         wait_until(lambda: ps.admission.in_flight()["data"] == 70, 20, "70 silent PushPull streams admitted")
         wait_until(
-            lambda: coordinator.admission.in_flight()["watch"] == DEFAULT_LIMITS.of("/lepton.v1.Coordinator/WatchJob").limit,
-            20, "the watch class full",
+            lambda: (
+                coordinator.admission.in_flight()["watch"] == DEFAULT_LIMITS.of("/lepton.v1.Coordinator/WatchJob").limit
+            ),
+            20,
+            "the watch class full",
         )
         stub = cpb_grpc.CoordinatorStub(open_channels(coordinator.address, 99))
         for _ in range(5):

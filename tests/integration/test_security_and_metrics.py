@@ -58,7 +58,9 @@ def secure_cluster(tmp_path, pki):
 
 def test_secured_job_succeeds_with_role_tokens(secure_cluster, pki):
     client = CoordinatorClient(secure_cluster.coordinator, security=security(pki, "worker"))
-    agent = WorkerAgent(client, threading.Event(), ps_client=lambda a: ParameterClient(a, security=security(pki, "worker")))
+    agent = WorkerAgent(
+        client, threading.Event(), ps_client=lambda a: ParameterClient(a, security=security(pki, "worker"))
+    )
     try:
         assert agent.run() == 0
         status = client.status()
@@ -97,7 +99,9 @@ def test_a_worker_token_may_not_call_an_admin_rpc_but_an_admin_token_may(secure_
         admin.close()
     audits = [e for e in logs if e.get("event") == "audit"]
     assert {"principal": "worker", "caller_role": "worker", "outcome": "PERMISSION_DENIED"}.items() <= audits[0].items()
-    assert {"principal": "admin", "outcome": "OK", "method": "/lepton.v1.Coordinator/CancelJob"}.items() <= audits[-1].items()
+    assert {"principal": "admin", "outcome": "OK", "method": "/lepton.v1.Coordinator/CancelJob"}.items() <= audits[
+        -1
+    ].items()
     assert state.state in (cpb.JOB_STATE_FAILED, cpb.JOB_STATE_SUCCEEDED)
 
 
@@ -129,7 +133,9 @@ def test_health_needs_no_token_and_reflection_can_be_switched_off(secure_cluster
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
     with grpc.secure_channel(secure_cluster.servers[0], creds) as channel:  # reflection on (default)
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        answer = next(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert "lepton.v1.ParameterServer" in names
 
@@ -160,9 +166,20 @@ def test_metrics_endpoints_show_the_documented_metrics_after_a_run(tmp_path):
     assert coordinator["lepton_shards_completed_total"] == 8
     assert coordinator["lepton_shards_leased_total"] >= 8
     assert coordinator['lepton_members{alive="true",role="worker"}'] == 1
-    assert coordinator['lepton_rpc_server_handled_total{code="OK",method="LeaseShard",service="lepton.v1.Coordinator"}'] >= 8
-    assert coordinator['lepton_rpc_server_handling_seconds_count{method="CompleteShard",service="lepton.v1.Coordinator"}'] == 8
-    for name in ("lepton_shards_reassigned_total", "lepton_members_declared_dead_total", "lepton_stale_requests_rejected_total", "lepton_heartbeats_missed_total"):
+    assert (
+        coordinator['lepton_rpc_server_handled_total{code="OK",method="LeaseShard",service="lepton.v1.Coordinator"}']
+        >= 8
+    )
+    assert (
+        coordinator['lepton_rpc_server_handling_seconds_count{method="CompleteShard",service="lepton.v1.Coordinator"}']
+        == 8
+    )
+    for name in (
+        "lepton_shards_reassigned_total",
+        "lepton_members_declared_dead_total",
+        "lepton_stale_requests_rejected_total",
+        "lepton_heartbeats_missed_total",
+    ):
         assert name in coordinator
     assert ps["lepton_ps_version"] > 0 and ps["lepton_ps_updates_applied_total"] == ps["lepton_ps_version"]
     assert ps["lepton_ps_pushed_bytes_total"] > 0 and ps["lepton_ps_pulled_bytes_total"] > 0
@@ -170,4 +187,6 @@ def test_metrics_endpoints_show_the_documented_metrics_after_a_run(tmp_path):
     assert ps["lepton_ps_bytes_pushed_total"] == ps["lepton_ps_pushed_bytes_total"]
     assert ps["lepton_ps_bytes_pulled_total"] == ps["lepton_ps_pulled_bytes_total"]
     assert ps['lepton_ps_staleness_updates_bucket{le="+Inf"}'] == ps["lepton_ps_updates_applied_total"]
-    assert ps['lepton_rpc_server_handled_total{code="OK",method="PushPullUnary",service="lepton.v1.ParameterServer"}'] > 0
+    assert (
+        ps['lepton_rpc_server_handled_total{code="OK",method="PushPullUnary",service="lepton.v1.ParameterServer"}'] > 0
+    )

@@ -118,7 +118,9 @@ def test_a_push_without_the_table_touches_no_row_and_a_push_by_rows_only_its_row
             stub = ppb_grpc.ParameterServerStub(channel)
             assert push(stub, {"dense": torch.ones(3, 4)}).outcome == ppb.PUSH_OUTCOME_APPLIED
             assert torch.equal(pull(stub)["table"], TABLE)
-            assert push(stub, {"table": torch.ones(2, 4), "dense": torch.zeros(3, 4)}, [sel("table", [8, 1])]).version == 2
+            assert (
+                push(stub, {"table": torch.ones(2, 4), "dense": torch.zeros(3, 4)}, [sel("table", [8, 1])]).version == 2
+            )
             table = pull(stub)["table"]
             changed = sorted({int(r) for r in (table != TABLE).any(dim=1).nonzero().flatten()})
             assert changed == [1, 8]

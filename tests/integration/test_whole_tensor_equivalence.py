@@ -27,7 +27,9 @@ def reference_parameters() -> dict[str, torch.Tensor]:
     for step in range(FULL_STEPS + 1):
         samples = [batch(step, w) for w in step_workers(step, WORKERS)]
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(torch.cat([s[0] for s in samples])), torch.cat([s[1] for s in samples])).backward()
+        nn.functional.cross_entropy(
+            model(torch.cat([s[0] for s in samples])), torch.cat([s[1] for s in samples])
+        ).backward()
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

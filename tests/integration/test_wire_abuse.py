@@ -157,7 +157,9 @@ def test_a_client_leaving_mid_stream_is_counted_as_it_left_and_logged_at_info(cl
 
         def requests():
             # Says one tensor follows (as Lepton's client says how many), then sends none.
-            yield ppb.PushRequest(header=ppb.PushHeader(member=member_ref(member), base_version=0, sample_count=1, tensors=1))
+            yield ppb.PushRequest(
+                header=ppb.PushHeader(member=member_ref(member), base_version=0, sample_count=1, tensors=1)
+            )
             release.wait(60)  # the rest of the stream never comes
 
         stub = ppb_grpc.ParameterServerStub(channel)
@@ -170,7 +172,10 @@ def test_a_client_leaving_mid_stream_is_counted_as_it_left_and_logged_at_info(cl
             if how == "cancel":
                 call.cancel()
             code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
-            handled = f'lepton_rpc_server_handled_total{{code="{code}",method="{method}",service="lepton.v1.ParameterServer"}}'
+            handled = (
+                f'lepton_rpc_server_handled_total{{code="{code}",method="{method}",'
+                'service="lepton.v1.ParameterServer"}'
+            )
 
             def counted() -> dict[str, float]:
                 return {

@@ -77,7 +77,9 @@ def coordinator():
     clock = FakeClock()
     job = Job(SPEC, 100, {"w": torch.ones(2, 2), "b": torch.zeros(2)})
     servicer = CoordinatorServicer(job, clock.now)
-    ps = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_PARAMETER_SERVER, address="127.0.0.1:1"))
+    ps = unary(
+        servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_PARAMETER_SERVER, address="127.0.0.1:1")
+    )
     unary(servicer, "ReportReady", cpb.ReportReadyRequest(member=ps.member, layout_version=1))
     worker = unary(servicer, "RegisterMember", cpb.RegisterMemberRequest(role=common.ROLE_WORKER)).member
     return servicer, job, clock, worker
@@ -176,7 +178,9 @@ def ps():
 
 def push(member: tuple[str, int], grads: dict, base_version: int = 0, samples: int = 1, mutate=None):
     header = ppb.PushHeader(
-        member=common.MemberRef(member_id=member[0], incarnation=member[1]), base_version=base_version, sample_count=samples
+        member=common.MemberRef(member_id=member[0], incarnation=member[1]),
+        base_version=base_version,
+        sample_count=samples,
     )
     chunks = [c for batch in codec.pack(grads.items()) for c in batch]
     if mutate:
@@ -193,13 +197,26 @@ def current(node) -> torch.Tensor:
     [
         (("worker-0", 2), {"w": torch.ones(3, 2)}, None, grpc.StatusCode.INVALID_ARGUMENT),
         (("worker-0", 2), {"w": torch.ones(2, 3, dtype=torch.float64)}, None, grpc.StatusCode.INVALID_ARGUMENT),
-        (("worker-0", 2), {"w": torch.ones(2, 3)}, lambda c: setattr(c[0], "data", c[0].data[:5]), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            ("worker-0", 2),
+            {"w": torch.ones(2, 3)},
+            lambda c: setattr(c[0], "data", c[0].data[:5]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         (("worker-0", 2), {"w": torch.ones(2, 3), "v": torch.ones(1)}, None, grpc.StatusCode.INVALID_ARGUMENT),
         (("worker-7", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.NOT_FOUND),
         (("worker-0", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.FAILED_PRECONDITION),
         (("worker-1", 1), {"w": torch.ones(2, 3)}, None, grpc.StatusCode.FAILED_PRECONDITION),
     ],
-    ids=["wrong-shape", "wrong-dtype", "short-bytes", "extra-tensor", "unknown-member", "stale-incarnation", "dead-member"],
+    ids=[
+        "wrong-shape",
+        "wrong-dtype",
+        "short-bytes",
+        "extra-tensor",
+        "unknown-member",
+        "stale-incarnation",
+        "dead-member",
+    ],
 )
 def test_bad_push_gets_precise_status_and_changes_nothing(ps, member, grads, mutate, code):
     servicer, node = ps
@@ -269,12 +286,16 @@ def test_server_status_reports_ssp_mode_and_the_largest_clock_gap():
 def sync_ps():
     node = ParameterServer("ps-0")
     node.load({"w": torch.ones(2, 3)}, "sgd", 0.5, {}, "sync", step_timeout_s=5.0)
-    node.update_roster([WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False), WorkerEntry("worker-2", 1, True)])
+    node.update_roster(
+        [WorkerEntry("worker-0", 2, True), WorkerEntry("worker-1", 1, False), WorkerEntry("worker-2", 1, True)]
+    )
     return ParameterServerServicer(node), node
 
 
 def join(member: tuple[str, int], from_version: int) -> ppb.JoinStepsRequest:
-    return ppb.JoinStepsRequest(member=common.MemberRef(member_id=member[0], incarnation=member[1]), from_version=from_version)
+    return ppb.JoinStepsRequest(
+        member=common.MemberRef(member_id=member[0], incarnation=member[1]), from_version=from_version
+    )
 
 
 @pytest.mark.parametrize(
@@ -298,7 +319,9 @@ def test_join_steps_accepts_the_open_step_refuses_a_passed_one_and_waits_for_a_f
     servicer, node = sync_ps
     reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
     assert reply.joined and reply.version == 0
-    assert unary(servicer, "Push", push(("worker-0", 2), {"w": torch.ones(2, 3)})).version == 1  # it alone closes step 0
+    assert (
+        unary(servicer, "Push", push(("worker-0", 2), {"w": torch.ones(2, 3)})).version == 1
+    )  # it alone closes step 0
     reply = unary(servicer, "LeaveSteps", ppb.LeaveStepsRequest(member=join(("worker-0", 2), 0).member))
     reply = unary(servicer, "JoinSteps", join(("worker-0", 2), 0))
     assert not reply.joined and reply.version == 1  # already past: refused, nothing changed

@@ -178,7 +178,9 @@ def test_no_checkpoint_before_the_layout_or_after_the_job_and_a_final_one_when_t
     worker = job.register(Role.WORKER, "", clock.now())
     decision = job.lease(worker.member_id, worker.incarnation, clock.now())
     lease = decision.lease
-    job.complete(worker.member_id, worker.incarnation, lease.epoch, lease.shard.index, 0.1, 10, clock.now(), lease.lease_id)
+    job.complete(
+        worker.member_id, worker.incarnation, lease.epoch, lease.shard.index, 0.1, 10, clock.now(), lease.lease_id
+    )
     assert job.state is JobState.EVALUATING
     final = job.checkpoint("ckpt-000001")
     assert final.final and final.target_version == NOW

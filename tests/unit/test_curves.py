@@ -58,14 +58,18 @@ def ps_page(total: float, count: float) -> str:
 def status(samples: int, loss: float, rows: int = 0) -> cpb.GetStatusResponse:
     msg = cpb.GetStatusResponse(state=cpb.JOB_STATE_TRAINING, samples_trained=samples, recent_loss=loss)
     for i in range(rows):
-        msg.validation.add(epoch=i, samples_trained=10 * (i + 1), evaluation=cpb.EvaluationResult(accuracy=0.5 + i / 10, loss=1.0))
+        msg.validation.add(
+            epoch=i, samples_trained=10 * (i + 1), evaluation=cpb.EvaluationResult(accuracy=0.5 + i / 10, loss=1.0)
+        )
     return msg
 
 
 def test_curves_take_rates_and_means_between_polls_and_each_validation_once(tmp_path):
     curves = Curves(tmp_path / "tb")
     curves.observe(status(0, float("nan")), {"worker-0": page(0, 0, 0), "ps-0": ps_page(0, 0)}, 10.0)
-    curves.observe(status(64, 2.0, rows=1), {"worker-0": page(64, 0.5, 10), "ps-0": ps_page(30, 10), "worker-1": None}, 12.0)
+    curves.observe(
+        status(64, 2.0, rows=1), {"worker-0": page(64, 0.5, 10), "ps-0": ps_page(30, 10), "worker-1": None}, 12.0
+    )
     curves.observe(status(128, 1.0, rows=2), {"worker-0": page(32, 0.6, 11), "ps-0": ps_page(30, 10)}, 13.0)
     curves.close()
     s = curves.series

@@ -36,7 +36,11 @@ REGRESSED = Evaluation(
 def same(a: Evaluation, b: Evaluation) -> bool:
     """Equality with NaN equal to NaN (an absent class's recall)."""
     nan = -1.0
-    fix = lambda e: e.__class__(**{**e.__dict__, "per_class_recall": tuple(nan if r != r else r for r in e.per_class_recall)})  # noqa: E731
+
+    def fix(e: Evaluation) -> Evaluation:
+        recall = tuple(nan if r != r else r for r in e.per_class_recall)
+        return e.__class__(**{**e.__dict__, "per_class_recall": recall})
+
     return fix(a) == fix(b)
 
 
@@ -54,7 +58,9 @@ def test_an_evaluation_from_a_sender_before_task_metrics_is_a_classification_res
 
 
 def test_a_confusion_matrix_of_the_wrong_size_is_invalid_argument():
-    msg = cpb.ReportEvaluationRequest(classification=cpb.ClassificationMetrics(num_classes=2, confusion_matrix=[1, 2, 3]))
+    msg = cpb.ReportEvaluationRequest(
+        classification=cpb.ClassificationMetrics(num_classes=2, confusion_matrix=[1, 2, 3])
+    )
     with pytest.raises(InvalidArgument, match="num_classes"):
         evaluation_from_proto(msg)
 
@@ -154,7 +160,9 @@ def test_the_worker_names_a_non_finite_evaluation_as_divergence(result, reason):
 
 def status_with(result: Evaluation) -> cpb.GetStatusResponse:
     return cpb.GetStatusResponse(
-        job=job_to_proto(JobSpec()), has_evaluation=True, evaluation=cpb.EvaluationResult(**evaluation_to_fields(result))
+        job=job_to_proto(JobSpec()),
+        has_evaluation=True,
+        evaluation=cpb.EvaluationResult(**evaluation_to_fields(result)),
     )
 
 

@@ -82,7 +82,9 @@ def test_a_factory_that_raises_is_named_with_its_exception_type_and_message(tmp_
         def data(seed):
             raise KeyError("missing split")
     """)
-    with pytest.raises(ConfigError, match=r"model factory .*broken.py:net' raised RuntimeError: cannot build for 5 inputs"):
+    with pytest.raises(
+        ConfigError, match=r"model factory .*broken.py:net' raised RuntimeError: cannot build for 5 inputs"
+    ):
         build_model(f"{path}:net", workload, 0)
     with pytest.raises(ConfigError, match=r"dataset factory .*broken.py:data' raised KeyError: 'missing split'"):
         load_workload(f"{path}:data", 0)

@@ -44,7 +44,9 @@ def _in_memory(directory: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
 def test_parquet_opens_from_metadata_and_one_row_group(parquet_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoded = []
     original = filesets.ParquetRows._decode
-    monkeypatch.setattr(filesets.ParquetRows, "_decode", lambda self, table: decoded.append(table.num_rows) or original(self, table))
+    monkeypatch.setattr(
+        filesets.ParquetRows, "_decode", lambda self, table: decoded.append(table.num_rows) or original(self, table)
+    )
     w = load_workload(f"parquet:{parquet_dir}", 0)
     assert (len(w.train), len(w.test), w.input_dim, w.num_classes) == (3000, 500, 8, 5)
     assert w.label_dtype == torch.int64
@@ -59,7 +61,10 @@ def test_parquet_and_npy_rows_agree_with_the_same_data_in_memory(parquet_dir: Pa
     x_all = torch.from_numpy(table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, 8).copy())
     y_all = torch.from_numpy(table.column("label").to_numpy().copy())
     rows = torch.tensor([2999, 0, 1500, 1499, 7])
-    for spec, (x_ref, y_ref) in ((f"parquet:{parquet_dir}", (x_all, y_all)), (f"npy:{npy_dir}", _in_memory(npy_dir, "train"))):
+    for spec, (x_ref, y_ref) in (
+        (f"parquet:{parquet_dir}", (x_all, y_all)),
+        (f"npy:{npy_dir}", _in_memory(npy_dir, "train")),
+    ):
         w = load_workload(spec, 0)
         x, y = take(w.train, rows)
         assert torch.equal(x, x_ref[rows]) and torch.equal(y, y_ref[rows])

@@ -178,10 +178,14 @@ def test_a_long_polled_lease_is_granted_as_soon_as_a_shard_is_free():
     job.ready(ps.member_id, ps.incarnation, job.layout_version, clock.now())
     a, b = (job.register(Role.WORKER, "", clock.now()) for _ in range(2))
     assert job.lease(a.member_id, a.incarnation, clock.now()).outcome is LeaseOutcome.GRANTED
-    assert job.lease(b.member_id, b.incarnation, clock.now(), max_wait_s=0.0, clock=clock.now).outcome is LeaseOutcome.WAIT
+    assert (
+        job.lease(b.member_id, b.incarnation, clock.now(), max_wait_s=0.0, clock=clock.now).outcome is LeaseOutcome.WAIT
+    )
     answer: list = []
     waiter = threading.Thread(
-        target=lambda: answer.append(job.lease(b.member_id, b.incarnation, clock.now(), max_wait_s=5.0, clock=clock.now))
+        target=lambda: answer.append(
+            job.lease(b.member_id, b.incarnation, clock.now(), max_wait_s=5.0, clock=clock.now)
+        )
     )
     waiter.start()
     wait_until(lambda: job._lease_waiters == 1, 10, "b's long poll waiting")

@@ -36,7 +36,10 @@ def test_the_reason_a_child_wrote_to_its_ready_file_is_the_refusal(tmp_path):
 
 
 def test_without_a_ready_file_the_last_line_of_the_log_is_the_refusal(tmp_path):
-    c = child(tmp_path, "import sys; print('noise'); print('lepton coordinator: error: bad flag', file=sys.stderr); sys.exit(2)")
+    c = child(
+        tmp_path,
+        "import sys; print('noise'); print('lepton coordinator: error: bad flag', file=sys.stderr); sys.exit(2)",
+    )
     error = refusal(c, tmp_path / "missing.json")
     assert str(error).startswith("coordinator: lepton coordinator: error: bad flag (log: ")
 

@@ -304,7 +304,11 @@ def test_the_store_uses_foreach_and_gets_the_for_loops_numbers_exactly(name, kwa
     """FOREACH_EXACT's promise: a store with foreach matches torch's default (for-loop) optimizer
     bit for bit, over steps with a changing learning rate and a tensor without a gradient."""
     torch.manual_seed(3)
-    tensors = {"w": torch.randn(257, 33, dtype=dtype), "b": torch.randn(10, dtype=dtype), "s": torch.randn((), dtype=dtype)}
+    tensors = {
+        "w": torch.randn(257, 33, dtype=dtype),
+        "b": torch.randn(10, dtype=dtype),
+        "s": torch.randn((), dtype=dtype),
+    }
     store = ParameterStore(tensors, name, 0.01, kwargs, "step", {"step_size": 2, "gamma": 0.5})
     assert store._optimizer.param_groups[0]["foreach"] is True
     params = {n: nn.Parameter(t.clone()) for n, t in tensors.items()}
@@ -312,7 +316,11 @@ def test_the_store_uses_foreach_and_gets_the_for_loops_numbers_exactly(name, kwa
     reference = cls(list(params.values()), lr=0.01, foreach=False, **kwargs)
     schedule = torch.optim.lr_scheduler.StepLR(reference, step_size=2, gamma=0.5)
     for step in range(12):
-        grads = {n: torch.randn_like(t) * 10.0 ** (step % 5 - 2) for n, t in tensors.items() if not (step % 3 == 0 and n == "b")}
+        grads = {
+            n: torch.randn_like(t) * 10.0 ** (step % 5 - 2)
+            for n, t in tensors.items()
+            if not (step % 3 == 0 and n == "b")
+        }
         store.apply(grads)
         for n, p in params.items():
             p.grad = grads.get(n)

@@ -251,17 +251,23 @@ def test_no_up_file_means_no_running_lepton_up(tmp_path):
 
 
 def test_an_up_file_whose_process_is_gone_is_stale(tmp_path):
-    (tmp_path / UP_FILE).write_text(json.dumps({"pid": NO_SUCH_PID, "coordinator": "x", "workers": 2, "max_workers": 4}))
+    (tmp_path / UP_FILE).write_text(
+        json.dumps({"pid": NO_SUCH_PID, "coordinator": "x", "workers": 2, "max_workers": 4})
+    )
     with pytest.raises(ConfigError, match=f"stale \\(pid {NO_SUCH_PID} is not running\\)"):
         request_scale(tmp_path, 2, timeout_s=1)
     assert not (tmp_path / REQUEST_FILE).exists()
 
 
-@pytest.mark.parametrize("workers, message", [(5, "--workers 5 exceeds --max-workers 4"), (0, "--workers must be >= 1")])
+@pytest.mark.parametrize(
+    "workers, message", [(5, "--workers 5 exceeds --max-workers 4"), (0, "--workers must be >= 1")]
+)
 def test_lepton_scale_out_of_range_exits_2_and_sends_nothing(tmp_path, capsys, workers, message):
     from lepton.ops.cli import main
 
-    (tmp_path / UP_FILE).write_text(json.dumps({"pid": os.getpid(), "coordinator": "x", "workers": 2, "max_workers": 4}))
+    (tmp_path / UP_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "coordinator": "x", "workers": 2, "max_workers": 4})
+    )
     assert main(["scale", "--state-dir", str(tmp_path), "--workers", str(workers)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / REQUEST_FILE).exists()

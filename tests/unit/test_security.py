@@ -47,7 +47,9 @@ def heartbeat(member_id: str) -> cpb.HeartbeatRequest:
 
 def test_a_worker_token_cannot_register_as_a_parameter_server():
     for member in ("", "worker-*", "worker-1"):
-        why = identity_violation(Principal("w", "worker", member), REGISTER, register(common.ROLE_PARAMETER_SERVER, "ps-0"))
+        why = identity_violation(
+            Principal("w", "worker", member), REGISTER, register(common.ROLE_PARAMETER_SERVER, "ps-0")
+        )
         assert why and "may register only as ROLE_WORKER" in why
     assert identity_violation(Principal("p", "ps", "ps-0"), REGISTER, register(common.ROLE_WORKER)) is not None
 
@@ -67,7 +69,9 @@ def test_a_prefix_binding_keeps_workers_off_server_ids_and_admin_and_readers_are
     workers = Principal("worker", "worker", "worker-*")
     assert identity_violation(workers, HEARTBEAT, heartbeat("worker-7")) is None
     assert identity_violation(workers, HEARTBEAT, heartbeat("ps-0")) is not None
-    assert identity_violation(Principal("root", "admin"), REGISTER, register(common.ROLE_PARAMETER_SERVER, "ps-0")) is None
+    assert (
+        identity_violation(Principal("root", "admin"), REGISTER, register(common.ROLE_PARAMETER_SERVER, "ps-0")) is None
+    )
     assert identity_violation(Principal("anyone", "worker"), HEARTBEAT, heartbeat("ps-0")) is None  # unbound
 
 

@@ -165,7 +165,9 @@ def test_classification_metrics_by_hand():
     assert e.accuracy == pytest.approx(4 / 6)
     assert e.per_class_recall == pytest.approx((2 / 3, 1.0, 0.0))
     assert e.macro_recall == pytest.approx((2 / 3 + 1 + 0) / 3)
-    assert e.loss == pytest.approx(float(nn.functional.cross_entropy(torch.tensor(logits, dtype=torch.float32), torch.tensor([0, 0, 0, 1, 1, 2]))))
+    assert e.loss == pytest.approx(
+        float(nn.functional.cross_entropy(torch.tensor(logits, dtype=torch.float32), torch.tensor([0, 0, 0, 1, 1, 2])))
+    )
     assert (e.mse, e.mae, e.r2) == (None, None, None)
 
 
