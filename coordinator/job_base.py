@@ -241,7 +241,7 @@ class JobCore:
         """Everything changed since the last commit (under the lock)."""
         now = self._last_now
         documents = encode(self._record(now), self._members.fenced_rejections, self._ledger.counters())
-        rows = {
+        rows: dict[str, dict] = {
             MEMBER_ROWS: {m: self._members.row(m) for m in self._members.dirty},
             SHARD_ROWS: {str(i): self._ledger.shard_row(i) for i in self._ledger.dirty},
         }

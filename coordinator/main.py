@@ -80,8 +80,9 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
             f"with nothing; use at most {len(tensors)}"
         )
     store = SqliteJobStore(state_dir) if state_dir else None
+    samples = len(workload.train)  # type: ignore[arg-type]  # map-style; torch's Dataset stub has no __len__
     return Job(
-        spec, len(workload.train), tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
+        spec, samples, tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
         tied=tied_names(model),
         # A gap of a whole heartbeat interval (at least two tick periods) means every member may have
         # had a heartbeat go unheard because of the coordinator, not of itself.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import cast
 
 from coordinator.checkpoints import Checkpoint
 from coordinator.events import Event
@@ -94,7 +95,7 @@ def _checkpoint_report(request: pb.HeartbeatRequest) -> CheckpointReport | None:
 def status_to_proto(status: JobStatus) -> pb.GetStatusResponse:
     msg = pb.GetStatusResponse(
         job=job_to_proto(status.spec),
-        state=status.state.value,
+        state=cast(pb.JobState, status.state.value),  # domain values are the wire numbers
         epoch=status.epoch,
         shards_completed_in_epoch=status.shards_completed_in_epoch,
         shards_leased=status.shards_leased,
@@ -144,12 +145,12 @@ def event_to_proto(event: Event) -> pb.JobEvent:
     msg = pb.JobEvent(
         sequence=event.sequence,
         time_unix_s=event.time_unix_s,
-        kind=event.kind.value,
+        kind=cast(pb.EventKind, event.kind.value),
         member=common.MemberRef(member_id=event.member_id, incarnation=event.incarnation),
         epoch=event.epoch,
         shard=event.shard,
         offset=event.offset,
-        job_state=JobState[event.job_state].value if event.job_state else 0,
+        job_state=cast(pb.JobState, JobState[event.job_state].value if event.job_state else 0),
         loss=event.loss,
         message=event.message,
     )

@@ -126,7 +126,7 @@ def _read_pull(
     assembler = codec.TensorAssembler()
     version = -1
     push = None
-    for msg in iterate(responses, timeout_s) if timeout_s is not None else responses:
+    for msg in iterate(iter(responses), timeout_s) if timeout_s is not None else responses:
         if version < 0:
             version = msg.version
             push = msg.push if msg.HasField("push") else None

@@ -22,7 +22,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest chunk size measured with the
 # grpc's per-message work; well inside the 8 MiB default receive limit (docs/performance.md).
 STREAM_CHUNK_BYTES = 4 << 20
 
-_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+_TORCH_TO_WIRE: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float64: pb.DTYPE_FLOAT64,
     torch.float16: pb.DTYPE_FLOAT16,
@@ -41,7 +41,7 @@ _BIG_ENDIAN_HOST = sys.byteorder == "big"
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> pb.DType:
     """The ``DType`` enum value of a torch dtype. Raises InvalidArgument for unsupported dtypes."""
     try:
         return _TORCH_TO_WIRE[dtype]

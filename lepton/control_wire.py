@@ -3,6 +3,8 @@ lepton.v1 messages. Imports no torch, so operator commands that only talk to a c
 
 from __future__ import annotations
 
+from typing import cast
+
 from google.protobuf import json_format, struct_pb2
 
 from lepton.config import JobSpec
@@ -157,7 +159,7 @@ def report_from_proto(msg: cpb.CheckpointReport) -> CheckpointReport:
 
 def heartbeat_to_proto(reply: HeartbeatReply) -> cpb.HeartbeatResponse:
     msg = cpb.HeartbeatResponse(
-        job_state=reply.state.value,
+        job_state=cast(cpb.JobState, reply.state.value),  # domain values are the wire numbers
         layout_version=reply.layout_version,
         roster_version=reply.roster_version,
         workers=[

@@ -263,7 +263,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         t = t.reshape(-1).view(torch.uint8).view(-1, t.element_size()).flip(1).contiguous()
     elif t.dtype in _NO_NUMPY:
         t = t.view(_NO_NUMPY[t.dtype])
-    return memoryview(t.numpy().reshape(-1)).cast("B")
+    # an ndarray has the buffer protocol; numpy's stubs declare __buffer__ for Python 3.12+ only
+    return memoryview(t.numpy().reshape(-1)).cast("B")  # type: ignore[arg-type]
 
 
 _NO_NUMPY = {torch.bfloat16: torch.int16}  # dtypes numpy lacks: their bytes as an integer of that width
@@ -311,7 +312,7 @@ class _TensorHead:
         if n:
             body += [b"\x2a", _varint_bytes(n)]
         size = sum(len(p) for p in body) + n
-        parts = [b"\x12", _varint_bytes(size), *body]
+        parts: list[bytes | memoryview] = [b"\x12", _varint_bytes(size), *body]
         if n:
             parts.append(self.data[offset:end])
         return parts

@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,7 @@ def call_with_known_kwargs(what: str, fn: Callable[..., Any], **kwargs: Any) -> 
     them if it opts in with ``ALL_FACTS_ATTRIBUTE``: a ``**kwargs`` that forwards to a class,
     torchvision style, would otherwise pass on names the class does not take). Raises ConfigError
     naming the exception if the factory raises (the traceback goes to the log)."""
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

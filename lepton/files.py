@@ -11,7 +11,7 @@ from typing import IO
 from lepton.errors import ConfigError
 
 
-def write_atomically(final: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def write_atomically(final: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Calls ``write(f)`` on a binary file that becomes ``final`` only once complete and synced."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")

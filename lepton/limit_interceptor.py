@@ -55,6 +55,7 @@ class _StreamWatch:
     def requests(self, request_iterator: Iterator[Any]) -> Iterator[Any]:
         """The request stream, each message awaited for at most the class's idle time."""
         idle_s = self._class.idle_s
+        assert idle_s is not None  # wrapped only for classes with an idle time
         while True:
             token: list = []  # stands for this wait: a timer firing as the message arrives ends nothing
             with self._lock:

@@ -125,7 +125,7 @@ def build_optimizer(
     params: Iterable[torch.Tensor], name: str, lr: float, kwargs: Mapping[str, Any]
 ) -> torch.optim.Optimizer:
     """Constructs the optimizer; lists in kwargs become tuples (``betas``). Raises ConfigError."""
-    cls = optimizer_class(name)
+    cls: Callable[..., torch.optim.Optimizer] = optimizer_class(name)  # subclasses take lr and kwargs
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return cls(list(params), lr=lr, **args)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -219,9 +220,8 @@ class RegressionTally:
         if self.sq is None:
             self.sq, self.ab, self.y_sum, self.y_sq = parts
         else:
-            self.sq, self.ab, self.y_sum, self.y_sq = (
-                a + b for a, b in zip((self.sq, self.ab, self.y_sum, self.y_sq), parts, strict=True)
-            )
+            sums = cast("tuple[torch.Tensor, ...]", (self.sq, self.ab, self.y_sum, self.y_sq))  # set together
+            self.sq, self.ab, self.y_sum, self.y_sq = (a + b for a, b in zip(sums, parts, strict=True))
         self.n += len(y)
 
     def metrics(self) -> RegressionMetrics:

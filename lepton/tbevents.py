@@ -117,7 +117,7 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, object]]:
+def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     at = 0
     while at < len(data):
         key, at = _read_varint(data, at)

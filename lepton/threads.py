@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 ENV = "LEPTON_THREADS"
@@ -42,7 +43,7 @@ def share(processes: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, processes))
 
 
-def chosen(flag: int | None, environ: dict[str, str] | None = None) -> int:
+def chosen(flag: int | None, environ: Mapping[str, str] | None = None) -> int:
     """The intra-op threads a role uses: ``flag``, else ``$LEPTON_THREADS``, else the cores it may
     use. Raises ValueError for a count below 1 or an unreadable variable."""
     environ = os.environ if environ is None else environ
@@ -67,7 +68,7 @@ def apply(flag: int | None) -> int:
     return n
 
 
-def child_environment(processes: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(processes: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """What ``lepton up`` adds to its children's environment: ``LEPTON_THREADS`` (the cores shared
     among ``processes``) and ``GLIBC_TUNABLES``, each unless the operator set it."""
     environ = os.environ if environ is None else environ

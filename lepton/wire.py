@@ -3,6 +3,8 @@ the job spec and control-plane values convert in lepton.control_wire (re-exporte
 
 from __future__ import annotations
 
+from typing import Any
+
 from lepton.codec import TensorSpec, torch_dtype, wire_dtype
 from lepton.control_wire import (  # noqa: F401  (re-exported)
     MODE_FROM_WIRE,
@@ -76,7 +78,9 @@ def evaluation_from_proto(msg: cpb.ReportEvaluationRequest | cpb.EvaluationResul
     """The evaluation either message carries; neither metrics set (senders before them): a
     classification result of accuracy and macro recall only. Raises InvalidArgument for a
     confusion matrix whose size is not num_classes squared."""
-    common = dict(loss=msg.loss, samples=msg.samples, inference_samples_per_second=msg.inference_samples_per_second)
+    common: dict[str, Any] = dict(
+        loss=msg.loss, samples=msg.samples, inference_samples_per_second=msg.inference_samples_per_second
+    )
     if msg.WhichOneof("task_metrics") == "regression":
         r = msg.regression
         return Evaluation(accuracy=None, macro_recall=None, task=REGRESSION, mse=r.mse, mae=r.mae, r2=r.r2, **common)

@@ -158,7 +158,7 @@ def encode_status(s: ServerStatus) -> pb.GetServerStatusResponse:
         mean_staleness=s.mean_staleness,
         bytes_pulled=s.bytes_pulled,
         bytes_pushed=s.bytes_pushed,
-        mode=MODE_TO_WIRE.get(s.mode, 0),
+        mode=MODE_TO_WIRE.get(s.mode, common.CONSISTENCY_MODE_UNSPECIFIED),
     )
 
 

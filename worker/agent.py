@@ -298,6 +298,7 @@ class WorkerAgent:
         """Evaluates the servers' model and reports the result; a model that diverged (a NaN or
         infinite loss, which the coordinator refuses as a result) ends the job as FAILED instead."""
         assert self._trainer is not None and self._member is not None and self._steps is not None
+        assert self._servers is not None
         self._steps.leave()
         if self._step_delay_s and self._stop.wait(self._step_delay_s):  # slow to evaluate too (--step-delay)
             raise LeaseLost  # leaving: another worker (or this one's successor) evaluates

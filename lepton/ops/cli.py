@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -47,7 +48,7 @@ from lepton.process import (
 from lepton.security import Security, check_exposure, load_security
 
 # flag -> JobSpec field
-_JOB_FLAGS: dict[str, tuple[str, type, str]] = {
+_JOB_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--dataset": (
         "dataset", str,
         "built-in dataset (digits, diabetes; synthetic-image and synthetic-text bring their recommended "
