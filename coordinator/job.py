@@ -3,9 +3,10 @@
 Every operation takes ``now`` (monotonic seconds) and runs under one lock (a worker's heartbeat
 excepted: coordinator/job_membership.py); one that changes durable state answers once its change
 is committed (group commit: coordinator/job_base.py). Servicers call exactly one method per RPC.
-Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the shards and the
-evaluation; it builds on its shared state and how that is saved (job_base.py,
-state_codec.py), who is in (job_membership.py), the parameter servers' loss and fencing (fleet.py),
+Nothing here knows about gRPC. ``Job`` holds the operations on the layout, the shards and job
+control; it builds on its shared state and how that is saved (job_base.py,
+state_codec.py), who is in (job_membership.py), the evaluation
+and validations (job_evaluation.py), the parameter servers' loss and fencing (fleet.py),
 checkpoints (checkpoints.py) and the value types it answers with (job_types.py).
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 from coordinator.checkpoints import Checkpoint
 from coordinator.events import EventKind
-from coordinator.job_membership import MembershipOps
+from coordinator.job_evaluation import EvaluationOps
 from coordinator.job_types import (  # noqa: F401 - the job's value types, importable from here
     MAX_FAILURE_REASON_CHARS,
     Assignment,
@@ -33,8 +34,7 @@ from coordinator.job_types import (  # noqa: F401 - the job's value types, impor
     evaluation_problem,
 )
 from coordinator.layout import Layout
-from coordinator.membership import Member, Role
-from coordinator.validation import ValidationRecord, early_stop_reason
+from coordinator.membership import Role
 from lepton.errors import DuplicateCompletion, FailedPrecondition, InvalidArgument, NotReady
 from lepton.tensors import part
 
@@ -42,7 +42,7 @@ MAX_LEASE_WAIT_S = 5.0  # the longest a LeaseShard long poll is held
 MAX_LEASE_WAITERS = 16  # long polls held at once (each holds an RPC thread); more answer at once
 
 
-class Job(MembershipOps):
+class Job(EvaluationOps):
     """One job's control-plane state. Thread-safe.
 
     Raises (from its methods) NotFound, Fenced, FailedPrecondition, DuplicateCompletion and
@@ -96,12 +96,6 @@ class Job(MembershipOps):
             return self._layout, addresses
 
     # --- workers -------------------------------------------------------------------------------
-
-    def _worker(self, member_id: str, incarnation: int) -> Member:
-        member = self._members.check(member_id, incarnation)
-        if member.role is not Role.WORKER:
-            raise FailedPrecondition(f"{member_id} is not a worker")
-        return member
 
     def _shard_size(self, shard: int) -> int:
         shards = self._ledger.shards
@@ -250,110 +244,6 @@ class Job(MembershipOps):
                 self._epoch_ended(epoch, now)
             self._persist(now, self._ledger.completions[-1])
             return epoch_done
-
-    def report_evaluation(
-        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int = 0
-    ) -> None:
-        """The evaluation the worker was asked for: a due validation's (recorded, training goes on)
-        or the final one (the job succeeds). ``model_version``: the newest server version among
-        the parameters it evaluated (0: unknown, the newest heard from the servers is recorded).
-        Raises FailedPrecondition (not asked) and InvalidArgument (impossible metrics)."""
-        with self._changing():
-            self._worker(member_id, incarnation)
-            if not self._evaluating(member_id, incarnation):
-                raise FailedPrecondition(f"{member_id} was not asked to evaluate")
-            problem = evaluation_problem(result)
-            if problem:
-                raise InvalidArgument(problem)
-            if model_version < 0:
-                raise InvalidArgument(f"model_version must be >= 0 (0: unknown), got {model_version}")
-            if self._state is JobState.TRAINING:
-                self._record_validation(member_id, incarnation, result, now, model_version)
-                self._persist(now)
-                return
-            ended = self._ledger.epoch - 1  # the last epoch trained (earlier, if it stopped early)
-            if self.spec.eval_every_epochs and (not self._validation or self._validation[-1].epoch != ended):
-                self._validation.append(self._validation_row(ended, result, model_version, final=True))
-            self._evaluation = result
-            self.events.append(
-                EventKind.EVALUATED,
-                f"test {describe_evaluation(result)} on {result.samples} samples",
-                member_id=member_id,
-                incarnation=incarnation,
-                loss=result.loss,
-            )
-            self._set_state(JobState.SUCCEEDED, now)
-            self._persist(now)
-
-    def decline_evaluation(self, member_id: str, incarnation: int, reason: str, now: float) -> None:
-        """The evaluating worker gives the evaluation back: the next worker to ask for a lease
-        gets it, never this incarnation again. Raises FailedPrecondition if it does not hold the
-        evaluation, InvalidArgument for an over-long reason."""
-        reason = reason.strip()
-        if len(reason) > MAX_FAILURE_REASON_CHARS:
-            raise InvalidArgument(f"a reason has at most {MAX_FAILURE_REASON_CHARS} characters")
-        with self._changing():
-            self._worker(member_id, incarnation)
-            if not self._evaluating(member_id, incarnation):
-                raise FailedPrecondition(f"{member_id} does not hold the evaluation")
-            self._evaluator = None
-            self._declined.add((member_id, incarnation))
-            self.events.append(
-                EventKind.EVALUATION_DECLINED,
-                f"{member_id} declined the evaluation" + (f": {reason}" if reason else ""),
-                member_id=member_id,
-                incarnation=incarnation,
-            )
-            self._persist(now)
-
-    def _evaluating(self, member_id: str, incarnation: int) -> bool:
-        """Whether this worker is the one asked for the final evaluation or a due validation."""
-        due = self._state is JobState.EVALUATING or (
-            self._state is JobState.TRAINING and self._validation_due is not None
-        )
-        return due and self._evaluator == (member_id, incarnation)
-
-    def _validation_row(
-        self, epoch: int, result: EvaluationResult, model_version: int, final: bool = False
-    ) -> ValidationRecord:
-        return ValidationRecord(
-            epoch=epoch,
-            step=model_version or max(self._fleet.versions.values(), default=0),
-            samples_trained=self._progress.samples,
-            training_seconds=self._training_seconds(self._last_now),
-            time_unix_s=self._wall_clock(),
-            evaluation=result,
-            final=final,
-        )
-
-    def _record_validation(
-        self, member_id: str, incarnation: int, result: EvaluationResult, now: float, model_version: int
-    ) -> None:
-        """A due validation's result: recorded, training resumes (or stops early)."""
-        assert self._validation_due is not None
-        self._last_now = max(self._last_now, now)
-        row = self._validation_row(self._validation_due, result, model_version)
-        self._validation.append(row)
-        self._validation_due = None
-        self._evaluator = None
-        self.events.append(
-            EventKind.VALIDATED,
-            f"validation after epoch {row.epoch}: {describe_evaluation(result)} on {result.samples} samples",
-            member_id=member_id,
-            incarnation=incarnation,
-            epoch=row.epoch,
-            loss=result.loss,
-            extra={"validation": row.to_state()},
-        )
-        try:
-            why = early_stop_reason(self.spec, self._validation)
-        except ValueError as exc:
-            self._failure = str(exc)
-            self._set_state(JobState.FAILED, now, self._failure)
-            return
-        if why is not None:
-            self._stopped_early = why
-            self._set_state(JobState.EVALUATING, now, why)
 
     def cancel(self, reason: str, now: float) -> JobState:
         """Job control: ends an unfinished job as FAILED."""

@@ -252,3 +252,9 @@ class MembershipOps(JobCore):
         if self._evaluator is not None and self._evaluator[0] == member_id:
             self._evaluator = None
         return len(moved)
+
+    def _worker(self, member_id: str, incarnation: int) -> Member:
+        member = self._members.check(member_id, incarnation)
+        if member.role is not Role.WORKER:
+            raise FailedPrecondition(f"{member_id} is not a worker")
+        return member
