@@ -8,7 +8,7 @@ import dataclasses
 import structlog
 
 from coordinator.events import EventKind
-from coordinator.job_base import JobCore
+from coordinator.job_lifecycle import LifecycleOps
 from coordinator.job_types import HeartbeatReply, JobState
 from coordinator.layout import balance
 from coordinator.membership import Member, Role
@@ -19,7 +19,7 @@ log = structlog.get_logger("lepton.coordinator")
 MAX_INSTANCE_CHARS = 253  # a DNS name (a pod name is one)
 
 
-class MembershipOps(JobCore):
+class MembershipOps(LifecycleOps):
     """Member operations of a Job (under its lock, each change committed before it answers;
     a worker's heartbeat takes neither the lock nor a commit)."""
 
