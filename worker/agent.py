@@ -29,11 +29,12 @@ from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED
 from lepton.retry import RetryPolicy, call_with_retry
 from worker.dataplane import ServerSet
+from worker.evaluation import evaluate_and_report, pull_for_evaluation
 from worker.heartbeat import Heartbeat
 from worker.lease import LeaseClock, LeaseLost
 from worker.progress import ProgressReporter
 from worker.sync_steps import SyncSteps
-from worker.trainer import Batch, LoaderOptions, ShardRange, Trainer, divergence
+from worker.trainer import Batch, LoaderOptions, ShardRange, Trainer
 
 log = structlog.get_logger("lepton.worker")
 MAX_STEP_ATTEMPTS = 8
@@ -295,54 +296,14 @@ class WorkerAgent:
         self._lease_clock.renewed(sent)
 
     def _evaluate(self) -> None:
-        """Evaluates the servers' model and reports the result; a model that diverged (a NaN or
-        infinite loss, which the coordinator refuses as a result) ends the job as FAILED instead."""
+        """Evaluates the servers' model and reports the result (worker/evaluation.py)."""
         assert self._trainer is not None and self._member is not None and self._steps is not None
         assert self._servers is not None
         self._steps.leave()
         if self._step_delay_s and self._stop.wait(self._step_delay_s):  # slow to evaluate too (--step-delay)
             raise LeaseLost  # leaving: another worker (or this one's successor) evaluates
-        self._pull_for_evaluation()
-        result = self._trainer.evaluate()
-        diverged = divergence(result)
-        if diverged is not None:
-            log.error("model_diverged", reason=diverged)
-            try:
-                self._coord.report_failure(self._member, diverged)
-                return
-            except FailedPrecondition as exc:
-                # No longer the evaluator, or a coordinator that takes failures from servers only:
-                # the evaluation itself is then refused as before (FAILED_PRECONDITION, or
-                # INVALID_ARGUMENT for its loss).
-                log.warning("failure_report_refused", reason=str(exc))
-        self._coord.report_evaluation(self._member, result, max(self._servers.versions.values(), default=0))
-        log.info(
-            "evaluation_reported", task=result.task, accuracy=result.accuracy, r2=result.r2, loss=round(result.loss, 4)
-        )
-
-    def _pull_for_evaluation(self) -> None:
-        """Pulls every server's parameters, following layout changes as training does: a server
-        that restarts meanwhile (UNAVAILABLE at its old address, or, back at its new one, not yet
-        loaded or not yet told of this worker) is retried with backoff, the layout re-read once a
-        heartbeat reports it changed. Bounded by the retry policy; a fence or the job's end stops it."""
-        assert self._servers is not None
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                self._servers.pull_all()
-                return
-            except (Unavailable, DeadlineExceeded, NotFound, FailedPrecondition) as exc:
-                if self._job_over.is_set():
-                    raise LeaseLost from exc  # the job ended meanwhile: the next lease says so
-                if attempt >= self._retry.max_attempts:
-                    raise
-                delay = self._retry.backoff_s(attempt, self._rng)
-                log.warning("evaluation_pull_retry", error=str(exc), attempt=attempt, backoff_s=round(delay, 3))
-                if self._stop.wait(delay):
-                    raise LeaseLost from exc
-            if self._fenced.is_set():
-                raise Fenced("fenced while pulling to evaluate")
+        pull_for_evaluation(self._servers, self._retry, self._rng, self._stop, self._fenced, self._job_over)
+        evaluate_and_report(self._coord, self._member, self._trainer, self._servers)
 
     # --- the loop ------------------------------------------------------------------------------
 
