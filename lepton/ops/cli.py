@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -22,18 +23,23 @@ import structlog
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, read_job_file
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, LeptonError, Unavailable
 from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.logs import configure_logging
 from lepton.ops.healthcheck import add_arguments as add_healthcheck_arguments
 from lepton.process import (
     EXIT_CONFIG,
     EXIT_LOST_CONTACT,
+    EXIT_OK,
     ServiceOptions,
+    await_address,
     stop_event_on_signals,
     write_ready_file,
 )
 from lepton.security import Security, check_exposure, load_security
+
+# How long a server or worker waits for --coordinator-file (lepton up's own ready timeout).
+COORDINATOR_FILE_TIMEOUT_S = 120.0
 
 # flag -> JobSpec field
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -189,7 +195,13 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
 
 
 def _add_member(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator's address")
+    where.add_argument(
+        "--coordinator-file", metavar="PATH",
+        help="read the coordinator's address from its --ready-file, waiting for it to appear (what `lepton up` "
+        "uses to start every process at once)",
+    )
     p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
 
 
@@ -305,6 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
+def _coordinator_address(args: argparse.Namespace, stop: threading.Event) -> str | None:
+    """--coordinator, or the address in the --coordinator-file once the coordinator has written it
+    (read after this process's own imports, which so overlap the coordinator's start); None when
+    stopped first."""
+    if args.coordinator:
+        return args.coordinator
+    try:
+        return await_address(args.coordinator_file, stop, COORDINATOR_FILE_TIMEOUT_S)
+    except Unavailable as exc:
+        print(f"lepton {args.command}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_LOST_CONTACT) from exc
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from lepton.ops.status import show_status
@@ -389,8 +414,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
+        coordinator = _coordinator_address(args, stop)
+        if coordinator is None:
+            return EXIT_OK  # stopped while waiting
         return serve_ps(
-            args.coordinator,
+            coordinator,
             args.listen,
             stop,
             advertise=args.advertise,
@@ -402,8 +430,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
         from worker.main import serve as serve_worker
 
+        coordinator = _coordinator_address(args, stop)
+        if coordinator is None:
+            return EXIT_OK  # stopped while waiting
         return serve_worker(
-            args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
+            coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
             step_delay_s=args.step_delay,
         )
     raise AssertionError(args.command)

@@ -15,12 +15,15 @@ from lepton.ops.children import Children
 from lepton.ops.cluster import Cluster
 from lepton.security import INSECURE, Security
 from lepton.status import FINAL_STATUS_FILE, status_dict, to_plain
-from lepton.tasks import REGRESSION, Evaluation
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.wire import evaluation_from_proto
 
 if TYPE_CHECKING:
     from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
+    from lepton.tasks import Evaluation
+
+# lepton.tasks.REGRESSION: that module (like lepton.wire) brings torch, which `lepton up` needs only
+# to read the final evaluation, so it is imported there and not on the way to starting the cluster.
+REGRESSION = "regression"
 
 
 class EventTally:
@@ -226,6 +229,8 @@ def build_report(
         "exit_codes": exit_codes,
     }
     if status is not None:
+        from lepton.wire import evaluation_from_proto
+
         ev = status.evaluation if status.has_evaluation else None
         report.update(evaluation_report(evaluation_from_proto(ev) if ev else None))
         report.update(
