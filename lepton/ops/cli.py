@@ -414,6 +414,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
+        # torch.optim imports torch._dynamo when the first optimizer is built and stepped (seconds of
+        # CPU): here it overlaps the coordinator's start instead of following this server's registration.
+        import torch._dynamo  # noqa: F401
+
         coordinator = _coordinator_address(args, stop)
         if coordinator is None:
             return EXIT_OK  # stopped while waiting
