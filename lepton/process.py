@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from lepton.errors import ConfigError, Unavailable
+from lepton.errors import Unavailable
 from lepton.limits import DEFAULT_LIMITS, Limits
 from lepton.security import INSECURE, Security
 
@@ -56,31 +55,6 @@ def write_ready_file(path: str | None, **facts: object) -> None:
     tmp = target.with_suffix(target.suffix + ".tmp")
     tmp.write_text(json.dumps({**facts, "pid": os.getpid()}))
     os.replace(tmp, target)
-
-
-def await_address(path: str, stop: threading.Event, timeout_s: float, poll_s: float = 0.05) -> str | None:
-    """The ``address`` a service wrote to its ready file ``path`` (``write_ready_file``), once it
-    has; None if ``stop`` is set first.
-
-    Raises:
-        ConfigError: the service wrote a refusal there instead.
-        Unavailable: no address appeared within ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            facts = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            facts = None
-        if isinstance(facts, dict) and facts.get("address"):
-            return str(facts["address"])
-        if isinstance(facts, dict) and facts.get("error"):
-            raise ConfigError(f"the coordinator refused to start: {facts['error']}")
-        if stop.is_set():
-            return None
-        if time.monotonic() > deadline:
-            raise Unavailable(f"no coordinator address appeared in {path} within {timeout_s:.0f}s")
-        stop.wait(poll_s)
 
 
 def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], name: str) -> threading.Thread:

@@ -11,7 +11,6 @@ import gc
 import json
 import os
 import sys
-import threading
 from typing import Any
 
 import structlog
@@ -23,23 +22,18 @@ import structlog
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from lepton.config import ASYNC_LR_SCALINGS, LR_SCHEDULES, MODES, TASKS, JobSpec, job_from_mapping, read_job_file
-from lepton.errors import ConfigError, LeptonError, Unavailable
+from lepton.errors import ConfigError, LeptonError
 from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.logs import configure_logging
 from lepton.ops.healthcheck import add_arguments as add_healthcheck_arguments
 from lepton.process import (
     EXIT_CONFIG,
     EXIT_LOST_CONTACT,
-    EXIT_OK,
     ServiceOptions,
-    await_address,
     stop_event_on_signals,
     write_ready_file,
 )
 from lepton.security import Security, check_exposure, load_security
-
-# How long a server or worker waits for --coordinator-file (lepton up's own ready timeout).
-COORDINATOR_FILE_TIMEOUT_S = 120.0
 
 # flag -> JobSpec field
 _JOB_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -195,13 +189,7 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
 
 
 def _add_member(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator's address")
-    where.add_argument(
-        "--coordinator-file", metavar="PATH",
-        help="read the coordinator's address from its --ready-file, waiting for it to appear (what `lepton up` "
-        "uses to start every process at once)",
-    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
 
 
@@ -317,19 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
-def _coordinator_address(args: argparse.Namespace, stop: threading.Event) -> str | None:
-    """--coordinator, or the address in the --coordinator-file once the coordinator has written it
-    (read after this process's own imports, which so overlap the coordinator's start); None when
-    stopped first."""
-    if args.coordinator:
-        return args.coordinator
-    try:
-        return await_address(args.coordinator_file, stop, COORDINATOR_FILE_TIMEOUT_S)
-    except Unavailable as exc:
-        print(f"lepton {args.command}: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_LOST_CONTACT) from exc
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from lepton.ops.status import show_status
@@ -414,15 +389,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
-        # torch.optim imports torch._dynamo when the first optimizer is built and stepped (seconds of
-        # CPU): here it overlaps the coordinator's start instead of following this server's registration.
-        import torch._dynamo  # noqa: F401
-
-        coordinator = _coordinator_address(args, stop)
-        if coordinator is None:
-            return EXIT_OK  # stopped while waiting
         return serve_ps(
-            coordinator,
+            args.coordinator,
             args.listen,
             stop,
             advertise=args.advertise,
@@ -434,11 +402,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "worker":
         from worker.main import serve as serve_worker
 
-        coordinator = _coordinator_address(args, stop)
-        if coordinator is None:
-            return EXIT_OK  # stopped while waiting
         return serve_worker(
-            coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
+            args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
             step_delay_s=args.step_delay,
         )
     raise AssertionError(args.command)

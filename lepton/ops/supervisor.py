@@ -123,9 +123,7 @@ class Supervisor:
         self._token["worker"] = ["--token-file", str(pki["worker-token"])]
 
     def _start_cluster(self) -> Child:
-        """Starts every child at once and waits until each is ready; returns the coordinator.
-        Servers and workers read the coordinator's address from its ready file once it serves, so
-        their start (imports) overlaps the coordinator's (imports, data set, model)."""
+        """Starts every child and waits until each is ready; returns the coordinator."""
         cluster, spec, children, seen = self.cluster, self.cluster.spec, self.children, self.seen
         placements, state_dir = self.placements, self.state_dir
         coordinator = children.start(
@@ -135,27 +133,26 @@ class Supervisor:
              "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *self._server_flags,
              *self._plaintext("coordinator"), *self._child_log],
         )
-        where = ["--coordinator-file", str(self.ready_files["coordinator"])]
+        facts = wait_ready_file(self.ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
+        address = seen.address = facts["address"]
+        seen.metrics["coordinator"] = facts.get("metrics")
+        print(f"coordinator listening on {address}  (lepton status --coordinator {address})", flush=True)
+        print(f"logs in {self.log_dir}", flush=True)
         for i in range(spec.parameter_servers):
             children.start(
                 f"ps-{i}",
-                ["ps", *where, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
+                ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
                  *self._ready_file(f"ps-{i}"),
                  "--state-dir", str(state_dir / f"ps-{i}"), *self._server_flags, *self._token[f"ps-{i}"],
                  *self._plaintext(f"ps-{i}"), *self._child_log],
             )
         self.workers = Workers(
             children,
-            lambda name: ["worker", *where, *self._ready_file(name), *cluster.worker_flags(name),
+            lambda name: ["worker", "--coordinator", address, *self._ready_file(name), *cluster.worker_flags(name),
                           "--metrics-host", placements(name).host, *self._client_flags, *self._token["worker"],
                           *self._child_log],
         )
         self.workers.start([worker_name(i) for i in range(cluster.workers)])
-        facts = wait_ready_file(self.ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
-        address = seen.address = facts["address"]
-        seen.metrics["coordinator"] = facts.get("metrics")
-        print(f"coordinator listening on {address}  (lepton status --coordinator {address})", flush=True)
-        print(f"logs in {self.log_dir}", flush=True)
         for child in children.items[1:]:
             seen.metrics[child.name] = wait_ready_file(self.ready_files[child.name], child, READY_TIMEOUT_S).get("metrics")
         print("metrics: " + "  ".join(f"{name} http://{where}/metrics" for name, where in seen.metrics.items()), flush=True)

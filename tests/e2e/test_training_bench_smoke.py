@@ -30,5 +30,5 @@ def test_single_ddp_and_lepton_train_the_same_job(tmp_path):
         assert 0.5 < run["accuracy"] <= 1.0, (kind, run)  # one epoch of digits learns well past chance
     # Same data and batches: DDP trains whole pairs of the single process's batches, Lepton all of them.
     assert runs["lepton"][0]["samples"] == single["samples"]
-    assert 0 < single["samples"] - runs["ddp"][0]["samples"] < 2 * 32 * 12, runs
+    assert 0 <= single["samples"] - runs["ddp"][0]["samples"] < 32, runs  # at most one batch an epoch
     assert "vs ddp" in done.stdout
