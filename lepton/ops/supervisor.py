@@ -244,7 +244,9 @@ class Supervisor:
                 facts = read_ready(self.ready_files[child.name])
                 if facts and facts.get("pid") == child.process.pid and facts.get("address"):
                     seen.servers.poll(child.name, facts["address"])
-        if seen.layout is None and seen.status.state == cpb.JOB_STATE_TRAINING:
+        # Also once the job has ended: a short job can end before a poll saw it training (the first
+        # poll waits for this process's first import of torch, in ServerStatusTally).
+        if seen.layout is None and seen.status.state in (cpb.JOB_STATE_TRAINING, *TERMINAL):
             try:
                 seen.layout = client.layout()
             except LeptonError:
