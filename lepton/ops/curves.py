@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lepton.tbevents import EventFileWriter
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.wire import VALIDATION_METRICS, validation_row
 
 TENSORBOARD_DIR = "tensorboard"
 COUNTERS = (
@@ -66,6 +65,9 @@ class Curves:
         if status.state == cpb.JOB_STATE_TRAINING:
             self._add("train/loss", step, status.recent_loss)
         for row in status.validation[self._validations :]:
+            # Imported here: lepton.wire loads torch, which the up process avoids until it is needed.
+            from lepton.wire import VALIDATION_METRICS, validation_row
+
             values = validation_row(row)
             for metric in VALIDATION_METRICS:
                 if values[metric] is not None:

@@ -16,12 +16,15 @@ from lepton.ops.cluster import Cluster
 from lepton.ops.curves import Curves
 from lepton.security import INSECURE, Security
 from lepton.status import FINAL_STATUS_FILE, status_dict, to_plain
-from lepton.tasks import REGRESSION, Evaluation
 from lepton.v1 import coordinator_pb2 as cpb
-from lepton.wire import evaluation_from_proto, validation_row
 
 if TYPE_CHECKING:
     from lepton.clients import CoordinatorClient, LayoutInfo, ParameterClient
+    from lepton.tasks import Evaluation
+
+# lepton.tasks.REGRESSION: that module (like lepton.wire) brings torch, which `lepton up` needs only
+# to read the final evaluation, so it is imported there and not on the way to starting the cluster.
+REGRESSION = "regression"
 
 
 class EventTally:
@@ -250,6 +253,8 @@ def build_report(
         "stopped_early": None,
     }
     if status is not None:
+        from lepton.wire import evaluation_from_proto, validation_row
+
         ev = status.evaluation if status.has_evaluation else None
         report.update(evaluation_report(evaluation_from_proto(ev) if ev else None))
         report.update(

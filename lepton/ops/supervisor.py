@@ -31,7 +31,7 @@ from lepton.status import state_name
 from lepton.v1 import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
-    from lepton.clients import CoordinatorClient
+    from lepton.coordinator_client import CoordinatorClient
 
 log = structlog.get_logger("lepton.up")
 TERMINAL = (cpb.JOB_STATE_SUCCEEDED, cpb.JOB_STATE_FAILED)
@@ -172,8 +172,7 @@ class Supervisor:
         cluster, children, seen, state_dir = self.cluster, self.children, self.seen, self.state_dir
         workers = self.workers
         assert workers is not None
-        # Imported only now (it brings torch): a refused configuration is reported sooner.
-        from lepton.clients import CoordinatorClient
+        from lepton.coordinator_client import CoordinatorClient
 
         client = self.client = CoordinatorClient(
             seen.address, timeout_s=5.0, retry=RetryPolicy(max_attempts=5, max_total_s=15.0), security=self.security
@@ -257,7 +256,9 @@ class Supervisor:
                 facts = read_ready(self.ready_files[child.name])
                 if facts and facts.get("pid") == child.process.pid and facts.get("address"):
                     seen.servers.poll(child.name, facts["address"])
-        if seen.layout is None and seen.status.state == cpb.JOB_STATE_TRAINING:
+        # Also once the job has ended: a short job can end before a poll saw it training (the first
+        # poll waits for this process's first import of torch, in ServerStatusTally).
+        if seen.layout is None and seen.status.state in (cpb.JOB_STATE_TRAINING, *TERMINAL):
             try:
                 seen.layout = client.layout()
             except LeptonError:
