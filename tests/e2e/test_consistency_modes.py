@@ -18,9 +18,9 @@ from support import cmdline, frozen_lease_holder, lepton_argv, read_json, tagged
 pytestmark = pytest.mark.e2e
 EPOCHS = 2
 STALENESS = 2
-# worker-0 sleeps this long before each push: a step here takes tens of ms on 2 busy cores, so
-# worker-0 falls a push behind every few steps and the others reach the bound within a shard or two.
-WORKER_DELAY_S = 0.03
+# worker-0 sleeps this long before each push: several times a step on 2 busy cores, so worker-0
+# falls a push behind every step or two and the others reach the bound on every server early on.
+WORKER_DELAY_S = 0.1
 # Liveness bounds, not speed: each job takes about 25-35 s on a quiet 2-core machine; a deadlocked
 # step or clock would hold it until lepton up's own --timeout.
 JOB_BOUND_S = 150
