@@ -148,7 +148,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return pb.PushPullSharedResponse(push=_result(result), version=version)
 
     def CloseSharedMemory(self, request, context):
-        self.shared.close_member(_member(request.member)[0], request.session_id)
+        self.shared.close_member(*_member(request.member), request.session_id)
         return pb.CloseSharedMemoryResponse()
 
     def JoinSteps(self, request, context):

@@ -200,8 +200,10 @@ class SharedMemorySessions:
             session.end()
             log.info("shm_session_closed", member=session.member_id, session=session_id)
 
-    def close_member(self, member_id: str, session_id: str) -> None:
-        """Ends ``session_id`` if it is ``member_id``'s (CloseSharedMemory)."""
+    def close_member(self, member_id: str, incarnation: int, session_id: str) -> None:
+        """Ends ``session_id`` if it is ``member_id``'s (CloseSharedMemory). Raises NotFound/Fenced
+        for a stranger or a fenced member (whose sessions ended with it)."""
+        self._server.authorise(member_id, incarnation)
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.member_id != member_id:

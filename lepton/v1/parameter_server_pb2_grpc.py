@@ -189,7 +189,8 @@ class ParameterServerServicer:
 
     def CloseSharedMemory(self, request, context):
         """Ends a session: its segment names are unlinked and the server unmaps them. Idempotent
-        (an unknown session is fine). Errors: INVALID_ARGUMENT (no member).
+        (an unknown session is fine). Errors: INVALID_ARGUMENT (no member), NOT_FOUND (unknown
+        member), FAILED_PRECONDITION (fenced: its sessions ended with it).
         Retryable: always (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

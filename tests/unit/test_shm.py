@@ -197,3 +197,14 @@ def test_close_all_leaves_no_segment(served):
     assert len(os.listdir(directory)) == 2
     sessions.close_all()
     assert os.listdir(directory) == [] and len(sessions) == 0
+
+
+def test_close_is_for_the_sessions_own_member_and_refuses_strangers(served):
+    node, sessions, directory = served
+    info = sessions.open(W, INC)
+    with pytest.raises(NotFound):
+        sessions.close_member("stranger", 1, info.session_id)
+    sessions.close_member(W, INC, "unknown-session")  # idempotent
+    assert len(sessions) == 1
+    sessions.close_member(W, INC, info.session_id)
+    assert len(sessions) == 0 and os.listdir(directory) == []
