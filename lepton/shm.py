@@ -176,7 +176,7 @@ def _alive(pid: int) -> bool:
 def sweep(directory: Path = SHM_DIR) -> list[str]:
     """Removes the segments whose creating process is gone (a server that was killed); returns
     their names. Missing directory: nothing to do."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(directory.iterdir())
     except OSError:
