@@ -6,6 +6,9 @@ Paths (every server in its own process, loopback 127.0.0.1, the same intra-op th
                the servicer, a ``ParameterServer`` in async mode with SGD): the worker pushes a
                gradient for every parameter, the server checks and applies it and sends the
                parameters back.
+    lepton shm the same with ``shared_memory=True`` against servers of its own: gradients and
+               parameters through /dev/shm segments (``lepton.shm_client``), one small unary call
+               per step; the answer is copied out of the segment as the worker installs it.
     torch RPC  ``torch.distributed.rpc`` over TensorPipe restricted to TCP (transport ``uv``,
                channel ``basic``): ``rpc_sync`` sends the gradients, the server applies the same
                SGD step and returns copies of the parameters.
@@ -206,11 +209,16 @@ def replica(initial: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class LeptonPath:
-    def __init__(self, addresses: list[str], shares: list[dict[str, torch.Tensor]]) -> None:
+    def __init__(
+        self, addresses: list[str], shares: list[dict[str, torch.Tensor]], shared_memory: bool = False
+    ) -> None:
         from lepton.clients import MemberId, ParameterClient
 
         self.member = MemberId(*WORKER)
-        self.clients = [ParameterClient(a, timeout_s=TIMEOUT_S) for a in addresses]
+        kw = {"shared_memory": True} if shared_memory else {}
+        self.clients = [ParameterClient(a, timeout_s=TIMEOUT_S, **kw) for a in addresses]
+        # shared memory answers with views of its segment: copy them out, as the worker installs them
+        self.replicas = [{n: torch.empty_like(t) for n, t in s.items()} for s in shares] if shared_memory else None
         self.grads = [{n: torch.ones_like(t) for n, t in s.items()} for s in shares]
         self.initial = shares
         self.versions = [0] * len(addresses)
@@ -223,7 +231,17 @@ class LeptonPath:
         )
         assert reply.applied and version == self.versions[i] + 1, (reply, version)
         self.versions[i] = version
-        self.pulled[i] = tensors
+        self.pulled[i] = self._keep(i, tensors)
+
+    def _keep(self, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.replicas is None:
+            return tensors
+        for n, t in tensors.items():
+            self.replicas[i][n].copy_(t)
+        return self.replicas[i]
+
+    def used_shared_memory(self) -> bool:
+        return all(c.shm is not None and c.shm.steps > 0 and not c.shm.off_reason for c in self.clients)
 
     def step_futures(self) -> float:
         """Both pushes in flight at once from this thread (``push_pull_async``), then both answers."""
@@ -236,7 +254,7 @@ class LeptonPath:
             reply, version, tensors = p.result()
             assert reply.applied and version == self.versions[i] + 1, (reply, version)
             self.versions[i] = version
-            self.pulled[i] = tensors
+            self.pulled[i] = self._keep(i, tensors)
         return time.perf_counter() - start
 
     def step(self) -> float:
@@ -391,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lepton_conns = {size: start(lepton_server, t, args.threads) for size, t in big.items()}
         tiny_conns = [start(lepton_server, h, args.threads) for h in halves]
+        # the shared-memory path gets servers of its own (each path checks its own SGD steps)
+        shm_conns = {size: start(lepton_server, t, args.threads) for size, t in big.items()}
+        tiny_shm_conns = [start(lepton_server, h, args.threads) for h in halves]
         # torch RPC: rank 0 is this process; ps1 and ps2 hold every payload (keyed by name)
         rpc_port = free_port()
         rpc_shares = [{}, {}]
@@ -418,12 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         for size, tensors in big.items():
             payload = nbytes(tensors)
             lepton = LeptonPath([lepton_conns[size].recv()], [tensors])
+            shared = LeptonPath([shm_conns[size].recv()], [tensors], shared_memory=True)
             rpcp = RpcPath(["ps1"], [{f"{size}/{n}": v for n, v in tensors.items()}])
             gloo = GlooPath(gloo_conns, payload)
             tcp = TcpPath(tcp_sock, payload)
             medians = interleave(
                 {
                     "lepton": repeat(lepton.step),
+                    "lepton shm": repeat(shared.step),
                     "torch RPC": repeat(rpcp.step),
                     "gloo": gloo.run,
                     "raw TCP": repeat(tcp.step),
@@ -433,19 +456,24 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=2,
             )
             lepton.check()
+            shared.check()
+            assert shared.used_shared_memory(), "the shared-memory path fell back to gRPC"
             rpcp.check()
             checks += [lepton]
             log(f"push+pull {size:g} MiB done")
             results[f"push+pull {size:g} MiB"] = {n: summary(s, payload) for n, s in medians.items()}
             lepton.close()
+            shared.close()
         addresses = [c.recv() for c in tiny_conns]
         tiny_bytes = sum(nbytes(h) for h in halves)
         lepton = LeptonPath(addresses, halves)
+        shared = LeptonPath([c.recv() for c in tiny_shm_conns], halves, shared_memory=True)
         rpcp = RpcPath(["ps1", "ps2"], [{f"tiny/{n}": v for n, v in h.items()} for h in halves])
         gloo = GlooPath(gloo_conns, tiny_bytes)
         tcp = TcpPath(tcp_sock, tiny_bytes)
         medians = interleave(
             {"lepton": repeat(lepton.step), "lepton, no pool": repeat(lepton.step_futures),
+             "lepton shm": repeat(shared.step), "lepton shm, no pool": repeat(shared.step_futures),
              "torch RPC": repeat(rpcp.step), "gloo": gloo.run, "raw TCP": repeat(tcp.step)}
             if hasattr(lepton.clients[0], "push_pull_async")  # (older trees, for before/after runs)
             else {"lepton": repeat(lepton.step), "torch RPC": repeat(rpcp.step), "gloo": gloo.run,
@@ -453,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             tiny_iters, args.reps, warmup=warmup_tiny,
         )
         lepton.check()
+        shared.check()
+        assert shared.used_shared_memory(), "the shared-memory path fell back to gRPC"
         rpcp.check()
         lepton.close()
+        shared.close()
         results[f"digits-MLP step ({tiny_bytes / 1000:.0f} KB) through 2 servers"] = {
             n: summary(s, None) for n, s in medians.items()
         }
@@ -484,19 +515,24 @@ def main(argv: list[str] | None = None) -> int:
         "repetitions": args.reps,
     }
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    paths = ["lepton", "lepton, no pool", "torch RPC", "gloo", "raw TCP"]
-    print(f"\n| what | {' | '.join(paths)} | lepton / torch RPC |")
-    print(f"|---|{'---|' * (len(paths) + 1)}")
+    paths = ["lepton", "lepton, no pool", "lepton shm", "lepton shm, no pool", "torch RPC", "gloo", "raw TCP"]
+    print(f"\n| what | {' | '.join(paths)} | lepton / torch RPC | lepton shm / torch RPC |")
+    print(f"|---|{'---|' * (len(paths) + 2)}")
     for what, row in results.items():
         if "mb_per_s" in row["lepton"]:
             cells = [f"{row[n]['mb_per_s']:,.0f} MB/s ±{row[n]['spread_pct']:.0f}%" if n in row else "—" for n in paths]
-            ratio = f"{row['lepton']['mb_per_s'] / row['torch RPC']['mb_per_s']:.2f}×"
+            ratio = " | ".join(
+                f"{row[n]['mb_per_s'] / row['torch RPC']['mb_per_s']:.2f}×" for n in ("lepton", "lepton shm")
+            )
         else:
             cells = [f"{row[n]['median_ms']:.2f} ms ±{row[n]['spread_pct']:.0f}%" if n in row else "—" for n in paths]
-            ratio = " / ".join(
-                f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×"
-                for n in ("lepton", "lepton, no pool")
-                if n in row
+            ratio = " | ".join(
+                " / ".join(
+                    f"{row[n]['median_ms'] / row['torch RPC']['median_ms']:.2f}×"
+                    for n in group
+                    if n in row
+                )
+                for group in (("lepton", "lepton, no pool"), ("lepton shm", "lepton shm, no pool"))
             )
         print(f"| {what} | {' | '.join(cells)} | {ratio} |")
     print("\nMB/s: parameter bytes (10^6) per round trip; ± is (max - min) / median over repetitions; "

@@ -30,6 +30,7 @@ from lepton.errors import InvalidArgument
 from lepton.metrics import CLIENT_CALLS
 from lepton.retry import call_with_retry
 from lepton.rpc import call, iterate, translate
+from lepton.shm_client import SharedMemoryLink
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as ppb
 from lepton.v1 import parameter_server_pb2_grpc as ppb_grpc
@@ -139,12 +140,15 @@ class ParameterClient(ServiceClient):
     """Client of one parameter server. Raises lepton.errors on failure.
 
     The data-plane calls bypass the generated message classes (``lepton.data_wire``); a step whose
-    push, and whose answer last time, fit in ``UNARY_MAX_BYTES`` takes PushPullUnary."""
+    push, and whose answer last time, fit in ``UNARY_MAX_BYTES`` takes PushPullUnary.
+    ``shared_memory=True``: push-pulls go through shared memory when the server shares this host
+    (``lepton.shm_client``), else over gRPC as without it."""
 
     _stub_class = ppb_grpc.ParameterServerStub
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, shared_memory: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.shm = SharedMemoryLink(self._channel, self.address, self._timeout_s) if shared_memory else None
         ch = self._channel
         self._pull_call = ch.unary_stream(
             _SERVICE + "Pull", request_serializer=ppb.PullRequest.SerializeToString,
@@ -160,6 +164,7 @@ class ParameterClient(ServiceClient):
             _SERVICE + "PushPullUnary", request_serializer=_identity, response_deserializer=data_wire.decode_pull
         )
         self.unary_max_bytes = UNARY_MAX_BYTES  # 0: always stream (an old server, or answers too big)
+
         self._last_answer_bytes = 0
 
     def pull(
@@ -194,6 +199,12 @@ class ParameterClient(ServiceClient):
         request_id = request_id or new_request_id()
         dense, selections = _push_parts(grads.items())
         header = _header(member, base_version, samples, request_id, selections, len(dense))
+        shared = self._shared(member, header, grads, timeout_s)
+        if shared is not None:
+            return shared()
+        return self._push_pull_grpc(header, dense, timeout_s)
+
+    def _push_pull_grpc(self, header, dense, timeout_s: float) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         size = sum(t.numel() * t.element_size() for _, t in dense)
         result = None
         if max(size, self._last_answer_bytes) <= self.unary_max_bytes:
@@ -222,16 +233,42 @@ class ParameterClient(ServiceClient):
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         request_id = request_id or new_request_id()
         dense, selections = _push_parts(grads.items())
+        header = _header(member, base_version, samples, request_id, selections, len(dense))
+        shared = self._shared(member, header, grads, timeout_s)
+        if shared is not None:
+            return PendingPushPull(self, None, shared)
         size = sum(t.numel() * t.element_size() for _, t in dense)
         if max(size, self._last_answer_bytes) > self.unary_max_bytes:
             done = self.push_pull(member, base_version, samples, grads, timeout_s, request_id)
             return PendingPushPull(self, None, lambda: done)
-        header = _header(member, base_version, samples, request_id, selections, len(dense))
         (message,) = data_wire.encode_push(header, dense, max(size, 1))
         future = self._push_pull_unary_call.future(message, timeout=timeout_s)
         return PendingPushPull(self, future, lambda: self.push_pull(
             member, base_version, samples, grads, timeout_s, request_id
         ))
+
+    def _shared(self, member: MemberId, header, grads: Mapping[str, torch.Tensor], timeout_s: float):
+        """The step over shared memory, started: a callable giving its answer (falling back to
+        gRPC with the same request id when shared memory cannot finish it), or None."""
+        if self.shm is None:
+            return None
+        started = self.shm.start(member, header, grads, timeout_s)
+        if started is None:
+            return None
+
+        def finish() -> tuple[PushReply, int, dict[str, torch.Tensor]]:
+            answer = started()
+            if answer is None:  # nothing was applied, or the same request id answers from memory
+                return self._push_pull_grpc(header, _push_parts(grads.items())[0], timeout_s)
+            version, tensors, push = answer
+            return self._answer((version, tensors, push))
+
+        return finish
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.drop()
+        super().close()
 
     def _answer(self, result) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         version, tensors, push = result

@@ -99,6 +99,13 @@ def run_every(interval_s: float, stop: threading.Event, fn: Callable[[], None], 
     return thread
 
 
+SHM_ENV = "LEPTON_SHM"  # "0": no shared-memory data path (as --no-shm), inherited by `lepton up`'s children
+
+
+def shared_memory_by_env() -> bool:
+    return os.environ.get(SHM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class ServiceOptions:
     """What every role's serve() shares: security, metrics endpoint, reflection switch, call limits."""
@@ -108,6 +115,7 @@ class ServiceOptions:
     metrics_host: str = "127.0.0.1"
     reflection: bool = True
     limits: Limits = DEFAULT_LIMITS  # per-class and per-peer call limits of a server (lepton.limits)
+    shared_memory: bool = True  # ps, worker: the shared-memory data path with co-located peers
 
     def metrics(self, collector_factory: Callable[[], object] | None = None):
         """(registry, endpoint) — both None when metrics are off."""

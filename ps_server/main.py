@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from lepton import files
+from lepton import files, shm
 from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
 from lepton.process import EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
@@ -19,6 +19,7 @@ from ps_server.agent import ParameterServerAgent
 from ps_server.metrics import ParameterServerCollector
 from ps_server.parameter_server import ServerStatus
 from ps_server.servicer import ParameterServerServicer, encode_status, registration
+from ps_server.shm_sessions import SharedMemorySessions
 
 log = structlog.get_logger("lepton.ps")
 CHECKPOINT_DIR = "checkpoints"  # under --state-dir
@@ -59,9 +60,13 @@ def serve(
         client, stop, member_id=member_id, checkpoints=Path(state_dir) / CHECKPOINT_DIR if state_dir else None
     )
     registry, metrics = options.metrics(lambda: ParameterServerCollector(agent.server))
+    swept = shm.sweep()  # segments of servers that were killed before they could remove them
+    if swept:
+        log.info("shm_segments_swept", segments=len(swept))
+    shared = SharedMemorySessions(agent.server, enabled=options.shared_memory)
     server = Server(
         listen,
-        [registration(ParameterServerServicer(agent.server))],
+        [registration(ParameterServerServicer(agent.server, shared))],
         security=options.security,
         registry=registry,
         reflection_enabled=options.reflection,
@@ -91,6 +96,7 @@ def serve(
         server.stop(grace_s)
         return code
     finally:
+        shared.close_all()
         client.close()
         if metrics is not None:
             metrics.close()

@@ -80,6 +80,8 @@ class ParameterServer:
         self._snapshot: CheckpointReport | None = None  # the answer to the latest checkpoint order
         self.bytes_pulled = 0
         self.bytes_pushed = 0
+        # Called with every roster update's entries (shared-memory sessions end with their member).
+        self.roster_listeners: list[Callable[[list[WorkerEntry]], None]] = []
 
     def load(
         self,
@@ -186,10 +188,17 @@ class ParameterServer:
     # --- membership ----------------------------------------------------------------------------
 
     def update_roster(self, entries: Iterable[WorkerEntry]) -> None:
+        entries = list(entries)
         with self._lock:
             live = self._roster.update(entries)
         if self._gate is not None:
             self._gate.retain_live(live)
+        for listener in self.roster_listeners:
+            listener(entries)
+
+    def authorise(self, member_id: str, incarnation: int) -> None:
+        """Raises Fenced/NotFound unless the identity is a live worker of the job (see pull)."""
+        self._authorise(member_id, incarnation)
 
     def _authorise(self, member_id: str, incarnation: int) -> None:
         """Fences the request against the roster; an identity the roster does not know yet (a

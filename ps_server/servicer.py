@@ -15,6 +15,7 @@ from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
 from lepton.wire import MODE_TO_WIRE
 from ps_server.gate import PushOutcome, PushResult
 from ps_server.parameter_server import ParameterServer, ServerStatus
+from ps_server.shm_sessions import SessionInfo, SharedMemorySessions
 
 DEFAULT_PUSH_TIMEOUT_S = 60.0
 _OUTCOME = {PushOutcome.APPLIED: pb.PUSH_OUTCOME_APPLIED, PushOutcome.STALE: pb.PUSH_OUTCOME_STALE}
@@ -66,8 +67,9 @@ _ONE_MESSAGE = _Encoder(1 << 62)
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """Adapter from the ParameterServer service to a ParameterServer."""
 
-    def __init__(self, server: ParameterServer) -> None:
+    def __init__(self, server: ParameterServer, shared: SharedMemorySessions | None = None) -> None:
         self._server = server
+        self.shared = shared if shared is not None else SharedMemorySessions(server)
 
     def _decode_push(self, request_iterator, context, one_message: bool = False):
         """Reads the whole push stream: (member, base version, samples, gradients, timeout).
@@ -128,6 +130,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         _, _, messages = self._server.push_pull(*push, pack=_ONE_MESSAGE)
         return messages[0]
 
+    # --- shared memory (ps_server/shm_sessions.py) ------------------------------------------------
+
+    def OpenSharedMemory(self, request, context):
+        return _session_info(self.shared.open(*_member(request.member)))
+
+    def PushPullShared(self, request, context):
+        header = request.header
+        if header.rows:
+            raise InvalidArgument("shared memory carries dense tensors only: header.rows must be empty")
+        remaining = context.time_remaining()
+        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        result, version = self.shared.push_pull(
+            request.session_id, request.nonce, *_member(header.member), header.base_version, header.sample_count,
+            list(request.tensors), header.tensors, timeout_s, header.request_id,
+        )
+        return pb.PushPullSharedResponse(push=_result(result), version=version)
+
+    def CloseSharedMemory(self, request, context):
+        self.shared.close_member(*_member(request.member), request.session_id)
+        return pb.CloseSharedMemoryResponse()
+
     def JoinSteps(self, request, context):
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
@@ -140,6 +163,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def GetServerStatus(self, request, context):
         return encode_status(self._server.status())
+
+
+def _session_info(info: SessionInfo) -> pb.OpenSharedMemoryResponse:
+    return pb.OpenSharedMemoryResponse(
+        session_id=info.session_id,
+        gradients_segment=info.gradients_segment,
+        parameters_segment=info.parameters_segment,
+        segment_bytes=info.segment_bytes,
+        tensors=[
+            pb.SharedTensor(name=p.name, dtype=codec.wire_dtype(p.dtype), shape=p.shape, offset_bytes=p.offset_bytes)
+            for p in info.tensors
+        ],
+    )
 
 
 def encode_status(s: ServerStatus) -> pb.GetServerStatusResponse:
@@ -179,6 +215,13 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         "PushPullUnary": grpc.unary_unary_rpc_method_handler(
             servicer.PushPullUnary, data_wire.decode_push, _identity
         ),
+        **{
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, name), getattr(pb, f"{name}Request").FromString,
+                getattr(pb, f"{name}Response").SerializeToString,
+            )
+            for name in ("OpenSharedMemory", "PushPullShared", "CloseSharedMemory")
+        },
         "JoinSteps": grpc.unary_unary_rpc_method_handler(
             servicer.JoinSteps, pb.JoinStepsRequest.FromString, pb.JoinStepsResponse.SerializeToString
         ),

@@ -38,7 +38,9 @@ def serve(
         check_precision(precision or "fp32", resolve_device(device))
     client = CoordinatorClient(coordinator, retry=REGISTER_RETRY, security=options.security)
     agent = WorkerAgent(
-        client, stop, member_id=member_id, ps_client=partial(ParameterClient, security=options.security),
+        client, stop, member_id=member_id, ps_client=partial(
+            ParameterClient, security=options.security, shared_memory=options.shared_memory
+        ),
         step_delay_s=step_delay_s, loader=loader, device=device, precision=precision,
     )
     _, metrics = options.metrics(lambda: WorkerCollector(agent))

@@ -24,7 +24,7 @@ from lepton.config import (
 from lepton.errors import ConfigError
 from lepton.limits import DEFAULT_IDLE_S, DEFAULT_LIFETIME_S, DEFAULT_LIMITS
 from lepton.ops.healthcheck import add_arguments as add_healthcheck_arguments
-from lepton.process import ServiceOptions
+from lepton.process import ServiceOptions, shared_memory_by_env
 from lepton.security import check_exposure, load_security
 
 # flag -> JobSpec field
@@ -192,6 +192,14 @@ def _add_service(p: argparse.ArgumentParser, server: bool = True) -> None:
     )
 
 
+def _add_no_shm(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-shm", action="store_true",
+        help="never move tensors through shared memory with a co-located ps/worker, only gRPC "
+        "(also: LEPTON_SHM=0, which `lepton up` passes to its children)",
+    )
+
+
 def service_options(args: argparse.Namespace) -> ServiceOptions:
     security = load_security(
         tls_cert=args.tls_cert,
@@ -211,6 +219,7 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or listen_host,
         reflection=not getattr(args, "no_reflection", False),
+        shared_memory=not getattr(args, "no_shm", False) and shared_memory_by_env(),
         limits=DEFAULT_LIMITS.configured(
             getattr(args, "rpc_limit", None) or (),
             getattr(args, "stream_idle_timeout", None),
@@ -268,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ready-file", default=None)
     _add_service(s)
+    _add_no_shm(s)
     _add_common(s)
 
     w = sub.add_parser("worker", help="run a worker")
@@ -287,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_loader_flags(w)
     _add_service(w, server=False)
+    _add_no_shm(w)
     _add_common(w)
 
     u = sub.add_parser("up", help="run a whole local cluster (coordinator, servers, workers) and train")

@@ -133,3 +133,67 @@ class GetServerStatusResponse(_message.Message):
     max_clock_gap: int
     max_compute_gap: int
     def __init__(self, member_id: _Optional[str] = ..., version: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_received: _Optional[int] = ..., pushes_stale: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., steps_timed_out: _Optional[int] = ..., max_staleness: _Optional[int] = ..., mean_staleness: _Optional[float] = ..., bytes_pulled: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.ConsistencyMode, str]] = ..., max_clock_gap: _Optional[int] = ..., max_compute_gap: _Optional[int] = ...) -> None: ...
+
+class OpenSharedMemoryRequest(_message.Message):
+    __slots__ = ("member",)
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _common_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset_bytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ...) -> None: ...
+
+class OpenSharedMemoryResponse(_message.Message):
+    __slots__ = ("session_id", "gradients_segment", "parameters_segment", "segment_bytes", "tensors")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    gradients_segment: str
+    parameters_segment: str
+    segment_bytes: int
+    tensors: _containers.RepeatedCompositeFieldContainer[SharedTensor]
+    def __init__(self, session_id: _Optional[str] = ..., gradients_segment: _Optional[str] = ..., parameters_segment: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
+
+class PushPullSharedRequest(_message.Message):
+    __slots__ = ("header", "session_id", "nonce", "tensors")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    session_id: str
+    nonce: bytes
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., tensors: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PushPullSharedResponse(_message.Message):
+    __slots__ = ("push", "version")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    push: PushResponse
+    version: int
+    def __init__(self, push: _Optional[_Union[PushResponse, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class CloseSharedMemoryRequest(_message.Message):
+    __slots__ = ("member", "session_id")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    member: _common_pb2.MemberRef
+    session_id: str
+    def __init__(self, member: _Optional[_Union[_common_pb2.MemberRef, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

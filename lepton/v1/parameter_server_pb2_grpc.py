@@ -54,6 +54,21 @@ class ParameterServerStub:
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.OpenSharedMemory = channel.unary_unary(
+                '/lepton.v1.ParameterServer/OpenSharedMemory',
+                request_serializer=lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.PushPullShared = channel.unary_unary(
+                '/lepton.v1.ParameterServer/PushPullShared',
+                request_serializer=lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedResponse.FromString,
+                _registered_method=True)
+        self.CloseSharedMemory = channel.unary_unary(
+                '/lepton.v1.ParameterServer/CloseSharedMemory',
+                request_serializer=lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryResponse.FromString,
+                _registered_method=True)
         self.LeaveSteps = channel.unary_unary(
                 '/lepton.v1.ParameterServer/LeaveSteps',
                 request_serializer=lepton_dot_v1_dot_parameter__server__pb2.LeaveStepsRequest.SerializeToString,
@@ -124,6 +139,59 @@ class ParameterServerServicer:
         Errors: as PushPull, plus RESOURCE_EXHAUSTED (a message over the limits), UNIMPLEMENTED (an
         older server).
         Retryable: as Push (same request_id), or over PushPull after RESOURCE_EXHAUSTED/UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSharedMemory(self, request, context):
+        """Shared memory for a worker on the same host as this server (same kernel, same /dev/shm): the
+        server creates two segments for this worker's share, gradients in and parameters out, each
+        created 0600 in /dev/shm and starting with a 64-byte head: 8 bytes "LEPTSHM1", then a
+        16-byte random nonce. The worker maps both by name, reads the two nonces and presents them
+        (gradients' then parameters', 32 bytes) in PushPullShared: only a process that maps the
+        server's segments can know them, which is the proof of co-location. A session belongs to one
+        (member_id, incarnation); opening another for the same member ends the older one. The names
+        are unlinked at the first step that presents the nonce (both processes keep their mappings),
+        when the session ends (CloseSharedMemory, the member fenced or gone from the job, another
+        Open) or when the server exits; a server sweeps the names left by servers that were killed
+        (names carry the creating pid) when it starts. Only dense tensors travel this way: a server
+        holding a row-sparse tensor answers FAILED_PRECONDITION. Any failure here means: use the
+        other data-plane methods (a server that predates this method answers UNIMPLEMENTED).
+        Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced; sparse tensors held here;
+        shared memory turned off on this server), RESOURCE_EXHAUSTED (/dev/shm missing or full),
+        UNAVAILABLE with lepton-retry-after-ms (no assignment loaded yet).
+        Retryable: UNAVAILABLE (an unused session is ended by the next Open).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullShared(self, request, context):
+        """PushPull through a session's segments: the worker writes the gradients of the tensors it
+        lists at their offsets in the gradients segment, then calls; the server reads them in place,
+        applies the push exactly as PushPull does (same gate, request ids, STALE), writes every
+        tensor of the session (the pull half of PushPull) into the parameters segment and answers
+        with the outcome and version. One call at a time per session: the worker must not touch the
+        segments while a call is in flight. After a call fails in transport (deadline, cancelled,
+        unavailable) the server may still be reading: drop the session and retry the push over
+        PushPull with the same request_id.
+        Errors: as PushPull, plus NOT_FOUND (unknown or ended session: open another),
+        FAILED_PRECONDITION (wrong nonce: the worker does not share this server's /dev/shm; a call
+        already in flight on this session), INVALID_ARGUMENT (tensor index out of range or
+        repeated, header.tensors not matching). Nothing is read from the segments before the
+        session, member and nonce check out.
+        Retryable: as Push (same request_id), over PushPull after any failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSharedMemory(self, request, context):
+        """Ends a session: its segment names are unlinked and the server unmaps them. Idempotent
+        (an unknown session is fine). Errors: INVALID_ARGUMENT (no member), NOT_FOUND (unknown
+        member), FAILED_PRECONDITION (fenced: its sessions ended with it).
+        Retryable: always (idempotent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +268,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushPullUnary,
                     request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PushRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
+            ),
+            'OpenSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemory,
+                    request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryResponse.SerializeToString,
+            ),
+            'PushPullShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullShared,
+                    request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedResponse.SerializeToString,
+            ),
+            'CloseSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSharedMemory,
+                    request_deserializer=lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryResponse.SerializeToString,
             ),
             'LeaveSteps': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaveSteps,
@@ -325,6 +408,87 @@ class ParameterServer:
             '/lepton.v1.ParameterServer/PushPullUnary',
             lepton_dot_v1_dot_parameter__server__pb2.PushRequest.SerializeToString,
             lepton_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.ParameterServer/OpenSharedMemory',
+            lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryRequest.SerializeToString,
+            lepton_dot_v1_dot_parameter__server__pb2.OpenSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.ParameterServer/PushPullShared',
+            lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedRequest.SerializeToString,
+            lepton_dot_v1_dot_parameter__server__pb2.PushPullSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lepton.v1.ParameterServer/CloseSharedMemory',
+            lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryRequest.SerializeToString,
+            lepton_dot_v1_dot_parameter__server__pb2.CloseSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

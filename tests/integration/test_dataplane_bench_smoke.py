@@ -22,6 +22,7 @@ def test_dataplane_bench_quick_run_prints_every_row(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"push+pull 0.25 MiB", "digits-MLP step (19 KB) through 2 servers"}
     assert set(results["digits-MLP step (19 KB) through 2 servers"]) == {
-        "lepton", "lepton, no pool", "torch RPC", "gloo", "raw TCP"
+        "lepton", "lepton, no pool", "lepton shm", "lepton shm, no pool", "torch RPC", "gloo", "raw TCP"
     }
+    assert "lepton shm" in results["push+pull 0.25 MiB"]
     assert "| push+pull 0.25 MiB |" in run.stdout
