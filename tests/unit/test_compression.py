@@ -284,3 +284,27 @@ def test_job_settings_are_checked():
     for ratio in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match=r"topk_ratio must be in \(0, 1\]"):
             JobSpec(topk_ratio=ratio)
+
+
+def test_the_flags_and_the_wire_carry_the_setting():
+    from lepton.ops.cli import build_parser, job_from_args
+    from lepton.ops.cluster import job_flags
+    from lepton.wire import job_from_proto, job_to_proto
+
+    for command in ("up", "coordinator"):
+        args = build_parser().parse_args([command, "--gradient-compression", "topk", "--topk-ratio", "0.05"])
+        spec = job_from_args(args)
+        assert (spec.gradient_compression, spec.topk_ratio) == ("topk", 0.05)
+    handed_on = job_flags(spec)  # what `lepton up` hands its coordinator
+    i = handed_on.index("--gradient-compression")
+    assert handed_on[i : i + 4] == ["--gradient-compression", "topk", "--topk-ratio", "0.05"]
+    for name in ("none", "fp16", "bf16", "topk", "sign"):
+        s = JobSpec(gradient_compression=name, topk_ratio=0.25)
+        assert job_from_proto(common.JobSpec.FromString(job_to_proto(s).SerializeToString())) == s
+    old = common.JobSpec.FromString(job_to_proto(JobSpec()).SerializeToString())
+    old.ClearField("gradient_compression")
+    old.ClearField("topk_ratio")  # a sender from before these fields
+    assert (job_from_proto(old).gradient_compression, job_from_proto(old).topk_ratio) == ("none", 0.01)
+    old.gradient_compression = 99
+    with pytest.raises(InvalidArgument, match="gradient compression 99 is not served"):
+        job_from_proto(old)
