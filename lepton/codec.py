@@ -213,6 +213,7 @@ class TensorAssembler:
     def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
         self._expected = expected
         self._parts: dict[str, _Partial | _EncodedPartial] = {}
+        self.encoded_bytes: dict[str, int] = {}  # encoded tensors' data bytes as received, by name
         self._current: str | None = None
         self.bytes_received = 0
 
@@ -265,6 +266,8 @@ class TensorAssembler:
             )
         part.take(data)
         self.bytes_received += len(data)
+        if encoding:
+            self.encoded_bytes[name] = part.received
 
     def _encoded(
         self, name: str, dtype: torch.dtype, shape: tuple[int, ...], encoding: int, chunk, data

@@ -206,3 +206,12 @@ def test_a_well_formed_encoded_push_applies_its_decoded_gradient(ps):
     pulled = codec.from_wire(c for m in stub.Pull(ppb.PullRequest(
         member=common.MemberRef(member_id=MEMBER.member_id, incarnation=1), names=["w"]), timeout=10) for c in m.chunks)
     assert torch.equal(pulled["w"], W - LR * sent)
+
+
+def test_the_server_counts_the_bytes_that_travelled(ps):
+    node, stub = ps
+    before = node.status().bytes_pushed
+    e, _ = encodings.encode(torch.ones(2, 4), encodings.SIGN)
+    stub.Push(iter([ppb.PushRequest(header=header(), chunks=[
+        chunk(encoding=encodings.SIGN, data=bytes(e.payload.numpy()))])]), timeout=10)
+    assert node.status().bytes_pushed - before == 5  # a float32 scale and one byte of bits, not 32 bytes
