@@ -143,7 +143,9 @@ class ServerSet:
         """Pushes each server its share of ``grads`` (by whole tensor name) as of the version it
         last answered, and installs what each answers; returns each server's reply, by id. Row
         slices are views; a row-sparse gradient travels as the rows its slice holds; a tensor
-        without a gradient (or an unchanged buffer) is left out."""
+        without a gradient (or an unchanged buffer) is left out. With compression, each share is
+        encoded once per ``request_id`` (a retry re-sends those bytes) and its residuals are
+        committed when that server answers APPLIED."""
         member = self._identity()
         layout_version = self.ensure_layout().version
         if self._compressed[0] != request_id:  # a new push: what an earlier one left is settled
