@@ -96,7 +96,7 @@ def encode(tensor: torch.Tensor, encoding: int, topk_ratio: float = 0.01) -> tup
     if encoding == TOPK:
         if n > MAX_TOPK_ELEMENTS:
             raise ValueError(f"TOPK encodes tensors of fewer than 2^31 elements, not {n}")
-        k = min(n, max(1, round(topk_ratio * n)))
+        k = topk_count(n, topk_ratio)
         idx = _largest(flat.abs(), k)
         values = flat[idx]
         payload = torch.cat([_le_u8(idx.to(torch.int32)), _le_u8(values)])
@@ -111,6 +111,16 @@ def encode(tensor: torch.Tensor, encoding: int, topk_ratio: float = 0.01) -> tup
         sent = positive.to(t.dtype).mul_(2 * s).sub_(s)  # +s where positive, else -s
         return Encoded(SIGN, t.dtype, shape, payload), sent.view(shape)
     raise ValueError(f"unknown encoding {encoding}")
+
+
+def topk_count(n: int, topk_ratio: float) -> int:
+    """How many of ``n`` elements TOPK sends: max(1, round(topk_ratio x n)), at most n."""
+    return min(n, max(1, round(topk_ratio * n)))
+
+
+def topk_bytes(n: int, dtype: torch.dtype, topk_ratio: float) -> int:
+    """The TOPK encoded length of ``n`` elements of ``dtype``."""
+    return topk_count(n, topk_ratio) * (4 + _itemsize(dtype))
 
 
 def _largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,6 +24,10 @@ from lepton.config import JobSpec
 from lepton.encodings import Encoded
 from lepton.tensors import TensorSpec, part
 
+# A TOPK tensor travels as one chunk: one that would be larger goes raw, which the data plane
+# splits into messages (lepton.codec.STREAM_CHUNK_BYTES, inside the 8 MiB receive limit).
+TOPK_MAX_BYTES = 4 << 20
+
 
 @dataclass
 class Compressed:
@@ -74,10 +78,20 @@ class ErrorFeedback:
                 continue
             residual = self.residual(spec)
             corrected = grad.detach() if residual is None else grad.detach() + residual
+            if self.encoding == encodings.TOPK and not self._topk_pays(grad):
+                out.tensors[name] = corrected  # raw: all of it is sent, nothing is left over
+                out.residuals[name] = (spec, torch.zeros_like(corrected))
+                continue
             encoded, sent = encodings.encode(corrected, self.encoding, self.topk_ratio)
             out.tensors[name] = encoded
             out.residuals[name] = (spec, corrected - sent)
         return out
+
+    def _topk_pays(self, grad: torch.Tensor) -> bool:
+        """Whether TOPK bytes are fewer than the raw ones and fit one chunk of at most
+        TOPK_MAX_BYTES (a TOPK tensor travels as one chunk): else the tensor travels raw."""
+        size = encodings.topk_bytes(grad.numel(), grad.dtype, self.topk_ratio)
+        return size < grad.numel() * grad.element_size() and size <= TOPK_MAX_BYTES
 
     def commit(self, compressed: Compressed) -> None:
         """A server applied ``compressed``: its tensors' residuals become the ones it left."""

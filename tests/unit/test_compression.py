@@ -308,3 +308,17 @@ def test_the_flags_and_the_wire_carry_the_setting():
     old.gradient_compression = 99
     with pytest.raises(InvalidArgument, match="gradient compression 99 is not served"):
         job_from_proto(old)
+
+
+def test_topk_that_would_not_save_bytes_or_fit_one_chunk_travels_raw_and_leaves_no_residual(monkeypatch):
+    spec = TensorSpec("w", torch.float32, (100,))
+    g = torch.randn(100)
+    fb = ErrorFeedback(enc.TOPK, topk_ratio=0.6)  # 60 x 8 bytes > 100 x 4
+    fb.commit(fb.compress({"w": (spec, g)}))
+    assert torch.equal(fb.residual(spec), torch.zeros(100))
+    out = fb.compress({"w": (spec, g)})
+    assert torch.equal(out.tensors["w"], g)  # raw, and the residual (zero) added
+    monkeypatch.setattr("worker.compression.TOPK_MAX_BYTES", 80)
+    small = ErrorFeedback(enc.TOPK, topk_ratio=0.2)  # 20 x 8 = 160 bytes < 400 raw, but over 80
+    assert not isinstance(small.compress({"w": (spec, g)}).tensors["w"], enc.Encoded)
+    assert isinstance(ErrorFeedback(enc.TOPK, topk_ratio=0.1).compress({"w": (spec, g)}).tensors["w"], enc.Encoded)
