@@ -215,3 +215,22 @@ def test_the_server_counts_the_bytes_that_travelled(ps):
     stub.Push(iter([ppb.PushRequest(header=header(), chunks=[
         chunk(encoding=encodings.SIGN, data=bytes(e.payload.numpy()))])]), timeout=10)
     assert node.status().bytes_pushed - before == 5  # a float32 scale and one byte of bits, not 32 bytes
+
+
+def test_a_compressed_push_from_a_shared_memory_client_goes_over_grpc():
+    from lepton import shm
+
+    node, server = serve_parameters({"w": torch.zeros(4, 3)}, "sgd", LR, {}, "async", workers=[MEMBER])
+    client = ParameterClient(server.address, timeout_s=10.0, shared_memory=True)
+    try:
+        raw = torch.ones(4, 3)
+        client.push_pull(MEMBER, 0, 1, {"w": raw}, request_id="raw")
+        assert client.shm is not None and client.shm.steps == 1  # raw pushes take shared memory
+        e, sent = encodings.encode(torch.full((4, 3), 2.0), encodings.FP16)
+        reply, _, tensors = client.push_pull(MEMBER, 1, 1, {"w": e}, request_id="fp16")
+        assert reply.applied and client.shm.steps == 1  # the encoded one did not
+        assert torch.equal(tensors["w"], -LR * (raw + sent))
+    finally:
+        client.close()
+        server.stop(0)
+    assert shm.ours() == []
