@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 import torch
@@ -26,6 +27,7 @@ from lepton.coordinator_client import (  # noqa: F401  (re-exported)
     ServiceClient,
 )
 from lepton.domain import MemberId
+from lepton.encodings import Encoded
 from lepton.errors import InvalidArgument
 from lepton.metrics import CLIENT_CALLS
 from lepton.retry import call_with_retry
@@ -77,14 +79,14 @@ def _identity(data: bytes) -> bytes:
 
 
 def _push_parts(
-    grads: Iterable[tuple[str, torch.Tensor]],
-) -> tuple[list[tuple[str, torch.Tensor]], list[common.RowSelection]]:
+    grads: Iterable[tuple[str, torch.Tensor | Encoded]],
+) -> tuple[list[tuple[str, torch.Tensor | Encoded]], list[common.RowSelection]]:
     """A sparse COO gradient (row-sparse, e.g. from ``nn.Embedding(sparse=True)``) travels as its
     rows: a RowSelection in the header and the rows' data under the tensor's name."""
-    dense: list[tuple[str, torch.Tensor]] = []
+    dense: list[tuple[str, torch.Tensor | Encoded]] = []
     selections = []
     for name, g in grads:
-        if g.is_sparse:
+        if isinstance(g, torch.Tensor) and g.is_sparse:
             rows, values = codec.sparse_to_rows(g)
             selections.append(common.RowSelection(name=name, rows=rows.tolist()))
             dense.append((name, values))
@@ -110,7 +112,7 @@ def _push_messages(
     member: MemberId,
     base_version: int,
     samples: int,
-    grads: Iterable[tuple[str, torch.Tensor]],
+    grads: Iterable[tuple[str, torch.Tensor | Encoded]],
     request_id: str = "",
     chunk_bytes: int = codec.STREAM_CHUNK_BYTES,
 ) -> Iterator[bytes]:
@@ -189,12 +191,13 @@ class ParameterClient(ServiceClient):
         member: MemberId,
         base_version: int,
         samples: int,
-        grads: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | Encoded],
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
-        """Not retried here. To retry safely, call again with the same ``request_id``: the server
-        applies a push at most once and answers a retry with the original outcome."""
+        """Not retried here. To retry safely, call again with the same ``request_id`` (and the
+        same ``grads``: an encoded gradient, ``lepton.encodings.Encoded``, travels as it is): the
+        server applies a push at most once and answers a retry with the original outcome."""
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         request_id = request_id or new_request_id()
         dense, selections = _push_parts(grads.items())
@@ -205,7 +208,7 @@ class ParameterClient(ServiceClient):
         return self._push_pull_grpc(header, dense, timeout_s)
 
     def _push_pull_grpc(self, header, dense, timeout_s: float) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
-        size = sum(t.numel() * t.element_size() for _, t in dense)
+        size = sum(data_wire.nbytes(t) for _, t in dense)
         result = None
         if max(size, self._last_answer_bytes) <= self.unary_max_bytes:
             (message,) = data_wire.encode_push(header, dense, max(size, 1))
@@ -222,7 +225,7 @@ class ParameterClient(ServiceClient):
         member: MemberId,
         base_version: int,
         samples: int,
-        grads: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor | Encoded],
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> PendingPushPull:
@@ -237,7 +240,7 @@ class ParameterClient(ServiceClient):
         shared = self._shared(member, header, grads, timeout_s)
         if shared is not None:
             return PendingPushPull(self, None, shared)
-        size = sum(t.numel() * t.element_size() for _, t in dense)
+        size = sum(data_wire.nbytes(t) for _, t in dense)
         if max(size, self._last_answer_bytes) > self.unary_max_bytes:
             done = self.push_pull(member, base_version, samples, grads, timeout_s, request_id)
             return PendingPushPull(self, None, lambda: done)
@@ -247,12 +250,13 @@ class ParameterClient(ServiceClient):
             member, base_version, samples, grads, timeout_s, request_id
         ))
 
-    def _shared(self, member: MemberId, header, grads: Mapping[str, torch.Tensor], timeout_s: float):
+    def _shared(self, member: MemberId, header, grads: Mapping[str, torch.Tensor | Encoded], timeout_s: float):
         """The step over shared memory, started: a callable giving its answer (falling back to
-        gRPC with the same request id when shared memory cannot finish it), or None."""
-        if self.shm is None:
+        gRPC with the same request id when shared memory cannot finish it), or None. A push with
+        an encoded (compressed) gradient goes over gRPC: shared memory carries raw tensors."""
+        if self.shm is None or any(isinstance(g, Encoded) for g in grads.values()):
             return None
-        started = self.shm.start(member, header, grads, timeout_s)
+        started = self.shm.start(member, header, cast(Mapping[str, torch.Tensor], grads), timeout_s)
         if started is None:
             return None
 
@@ -305,7 +309,7 @@ class ParameterClient(ServiceClient):
         raise translate(exc) from None
 
     def push(
-        self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor],
+        self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor | Encoded],
         timeout_s: float | None = None, request_id: str = "",
     ) -> PushReply:
         reply = call(

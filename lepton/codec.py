@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
+from lepton import encodings
 from lepton.errors import InvalidArgument
 from lepton.tensors import TensorSpec, check_rows  # noqa: F401  (TensorSpec re-exported for receivers)
 from lepton.v1 import common_pb2 as pb
@@ -156,6 +157,40 @@ class _Partial:
         return self.tensor
 
 
+class _EncodedPartial:
+    """One tensor being received in a compressed encoding (``lepton.encodings``): its encoded
+    bytes are gathered as ``_Partial`` gathers raw ones, then decoded by ``result``. A TOPK
+    tensor's length is that of its one chunk (``total`` is set by the caller)."""
+
+    __slots__ = ("name", "dtype", "shape", "encoding", "data", "buffer", "received", "total")
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], encoding: int, total: int) -> None:
+        self.name, self.dtype, self.shape, self.encoding = name, dtype, shape, encoding
+        self.total = total
+        self.received = 0
+        self.data = None  # the one chunk that held it all (no copy)
+        self.buffer: bytearray | None = None
+
+    def take(self, data) -> None:
+        n = len(data)
+        if self.received == 0 and n == self.total:
+            self.data = data
+        else:
+            if self.buffer is None:
+                self.buffer = bytearray(self.total)
+            self.buffer[self.received : self.received + n] = data
+        self.received += n
+
+    def result(self) -> torch.Tensor:
+        data = self.data if self.data is not None else (self.buffer or b"")
+        return encodings.decode(self.name, self.encoding, self.dtype, self.shape, data)
+
+
+def _encoded_as(part: _Partial | _EncodedPartial) -> str:
+    """" (FP16-encoded)" and the like for an encoded tensor, for messages; "" for a raw one."""
+    return f" ({encodings.NAMES[part.encoding]}-encoded)" if isinstance(part, _EncodedPartial) else ""
+
+
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _TORCH_TO_WIRE}
 
 
@@ -169,13 +204,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 class TensorAssembler:
     """Reassembles chunks into tensors, enforcing the chunk rules.
 
-    With ``expected`` given, every tensor must be one of them with the same dtype and shape.
+    With ``expected`` given, every tensor must be one of them with the same dtype and shape, and
+    only trainable floating-point tensors expected whole (not sparse) may be encoded (see
+    TensorEncoding in common.proto); ``finish`` decodes encoded ones to dense tensors.
     Raises InvalidArgument on the first broken rule (including an unexpected name).
     """
 
     def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
         self._expected = expected
-        self._parts: dict[str, _Partial] = {}
+        self._parts: dict[str, _Partial | _EncodedPartial] = {}
+        self.encoded_bytes: dict[str, int] = {}  # encoded tensors' data bytes as received, by name
         self._current: str | None = None
         self.bytes_received = 0
 
@@ -197,20 +235,25 @@ class TensorAssembler:
                 raise InvalidArgument(
                     f"tensor {name!r}: shape {list(shape)} but expected {list(spec.shape)}"
                 )
+        encoding = chunk.encoding
         part = self._parts.get(name)
+        data = chunk.data  # one copy out of a generated message; a view of a hand-decoded one
         if part is None:
             if self._current is not None and not self._complete(self._parts[self._current]):
                 raise InvalidArgument(
                     f"tensor {name!r} started before tensor {self._current!r} was complete"
                 )
-            part = _Partial(dtype, shape)
+            part = self._encoded(name, dtype, shape, encoding, chunk, data) if encoding else _Partial(dtype, shape)
             self._parts[name] = part
             self._current = name
         elif part.dtype != dtype or part.shape != shape:
             raise InvalidArgument(f"tensor {name!r}: dtype or shape changed between chunks")
         elif name != self._current:
             raise InvalidArgument(f"tensor {name!r} sent twice")
-        data = chunk.data  # one copy out of a generated message; a view of a hand-decoded one
+        elif encoding != getattr(part, "encoding", encodings.RAW):
+            raise InvalidArgument(f"tensor {name!r}: encoding changed between chunks")
+        elif encoding == encodings.TOPK:
+            raise InvalidArgument(f"tensor {name!r}: a TOPK tensor travels as one chunk, at offset 0")
         total = part.total
         if chunk.offset_bytes != part.received:
             raise InvalidArgument(
@@ -219,13 +262,38 @@ class TensorAssembler:
         if part.received + len(data) > total:
             raise InvalidArgument(
                 f"tensor {name!r}: {part.received + len(data)} bytes for shape {list(shape)} x {dtype}"
-                f" which needs {total}"
+                f"{_encoded_as(part)} which needs {total}"
             )
         part.take(data)
         self.bytes_received += len(data)
+        if encoding:
+            self.encoded_bytes[name] = part.received
+
+    def _encoded(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], encoding: int, chunk, data
+    ) -> _EncodedPartial:
+        """The partial of an encoded tensor's first chunk, once the encoding is allowed for it."""
+        label = encodings.NAMES.get(encoding)
+        if label is None:
+            raise InvalidArgument(
+                f"tensor {name!r}: unknown encoding {encoding}; this receiver decodes {sorted(encodings.NAMES)}"
+            )
+        spec = self._expected.get(name) if self._expected is not None else None
+        if spec is not None and (not spec.trainable or spec.sparse or not dtype.is_floating_point):
+            what = "pushed by rows" if spec.sparse else "not a trainable floating-point parameter"
+            raise InvalidArgument(f"tensor {name!r} is {what}: send it raw, not {label}")
+        n = _numel(shape)
+        if n == 0:
+            raise InvalidArgument(f"tensor {name!r} has no elements: send it raw, not {label}")
+        total = encodings.fixed_length(encoding, n)
+        if total is None:  # TOPK: one chunk
+            if chunk.offset_bytes != 0:
+                raise InvalidArgument(f"tensor {name!r}: a TOPK tensor travels as one chunk, at offset 0")
+            total = len(data)
+        return _EncodedPartial(name, dtype, shape, encoding, total)
 
     @staticmethod
-    def _complete(part: _Partial) -> bool:
+    def _complete(part: _Partial | _EncodedPartial) -> bool:
         return part.received == part.total
 
     @property
@@ -238,7 +306,7 @@ class TensorAssembler:
         for name, part in self._parts.items():
             if not self._complete(part):
                 raise InvalidArgument(
-                    f"tensor {name!r}: received {part.received} of {part.total} bytes"
+                    f"tensor {name!r}: received {part.received} of {part.total}{_encoded_as(part)} bytes"
                 )
         if require is not None:
             missing = sorted(set(require) - set(self._parts))
@@ -247,6 +315,9 @@ class TensorAssembler:
         out: dict[str, torch.Tensor] = {}
         for name, part in self._parts.items():
             t = part.result()
+            if isinstance(part, _EncodedPartial):  # decoded in host order
+                out[name] = t
+                continue
             if _BIG_ENDIAN_HOST and t.element_size() > 1:
                 t = _le_bytes(t).view(t.dtype).reshape(part.shape)
             out[name] = t

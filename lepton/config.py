@@ -26,6 +26,9 @@ EARLY_STOPPING_METRICS = {"loss": False, "accuracy": True, "macro_recall": True,
 # Where a worker trains ("cuda:N" too) and the precision of its forward and backward passes.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How workers compress pushed gradients, with error feedback (worker/compression.py).
+GRADIENT_COMPRESSIONS = ("none", "fp16", "bf16", "topk", "sign")
+DEFAULT_TOPK_RATIO = 0.01
 # Learning-rate schedules the parameter servers apply, counted in server updates (versions), and
 # the keyword arguments each takes: {name: (required, optional)}.
 LR_SCHEDULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -129,6 +132,10 @@ class JobSpec:
     warmup_steps: int = 0
     # Batches of batch_size whose mean-loss gradient one push carries (gradient accumulation).
     accumulate: int = 1
+    # Pushed gradients compressed on the wire with error feedback (GRADIENT_COMPRESSIONS), and the
+    # fraction of each tensor's elements "topk" sends.
+    gradient_compression: str = "none"
+    topk_ratio: float = DEFAULT_TOPK_RATIO
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,7 +148,10 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be an integer, got {value!r}")
-        for name in ("lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s", "clip_grad_norm"):
+        numbers = (
+            "lr", "heartbeat_interval_s", "heartbeat_timeout_s", "lease_timeout_s", "clip_grad_norm", "topk_ratio",
+        )
+        for name in numbers:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"invalid job: {name} must be a number, got {value!r}")
@@ -215,6 +225,15 @@ class JobSpec:
             problems.append(f"warmup_steps must be >= 0 (updates), got {self.warmup_steps}")
         if self.accumulate < 1:
             problems.append(f"accumulate must be >= 1 (batches per push), got {self.accumulate}")
+        if self.gradient_compression not in GRADIENT_COMPRESSIONS:
+            problems.append(
+                f"gradient_compression must be one of {GRADIENT_COMPRESSIONS}, got {self.gradient_compression!r}"
+            )
+        if not (0 < self.topk_ratio <= 1):
+            problems.append(
+                f"topk_ratio must be in (0, 1] (the fraction of each tensor's elements a topk push sends), "
+                f"got {self.topk_ratio}"
+            )
         if problems:
             raise ConfigError("invalid job: " + "; ".join(problems))
 

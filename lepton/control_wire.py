@@ -37,6 +37,14 @@ TASK_TO_WIRE = {
     "regression": pb.TASK_REGRESSION,
 }
 TASK_FROM_WIRE = {v: k for k, v in TASK_TO_WIRE.items()}
+COMPRESSION_TO_WIRE = {
+    "none": pb.GRADIENT_COMPRESSION_NONE,
+    "fp16": pb.GRADIENT_COMPRESSION_FP16,
+    "bf16": pb.GRADIENT_COMPRESSION_BF16,
+    "topk": pb.GRADIENT_COMPRESSION_TOPK,
+    "sign": pb.GRADIENT_COMPRESSION_SIGN,
+}
+COMPRESSION_FROM_WIRE = {v: k for k, v in COMPRESSION_TO_WIRE.items()} | {pb.GRADIENT_COMPRESSION_UNSPECIFIED: "none"}
 
 
 ROLE_TO_WIRE = {Role.PARAMETER_SERVER: pb.ROLE_PARAMETER_SERVER, Role.WORKER: pb.ROLE_WORKER}
@@ -78,6 +86,8 @@ def job_to_proto(spec: JobSpec) -> pb.JobSpec:
         clip_grad_norm=spec.clip_grad_norm,
         warmup_steps=spec.warmup_steps,
         accumulate=spec.accumulate,
+        gradient_compression=COMPRESSION_TO_WIRE[spec.gradient_compression],
+        topk_ratio=spec.topk_ratio,
     )
 
 
@@ -96,6 +106,8 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         raise InvalidArgument(f"consistency mode {msg.mode} is not served by this version")
     if msg.task not in TASK_FROM_WIRE:
         raise InvalidArgument(f"task {msg.task} is not served by this version")
+    if msg.gradient_compression not in COMPRESSION_FROM_WIRE:
+        raise InvalidArgument(f"gradient compression {msg.gradient_compression} is not served by this version")
     return JobSpec(
         dataset=msg.dataset,
         model=msg.model,
@@ -128,6 +140,8 @@ def job_from_proto(msg: pb.JobSpec) -> JobSpec:
         clip_grad_norm=msg.clip_grad_norm,
         warmup_steps=msg.warmup_steps,
         accumulate=msg.accumulate or 1,
+        gradient_compression=COMPRESSION_FROM_WIRE[msg.gradient_compression],
+        topk_ratio=msg.topk_ratio or JobSpec.topk_ratio,
     )
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from lepton.encodings import TOPK, Encoded
 from lepton.v1 import parameter_server_pb2 as ppb
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
@@ -33,7 +34,7 @@ class _Fallback(Exception):
 class Chunk:
     """A decoded TensorChunk whose ``data`` is a memoryview into the received message."""
 
-    __slots__ = ("name", "dtype", "shape", "offset_bytes", "data")
+    __slots__ = ("name", "dtype", "shape", "offset_bytes", "data", "encoding")
 
     def __init__(self) -> None:
         self.name = ""
@@ -41,6 +42,7 @@ class Chunk:
         self.shape: list[int] = []
         self.offset_bytes = 0
         self.data: memoryview | bytes = b""
+        self.encoding = 0
 
 
 class PushMessage:
@@ -151,6 +153,8 @@ def _chunk(buf: bytes, view: memoryview, pos: int, end: int) -> Chunk:
                 chunk.dtype = _int32(v)
             elif field == 4:
                 chunk.offset_bytes = _int64(v)
+            elif field == 6:  # an enum: int32, as the generated class reads it
+                chunk.encoding = _int32(v)
             elif field == 3:  # an unpacked shape element
                 chunk.shape.append(_int64(v))
             else:
@@ -290,20 +294,36 @@ def _prefix(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return prefix
 
 
+def nbytes(tensor: torch.Tensor | Encoded) -> int:
+    """The data bytes a tensor (raw, or encoded: ``lepton.encodings.Encoded``) puts on the wire."""
+    if isinstance(tensor, Encoded):
+        return tensor.nbytes
+    return tensor.numel() * tensor.element_size()
+
+
 class _TensorHead:
-    """A tensor's bytes and the bytes of its chunks before their data."""
+    """A tensor's bytes and the bytes of its chunks before their data (and after it: the
+    encoding, field 6, of an encoded tensor). ``whole``: its data must travel as one chunk."""
 
-    __slots__ = ("prefix", "total", "data")
+    __slots__ = ("prefix", "total", "data", "suffix", "whole")
 
-    def __init__(self, name: str, tensor: torch.Tensor) -> None:
-        self.prefix = _prefix(name, tensor.dtype, tuple(tensor.shape))
-        self.data = tensor_bytes(tensor)
+    def __init__(self, name: str, tensor: torch.Tensor | Encoded) -> None:
+        if isinstance(tensor, Encoded):
+            self.prefix = _prefix(name, tensor.dtype, tensor.shape)
+            self.data = tensor_bytes(tensor.payload)
+            self.suffix = b"\x30" + _varint_bytes(tensor.encoding)
+            self.whole = tensor.encoding == TOPK
+        else:
+            self.prefix = _prefix(name, tensor.dtype, tuple(tensor.shape))
+            self.data = tensor_bytes(tensor)
+            self.suffix = b""
+            self.whole = False
         self.total = len(self.data)
 
     def chunk(self, offset: int, end: int) -> list:
         """The parts of the message field ``chunks`` (field 2) holding bytes [offset, end)."""
         n = end - offset
-        if not offset and n:  # the common case: a whole tensor, or the first chunk of one
+        if not offset and n and not self.suffix:  # the common case: a whole tensor, or the first chunk of one
             tail = b"\x2a" + _varint_bytes(n)
             return [b"\x12", _varint_bytes(len(self.prefix) + len(tail) + n), self.prefix, tail, self.data[:end]]
         body = [self.prefix]
@@ -311,15 +331,17 @@ class _TensorHead:
             body += [b"\x20", _varint_bytes(offset)]
         if n:
             body += [b"\x2a", _varint_bytes(n)]
-        size = sum(len(p) for p in body) + n
+        size = sum(len(p) for p in body) + n + len(self.suffix)
         parts: list[bytes | memoryview] = [b"\x12", _varint_bytes(size), *body]
         if n:
             parts.append(self.data[offset:end])
+        if self.suffix:
+            parts.append(self.suffix)
         return parts
 
 
 def _messages(
-    tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, first_prefix: bytes, prefix: bytes,
+    tensors: Iterable[tuple[str, torch.Tensor | Encoded]], chunk_bytes: int, first_prefix: bytes, prefix: bytes,
     first_suffix: bytes = b"",
 ) -> Iterator[bytes]:
     """Message bytes: ``first_prefix`` / ``prefix`` then the chunks of ``tensors`` grouped as
@@ -341,7 +363,7 @@ def _messages(
         head = _TensorHead(name, tensor)
         offset = 0
         while True:
-            end = min(head.total, offset + chunk_bytes)
+            end = head.total if head.whole else min(head.total, offset + chunk_bytes)
             n = end - offset
             if batch and size + n > chunk_bytes:
                 yield emit()
@@ -356,10 +378,11 @@ def _messages(
 
 
 def encode_push(
-    header: ppb.PushHeader, tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int
+    header: ppb.PushHeader, tensors: Iterable[tuple[str, torch.Tensor | Encoded]], chunk_bytes: int
 ) -> Iterator[bytes]:
     """The PushRequest messages of a push: the header in the first, chunks of at most
-    ``chunk_bytes`` data bytes each (at least one message)."""
+    ``chunk_bytes`` data bytes each (at least one message). An encoded tensor's chunks carry its
+    encoded bytes; a TOPK one travels as one chunk whatever its size (common.proto)."""
     h = header.SerializeToString()
     return _messages(tensors, chunk_bytes, b"\x0a" + _varint_bytes(len(h)) + h, b"")
 

@@ -32,7 +32,7 @@ class ParameterServerCollector(Collector):
         for name, old, text, value in (
             ("lepton_ps_pulled_bytes_total", "lepton_ps_bytes_pulled_total", "Parameter bytes sent to workers.",
              s.bytes_pulled),
-            ("lepton_ps_pushed_bytes_total", "lepton_ps_bytes_pushed_total", "Gradient bytes received from workers.",
+            ("lepton_ps_pushed_bytes_total", "lepton_ps_bytes_pushed_total", "Gradient bytes received (as sent).",
              s.bytes_pushed),
         ):
             yield CounterMetricFamily(name, text, value=value)

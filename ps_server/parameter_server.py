@@ -276,7 +276,10 @@ class ParameterServer:
         grads: Mapping[str, torch.Tensor],
         timeout_s: float,
         request_id: str = "",
+        wire_bytes: int | None = None,
     ) -> PushResult:
+        """``wire_bytes``: the gradient bytes as they travelled (compressed ones encoded), for the
+        ``bytes_pushed`` counter; None: the gradients' own size."""
         gate = self.gate
         try:
             self._authorise(member_id, incarnation)
@@ -288,7 +291,7 @@ class ParameterServer:
         except LeptonError:
             self._count(rejected=1)
             raise
-        self._count(bytes_pushed=sum(payload_bytes(g) for g in grads.values()))
+        self._count(bytes_pushed=sum(payload_bytes(g) for g in grads.values()) if wire_bytes is None else wire_bytes)
         outcome = gate.push(member_id, base_version, grads, sample_count, self._monotonic(), request_id)
         return gate.settle(outcome, timeout_s, member_id, request_id)
 
@@ -302,12 +305,13 @@ class ParameterServer:
         timeout_s: float,
         request_id: str = "",
         pack: Pack | None = None,
+        wire_bytes: int | None = None,
     ) -> tuple[PushResult, int, Any]:
         """Push, then the parameters as they are once it was applied (or found stale): dense
         tensors whole, of sparse ones the rows this push carried. Frozen tensors never change,
         so they are left out (a Pull gives them). With ``pack``, the parameters are
         ``pack(version, tensors, result)`` (see ``pull``)."""
-        result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id)
+        result = self.push(member_id, incarnation, base_version, sample_count, grads, timeout_s, request_id, wire_bytes)
         store = self.gate.store
         sparse = store.sparse
         specs = store.specs

@@ -9,6 +9,7 @@ import torch
 
 from lepton import codec, data_wire
 from lepton.errors import Cancelled, InvalidArgument, LeptonError
+from lepton.tensors import payload_bytes
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import parameter_server_pb2 as pb
 from lepton.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -108,9 +109,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             raise
         remaining = context.time_remaining()
         timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        encoded = assembler.encoded_bytes
+        wire = None if not encoded else (
+            sum(payload_bytes(g) for n, g in grads.items() if n not in encoded) + sum(encoded.values())
+        )
         return (
             *_member(header.member), header.base_version, header.sample_count, grads, timeout_s, header.request_id
-        )
+        ), wire
 
     def Pull(self, request, context):
         _, messages = self._server.pull(
@@ -119,15 +124,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         yield from messages
 
     def Push(self, request_iterator, context):
-        return _result(self._server.push(*self._decode_push(request_iterator, context)))
+        push, wire = self._decode_push(request_iterator, context)
+        return _result(self._server.push(*push, wire_bytes=wire))
 
     def PushPull(self, request_iterator, context):
-        _, _, messages = self._server.push_pull(*self._decode_push(request_iterator, context), pack=_STREAMED)
+        push, wire = self._decode_push(request_iterator, context)
+        _, _, messages = self._server.push_pull(*push, pack=_STREAMED, wire_bytes=wire)
         yield from messages
 
     def PushPullUnary(self, request, context):
-        push = self._decode_push(iter((request,)), context, one_message=True)
-        _, _, messages = self._server.push_pull(*push, pack=_ONE_MESSAGE)
+        push, wire = self._decode_push(iter((request,)), context, one_message=True)
+        _, _, messages = self._server.push_pull(*push, pack=_ONE_MESSAGE, wire_bytes=wire)
         return messages[0]
 
     # --- shared memory (ps_server/shm_sessions.py) ------------------------------------------------

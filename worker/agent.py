@@ -28,6 +28,7 @@ from lepton.errors import (
 from lepton.logs import bind
 from lepton.process import EXIT_JOB_FAILED
 from lepton.retry import RetryPolicy, call_with_retry
+from worker.compression import ErrorFeedback
 from worker.dataplane import ServerSet
 from worker.evaluation import evaluate_and_report, pull_for_evaluation
 from worker.heartbeat import Heartbeat
@@ -319,6 +320,7 @@ class WorkerAgent:
             self._servers = ServerSet(
                 self._trainer.tensors, self._coord.layout, lambda: self._member,
                 connect=self._ps_client, announced=lambda: self._heartbeat.layout_seen,
+                compression=ErrorFeedback.for_job(self._spec),
             )
             self._steps = SyncSteps(self._servers, self._stop, self._lease_clock.now, self._call_timeout_s())
             return self._loop()

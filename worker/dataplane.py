@@ -13,6 +13,7 @@ import torch
 from lepton.clients import LayoutInfo, MemberId, ParameterClient, PushReply, ServerInfo
 from lepton.errors import InvalidArgument
 from lepton.tensors import part, payload_bytes, rows_in, sparse_part
+from worker.compression import Compressed, ErrorFeedback
 
 T = TypeVar("T")
 
@@ -32,6 +33,8 @@ class ServerSet:
         member: returns the worker's identity on the servers (it changes on re-registration).
         connect: builds a ParameterClient for an address.
         announced: the newest layout version the worker has heard of (its heartbeats').
+        compression: compresses each server's share of a push, with error feedback
+            (worker/compression.py); None: gradients travel raw.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class ServerSet:
         *,
         connect: Callable[[str], ParameterClient] = ParameterClient,
         announced: Callable[[], int] = lambda: 0,
+        compression: ErrorFeedback | None = None,
     ) -> None:
         self.tensors = tensors
         self._layouts = layouts
@@ -53,8 +57,12 @@ class ServerSet:
         self._pool: ThreadPoolExecutor | None = None
         self.versions: dict[str, int] = {}  # server id -> the version of its last answer
         self.fresh = False  # the replica's dense tensors are what the servers last answered
-        self.bytes_pushed = 0
+        self.bytes_pushed = 0  # data bytes of pushes as sent (encoded, with compression)
         self.bytes_pulled = 0
+        self.compression = compression
+        # the encoded shares of the request id in hand, by (layout version, server id): a retry
+        # re-sends these bytes, and their residuals are committed when a server applies them
+        self._compressed: tuple[str, dict[tuple[int, str], Compressed]] = ("", {})
 
     # --- the layout ------------------------------------------------------------------------------
 
@@ -135,27 +143,46 @@ class ServerSet:
         """Pushes each server its share of ``grads`` (by whole tensor name) as of the version it
         last answered, and installs what each answers; returns each server's reply, by id. Row
         slices are views; a row-sparse gradient travels as the rows its slice holds; a tensor
-        without a gradient (or an unchanged buffer) is left out."""
+        without a gradient (or an unchanged buffer) is left out. With compression, each share is
+        encoded once per ``request_id`` (a retry re-sends those bytes) and its residuals are
+        committed when that server answers APPLIED."""
         member = self._identity()
+        layout_version = self.ensure_layout().version
+        if self._compressed[0] != request_id:  # a new push: what an earlier one left is settled
+            self._compressed = (request_id, {})
+        encoded = self._compressed[1]
 
         def push(server: ServerInfo, client: ParameterClient):
             share = {
-                t.name: sparse_part(grads[t.of], t) if t.sparse else part(grads, t)
+                t.name: (t, sparse_part(grads[t.of], t) if t.sparse else part(grads, t))
                 for t in server.tensors
                 if t.of in grads
             }
+            rows = {n: g.indices()[0] for n, (_, g) in share.items() if g.is_sparse}  # what comes back
+            sent: Compressed | None = None
+            if self.compression is not None:
+                key = (layout_version, server.member_id)
+                sent = encoded.get(key)
+                if sent is None:
+                    sent = encoded[key] = self.compression.compress(share)
+                wire = sent.tensors
+            else:
+                wire = {n: g for n, (_, g) in share.items()}
+            size = sum(payload_bytes(g) if isinstance(g, torch.Tensor) else g.nbytes for g in wire.values())
             reply, version, tensors = client.push_pull(
-                member, self.versions.get(server.member_id, 0), samples, share,
+                member, self.versions.get(server.member_id, 0), samples, wire,
                 timeout_s=timeout_s, request_id=request_id,
             )
-            rows = {n: g.indices()[0] for n, g in share.items() if g.is_sparse}  # what comes back
-            return server.member_id, reply, version, tensors, rows
+            return server.member_id, reply, version, tensors, rows, sent, size
 
-        self.bytes_pushed += sum(payload_bytes(g.coalesce() if g.is_sparse else g) for g in grads.values())
         replies = {}
-        for server_id, reply, version, tensors, rows in self.fan_out(push):
+        for server_id, reply, version, tensors, rows, sent, size in self.fan_out(push):
+            self.bytes_pushed += size
             self._received(server_id, version, tensors, rows)
             replies[server_id] = reply
+            if sent is not None and reply.applied and self.compression is not None:
+                self.compression.commit(sent)
+                sent.residuals.clear()  # committed once, even if this request id is pushed again
         return replies
 
     def server_versions(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ class WorkerCollector(Collector):
                 "Registrations (1 + re-registrations after fencing).",
                 a.registrations,
             ),
-            ("lepton_worker_pushed_bytes_total", "Gradient bytes pushed.", a.bytes_pushed),
+            ("lepton_worker_pushed_bytes_total", "Gradient bytes pushed (as sent).", a.bytes_pushed),
             ("lepton_worker_pulled_bytes_total", "Parameter bytes pulled.", a.bytes_pulled),
             # Deprecated names, kept for one release (docs/observability.md).
             ("lepton_worker_bytes_pushed_total", "Deprecated: lepton_worker_pushed_bytes_total.", a.bytes_pushed),

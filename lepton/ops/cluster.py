@@ -85,4 +85,6 @@ def job_flags(spec: JobSpec) -> list[str]:
         "--clip-grad-norm", repr(spec.clip_grad_norm),
         "--warmup-steps", str(spec.warmup_steps),
         "--accumulate", str(spec.accumulate),
+        "--gradient-compression", spec.gradient_compression,
+        "--topk-ratio", repr(spec.topk_ratio),
     ]

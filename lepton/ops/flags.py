@@ -13,6 +13,7 @@ import structlog
 from lepton import threads
 from lepton.config import (
     ASYNC_LR_SCALINGS,
+    GRADIENT_COMPRESSIONS,
     LR_SCHEDULES,
     MODES,
     PRECISIONS,
@@ -80,6 +81,11 @@ _JOB_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--clip-grad-norm": ("clip_grad_norm", float, "clip each push's whole-model gradient to this L2 norm (0: off)"),
     "--warmup-steps": ("warmup_steps", int, "linear lr warmup over this many server updates, times the schedule"),
     "--accumulate": ("accumulate", int, "batches whose mean gradient one push carries (gradient accumulation)"),
+    "--gradient-compression": (
+        "gradient_compression", str,
+        f"compress pushed gradients, with error feedback: {', '.join(GRADIENT_COMPRESSIONS)} (default none)",
+    ),
+    "--topk-ratio": ("topk_ratio", float, "topk: fraction of each tensor's elements a push sends, in (0, 1]"),
 }
 # JSON-object flags: flag -> JobSpec field.
 _JSON_FLAGS = {"--optimizer-kwargs": "optimizer_kwargs", "--lr-schedule-kwargs": "lr_schedule_kwargs"}

@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lepton/v1/common.proto\x12\tlepton.v1\x1a\x1cgoogle/protobuf/struct.proto\"o\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.lepton.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"3\n\tMemberRef\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x03\"]\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xee\x05\n\x07JobSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12+\n\toptimizer\x18\x05 \x01(\x0b\x32\x18.lepton.v1.OptimizerSpec\x12(\n\x04mode\x18\x06 \x01(\x0e\x32\x1a.lepton.v1.ConsistencyMode\x12\x18\n\x10shards_per_epoch\x18\x07 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x08 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\t \x01(\x01\x12\x19\n\x11parameter_servers\x18\n \x01(\x05\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x0c \x01(\x05\x12\x13\n\x0blr_schedule\x18\r \x01(\t\x12\x33\n\x12lr_schedule_kwargs\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tstaleness\x18\x0f \x01(\x05\x12\x17\n\x0flease_timeout_s\x18\x10 \x01(\x01\x12\x0c\n\x04loss\x18\x11 \x01(\t\x12\x1d\n\x04task\x18\x12 \x01(\x0e\x32\x0f.lepton.v1.Task\x12\x18\n\x10\x61sync_lr_scaling\x18\x13 \x01(\t\x12\x19\n\x11\x65val_every_epochs\x18( \x01(\x05\x12\x1d\n\x15\x65\x61rly_stopping_metric\x18) \x01(\t\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18* \x01(\x05\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x1e \x03(\t\x12\x14\n\x0clabel_column\x18\x1f \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x14 \x01(\t\x12\x11\n\tprecision\x18\x15 \x01(\t\x12\x16\n\x0e\x63lip_grad_norm\x18\x16 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x17 \x01(\x05\x12\x12\n\naccumulate\x18\x18 \x01(\x05\"\xbf\x01\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.lepton.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tparameter\x18\x04 \x01(\t\x12\x12\n\nrow_offset\x18\x05 \x01(\x03\x12\x17\n\x0fparameter_shape\x18\x06 \x03(\x03\x12\x0e\n\x06sparse\x18\x07 \x01(\x08\x12#\n\x04kind\x18\x08 \x01(\x0e\x32\x15.lepton.v1.TensorKind\"*\n\x0cRowSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x03(\x03*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*H\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLE_PARAMETER_SERVER\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02*\x84\x01\n\x0f\x43onsistencyMode\x12 \n\x1c\x43ONSISTENCY_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSISTENCY_MODE_ASYNC\x10\x01\x12\x19\n\x15\x43ONSISTENCY_MODE_SYNC\x10\x02\x12\x18\n\x14\x43ONSISTENCY_MODE_SSP\x10\x03*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*t\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TENSOR_KIND_PARAMETER\x10\x01\x12\x16\n\x12TENSOR_KIND_FROZEN\x10\x02\x12\x16\n\x12TENSOR_KIND_BUFFER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lepton/v1/common.proto\x12\tlepton.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x9c\x01\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.lepton.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12+\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x19.lepton.v1.TensorEncoding\"3\n\tMemberRef\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x03\"]\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc0\x06\n\x07JobSpec\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12+\n\toptimizer\x18\x05 \x01(\x0b\x32\x18.lepton.v1.OptimizerSpec\x12(\n\x04mode\x18\x06 \x01(\x0e\x32\x1a.lepton.v1.ConsistencyMode\x12\x18\n\x10shards_per_epoch\x18\x07 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x08 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\t \x01(\x01\x12\x19\n\x11parameter_servers\x18\n \x01(\x05\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x1e\n\x16\x63heckpoint_every_steps\x18\x0c \x01(\x05\x12\x13\n\x0blr_schedule\x18\r \x01(\t\x12\x33\n\x12lr_schedule_kwargs\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tstaleness\x18\x0f \x01(\x05\x12\x17\n\x0flease_timeout_s\x18\x10 \x01(\x01\x12\x0c\n\x04loss\x18\x11 \x01(\t\x12\x1d\n\x04task\x18\x12 \x01(\x0e\x32\x0f.lepton.v1.Task\x12\x18\n\x10\x61sync_lr_scaling\x18\x13 \x01(\t\x12\x19\n\x11\x65val_every_epochs\x18( \x01(\x05\x12\x1d\n\x15\x65\x61rly_stopping_metric\x18) \x01(\t\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18* \x01(\x05\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x1e \x03(\t\x12\x14\n\x0clabel_column\x18\x1f \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x14 \x01(\t\x12\x11\n\tprecision\x18\x15 \x01(\t\x12\x16\n\x0e\x63lip_grad_norm\x18\x16 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x17 \x01(\x05\x12\x12\n\naccumulate\x18\x18 \x01(\x05\x12<\n\x14gradient_compression\x18\x19 \x01(\x0e\x32\x1e.lepton.v1.GradientCompression\x12\x12\n\ntopk_ratio\x18\x1a \x01(\x01\"\xbf\x01\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.lepton.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tparameter\x18\x04 \x01(\t\x12\x12\n\nrow_offset\x18\x05 \x01(\x03\x12\x17\n\x0fparameter_shape\x18\x06 \x03(\x03\x12\x0e\n\x06sparse\x18\x07 \x01(\x08\x12#\n\x04kind\x18\x08 \x01(\x0e\x32\x15.lepton.v1.TensorKind\"*\n\x0cRowSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x03(\x03*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*\x99\x01\n\x0eTensorEncoding\x12\x1f\n\x1bTENSOR_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_ENCODING_FP16\x10\x01\x12\x18\n\x14TENSOR_ENCODING_BF16\x10\x02\x12\x18\n\x14TENSOR_ENCODING_TOPK\x10\x03\x12\x18\n\x14TENSOR_ENCODING_SIGN\x10\x04*H\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLE_PARAMETER_SERVER\x10\x01\x12\x0f\n\x0bROLE_WORKER\x10\x02*\x84\x01\n\x0f\x43onsistencyMode\x12 \n\x1c\x43ONSISTENCY_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSISTENCY_MODE_ASYNC\x10\x01\x12\x19\n\x15\x43ONSISTENCY_MODE_SYNC\x10\x02\x12\x18\n\x14\x43ONSISTENCY_MODE_SSP\x10\x03*J\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_CLASSIFICATION\x10\x01\x12\x13\n\x0fTASK_REGRESSION\x10\x02*\xd6\x01\n\x13GradientCompression\x12$\n GRADIENT_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1d\n\x19GRADIENT_COMPRESSION_NONE\x10\x01\x12\x1d\n\x19GRADIENT_COMPRESSION_FP16\x10\x02\x12\x1d\n\x19GRADIENT_COMPRESSION_BF16\x10\x03\x12\x1d\n\x19GRADIENT_COMPRESSION_TOPK\x10\x04\x12\x1d\n\x19GRADIENT_COMPRESSION_SIGN\x10\x05*t\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TENSOR_KIND_PARAMETER\x10\x01\x12\x16\n\x12TENSOR_KIND_FROZEN\x10\x02\x12\x16\n\x12TENSOR_KIND_BUFFER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lepton.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1320
-  _globals['_DTYPE']._serialized_end=1527
-  _globals['_ROLE']._serialized_start=1529
-  _globals['_ROLE']._serialized_end=1601
-  _globals['_CONSISTENCYMODE']._serialized_start=1604
-  _globals['_CONSISTENCYMODE']._serialized_end=1736
-  _globals['_TASK']._serialized_start=1738
-  _globals['_TASK']._serialized_end=1812
-  _globals['_TENSORKIND']._serialized_start=1814
-  _globals['_TENSORKIND']._serialized_end=1930
-  _globals['_TENSORCHUNK']._serialized_start=67
-  _globals['_TENSORCHUNK']._serialized_end=178
-  _globals['_MEMBERREF']._serialized_start=180
-  _globals['_MEMBERREF']._serialized_end=231
-  _globals['_OPTIMIZERSPEC']._serialized_start=233
-  _globals['_OPTIMIZERSPEC']._serialized_end=326
-  _globals['_JOBSPEC']._serialized_start=329
-  _globals['_JOBSPEC']._serialized_end=1079
-  _globals['_TENSORINFO']._serialized_start=1082
-  _globals['_TENSORINFO']._serialized_end=1273
-  _globals['_ROWSELECTION']._serialized_start=1275
-  _globals['_ROWSELECTION']._serialized_end=1317
+  _globals['_DTYPE']._serialized_start=1448
+  _globals['_DTYPE']._serialized_end=1655
+  _globals['_TENSORENCODING']._serialized_start=1658
+  _globals['_TENSORENCODING']._serialized_end=1811
+  _globals['_ROLE']._serialized_start=1813
+  _globals['_ROLE']._serialized_end=1885
+  _globals['_CONSISTENCYMODE']._serialized_start=1888
+  _globals['_CONSISTENCYMODE']._serialized_end=2020
+  _globals['_TASK']._serialized_start=2022
+  _globals['_TASK']._serialized_end=2096
+  _globals['_GRADIENTCOMPRESSION']._serialized_start=2099
+  _globals['_GRADIENTCOMPRESSION']._serialized_end=2313
+  _globals['_TENSORKIND']._serialized_start=2315
+  _globals['_TENSORKIND']._serialized_end=2431
+  _globals['_TENSORCHUNK']._serialized_start=68
+  _globals['_TENSORCHUNK']._serialized_end=224
+  _globals['_MEMBERREF']._serialized_start=226
+  _globals['_MEMBERREF']._serialized_end=277
+  _globals['_OPTIMIZERSPEC']._serialized_start=279
+  _globals['_OPTIMIZERSPEC']._serialized_end=372
+  _globals['_JOBSPEC']._serialized_start=375
+  _globals['_JOBSPEC']._serialized_end=1207
+  _globals['_TENSORINFO']._serialized_start=1210
+  _globals['_TENSORINFO']._serialized_end=1401
+  _globals['_ROWSELECTION']._serialized_start=1403
+  _globals['_ROWSELECTION']._serialized_end=1445
 # @@protoc_insertion_point(module_scope)

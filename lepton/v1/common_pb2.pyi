@@ -22,6 +22,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UINT8: _ClassVar[DType]
     DTYPE_BOOL: _ClassVar[DType]
 
+class TensorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_ENCODING_UNSPECIFIED: _ClassVar[TensorEncoding]
+    TENSOR_ENCODING_FP16: _ClassVar[TensorEncoding]
+    TENSOR_ENCODING_BF16: _ClassVar[TensorEncoding]
+    TENSOR_ENCODING_TOPK: _ClassVar[TensorEncoding]
+    TENSOR_ENCODING_SIGN: _ClassVar[TensorEncoding]
+
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROLE_UNSPECIFIED: _ClassVar[Role]
@@ -41,6 +49,15 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_CLASSIFICATION: _ClassVar[Task]
     TASK_REGRESSION: _ClassVar[Task]
 
+class GradientCompression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRADIENT_COMPRESSION_UNSPECIFIED: _ClassVar[GradientCompression]
+    GRADIENT_COMPRESSION_NONE: _ClassVar[GradientCompression]
+    GRADIENT_COMPRESSION_FP16: _ClassVar[GradientCompression]
+    GRADIENT_COMPRESSION_BF16: _ClassVar[GradientCompression]
+    GRADIENT_COMPRESSION_TOPK: _ClassVar[GradientCompression]
+    GRADIENT_COMPRESSION_SIGN: _ClassVar[GradientCompression]
+
 class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TENSOR_KIND_UNSPECIFIED: _ClassVar[TensorKind]
@@ -58,6 +75,11 @@ DTYPE_INT16: DType
 DTYPE_INT8: DType
 DTYPE_UINT8: DType
 DTYPE_BOOL: DType
+TENSOR_ENCODING_UNSPECIFIED: TensorEncoding
+TENSOR_ENCODING_FP16: TensorEncoding
+TENSOR_ENCODING_BF16: TensorEncoding
+TENSOR_ENCODING_TOPK: TensorEncoding
+TENSOR_ENCODING_SIGN: TensorEncoding
 ROLE_UNSPECIFIED: Role
 ROLE_PARAMETER_SERVER: Role
 ROLE_WORKER: Role
@@ -68,24 +90,32 @@ CONSISTENCY_MODE_SSP: ConsistencyMode
 TASK_UNSPECIFIED: Task
 TASK_CLASSIFICATION: Task
 TASK_REGRESSION: Task
+GRADIENT_COMPRESSION_UNSPECIFIED: GradientCompression
+GRADIENT_COMPRESSION_NONE: GradientCompression
+GRADIENT_COMPRESSION_FP16: GradientCompression
+GRADIENT_COMPRESSION_BF16: GradientCompression
+GRADIENT_COMPRESSION_TOPK: GradientCompression
+GRADIENT_COMPRESSION_SIGN: GradientCompression
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_PARAMETER: TensorKind
 TENSOR_KIND_FROZEN: TensorKind
 TENSOR_KIND_BUFFER: TensorKind
 
 class TensorChunk(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "offset_bytes", "data")
+    __slots__ = ("name", "dtype", "shape", "offset_bytes", "data", "encoding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset_bytes: int
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    encoding: TensorEncoding
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[_Union[TensorEncoding, str]] = ...) -> None: ...
 
 class MemberRef(_message.Message):
     __slots__ = ("member_id", "incarnation")
@@ -106,7 +136,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience", "feature_columns", "label_column", "device", "precision", "clip_grad_norm", "warmup_steps", "accumulate")
+    __slots__ = ("dataset", "model", "epochs", "batch_size", "optimizer", "mode", "shards_per_epoch", "heartbeat_interval_s", "heartbeat_timeout_s", "parameter_servers", "seed", "checkpoint_every_steps", "lr_schedule", "lr_schedule_kwargs", "staleness", "lease_timeout_s", "loss", "task", "async_lr_scaling", "eval_every_epochs", "early_stopping_metric", "early_stopping_patience", "feature_columns", "label_column", "device", "precision", "clip_grad_norm", "warmup_steps", "accumulate", "gradient_compression", "topk_ratio")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +166,8 @@ class JobSpec(_message.Message):
     CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     model: str
     epochs: int
@@ -165,7 +197,9 @@ class JobSpec(_message.Message):
     clip_grad_norm: float
     warmup_steps: int
     accumulate: int
-    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., feature_columns: _Optional[_Iterable[str]] = ..., label_column: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., clip_grad_norm: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., accumulate: _Optional[int] = ...) -> None: ...
+    gradient_compression: GradientCompression
+    topk_ratio: float
+    def __init__(self, dataset: _Optional[str] = ..., model: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., shards_per_epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., parameter_servers: _Optional[int] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., lr_schedule_kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., staleness: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., loss: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., async_lr_scaling: _Optional[str] = ..., eval_every_epochs: _Optional[int] = ..., early_stopping_metric: _Optional[str] = ..., early_stopping_patience: _Optional[int] = ..., feature_columns: _Optional[_Iterable[str]] = ..., label_column: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., clip_grad_norm: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., accumulate: _Optional[int] = ..., gradient_compression: _Optional[_Union[GradientCompression, str]] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "parameter", "row_offset", "parameter_shape", "sparse", "kind")
