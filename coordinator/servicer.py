@@ -185,6 +185,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         return heartbeat_to_proto(reply)
 
+    def HeartbeatStream(self, request_iterator, context) -> Iterator[pb.HeartbeatStreamResponse]:
+        for request in request_iterator:
+            if not request.HasField("heartbeat"):
+                raise InvalidArgument("heartbeat is required in every HeartbeatStreamRequest")
+            yield pb.HeartbeatStreamResponse(heartbeat=self.Heartbeat(request.heartbeat, context))
+
     def Deregister(self, request, context):
         moved = self._job.deregister(*_member(request.member), self._now())
         return pb.DeregisterResponse(shards_requeued=moved)

@@ -1,9 +1,15 @@
 """The worker's heartbeat thread: it keeps the current incarnation alive and its lease renewed,
-and notes what the coordinator answers (fencing, the layout version, the job's state)."""
+and notes what the coordinator answers (fencing, the layout version, the job's state).
+
+Beats travel on one long-lived HeartbeatStream (``CoordinatorClient.beat``). A beat is skipped
+when another call that renews the member (a lease, progress or completion) succeeded within the
+last interval, as the coordinator counts those as proof of life too; but at most
+``MAX_SKIPPED_BEATS`` in a row, so the job's state and layout still arrive every few intervals."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -14,6 +20,7 @@ from lepton.errors import Fenced, LeptonError
 from worker.lease import LeaseClock
 
 log = structlog.get_logger("lepton.worker")
+MAX_SKIPPED_BEATS = 3
 
 
 class Heartbeat:
@@ -32,12 +39,14 @@ class Heartbeat:
         self.job_over = threading.Event()
         self.state: JobState | None = None
         self.layout_seen = 0
+        self.skipped = 0  # beats left out because another call had just renewed the member
 
     def start(self, interval_s: float) -> None:
         threading.Thread(target=self._run, args=(interval_s,), name="heartbeat", daemon=True).start()
 
     def _run(self, interval_s: float) -> None:
         failures = 0
+        skipped_in_a_row = 0
         # Beats on after a stop is asked for (a SIGTERM while loading data and model must not let
         # the member be declared dead before it deregisters) until the agent returns.
         while not self.job_over.wait(interval_s):
@@ -45,8 +54,14 @@ class Heartbeat:
             if member is None or self.fenced.is_set():
                 continue
             sent = self._lease.now()
+            renewed = self._coord.renewal_sent(member)
+            if renewed is not None and time.monotonic() - renewed < interval_s and skipped_in_a_row < MAX_SKIPPED_BEATS:
+                skipped_in_a_row += 1
+                self.skipped += 1
+                continue
+            skipped_in_a_row = 0
             try:
-                reply = self._coord.heartbeat(member)
+                reply = self._coord.beat(member)
                 failures = 0
                 if member == self._member():
                     self._lease.renewed(sent)  # a heartbeat renews the member's leases
