@@ -9,11 +9,12 @@ What runs:
     and answering no checkpoint orders (checkpoints are off).
 
     *workers*: ``--workers`` simulated workers. Each registers, heartbeats every heartbeat interval
-    (default 0.5 s, 2 Hz) as the real worker does (``--protocol stream``, the default: on one
-    HeartbeatStream per worker, skipping a beat when a lease, progress or completion call succeeded
-    within the last interval, but never more than worker/heartbeat.py's MAX_SKIPPED_BEATS in a row;
-    ``--protocol unary``: one Heartbeat call per beat, never skipped, as workers did before) and,
-    beside it, leases a shard (a long poll of ``--lease-wait`` s), reports
+    (default 0.5 s, 2 Hz) or at the interval the coordinator's replies direct, as the real worker
+    does (``--protocol stream``, the default: on one HeartbeatStream per worker, skipping a beat
+    when a lease, progress or completion call succeeded within the last interval, but never more
+    than worker/heartbeat.py's MAX_SKIPPED_BEATS in a row; ``--protocol unary``: the same with one
+    Heartbeat call per beat; ``--protocol legacy``: one Heartbeat call every interval, never
+    skipped nor directed, as workers did before) and, beside it, leases a shard (a long poll of ``--lease-wait`` s), reports
     progress ``--progress`` times ``--progress-interval`` apart and completes it, then leases again
     (WAIT answers are obeyed).
 
@@ -76,6 +77,7 @@ class ClientTally:
     failures: Counter = field(default_factory=Counter)
     shards_completed: int = 0
     heartbeats_skipped: int = 0
+    directed_interval_s: float = 0.0  # the longest interval the coordinator directed
 
 
 async def _call(tally: ClientTally, name: str, method, request):  # type: ignore[no-untyped-def]
@@ -182,6 +184,7 @@ class _Stream:
 
 async def _worker_heartbeats(  # type: ignore[no-untyped-def]
     stub, tally: ClientTally, member, interval_s: float, end: float, protocol: str, renewals: _Renewals,
+    directed: bool = True,
 ) -> None:
     await asyncio.sleep(random.uniform(0, interval_s))
     next_at = time.monotonic()
@@ -191,7 +194,7 @@ async def _worker_heartbeats(  # type: ignore[no-untyped-def]
         while time.monotonic() < end:
             next_at += interval_s
             renewed = renewals.sent.get(member.member_id)
-            if (stream is not None and renewed is not None and time.monotonic() - renewed < interval_s
+            if (protocol != "legacy" and renewed is not None and time.monotonic() - renewed < interval_s
                     and skipped_in_a_row < MAX_SKIPPED_BEATS):
                 skipped_in_a_row += 1
                 tally.heartbeats_skipped += 1
@@ -208,6 +211,10 @@ async def _worker_heartbeats(  # type: ignore[no-untyped-def]
                 tally.heartbeat_ms.append((time.perf_counter() - start) * 1e3)
                 if reply.job_state in TERMINAL_STATES:
                     return
+                if directed and reply.heartbeat_interval_s > 0 and reply.heartbeat_interval_s != interval_s:
+                    next_at += reply.heartbeat_interval_s - interval_s
+                    interval_s = reply.heartbeat_interval_s
+                    tally.directed_interval_s = max(tally.directed_interval_s, interval_s)
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     finally:
         if stream is not None:
@@ -260,7 +267,9 @@ async def _worker(stub, tally: ClientTally, args: argparse.Namespace, end: float
     member = await _register(stub, tally, common.ROLE_WORKER)
     renewals = _Renewals()
     await asyncio.gather(
-        _worker_heartbeats(stub, tally, member, args.heartbeat_interval, end, args.protocol, renewals),
+        _worker_heartbeats(
+            stub, tally, member, args.heartbeat_interval, end, args.protocol, renewals, args.protocol != "legacy"
+        ),
         _worker_shards(stub, tally, member, args, end, renewals),
     )
 
@@ -281,6 +290,7 @@ def client_main(args: argparse.Namespace) -> None:
     Path(args.client_out).write_text(json.dumps({
         "heartbeat_ms": tally.heartbeat_ms, "calls": tally.calls, "failures": tally.failures,
         "shards_completed": tally.shards_completed, "heartbeats_skipped": tally.heartbeats_skipped,
+        "directed_interval_s": tally.directed_interval_s,
     }))
 
 
@@ -298,6 +308,7 @@ class RunResult:
     heartbeat_p99_ms: float
     heartbeat_max_ms: float
     heartbeats_skipped: int
+    directed_interval_s: float
     calls: int
     failures: dict[str, int]
     shards_completed: int
@@ -376,6 +387,7 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
         calls: Counter = Counter()
         failures: Counter = Counter()
         shards = skipped = 0
+        directed = 0.0
         for i in range(args.client_procs):
             part = json.loads((work / f"client-{i}.json").read_text())
             heartbeats += part["heartbeat_ms"]
@@ -383,11 +395,13 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
             failures.update(part["failures"])
             shards += part["shards_completed"]
             skipped += part["heartbeats_skipped"]
+            directed = max(directed, part["directed_interval_s"])
         return RunResult(
             config=config, protocol=args.protocol, workers=args.workers, seconds=round(wall, 1), heartbeats=len(heartbeats),
             heartbeat_p50_ms=round(_percentile(heartbeats, 0.50), 2),
             heartbeat_p99_ms=round(_percentile(heartbeats, 0.99), 2),
             heartbeat_max_ms=round(max(heartbeats, default=float("nan")), 2), heartbeats_skipped=skipped,
+            directed_interval_s=directed,
             calls=sum(n for name, n in calls.items() if not name.endswith(":message")), failures=dict(failures), shards_completed=shards,
             coordinator_cpu_share=round(cpu / wall, 3), members_declared_dead=status.members_declared_dead,
             job_state=cpb.JobState.Name(status.state),
@@ -410,12 +424,13 @@ def _print(results: list[RunResult], args: argparse.Namespace) -> None:
     print(f"# coordinator scale: {args.workers} workers, {args.servers} servers, {args.seconds:.0f} s, "
           f"heartbeat every {args.heartbeat_interval} s (timeout {args.heartbeat_timeout} s, {args.protocol}), "
           f"{platform.node()} {os.cpu_count()} cpus")
-    header = ("config", "hb p50 ms", "hb p99 ms", "hb max ms", "heartbeats", "skipped", "calls", "shards",
+    header = ("config", "hb p50 ms", "hb p99 ms", "hb max ms", "heartbeats", "skipped", "interval s", "calls", "shards",
               "coord cpu", "dead", "state", "failures")
     print(" | ".join(header))
     for r in results:
         print(" | ".join(str(x) for x in (
             r.config, r.heartbeat_p50_ms, r.heartbeat_p99_ms, r.heartbeat_max_ms, r.heartbeats, r.heartbeats_skipped,
+            r.directed_interval_s or args.heartbeat_interval,
             r.calls, r.shards_completed,
             f"{r.coordinator_cpu_share:.0%}", r.members_declared_dead, r.job_state,
             ", ".join(f"{k}={v}" for k, v in sorted(r.failures.items())) or "-",
@@ -443,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-wait", type=float, default=1.0,
                         help="LeaseShard max_wait_s (long poll; 0: the coordinator answers WAIT at once)")
     parser.add_argument("--client-procs", type=int, default=2)
-    parser.add_argument("--protocol", choices=("stream", "unary"), default="stream",
-                        help="stream: HeartbeatStream with piggybacked liveness (the worker's); unary: Heartbeat calls")
+    parser.add_argument("--protocol", choices=("stream", "unary", "legacy"), default="stream",
+                        help="stream: the worker's (HeartbeatStream, skipped and directed beats); unary: the same "
+                        "with Heartbeat calls; legacy: a Heartbeat call every interval")
     parser.add_argument("--configs", default="state,memory", help="comma list of: state (SQLite state dir), memory")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows here")

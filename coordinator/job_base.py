@@ -35,6 +35,7 @@ from coordinator.events import EventKind, EventLog
 from coordinator.fleet import ServerFleet
 from coordinator.job_types import EvaluationResult, JobState, Progress, WorkerView
 from coordinator.layout import Layout
+from coordinator.liveness import LivenessScale
 from coordinator.ledger import Completion, ShardLedger
 from coordinator.membership import MembershipTable, Role
 from coordinator.state_codec import (
@@ -107,6 +108,7 @@ class JobCore:
         self._job_changed = threading.Condition(self._lock)  # LeaseShard long polls wait on it
         self._lease_waiters = 0
         self._members = MembershipTable(spec.heartbeat_timeout_s)
+        self._liveness = LivenessScale(spec.heartbeat_interval_s, spec.heartbeat_timeout_s)
         self._ledger = ShardLedger(
             num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts,
             lease_timeout_s=spec.lease_timeout_s,

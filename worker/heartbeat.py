@@ -1,7 +1,8 @@
 """The worker's heartbeat thread: it keeps the current incarnation alive and its lease renewed,
 and notes what the coordinator answers (fencing, the layout version, the job's state).
 
-Beats travel on one long-lived HeartbeatStream (``CoordinatorClient.beat``). A beat is skipped
+It beats at the interval the coordinator's last reply directed (``HeartbeatReply.interval_s``,
+coordinator/liveness.py), else at the job's. Beats travel on one long-lived HeartbeatStream (``CoordinatorClient.beat``). A beat is skipped
 when another call that renews the member (a lease, progress or completion) succeeded within the
 last interval, as the coordinator counts those as proof of life too; but at most
 ``MAX_SKIPPED_BEATS`` in a row, so the job's state and layout still arrive every few intervals."""
@@ -75,6 +76,8 @@ class Heartbeat:
                 if failures == 1 or failures % 20 == 0:
                     log.warning("heartbeat_failed", error=str(exc), failures=failures)
                 continue
+            if reply.interval_s > 0:
+                interval_s = reply.interval_s
             self.layout_seen = max(self.layout_seen, reply.layout_version)
             self.state = reply.state
             if reply.state.terminal:

@@ -155,8 +155,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s. Returns the
-        job state and, to parameter servers, the worker membership they fence pushes against.
+        """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s (a worker:
+        every HeartbeatResponse.heartbeat_interval_s once a reply names one). Returns the job state
+        and, to parameter servers, the worker membership they fence pushes against.
         Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation: re-register).
         Retryable: UNAVAILABLE (idempotent; or simply send the next heartbeat).
         """
