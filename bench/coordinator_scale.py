@@ -12,11 +12,11 @@ What runs:
     (default 0.5 s, 2 Hz) or at the interval the coordinator's replies direct, as the real worker
     does (``--protocol stream``, the default: on one HeartbeatStream per worker, skipping a beat
     when a lease, progress or completion call succeeded within the last interval, but never more
-    than worker/heartbeat.py's MAX_SKIPPED_BEATS in a row; ``--protocol unary``: the same with one
+    than worker/heartbeat.py ``may_skip`` allows; ``--protocol unary``: the same with one
     Heartbeat call per beat; ``--protocol legacy``: one Heartbeat call every interval, never
-    skipped nor directed, as workers did before) and, beside it, leases a shard (a long poll of ``--lease-wait`` s), reports
-    progress ``--progress`` times ``--progress-interval`` apart and completes it, then leases again
-    (WAIT answers are obeyed).
+    skipped nor directed, as workers did before) and, beside it, leases a shard (a long poll of
+    ``--lease-wait`` s), reports progress ``--progress`` times ``--progress-interval`` apart and
+    completes it, then leases again (WAIT answers are obeyed).
 
     Clients are asyncio gRPC (``grpc.aio``) split over ``--client-procs`` processes so that the
     clients' own event loops do not dominate the latencies they measure.
@@ -58,7 +58,11 @@ from grpc import aio
 from lepton.v1 import common_pb2 as common
 from lepton.v1 import coordinator_pb2 as cpb
 from lepton.v1 import coordinator_pb2_grpc as cpb_grpc
-from worker.heartbeat import MAX_SKIPPED_BEATS
+
+try:
+    from worker.heartbeat import may_skip
+except ImportError:  # run against an older tree's coordinator: --protocol legacy only
+    may_skip = None
 
 CALL_TIMEOUT_S = 10.0
 RETRIES_WHEN_REFUSED = 7
@@ -165,8 +169,9 @@ class _Stream:
                 self._call = self._stub.HeartbeatStream(timeout=3600)
             await self._call.write(cpb.HeartbeatStreamRequest(heartbeat=request))
             reply = await asyncio.wait_for(self._call.read(), CALL_TIMEOUT_S)
-        except (aio.AioRpcError, asyncio.TimeoutError) as exc:
-            code = exc.code().name if isinstance(exc, aio.AioRpcError) else "TIMEOUT"
+        except (TimeoutError, aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # InvalidStateError: a write after the server ended the call (it ends with the beat's error)
+            code = exc.code().name if isinstance(exc, aio.AioRpcError) else type(exc).__name__
             tally.failures[f"HeartbeatStream:{code}"] += 1
             if self._call is not None:
                 self._call.cancel()
@@ -190,17 +195,18 @@ async def _worker_heartbeats(  # type: ignore[no-untyped-def]
     next_at = time.monotonic()
     stream = _Stream(stub) if protocol == "stream" else None
     skipped_in_a_row = 0
+    last_beat = time.monotonic()
     try:
         while time.monotonic() < end:
             next_at += interval_s
             renewed = renewals.sent.get(member.member_id)
-            if (protocol != "legacy" and renewed is not None and time.monotonic() - renewed < interval_s
-                    and skipped_in_a_row < MAX_SKIPPED_BEATS):
+            if protocol != "legacy" and may_skip(renewed, last_beat, interval_s, skipped_in_a_row, time.monotonic()):
                 skipped_in_a_row += 1
                 tally.heartbeats_skipped += 1
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 continue
             skipped_in_a_row = 0
+            last_beat = time.monotonic()
             start = time.perf_counter()
             request = cpb.HeartbeatRequest(member=member)
             if stream is not None:
@@ -314,6 +320,7 @@ class RunResult:
     shards_completed: int
     coordinator_cpu_share: float
     members_declared_dead: int
+    dead_servers: int
     job_state: str
 
 
@@ -378,11 +385,14 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
                 "--progress", str(args.progress), "--progress-interval", str(args.progress_interval),
                 "--lease-wait", str(args.lease_wait), "--protocol", args.protocol,
             ]))
-        for client in clients:
-            client.wait(timeout=args.seconds + 120)
+        # The job as it stands at the end of the run, before the clients stop beating (servers
+        # silent past the timeout while 1,000 clients shut down would count as dead).
+        time.sleep(max(0.0, wall_before + args.seconds - 0.5 - time.monotonic()))
         cpu = _cpu_seconds(coordinator.pid) - cpu_before
         wall = time.monotonic() - wall_before
         status = _status(address)
+        for client in clients:
+            client.wait(timeout=args.seconds + 120)
         heartbeats: list[float] = []
         calls: Counter = Counter()
         failures: Counter = Counter()
@@ -397,13 +407,16 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
             skipped += part["heartbeats_skipped"]
             directed = max(directed, part["directed_interval_s"])
         return RunResult(
-            config=config, protocol=args.protocol, workers=args.workers, seconds=round(wall, 1), heartbeats=len(heartbeats),
+            config=config, protocol=args.protocol, workers=args.workers, seconds=round(wall, 1),
+            heartbeats=len(heartbeats),
             heartbeat_p50_ms=round(_percentile(heartbeats, 0.50), 2),
             heartbeat_p99_ms=round(_percentile(heartbeats, 0.99), 2),
             heartbeat_max_ms=round(max(heartbeats, default=float("nan")), 2), heartbeats_skipped=skipped,
             directed_interval_s=directed,
-            calls=sum(n for name, n in calls.items() if not name.endswith(":message")), failures=dict(failures), shards_completed=shards,
-            coordinator_cpu_share=round(cpu / wall, 3), members_declared_dead=status.members_declared_dead,
+            calls=sum(n for name, n in calls.items() if not name.endswith(":message")), failures=dict(failures),
+            shards_completed=shards, coordinator_cpu_share=round(cpu / wall, 3),
+            members_declared_dead=status.members_declared_dead,
+            dead_servers=sum(1 for m in status.members if m.role == common.ROLE_PARAMETER_SERVER and not m.alive),
             job_state=cpb.JobState.Name(status.state),
         )
     finally:
@@ -417,7 +430,10 @@ def run_once(args: argparse.Namespace, config: str) -> RunResult:
         except subprocess.TimeoutExpired:
             coordinator.kill()
             coordinator.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _print(results: list[RunResult], args: argparse.Namespace) -> None:
@@ -432,7 +448,7 @@ def _print(results: list[RunResult], args: argparse.Namespace) -> None:
             r.config, r.heartbeat_p50_ms, r.heartbeat_p99_ms, r.heartbeat_max_ms, r.heartbeats, r.heartbeats_skipped,
             r.directed_interval_s or args.heartbeat_interval,
             r.calls, r.shards_completed,
-            f"{r.coordinator_cpu_share:.0%}", r.members_declared_dead, r.job_state,
+            f"{r.coordinator_cpu_share:.0%}", f"{r.members_declared_dead} ({r.dead_servers} ps)", r.job_state,
             ", ".join(f"{k}={v}" for k, v in sorted(r.failures.items())) or "-",
         )))
     for config in dict.fromkeys(r.config for r in results):
@@ -464,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="state,memory", help="comma list of: state (SQLite state dir), memory")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--keep", action="store_true", help="keep each run's directory (coordinator.log)")
     parser.add_argument("--_client-out", dest="client_out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_address", dest="address", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

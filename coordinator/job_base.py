@@ -35,8 +35,8 @@ from coordinator.events import EventKind, EventLog
 from coordinator.fleet import ServerFleet
 from coordinator.job_types import EvaluationResult, JobState, Progress, WorkerView
 from coordinator.layout import Layout
-from coordinator.liveness import LivenessScale
 from coordinator.ledger import Completion, ShardLedger
+from coordinator.liveness import LivenessScale
 from coordinator.membership import MembershipTable, Role
 from coordinator.state_codec import (
     MEMBER_ROWS,

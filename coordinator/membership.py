@@ -145,7 +145,10 @@ class MembershipTable:
         """Declares dead every live member silent for longer than the timeout (for workers
         ``worker_timeout_s`` if given: coordinator/liveness.py); returns them."""
         dead = []
-        timeouts = {Role.PARAMETER_SERVER: self.heartbeat_timeout_s, Role.WORKER: worker_timeout_s or self.heartbeat_timeout_s}
+        timeouts = {
+            Role.PARAMETER_SERVER: self.heartbeat_timeout_s,
+            Role.WORKER: worker_timeout_s or self.heartbeat_timeout_s,
+        }
         with self._liveness:
             for member in self._members.values():
                 if member.alive and now - member.last_heartbeat > timeouts[member.role]:
