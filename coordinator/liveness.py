@@ -5,7 +5,8 @@ A coordinator can answer only so many heartbeats a second. With few workers they
 ``heartbeat_interval_s``; with more than ``beats_per_s`` times that interval's worth, each is told
 (in every heartbeat reply) to beat ``scale`` times less often, so that all of them together send
 about ``beats_per_s`` beats a second, and the heartbeat timeout grows by the same ``scale``.
-The scale never exceeds ``max_scale``.
+The scale never exceeds ``max_scale`` (the job's: at most 10, and the interval at most a quarter
+of the lease timeout, as heartbeats renew leases).
 
 The timeout may shrink only once no worker can still be beating at a longer interval it was told
 earlier: a scale announced is honoured for one (scaled) timeout after the last time it was

@@ -114,8 +114,9 @@ class Limits:
 
     def threads(self) -> int:
         """A thread pool this large always has a thread for an admitted call: no class can hold
-        more than its limit, so a call of another class never waits behind it."""
-        return sum(c.limit for c in self.classes) + SPARE_THREADS
+        more than its limit, so a call of another class never waits behind it. The liveness class
+        is left out: only the coordinator serves it, and adds a thread per stream it admits."""
+        return sum(c.limit for c in self.classes if c.name != LIVENESS) + SPARE_THREADS
 
     def configured(
         self, overrides: Iterable[str] = (), idle_s: float | None = None, lifetime_s: float | None = None

@@ -106,3 +106,16 @@ def test_a_lease_request_keeps_a_worker_alive_like_a_heartbeat(clock):
         assert job.tick(clock.now()) == []
     dead = run(job, clock, TIMEOUT_S + 0.5, [ps])
     assert [m.member_id for m in dead] == [w.member_id]  # once silent, it dies on time
+
+
+def test_the_directed_interval_stays_within_a_quarter_of_the_lease_timeout(clock):
+    spec = JobSpec(
+        epochs=1, shards_per_epoch=4, parameter_servers=1, heartbeat_interval_s=INTERVAL_S,
+        heartbeat_timeout_s=TIMEOUT_S, lease_timeout_s=4.0,
+    )
+    job = Job(spec, 40, {"w": torch.zeros(4, 3)}, events=EventLog(wall_clock=lambda: 0.0))
+    members = [job.register(Role.WORKER, "", clock.now()) for _ in range(2000)]
+    clock.advance(job.tick_interval_s)
+    job.tick(clock.now())
+    reply = job.heartbeat(members[0].member_id, members[0].incarnation, clock.now())
+    assert reply.interval_s == pytest.approx(1.0)  # 2,000 workers would want 2.5 s; the lease allows 1 s
