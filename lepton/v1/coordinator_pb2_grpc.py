@@ -174,9 +174,9 @@ class CoordinatorServicer:
         succeeded. The server ends a stream that sends nothing for the coordinator's stream idle time
         (--stream-idle-timeout, 10 s by default) with DEADLINE_EXCEEDED; reopen it.
         Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation: re-register),
-        INVALID_ARGUMENT (a request without heartbeat), DEADLINE_EXCEEDED (idle past the stream idle
-        time), RESOURCE_EXHAUSTED (the coordinator holds as many streams as its liveness class
-        admits). Each ends the stream.
+        INVALID_ARGUMENT (a request without heartbeat; a stream closed before its first request),
+        DEADLINE_EXCEEDED (idle past the stream idle time), RESOURCE_EXHAUSTED (the coordinator holds
+        as many streams as its liveness class admits). Each ends the stream.
         Retryable: UNAVAILABLE, DEADLINE_EXCEEDED (reopen); RESOURCE_EXHAUSTED (back off, or beat
         with Heartbeat meanwhile).
         """

@@ -74,6 +74,9 @@ def test_a_beat_without_heartbeat_or_from_a_fenced_member_ends_the_stream_with_i
             list(stub.HeartbeatStream(iter([cpb.HeartbeatStreamRequest()]), timeout=10))
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "heartbeat is required" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            list(stub.HeartbeatStream(iter([]), timeout=10))
+        assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         job.deregister(member.member_id, member.incarnation, clock.now())
         with pytest.raises(grpc.RpcError) as fenced:
             list(stub.HeartbeatStream(
