@@ -15,8 +15,8 @@ import torch
 from coordinator.job import Job
 from coordinator.membership import Role
 from coordinator.servicer import CoordinatorServicer, registration
-from lepton.clock import MonotonicClock
 from lepton.clients import CoordinatorClient
+from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from lepton.control_wire import member_from_ref
 from lepton.domain import LeaseOutcome
