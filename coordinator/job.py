@@ -135,6 +135,7 @@ class Job(EvaluationOps):
 
     def _lease(self, member_id: str, incarnation: int, now: float) -> LeaseDecision:
         self._worker(member_id, incarnation)
+        self._members.heartbeat(member_id, incarnation, now)  # asking for work proves life too
         wait = LeaseDecision(LeaseOutcome.WAIT, retry_after_s=self.spec.heartbeat_interval_s / 2)
         if self._state.terminal:
             return LeaseDecision(LeaseOutcome.JOB_DONE)

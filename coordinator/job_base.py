@@ -36,6 +36,7 @@ from coordinator.fleet import ServerFleet
 from coordinator.job_types import EvaluationResult, JobState, Progress, WorkerView
 from coordinator.layout import Layout
 from coordinator.ledger import Completion, ShardLedger
+from coordinator.liveness import MAX_SCALE, LivenessScale
 from coordinator.membership import MembershipTable, Role
 from coordinator.state_codec import (
     MEMBER_ROWS,
@@ -107,6 +108,11 @@ class JobCore:
         self._job_changed = threading.Condition(self._lock)  # LeaseShard long polls wait on it
         self._lease_waiters = 0
         self._members = MembershipTable(spec.heartbeat_timeout_s)
+        # A directed interval stays within a quarter of the lease timeout: heartbeats renew leases.
+        self._liveness = LivenessScale(
+            spec.heartbeat_interval_s, spec.heartbeat_timeout_s,
+            max_scale=max(1.0, min(MAX_SCALE, spec.lease_timeout_s / 4 / spec.heartbeat_interval_s)),
+        )
         self._ledger = ShardLedger(
             num_train_samples, spec.shards_per_epoch, spec.epochs, max_attempts=max_shard_attempts,
             lease_timeout_s=spec.lease_timeout_s,

@@ -106,9 +106,10 @@ class MembershipOps(LifecycleOps):
         if checkpoint is None and known is not None and known.role is Role.WORKER:
             # The liveness path: the membership table's own lock, then the last committed view.
             # The worker's lease is renewed from this heartbeat by the next tick.
-            self._members.heartbeat(member_id, incarnation, now, interval_s)
+            directed_s = self._liveness.announced()
+            self._members.heartbeat(member_id, incarnation, now, directed_s)
             view = self.view
-            return HeartbeatReply(view.state, view.layout_version, (), view.fence_version)
+            return HeartbeatReply(view.state, view.layout_version, (), view.fence_version, interval_s=directed_s)
         with self._changing():
             if checkpoint is not None:
                 checkpoint.check()  # a malformed report rejects the heartbeat before anything changes
@@ -159,7 +160,12 @@ class MembershipOps(LifecycleOps):
             # Judged right after: a member heard before the stall is no later than usual, and
             # one silent before it still dies even if every tick comes late.
             self._excuse_stall(now - last, now)
-        dead = [(m, f"{self.spec.heartbeat_timeout_s:g}s without heartbeat") for m in self._members.expire(now)]
+        self._liveness.update(sum(1 for m in self._members.members(Role.WORKER) if m.alive), now)
+        worker_timeout_s = self._liveness.worker_timeout_s(now)
+        dead = [
+            (m, f"{worker_timeout_s if m.role is Role.WORKER else self.spec.heartbeat_timeout_s:g}s without heartbeat")
+            for m in self._members.expire(now, worker_timeout_s)
+        ]
         self._ledger.renew_from(self._members.heard_since, now)  # heartbeats renew their leases
         dead += [(m, f"{self.spec.lease_timeout_s:g}s without renewing its lease") for m in self._expire_leases(now)]
         for member, why in dead:

@@ -17,6 +17,7 @@ from lepton.clock import MonotonicClock
 from lepton.config import JobSpec
 from lepton.errors import ConfigError, StateNotSaved
 from lepton.files import check_state_dir
+from lepton.limits import HEARTBEAT_STREAM
 from lepton.logs import bind
 from lepton.optimizers import Granularity, granularity, prove_optimizer
 from lepton.process import EXIT_OK, EXIT_STATE_NOT_SAVED, ServiceOptions, run_every, write_ready_file
@@ -38,6 +39,8 @@ log = structlog.get_logger("lepton.coordinator")
 # RPC threads, and RPCs in flight before RESOURCE_EXHAUSTED: a heartbeat takes microseconds and
 # no job lock, so a burst of a thousand members' calls queues briefly instead of being refused.
 RPC_THREADS = 64
+# Beside them, a thread for every HeartbeatStream the liveness class admits (each holds one while
+# open; the pool starts them as streams open).
 MAX_CONCURRENT_RPCS = 4096
 # Young-generation collections rarer, full ones rarer still; everything built before serving
 # (the model, the data set, the job) is frozen out of every collection.
@@ -148,7 +151,7 @@ def serve(
     server = Server(
         listen,
         [registration(CoordinatorServicer(job, clock.now))],
-        max_workers=RPC_THREADS,
+        max_workers=RPC_THREADS + options.limits.of(HEARTBEAT_STREAM).limit,
         max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         security=options.security,
         registry=registry,

@@ -141,12 +141,17 @@ class MembershipTable:
             member.alive = False
         self.dirty.add(member.member_id)
 
-    def expire(self, now: float) -> list[Member]:
-        """Declares dead every live member silent for longer than the timeout; returns them."""
+    def expire(self, now: float, worker_timeout_s: float | None = None) -> list[Member]:
+        """Declares dead every live member silent for longer than the timeout (for workers
+        ``worker_timeout_s`` if given: coordinator/liveness.py); returns them."""
         dead = []
+        timeouts = {
+            Role.PARAMETER_SERVER: self.heartbeat_timeout_s,
+            Role.WORKER: worker_timeout_s or self.heartbeat_timeout_s,
+        }
         with self._liveness:
             for member in self._members.values():
-                if member.alive and now - member.last_heartbeat > self.heartbeat_timeout_s:
+                if member.alive and now - member.last_heartbeat > timeouts[member.role]:
                     member.alive = False
                     dead.append(member)
         self.dirty.update(m.member_id for m in dead)

@@ -185,6 +185,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
         return heartbeat_to_proto(reply)
 
+    def HeartbeatStream(self, request_iterator, context) -> Iterator[pb.HeartbeatStreamResponse]:
+        beats = 0
+        for request in request_iterator:
+            if not request.HasField("heartbeat"):
+                raise InvalidArgument("heartbeat is required in every HeartbeatStreamRequest")
+            yield pb.HeartbeatStreamResponse(heartbeat=self.Heartbeat(request.heartbeat, context))
+            beats += 1
+        if not beats:
+            raise InvalidArgument("a HeartbeatStream carries at least one HeartbeatStreamRequest")
+
     def Deregister(self, request, context):
         moved = self._job.deregister(*_member(request.member), self._now())
         return pb.DeregisterResponse(shards_requeued=moved)

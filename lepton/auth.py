@@ -50,6 +50,7 @@ _MEMBERS = frozenset({"worker", "ps", "admin"})
 METHOD_ROLES: dict[str, frozenset[str]] = {
     "/lepton.v1.Coordinator/RegisterMember": _MEMBERS,
     "/lepton.v1.Coordinator/Heartbeat": _MEMBERS,
+    "/lepton.v1.Coordinator/HeartbeatStream": _MEMBERS,
     "/lepton.v1.Coordinator/Deregister": _MEMBERS,
     "/lepton.v1.Coordinator/GetAssignment": frozenset({"ps", "admin"}),
     "/lepton.v1.Coordinator/ReportReady": frozenset({"ps", "admin"}),
@@ -203,6 +204,8 @@ def identity_violation(principal: Principal, method: str, request: Any) -> str |
         named.append(request.member.member_id)
     if "header" in fields and request.HasField("header") and request.header.HasField("member"):
         named.append(request.header.member.member_id)
+    if "heartbeat" in fields and request.HasField("heartbeat") and request.heartbeat.HasField("member"):
+        named.append(request.heartbeat.member.member_id)  # HeartbeatStreamRequest
     for member_id in named:
         if member_id and not principal.may_act_as(member_id):
             return f"token {principal.name!r} may act only as member {principal.member!r}, not {member_id!r}"

@@ -176,6 +176,7 @@ def heartbeat_to_proto(reply: HeartbeatReply) -> cpb.HeartbeatResponse:
         job_state=cast(cpb.JobState, reply.state.value),  # domain values are the wire numbers
         layout_version=reply.layout_version,
         roster_version=reply.roster_version,
+        heartbeat_interval_s=reply.interval_s,
         workers=[
             cpb.WorkerMembership(member_id=w.member_id, incarnation=w.incarnation, alive=w.alive)
             for w in reply.workers
@@ -199,6 +200,7 @@ def heartbeat_from_proto(msg: cpb.HeartbeatResponse) -> HeartbeatReply:
         workers=tuple(WorkerView(w.member_id, w.incarnation, w.alive) for w in msg.workers),
         roster_version=msg.roster_version,
         checkpoint=CheckpointOrder(order.checkpoint_id, order.target_version) if order is not None else None,
+        interval_s=msg.heartbeat_interval_s if msg.heartbeat_interval_s > 0 else 0.0,  # NaN and negatives: none
     )
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,7 +33,8 @@ from lepton.control_wire import (
     ticket_from_proto,
 )
 from lepton.domain import CheckpointReport, CheckpointTicket, HeartbeatReply, LeaseGrant, MemberId, Role
-from lepton.errors import InvalidArgument
+from lepton.errors import InvalidArgument, ResourceExhausted, Unavailable
+from lepton.heartbeat_stream import BeatStream
 from lepton.retry import RetryPolicy, call_with_retry
 from lepton.rpc import call, dial, iterate
 from lepton.security import INSECURE, Security
@@ -45,6 +48,10 @@ if TYPE_CHECKING:
     from lepton.tensors import TensorKind, TensorSpec
 
 DEFAULT_TIMEOUT_S = 10.0
+# A call the server's limits refused (RESOURCE_EXHAUSTED) never reached a handler: nothing changed,
+# so every control call may be retried after a jittered backoff, even one that is not idempotent.
+REFUSED = (ResourceExhausted,)
+RETRYABLE = (Unavailable, ResourceExhausted)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class ServiceClient:
 
     def _idempotent(self, method, request):
         return call_with_retry(
-            lambda: call(method, request, timeout=self._timeout_s), self._retry, rng=self._rng
+            lambda: call(method, request, timeout=self._timeout_s), self._retry, retry_on=RETRYABLE, rng=self._rng
         )
 
 
@@ -116,6 +123,30 @@ class CoordinatorClient(ServiceClient):
 
     _stub_class = cpb_grpc.CoordinatorStub
 
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._beats = BeatStream(self._stub, self._timeout_s)
+        self._renewals: dict[MemberId, float] = {}
+        self._renewals_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._beats.close()
+        super().close()
+
+    def _renewing(self, member: MemberId, fn):  # type: ignore[no-untyped-def]
+        """Runs a call that renews ``member``'s liveness on the coordinator (LeaseShard,
+        ReportProgress, CompleteShard); notes when it was sent if it succeeded."""
+        sent = time.monotonic()
+        result = fn()
+        with self._renewals_lock:
+            self._renewals[member] = max(sent, self._renewals.get(member, sent))
+        return result
+
+    def renewal_sent(self, member: MemberId) -> float | None:
+        """When (time.monotonic) the newest call that renewed ``member`` and succeeded was sent."""
+        with self._renewals_lock:
+            return self._renewals.get(member)
+
     def register(self, role: Role, address: str = "", member_id: str = "") -> tuple[MemberId, JobSpec]:
         reply = call_with_retry(
             lambda: call(
@@ -131,6 +162,7 @@ class CoordinatorClient(ServiceClient):
                 timeout=self._timeout_s,
             ),
             self._retry,
+            retry_on=RETRYABLE,
             rng=self._rng,
         )
         return member_from_ref(reply.member), job_from_proto(reply.job)
@@ -152,6 +184,11 @@ class CoordinatorClient(ServiceClient):
             timeout=self._timeout_s,
         )
         return heartbeat_from_proto(reply)
+
+    def beat(self, member: MemberId) -> HeartbeatReply:
+        """A worker's heartbeat over the long-lived HeartbeatStream (lepton.heartbeat_stream);
+        raises what ``heartbeat`` raises."""
+        return heartbeat_from_proto(self._beats.beat(cpb.HeartbeatRequest(member=member_ref(member))))
 
     def deregister(self, member: MemberId) -> int:
         reply = call(self._stub.Deregister, cpb.DeregisterRequest(member=member_ref(member)), timeout=self._timeout_s)
@@ -210,8 +247,11 @@ class CoordinatorClient(ServiceClient):
         request = cpb.LeaseShardRequest(member=member_ref(member), max_wait_s=max_wait_s)
         return lease_from_proto(
             call_with_retry(
-                lambda: call(self._stub.LeaseShard, request, timeout=self._timeout_s + max_wait_s),
+                lambda: self._renewing(
+                    member, lambda: call(self._stub.LeaseShard, request, timeout=self._timeout_s + max_wait_s)
+                ),
                 self._retry,
+                retry_on=RETRYABLE,
                 rng=self._rng,
             )
         )
@@ -221,38 +261,39 @@ class CoordinatorClient(ServiceClient):
         lease_id: int = 0,
     ) -> None:
         """``loss`` None: the worker has none for these samples."""
-        self._idempotent(
+        self._renewing(member, lambda: self._idempotent(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
                 member=member_ref(member), epoch=epoch, shard=shard, offset=offset, samples=samples,
                 lease_id=lease_id, **_loss_fields(loss),
             ),
-        )
+        ))
 
     def progress_once(
         self, member: MemberId, epoch: int, shard: int, offset: int, loss: float | None, samples: int,
         timeout_s: float = 5.0, lease_id: int = 0,
     ) -> None:
         """One attempt, short deadline: for reporters that retry by sending newer progress."""
-        call(
+        self._renewing(member, lambda: call(
             self._stub.ReportProgress,
             cpb.ReportProgressRequest(
                 member=member_ref(member), epoch=epoch, shard=shard, offset=offset, samples=samples,
                 lease_id=lease_id, **_loss_fields(loss),
             ),
             timeout=min(timeout_s, self._timeout_s),
-        )
+        ))
 
     def complete(
         self, member: MemberId, epoch: int, shard: int, loss: float | None, samples: int, lease_id: int = 0
     ) -> bool:
-        reply = call(
-            self._stub.CompleteShard,
-            cpb.CompleteShardRequest(
-                member=member_ref(member), epoch=epoch, shard=shard, samples=samples, lease_id=lease_id,
-                **_loss_fields(loss),
-            ),
-            timeout=self._timeout_s,
+        """Retried only when the server's limits refused it (RESOURCE_EXHAUSTED: it never ran)."""
+        request = cpb.CompleteShardRequest(
+            member=member_ref(member), epoch=epoch, shard=shard, samples=samples, lease_id=lease_id,
+            **_loss_fields(loss),
+        )
+        reply = call_with_retry(
+            lambda: self._renewing(member, lambda: call(self._stub.CompleteShard, request, timeout=self._timeout_s)),
+            self._retry, retry_on=REFUSED, rng=self._rng,
         )
         return reply.epoch_completed
 

@@ -105,6 +105,7 @@ class HeartbeatReply:
     workers: tuple[WorkerView, ...] = ()
     roster_version: int = 0  # servers echo it in their next heartbeat once they applied ``workers``
     checkpoint: CheckpointOrder | None = None  # parameter servers: a checkpoint to take
+    interval_s: float = 0.0  # workers: beat this often from now on (0: the job's heartbeat_interval_s)
 
 
 @dataclass(frozen=True)

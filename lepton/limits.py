@@ -25,6 +25,7 @@ from lepton.errors import ConfigError
 log = structlog.get_logger("lepton.limits")
 
 HEARTBEAT, CONTROL, READ, WATCH, DATA, STEPS = "heartbeat", "control", "read", "watch", "data", "steps"
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,11 @@ class CallClass:
 
 
 _C, _P = "/lepton.v1.Coordinator/", "/lepton.v1.ParameterServer/"
+HEARTBEAT_STREAM = _C + "HeartbeatStream"
 # The one method-to-class table; a method not named here is READ.
 METHOD_CLASSES: dict[str, str] = {
     _C + "Heartbeat": HEARTBEAT,
+    HEARTBEAT_STREAM: LIVENESS,
     **{
         _C + m: CONTROL
         for m in (
@@ -87,6 +90,9 @@ DEFAULT_CLASSES = (
     CallClass(WATCH, limit=32, per_peer=8, lifetime_s=DEFAULT_LIFETIME_S),
     CallClass(DATA, limit=128, per_peer=32, idle_s=DEFAULT_IDLE_S),
     CallClass(STEPS, limit=64, per_peer=32),
+    # One long-lived HeartbeatStream per member: a thousand members hold a thousand calls (and, on
+    # the synchronous server, threads), each idle between beats.
+    CallClass(LIVENESS, limit=2048, per_peer=1024, idle_s=DEFAULT_IDLE_S),
 )
 SPARE_THREADS = 16  # beyond the sum of the limits: calls being refused, requests still arriving
 
@@ -111,8 +117,9 @@ class Limits:
 
     def threads(self) -> int:
         """A thread pool this large always has a thread for an admitted call: no class can hold
-        more than its limit, so a call of another class never waits behind it."""
-        return sum(c.limit for c in self.classes) + SPARE_THREADS
+        more than its limit, so a call of another class never waits behind it. The liveness class
+        is left out: only the coordinator serves it, and adds a thread per stream it admits."""
+        return sum(c.limit for c in self.classes if c.name != LIVENESS) + SPARE_THREADS
 
     def configured(
         self, overrides: Iterable[str] = (), idle_s: float | None = None, lifetime_s: float | None = None

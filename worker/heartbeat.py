@@ -1,9 +1,18 @@
 """The worker's heartbeat thread: it keeps the current incarnation alive and its lease renewed,
-and notes what the coordinator answers (fencing, the layout version, the job's state)."""
+and notes what the coordinator answers (fencing, the layout version, the job's state).
+
+It beats at the interval the coordinator's last reply directed (``HeartbeatReply.interval_s``,
+coordinator/liveness.py), else at the job's. Beats travel on one long-lived HeartbeatStream
+(``CoordinatorClient.beat``). A beat is skipped when another call that renews the member (a
+lease, progress or completion) succeeded within the last interval, as the coordinator counts
+those as proof of life too; but at most ``MAX_SKIPPED_BEATS`` in a row, and never so many that
+the stream stays silent for ``MAX_SILENCE_S`` (the coordinator ends streams idle for its stream
+idle time, 10 s by default), so the job's state and layout still arrive every few intervals."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -14,6 +23,18 @@ from lepton.errors import Fenced, LeptonError
 from worker.lease import LeaseClock
 
 log = structlog.get_logger("lepton.worker")
+MAX_SKIPPED_BEATS = 3
+MAX_SILENCE_S = 5.0
+
+
+def may_skip(renewed: float | None, last_beat: float, interval_s: float, skipped_in_a_row: int, now: float) -> bool:
+    """Whether a beat due at ``now`` may be left out: another call renewed the member within the
+    last interval (``renewed``: when it was sent), fewer than MAX_SKIPPED_BEATS were left out in a
+    row, and the next beat still comes within MAX_SILENCE_S of the last one sent."""
+    return (
+        renewed is not None and now - renewed < interval_s and skipped_in_a_row < MAX_SKIPPED_BEATS
+        and now + interval_s - last_beat <= MAX_SILENCE_S
+    )
 
 
 class Heartbeat:
@@ -32,12 +53,15 @@ class Heartbeat:
         self.job_over = threading.Event()
         self.state: JobState | None = None
         self.layout_seen = 0
+        self.skipped = 0  # beats left out because another call had just renewed the member
 
     def start(self, interval_s: float) -> None:
         threading.Thread(target=self._run, args=(interval_s,), name="heartbeat", daemon=True).start()
 
     def _run(self, interval_s: float) -> None:
         failures = 0
+        skipped_in_a_row = 0
+        last_beat = time.monotonic()
         # Beats on after a stop is asked for (a SIGTERM while loading data and model must not let
         # the member be declared dead before it deregisters) until the agent returns.
         while not self.job_over.wait(interval_s):
@@ -45,8 +69,14 @@ class Heartbeat:
             if member is None or self.fenced.is_set():
                 continue
             sent = self._lease.now()
+            if may_skip(self._coord.renewal_sent(member), last_beat, interval_s, skipped_in_a_row, time.monotonic()):
+                skipped_in_a_row += 1
+                self.skipped += 1
+                continue
+            skipped_in_a_row = 0
+            last_beat = time.monotonic()
             try:
-                reply = self._coord.heartbeat(member)
+                reply = self._coord.beat(member)
                 failures = 0
                 if member == self._member():
                     self._lease.renewed(sent)  # a heartbeat renews the member's leases
@@ -60,6 +90,8 @@ class Heartbeat:
                 if failures == 1 or failures % 20 == 0:
                     log.warning("heartbeat_failed", error=str(exc), failures=failures)
                 continue
+            if reply.interval_s > 0:
+                interval_s = reply.interval_s
             self.layout_seen = max(self.layout_seen, reply.layout_version)
             self.state = reply.state
             if reply.state.terminal:

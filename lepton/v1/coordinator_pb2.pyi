@@ -158,18 +158,32 @@ class WorkerMembership(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("job_state", "layout_version", "workers", "roster_version", "checkpoint")
+    __slots__ = ("job_state", "layout_version", "workers", "roster_version", "checkpoint", "heartbeat_interval_s")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROSTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     job_state: JobState
     layout_version: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerMembership]
     roster_version: int
     checkpoint: CheckpointOrder
-    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ..., roster_version: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointOrder, _Mapping]] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, job_state: _Optional[_Union[JobState, str]] = ..., layout_version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerMembership, _Mapping]]] = ..., roster_version: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointOrder, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class HeartbeatStreamRequest(_message.Message):
+    __slots__ = ("heartbeat",)
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    heartbeat: HeartbeatRequest
+    def __init__(self, heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...
+
+class HeartbeatStreamResponse(_message.Message):
+    __slots__ = ("heartbeat",)
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    heartbeat: HeartbeatResponse
+    def __init__(self, heartbeat: _Optional[_Union[HeartbeatResponse, _Mapping]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("member",)

@@ -50,6 +50,11 @@ class CoordinatorStub:
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/lepton.v1.Coordinator/HeartbeatStream',
+                request_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamRequest.SerializeToString,
+                response_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamResponse.FromString,
+                _registered_method=True)
         self.Deregister = channel.unary_unary(
                 '/lepton.v1.Coordinator/Deregister',
                 request_serializer=lepton_dot_v1_dot_coordinator__pb2.DeregisterRequest.SerializeToString,
@@ -150,10 +155,30 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s. Returns the
-        job state and, to parameter servers, the worker membership they fence pushes against.
+        """Keeps a member alive and renews its shard leases; send every heartbeat_interval_s (a worker:
+        every HeartbeatResponse.heartbeat_interval_s once a reply names one). Returns the job state
+        and, to parameter servers, the worker membership they fence pushes against.
         Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation: re-register).
         Retryable: UNAVAILABLE (idempotent; or simply send the next heartbeat).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatStream(self, request_iterator, context):
+        """Heartbeat over one long-lived stream: the member sends a HeartbeatStreamRequest every
+        heartbeat_interval_s (or sooner) and gets one HeartbeatStreamResponse per request, in order,
+        with what Heartbeat would have answered; one call for the member's life instead of one per
+        beat. Any other call a worker makes that names it (LeaseShard, ReportProgress, CompleteShard)
+        renews it too, so a worker may skip a beat within heartbeat_interval_s of such a call that
+        succeeded. The server ends a stream that sends nothing for the coordinator's stream idle time
+        (--stream-idle-timeout, 10 s by default) with DEADLINE_EXCEEDED; reopen it.
+        Errors: NOT_FOUND (unknown member), FAILED_PRECONDITION (fenced incarnation: re-register),
+        INVALID_ARGUMENT (a request without heartbeat; a stream closed before its first request),
+        DEADLINE_EXCEEDED (idle past the stream idle time), RESOURCE_EXHAUSTED (the coordinator holds
+        as many streams as its liveness class admits). Each ends the stream.
+        Retryable: UNAVAILABLE, DEADLINE_EXCEEDED (reopen); RESOURCE_EXHAUSTED (back off, or beat
+        with Heartbeat meanwhile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,6 +380,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
+                    request_deserializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamRequest.FromString,
+                    response_serializer=lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamResponse.SerializeToString,
+            ),
             'Deregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Deregister,
                     request_deserializer=lepton_dot_v1_dot_coordinator__pb2.DeregisterRequest.FromString,
@@ -491,6 +521,33 @@ class Coordinator:
             '/lepton.v1.Coordinator/Heartbeat',
             lepton_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             lepton_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lepton.v1.Coordinator/HeartbeatStream',
+            lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamRequest.SerializeToString,
+            lepton_dot_v1_dot_coordinator__pb2.HeartbeatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

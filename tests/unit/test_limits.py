@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lepton.errors import ConfigError
-from lepton.limits import DEFAULT_LIMITS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
+from lepton.limits import DEFAULT_LIMITS, LIVENESS, SPARE_THREADS, Admission, CallClass, Limits, Watchdog
 from lepton.ops.cli import build_parser, service_options
 
 WATCH = "/lepton.v1.Coordinator/WatchJob"
@@ -27,8 +27,17 @@ def test_every_lepton_method_has_a_class_and_heartbeats_are_apart_from_watches()
 
 
 def test_the_thread_pool_exceeds_the_sum_of_the_class_limits():
-    assert DEFAULT_LIMITS.threads() == sum(c.limit for c in DEFAULT_LIMITS.classes) + SPARE_THREADS
+    # The liveness class is sized by the coordinator, the only server of HeartbeatStream.
+    shared = [c for c in DEFAULT_LIMITS.classes if c.name != LIVENESS]
+    assert len(shared) == len(DEFAULT_LIMITS.classes) - 1
+    assert DEFAULT_LIMITS.threads() == sum(c.limit for c in shared) + SPARE_THREADS
     assert SPARE_THREADS > 0
+
+
+def test_heartbeat_streams_have_their_own_class_with_an_idle_time():
+    liveness = DEFAULT_LIMITS.of("/lepton.v1.Coordinator/HeartbeatStream")
+    assert liveness.name == LIVENESS and liveness.idle_s is not None and liveness.lifetime_s is None
+    assert liveness.limit >= 1024 and liveness.per_peer >= 1000  # a thousand members, one connection or many
 
 
 def test_a_full_class_refuses_naming_its_limit_while_another_class_admits():
