@@ -286,6 +286,11 @@ class ConsistencyGate:
             self._capture_at = target_version
             return Capture(version)
 
+    def under_lock(self, fn: Callable[[ParameterStore], T]) -> T:
+        """``fn(store)`` under the gate's lock: it sees whole updates (a periodic checkpoint's copy)."""
+        with self._cond:
+            return fn(self.store)
+
     def snapshot(
         self, names: list[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[int, list[tuple[str, torch.Tensor]]]:
