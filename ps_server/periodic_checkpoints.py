@@ -59,11 +59,11 @@ def copy_into(value: Any, staging: Any) -> Any:
                 return staging.copy_(value)
         return value.detach().clone()
     if isinstance(value, dict):
-        old = staging if isinstance(staging, dict) else {}
-        return {k: copy_into(v, old.get(k)) for k, v in value.items()}
+        known = staging if isinstance(staging, dict) else {}
+        return {k: copy_into(v, known.get(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        old = staging if isinstance(staging, list | tuple) and len(staging) == len(value) else [None] * len(value)
-        items = [copy_into(v, o) for v, o in zip(value, old, strict=True)]
+        same = isinstance(staging, list | tuple) and len(staging) == len(value)
+        items = [copy_into(v, staging[i] if same else None) for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     return copy.deepcopy(value)
 
