@@ -1,8 +1,8 @@
 """How long a parameter server holds its gate lock per push, and what that costs in pushes/s.
 
-One process, no gRPC: a ``ParameterServer`` (async, Adam, ``--mib`` MiB of float32 parameters in 4
-tensors, periodic checkpoints every ``--checkpoint-every-steps`` updates into a temporary
-directory) and ``--pushers`` threads each calling ``push_pull`` as the servicer does (the pull half
+One process, no gRPC: a ``ParameterServer`` (``--mode``, async by default; Adam; ``--mib`` MiB of
+float32 parameters in 4 tensors; periodic checkpoints every ``--checkpoint-every-steps`` updates
+into a temporary directory) and ``--pushers`` threads each calling ``push_pull`` as the servicer does (the pull half
 encoded by the servicer's encoder under the lock). The gate's lock is swapped for one that times
 every hold. Per run: pushes/s, push_pull latency p50/p99/max, and the lock's hold time per push
 (total / pushes) and its longest single hold.
@@ -32,21 +32,26 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 class TimedLock:
-    """A lock that records how long each acquisition was held."""
+    """A lock that records how long each acquisition was held: wall time, and the CPU time the
+    holding thread spent (on a loaded machine a holder is often preempted; the CPU time is the
+    work done under the lock)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since = 0.0
+        self._since = (0.0, 0.0)
         self.holds: list[float] = []
+        self.cpu: list[float] = []
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         got = self._lock.acquire(blocking, timeout)
         if got:
-            self._since = time.perf_counter()
+            self._since = (time.perf_counter(), time.thread_time())
         return got
 
     def release(self) -> None:
-        self.holds.append(time.perf_counter() - self._since)
+        wall, cpu = self._since
+        self.holds.append(time.perf_counter() - wall)
+        self.cpu.append(time.thread_time() - cpu)
         self._lock.release()
 
     __enter__ = acquire
@@ -70,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="lepton-bench-") as tmp:
         node = ParameterServer("bench-ps")
         node.load(
-            tensors, "adam", 1e-3, {}, "async", 60.0,
+            tensors, "adam", 1e-3, {}, args.mode, 60.0,
             checkpoints=CheckpointDirectory(tmp) if args.checkpoint_every_steps else None,
             checkpoint_every_steps=args.checkpoint_every_steps,
         )
@@ -90,9 +95,17 @@ def measure(args: argparse.Namespace) -> dict:
                 mine.append(time.perf_counter() - start)
             latencies.extend(mine)
 
-        for member in members:  # warm-up: one push each, not measured
-            node.push_pull(*member, gate.version, 1, grads, 60.0, "", pack=_ONE_MESSAGE)
+        warm = [  # one push each, at once (a sync step waits for every pusher), not measured
+            threading.Thread(target=lambda m=m: node.push_pull(*m, 0, 1, grads, 60.0, "", pack=_ONE_MESSAGE))
+            for m in members
+        ]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
         lock.holds.clear()
+        lock.cpu.clear()
+        latencies.clear()
         threads = [threading.Thread(target=pusher, args=(m,)) for m in members]
         start = time.perf_counter()
         for t in threads:
@@ -100,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        holds = list(lock.holds)
+        holds, cpu = list(lock.holds), list(lock.cpu)
         close = getattr(node, "close", None)
         if close is not None:
             close()
@@ -113,10 +126,15 @@ def measure(args: argparse.Namespace) -> dict:
             "latency_max_ms": 1e3 * latencies[-1],
             "lock_ms_per_push": 1e3 * sum(holds) / pushes,
             "lock_max_ms": 1e3 * max(holds),
+            "lock_cpu_ms_per_push": 1e3 * sum(cpu) / pushes,
+            "lock_cpu_max_ms": 1e3 * max(cpu),
         }
 
 
-FIELDS = ("pushes_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "lock_ms_per_push", "lock_max_ms")
+FIELDS = (
+    "pushes_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "lock_ms_per_push", "lock_max_ms",
+    "lock_cpu_ms_per_push", "lock_cpu_max_ms",
+)
 
 
 def ab(args: argparse.Namespace, argv: list[str]) -> None:
@@ -131,9 +149,9 @@ def ab(args: argparse.Namespace, argv: list[str]) -> None:
             runs[tree].append(json.loads(out))
             print(f"rep {rep} {tree}: {runs[tree][-1]}", file=sys.stderr, flush=True)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
-          f"{args.mib} MiB, Adam, checkpoint every {args.checkpoint_every_steps}, {args.pushers} pushers, "
+          f"{args.mode}, {args.mib} MiB, Adam, checkpoint every {args.checkpoint_every_steps}, {args.pushers} pushers, "
           f"{args.pushes} pushes, {args.reps} reps (median, spread)")
-    print(f"| {'tree':<24} | " + " | ".join(f"{f:>16}" for f in FIELDS) + " |")
+    print(f"| {'tree':<24} | " + " | ".join(f"{f:>20}" for f in FIELDS) + " |")
     for tree, results in runs.items():
         cells = []
         for f in FIELDS:
@@ -141,7 +159,7 @@ def ab(args: argparse.Namespace, argv: list[str]) -> None:
             median = statistics.median(values)
             spread = (max(values) - min(values)) / median if median else 0.0
             cells.append(f"{median:9.2f} ±{100 * spread:3.0f}%")
-        print(f"| {tree:<24} | " + " | ".join(f"{c:>16}" for c in cells) + " |")
+        print(f"| {tree:<24} | " + " | ".join(f"{c:>20}" for c in cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=float, default=16.0)
     p.add_argument("--checkpoint-every-steps", type=int, default=10)
     p.add_argument("--pushers", type=int, default=2)
+    p.add_argument("--mode", choices=("async", "sync", "ssp"), default="async")
     p.add_argument("--pushes", type=int, default=200)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--ab", nargs=2, metavar=("TREE_A", "TREE_B"), default=None)
