@@ -3,8 +3,8 @@
 Each checkpoint is one file ``ckpt-<version>.pt`` (torch.save of tensors and the optimizer state;
 loaded with ``weights_only=True``, so loading runs no pickled code) written as temporary file,
 fsync, rename, fsync of the directory: a crash leaves either the old or the new checkpoint, never
-a torn one (a write cut short leaves only ``ckpt-<version>.pt.tmp``, removed when the directory is
-next opened). The newest ``keep`` checkpoints are kept; ps_server/periodic_checkpoints.py writes
+a torn one (a write cut short leaves only ``ckpt-<version>.pt.tmp``, removed when a server next loads
+from the directory). The newest ``keep`` checkpoints are kept; ps_server/periodic_checkpoints.py writes
 them every so many updates.
 
 Checkpoints the coordinator orders (``lepton checkpoint``, and the final one when training ends)
@@ -38,7 +38,10 @@ class CheckpointDirectory:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep = max(1, keep)
-        for torn in self.directory.glob("ckpt-*.pt.tmp"):  # a write cut short by a kill
+
+    def remove_torn(self) -> None:
+        """Removes what writes cut short (a kill) left: call it only while nothing writes here."""
+        for torn in self.directory.glob("ckpt-*.pt.tmp"):
             torn.unlink(missing_ok=True)
 
     def save(self, version: int, state: dict[str, Any]) -> Path:

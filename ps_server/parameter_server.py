@@ -108,6 +108,8 @@ class ParameterServer:
         store = ParameterStore(
             tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse, kinds, warmup_steps
         )
+        if checkpoints is not None:
+            checkpoints.remove_torn()  # this process's writer is closed: no write is in flight
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:
             store.load_state_dict(restored[1])

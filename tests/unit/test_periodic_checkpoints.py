@@ -131,7 +131,7 @@ def test_a_reload_finishes_the_previous_writes_before_it_reads_the_newest_checkp
     node.close(WAIT_S)
 
 
-def test_a_write_cut_short_leaves_a_temporary_file_that_the_directory_removes(tmp_path):
+def test_a_write_cut_short_leaves_a_temporary_file_that_the_next_load_removes(tmp_path):
     (tmp_path / "ckpt-000000000004.pt.tmp").write_bytes(b"torn")
     node = loaded(tmp_path)
     push(node, 2)
