@@ -5,7 +5,8 @@ Paths (every server in its own process, loopback 127.0.0.1, the same intra-op th
     lepton     ``ParameterClient.push_pull`` against a real parameter server (``lepton.rpc.Server``,
                the servicer, a ``ParameterServer`` in async mode with SGD): the worker pushes a
                gradient for every parameter, the server checks and applies it and sends the
-               parameters back.
+               parameters back (``--checkpoint-every-steps N``: and writes a periodic
+               checkpoint every N updates into a temporary directory).
     lepton shm the same with ``shared_memory=True`` against servers of its own: gradients and
                parameters through /dev/shm segments (``lepton.shm_client``), one small unary call
                per step; the answer is copied out of the segment as the worker installs it.
@@ -93,21 +94,32 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def lepton_server(conn, tensors: dict[str, torch.Tensor], threads: int) -> None:
+def lepton_server(conn, tensors: dict[str, torch.Tensor], threads: int, checkpoint_every_steps: int = 0) -> None:
     _threads(threads)
+    import tempfile
+
     from lepton.rpc import Server
+    from ps_server.checkpoint_files import CheckpointDirectory
     from ps_server.parameter_server import ParameterServer
     from ps_server.roster import WorkerEntry
     from ps_server.servicer import ParameterServerServicer, registration
 
     node = ParameterServer(member_id="bench-ps")
-    node.load(tensors, "sgd", LR, {}, "async", step_timeout_s=TIMEOUT_S)
+    directory = tempfile.TemporaryDirectory(prefix="lepton-bench-ckpt-") if checkpoint_every_steps else None
+    node.load(
+        tensors, "sgd", LR, {}, "async", step_timeout_s=TIMEOUT_S,
+        checkpoints=CheckpointDirectory(directory.name) if directory else None,
+        checkpoint_every_steps=checkpoint_every_steps,
+    )
     node.update_roster([WorkerEntry(WORKER[0], WORKER[1], True)])
     server = Server("127.0.0.1:0", [registration(ParameterServerServicer(node))], reflection_enabled=False)
     server.start()
     conn.send(server.address)
     conn.recv()
     server.stop(0)
+    if directory is not None:
+        getattr(node, "close", lambda: None)()  # (older trees have no checkpoint writer)
+        directory.cleanup()
 
 
 _RPC_PARAMS: dict[str, torch.Tensor] = {}
@@ -382,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition: a smoke run")
     p.add_argument("--no-tunables", action="store_true", help="do not set GLIBC_TUNABLES")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument(
+        "--checkpoint-every-steps", type=int, default=0, metavar="N",
+        help="Lepton's servers write a periodic checkpoint every N updates (default 0: none)",
+    )
     args = p.parse_args(argv)
     if not args.no_tunables and "GLIBC_TUNABLES" not in os.environ and argv is None:
         os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
@@ -407,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     big = {size: parameters(size, seed=i) for i, size in enumerate(args.sizes)}
     halves = digits_halves()
     try:
-        lepton_conns = {size: start(lepton_server, t, args.threads) for size, t in big.items()}
-        tiny_conns = [start(lepton_server, h, args.threads) for h in halves]
+        every = args.checkpoint_every_steps
+        lepton_conns = {size: start(lepton_server, t, args.threads, every) for size, t in big.items()}
+        tiny_conns = [start(lepton_server, h, args.threads, every) for h in halves]
         # the shared-memory path gets servers of its own (each path checks its own SGD steps)
-        shm_conns = {size: start(lepton_server, t, args.threads) for size, t in big.items()}
-        tiny_shm_conns = [start(lepton_server, h, args.threads) for h in halves]
+        shm_conns = {size: start(lepton_server, t, args.threads, every) for size, t in big.items()}
+        tiny_shm_conns = [start(lepton_server, h, args.threads, every) for h in halves]
         # torch RPC: rank 0 is this process; ps1 and ps2 hold every payload (keyed by name)
         rpc_port = free_port()
         rpc_shares = [{}, {}]

@@ -2,16 +2,18 @@
 lepton.coordinator_client, which operator commands import without torch) re-exported.
 
 Same rules as every client: one reused channel, a deadline on every call, lepton.errors at this
-boundary, idempotent calls retried on Unavailable.
+boundary, idempotent calls retried on Unavailable. Data-plane calls the server's call limits refuse
+(errors.Refused: nothing ran) are sent again, unchanged, after a jittered backoff, within the
+call's deadline.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import grpc
 import torch
@@ -28,9 +30,9 @@ from lepton.coordinator_client import (  # noqa: F401  (re-exported)
 )
 from lepton.domain import MemberId
 from lepton.encodings import Encoded
-from lepton.errors import InvalidArgument
+from lepton.errors import InvalidArgument, Refused
 from lepton.metrics import CLIENT_CALLS
-from lepton.retry import call_with_retry
+from lepton.retry import RetryPolicy, call_with_retry
 from lepton.rpc import call, iterate, translate
 from lepton.shm_client import SharedMemoryLink
 from lepton.v1 import common_pb2 as common
@@ -45,22 +47,34 @@ class PushReply:
     staleness: int
 
 
+T = TypeVar("T")
+# Backoff between tries of a call the server's limits refused: at least the delay the refusal
+# names, plus uniform jitter up to a cap that doubles from 50 ms to 1 s. Bounded by the call's
+# deadline, not by a count.
+REFUSAL_BACKOFF = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=1.0)
+MIN_TRY_S = 0.05  # a try is not started with less time than this left before the deadline
+
+
 class PendingPushPull:
     """A push-pull in flight (``ParameterClient.push_pull_async``)."""
 
-    def __init__(self, client: ParameterClient, future, fallback) -> None:
+    def __init__(self, client: ParameterClient, future, fallback: Callable[[float], tuple], deadline: float) -> None:
         self._client = client
         self._future = future
-        self._fallback = fallback  # the same push over the stream, same request id
+        self._fallback = fallback  # push_pull(timeout_s) of the same push, same request id
+        self._deadline = deadline
 
     def result(self) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         if self._future is None:
-            return self._fallback()
+            return self._fallback(0.0)
         try:
             answer = self._future.result()
         except grpc.RpcError as exc:
-            self._client._unary_failed(exc)
-            return self._fallback()
+            try:
+                self._client._unary_failed(exc)
+            except Refused as refused:
+                self._client._back_off(refused, 1, self._deadline)
+            return self._fallback(max(0.0, self._deadline - time.monotonic()))
         return self._client._answer(_read_pull([answer], None))
 
 
@@ -168,6 +182,7 @@ class ParameterClient(ServiceClient):
         self.unary_max_bytes = UNARY_MAX_BYTES  # 0: always stream (an old server, or answers too big)
 
         self._last_answer_bytes = 0
+        self.refusals_retried = 0  # tries sent again after the server's call limits refused them
 
     def pull(
         self, member: MemberId, names: Iterable[str] = (), rows: Mapping[str, torch.Tensor] | None = None
@@ -180,11 +195,11 @@ class ParameterClient(ServiceClient):
             rows=[common.RowSelection(name=n, rows=r.tolist()) for n, r in (rows or {}).items()],
         )
 
-        def once():
-            version, tensors, _ = _read_pull(self._pull_call(request, timeout=self._timeout_s), self._timeout_s)
+        def once(timeout_s: float):
+            version, tensors, _ = _read_pull(self._pull_call(request, timeout=timeout_s), timeout_s)
             return version, tensors
 
-        return call_with_retry(once, self._retry, rng=self._rng)
+        return call_with_retry(lambda: self._despite_refusals(once, self._timeout_s), self._retry, rng=self._rng)
 
     def push_pull(
         self,
@@ -195,8 +210,9 @@ class ParameterClient(ServiceClient):
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
-        """Not retried here. To retry safely, call again with the same ``request_id`` (and the
-        same ``grads``: an encoded gradient, ``lepton.encodings.Encoded``, travels as it is): the
+        """Retried here only when the server's call limits refuse it (nothing ran), within
+        ``timeout_s``. To retry after other failures, call again with the same ``request_id`` (and
+        the same ``grads``: an encoded gradient, ``lepton.encodings.Encoded``, travels as it is): the
         server applies a push at most once and answers a retry with the original outcome."""
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         request_id = request_id or new_request_id()
@@ -209,16 +225,20 @@ class ParameterClient(ServiceClient):
 
     def _push_pull_grpc(self, header, dense, timeout_s: float) -> tuple[PushReply, int, dict[str, torch.Tensor]]:
         size = sum(data_wire.nbytes(t) for _, t in dense)
-        result = None
-        if max(size, self._last_answer_bytes) <= self.unary_max_bytes:
-            (message,) = data_wire.encode_push(header, dense, max(size, 1))
-            result = self._push_pull_unary(message, timeout_s)
-        if result is None:
-            responses = self._push_pull_call(
-                data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=timeout_s
-            )
-            result = _read_pull(responses, timeout_s)
-        return self._answer(result)
+
+        def once(remaining_s: float):
+            result = None
+            if max(size, self._last_answer_bytes) <= self.unary_max_bytes:
+                (message,) = data_wire.encode_push(header, dense, max(size, 1))
+                result = self._push_pull_unary(message, remaining_s)
+            if result is None:
+                responses = self._push_pull_call(
+                    data_wire.encode_push(header, dense, codec.STREAM_CHUNK_BYTES), timeout=remaining_s
+                )
+                result = _read_pull(responses, remaining_s)
+            return result
+
+        return self._answer(self._despite_refusals(once, timeout_s))
 
     def push_pull_async(
         self,
@@ -234,21 +254,44 @@ class ParameterClient(ServiceClient):
         every server and then waits, with no thread per server; a large one (a stream) runs here
         before this returns."""
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         request_id = request_id or new_request_id()
         dense, selections = _push_parts(grads.items())
         header = _header(member, base_version, samples, request_id, selections, len(dense))
         shared = self._shared(member, header, grads, timeout_s)
         if shared is not None:
-            return PendingPushPull(self, None, shared)
+            return PendingPushPull(self, None, lambda _: shared(), deadline)
         size = sum(data_wire.nbytes(t) for _, t in dense)
         if max(size, self._last_answer_bytes) > self.unary_max_bytes:
             done = self.push_pull(member, base_version, samples, grads, timeout_s, request_id)
-            return PendingPushPull(self, None, lambda: done)
+            return PendingPushPull(self, None, lambda _: done, deadline)
         (message,) = data_wire.encode_push(header, dense, max(size, 1))
         future = self._push_pull_unary_call.future(message, timeout=timeout_s)
-        return PendingPushPull(self, future, lambda: self.push_pull(
-            member, base_version, samples, grads, timeout_s, request_id
-        ))
+        return PendingPushPull(self, future, lambda remaining_s: self.push_pull(
+            member, base_version, samples, grads, remaining_s, request_id
+        ), deadline)
+
+    def _despite_refusals(self, attempt: Callable[[float], T], timeout_s: float) -> T:
+        """``attempt(time left)`` until the server's call limits stop refusing it (errors.Refused:
+        nothing ran, so the same request is sent again) or ``timeout_s`` has passed; then the
+        refusal is raised."""
+        deadline = time.monotonic() + timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return attempt(max(0.0, deadline - time.monotonic()))
+            except Refused as exc:
+                self._back_off(exc, tries, deadline)
+
+    def _back_off(self, refused: Refused, tries: int, deadline: float) -> None:
+        """Sleeps before try ``tries + 1`` of a refused call, or raises ``refused`` when the
+        call's deadline would pass first."""
+        delay = (refused.retry_after_s or 0.0) + REFUSAL_BACKOFF.backoff_s(tries, self._rng)
+        if time.monotonic() + delay + MIN_TRY_S > deadline:
+            raise refused
+        self.refusals_retried += 1
+        time.sleep(delay)
 
     def _shared(self, member: MemberId, header, grads: Mapping[str, torch.Tensor | Encoded], timeout_s: float):
         """The step over shared memory, started: a callable giving its answer (falling back to
@@ -312,10 +355,14 @@ class ParameterClient(ServiceClient):
         self, member: MemberId, base_version: int, samples: int, grads: Mapping[str, torch.Tensor | Encoded],
         timeout_s: float | None = None, request_id: str = "",
     ) -> PushReply:
-        reply = call(
-            self._push_call,
-            _push_messages(member, base_version, samples, grads.items(), request_id),
-            timeout=self._timeout_s if timeout_s is None else timeout_s,
+        request_id = request_id or new_request_id()  # the same on every try
+        reply = self._despite_refusals(
+            lambda remaining_s: call(
+                self._push_call,
+                _push_messages(member, base_version, samples, grads.items(), request_id),
+                timeout=remaining_s,
+            ),
+            self._timeout_s if timeout_s is None else timeout_s,
         )
         return PushReply(reply.outcome == ppb.PUSH_OUTCOME_APPLIED, reply.version, reply.staleness)
 

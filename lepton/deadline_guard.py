@@ -4,13 +4,11 @@ guard ended."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import threading
-import time
 from typing import Any
 
 import structlog
+
+from lepton.timers import Timer, TimerHeap
 
 log = structlog.get_logger("lepton.rpc")
 
@@ -31,51 +29,26 @@ class DeadlineGuard:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[list] = []  # [due, sequence, call or None once finished]
-        self._sequence = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._timers = TimerHeap("deadline-guard")
         self.cancelled = 0
 
-    def watch(self, call: Any, timeout_s: float) -> list:
-        entry = [time.monotonic() + timeout_s + GUARD_SLACK_S, next(self._sequence), call]
-        with self._cond:
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="deadline-guard", daemon=True)
-                self._thread.start()
-            if self._heap[0] is entry:
-                self._cond.notify()
-        return entry
+    def watch(self, call: Any, timeout_s: float) -> Timer:
+        return self._timers.schedule(timeout_s + GUARD_SLACK_S, lambda: self._end(call))
 
     @staticmethod
-    def finished(entry: list) -> None:
-        entry[2] = None  # dropped lazily when it reaches the top of the heap
+    def finished(entry: Timer) -> None:
+        TimerHeap.cancel(entry)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][2] is None:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                delay = self._heap[0][0] - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                call = heapq.heappop(self._heap)[2]
-            if call is None:
-                continue
-            if call.cancel():
-                how = "cancelled"
-            elif _wake_finished_stream(call):
-                how = "woken"
-            else:
-                log.error("stream_stuck_past_deadline", slack_s=GUARD_SLACK_S)
-                continue
-            self.cancelled += 1
-            log.warning("stream_ended_past_deadline", how=how, slack_s=GUARD_SLACK_S)
+    def _end(self, call: Any) -> None:
+        if call.cancel():
+            how = "cancelled"
+        elif _wake_finished_stream(call):
+            how = "woken"
+        else:
+            log.error("stream_stuck_past_deadline", slack_s=GUARD_SLACK_S)
+            return
+        self.cancelled += 1
+        log.warning("stream_ended_past_deadline", how=how, slack_s=GUARD_SLACK_S)
 
 
 def _wake_finished_stream(call: Any) -> bool:

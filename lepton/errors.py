@@ -39,6 +39,16 @@ class ResourceExhausted(LeptonError):
     """A size or concurrency limit was hit."""
 
 
+class Refused(ResourceExhausted):
+    """A server's call limits (``lepton.limits``) refused the call before it ran: nothing changed,
+    so the same request may be retried after ``retry_after_s`` seconds (with jitter). Sent as
+    RESOURCE_EXHAUSTED with the delay in the trailing metadata key ``lepton-retry-after-ms``."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unauthenticated(LeptonError):
     """Credentials are missing or wrong."""
 

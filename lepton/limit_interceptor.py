@@ -20,6 +20,9 @@ log = structlog.get_logger("lepton.rpc")
 
 
 REFUSAL_LOG_INTERVAL_S = 10.0
+REFUSAL_RETRY_AFTER_S = 0.05  # the delay a refusal names; clients add jitter and back off from it
+# Trailing metadata key of a retry delay in milliseconds (errors.NotReady, errors.Refused; options.proto).
+RETRY_AFTER_KEY = "lepton-retry-after-ms"
 
 
 def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -120,6 +123,8 @@ class LimitInterceptor(grpc.ServerInterceptor):
         if due:
             log.warning("rpc_limit_reached", method=method, rpc_class=c.name, reason=why, peer=context.peer(),
                         in_flight=self.admission.in_flight()[c.name])
+        # Nothing ran: the client may send the same request again after this (errors.Refused).
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(round(REFUSAL_RETRY_AFTER_S * 1000))),))
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
     def _admitted(self, method: str, fn: Callable[..., Any], request_streaming: bool, response_streaming: bool):

@@ -11,8 +11,6 @@ finds a thread. Nothing here imports grpc.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from lepton.errors import ConfigError
+from lepton.timers import Timer, TimerHeap
 
 log = structlog.get_logger("lepton.limits")
 
@@ -218,55 +217,15 @@ class Admission:
             return sum(1 for (c, _), n in self._by_peer.items() if c == name and n)
 
 
-class Watchdog:
-    """One thread that calls each armed callback once its delay has passed, unless disarmed first."""
+class Watchdog(TimerHeap):
+    """One thread that calls each armed callback once its delay has passed, unless disarmed first
+    (``lepton.timers.TimerHeap`` under the names the call limits use)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, name: str = "rpc-watchdog") -> None:
-        self._clock = clock
-        self._name = name
-        self._cond = threading.Condition()
-        self._heap: list[list] = []  # [due, sequence, callback or None once disarmed]
-        self._sequence = itertools.count()
-        self._thread: threading.Thread | None = None
+        super().__init__(name, clock)
 
-    def arm(self, delay_s: float, callback: Callable[[], None]) -> list:
-        entry = [self._clock() + delay_s, next(self._sequence), callback]
-        with self._cond:
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            if self._heap[0] is entry:
-                self._cond.notify()
-        return entry
+    def arm(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        return self.schedule(delay_s, callback)
 
-    @staticmethod
-    def disarm(entry: list) -> None:
-        entry[2] = None  # dropped lazily when it reaches the top of the heap
-
-    def armed(self) -> int:
-        with self._cond:
-            return sum(1 for e in self._heap if e[2] is not None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][2] is None:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                delay = self._heap[0][0] - self._clock()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                entry = heapq.heappop(self._heap)
-                callback, entry[2] = entry[2], None
-            if callback is not None:
-                try:
-                    callback()
-                except Exception:  # noqa: BLE001 - one failing callback must not stop the others
-                    try:
-                        log.exception("watchdog_callback_failed")
-                    except Exception:  # noqa: BLE001 - nor a log that cannot be written
-                        pass
+    disarm = TimerHeap.cancel
+    armed = TimerHeap.pending

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from lepton import errors
 from lepton.deadline_guard import DEADLINE_GUARD
 from lepton.handler_rewrap import rewrap
-from lepton.limit_interceptor import LimitInterceptor
+from lepton.limit_interceptor import RETRY_AFTER_KEY, LimitInterceptor
 from lepton.limits import DEFAULT_LIMITS, Admission, Limits
 from lepton.metrics import CLIENT_CALLS, LimitCollector, RpcMetricsInterceptor, left_because
 from lepton.reflection import enable_reflection
@@ -50,8 +50,8 @@ ERROR_FOR_STATUS: dict[grpc.StatusCode, type[errors.LeptonError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
 }
-# Trailing metadata key of a retry delay in milliseconds (errors.NotReady; options.proto).
-RETRY_AFTER_KEY = "lepton-retry-after-ms"
+# RETRY_AFTER_KEY: the trailing metadata key of a retry delay in milliseconds (errors.NotReady,
+# errors.Refused; options.proto), defined beside the call limits, which send it too.
 # Prefix of messages for fenced incarnations, so clients can tell Fenced from other preconditions.
 FENCED_MARKER = "fenced:"
 
@@ -327,6 +327,10 @@ def translate(exc: grpc.RpcError) -> errors.LeptonError:
         retry_after_s = retry_after(exc)
         if retry_after_s is not None:
             return errors.NotReady(details, retry_after_s)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after_s = retry_after(exc)
+        if retry_after_s is not None:  # refused by the call limits, not a size limit
+            return errors.Refused(details, retry_after_s)
     return cls(f"{code.name}: {details}" if cls is errors.LeptonError else details)
 
 

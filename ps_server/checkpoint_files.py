@@ -3,7 +3,9 @@
 Each checkpoint is one file ``ckpt-<version>.pt`` (torch.save of tensors and the optimizer state;
 loaded with ``weights_only=True``, so loading runs no pickled code) written as temporary file,
 fsync, rename, fsync of the directory: a crash leaves either the old or the new checkpoint, never
-a torn one. The newest ``keep`` checkpoints are kept.
+a torn one (a write cut short leaves only ``ckpt-<version>.pt.tmp``, removed when a server next loads
+from the directory). The newest ``keep`` checkpoints are kept; ps_server/periodic_checkpoints.py writes
+them every so many updates.
 
 Checkpoints the coordinator orders (``lepton checkpoint``, and the final one when training ends)
 go to ``snapshots/<checkpoint_id>.pt`` beside them, in the same format and written the same way;
@@ -14,17 +16,12 @@ coordinator's manifests of whole-job checkpoints are coordinator/checkpoints.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from lepton import files
-from ps_server.store import ParameterStore
-
-log = structlog.get_logger("lepton.ps")
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
 
@@ -41,6 +38,11 @@ class CheckpointDirectory:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep = max(1, keep)
+
+    def remove_torn(self) -> None:
+        """Removes what writes cut short (a kill) left: call it only while nothing writes here."""
+        for torn in self.directory.glob("ckpt-*.pt.tmp"):
+            torn.unlink(missing_ok=True)
 
     def save(self, version: int, state: dict[str, Any]) -> Path:
         final = write_atomically(self.directory / f"ckpt-{version:012d}.pt", state)
@@ -70,44 +72,3 @@ class CheckpointDirectory:
             except Exception:  # noqa: BLE001 - a torn or foreign file: try the previous one
                 continue
         return None
-
-
-@dataclass
-class CheckpointTally:
-    """A server's periodic checkpoints over its life (across reloads of its assignment)."""
-
-    version: int = -1  # the newest version saved
-    failed: int = 0  # intervals that could not be written (disk full, ...)
-
-
-class PeriodicCheckpoints:
-    """Saves the store every ``every_steps`` updates: the gate's ``after_apply`` hook (it runs
-    under the gate's lock, so it needs no guard of its own)."""
-
-    def __init__(self, directory: CheckpointDirectory, every_steps: int, tally: CheckpointTally) -> None:
-        self.directory = directory
-        self.every_steps = every_steps
-        self.tally = tally
-        self._failing = False
-
-    def __call__(self, store: ParameterStore) -> None:
-        if store.version % self.every_steps != 0:
-            return
-        try:
-            self.directory.save(store.version, store.state_dict())
-        except (OSError, RuntimeError) as exc:
-            # Disk full, file too large, directory gone (torch's zip writer reports a failed write
-            # as RuntimeError): the update is applied and the push it came with must succeed, so
-            # training goes on; the next interval tries again. One log line per failed interval,
-            # never one per push.
-            self.tally.failed += 1
-            self._failing = True
-            log.warning(
-                "checkpoint_failed", version=store.version, failures=self.tally.failed,
-                directory=str(self.directory.directory), error=str(exc) or type(exc).__name__,
-            )
-            return
-        if self._failing:
-            log.info("checkpoint_recovered", version=store.version, failures=self.tally.failed)
-        self._failing = False
-        self.tally.version = store.version

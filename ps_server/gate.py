@@ -106,7 +106,8 @@ class ConsistencyGate:
     """The interface of the three modes, and what they share. Thread-safe.
 
     Subclasses implement ``_offer`` (a checked, non-stale push, under the lock) and may override
-    ``_is_stale``, ``_await``, ``join``, ``_leave``, ``_retain_live``, ``_tick`` and
+    ``_prepare`` (what a push's gradients become before the lock is taken: work that needs no
+    state stays out of the lock), ``_is_stale``, ``_await``, ``join``, ``_leave``, ``_retain_live``, ``_tick`` and
     ``_participants_now``; every ``_``-hook runs under the gate's lock.
     """
 
@@ -159,6 +160,7 @@ class ConsistencyGate:
         """Offers a checked gradient. Returns a PushResult when the outcome is known now, else what
         to wait for (pass it to ``settle``). A push repeating an earlier ``request_id`` of the same
         member is applied at most once and gets the original answer."""
+        prepared = self._prepare(grads, samples)
         with self._cond:
             key = (member_id, request_id)
             if request_id and key in self._answered:
@@ -171,7 +173,7 @@ class ConsistencyGate:
             if self._is_stale(base_version, version):
                 self.counters.pushes_stale += 1
                 return PushResult(PushOutcome.STALE, version)
-            return self._offer(key, member_id, base_version, grads, samples, now)
+            return self._offer(key, member_id, base_version, prepared, samples, now)
 
     def settle(
         self, outcome: PushAnswer, timeout_s: float, member_id: str = "", request_id: str = ""
@@ -199,6 +201,9 @@ class ConsistencyGate:
             result = PushResult(PushOutcome.APPLIED, version)
             self._remember((member_id, request_id), result)
             return result
+
+    def _prepare(self, grads: Grads, samples: int) -> Grads:
+        return grads
 
     def _is_stale(self, base_version: int, version: int) -> bool:
         return base_version > version
@@ -285,6 +290,11 @@ class ConsistencyGate:
                 return Capture(version, missed=True)
             self._capture_at = target_version
             return Capture(version)
+
+    def under_lock(self, fn: Callable[[ParameterStore], T]) -> T:
+        """``fn(store)`` under the gate's lock: it sees whole updates (a periodic checkpoint's copy)."""
+        with self._cond:
+            return fn(self.store)
 
     def snapshot(
         self, names: list[str] | None = None, rows: Mapping[str, torch.Tensor] | None = None

@@ -50,17 +50,22 @@ class SyncGate(ConsistencyGate):
     def _is_stale(self, base_version: int, version: int) -> bool:
         return base_version != version  # only the open step takes gradients
 
+    def _prepare(self, grads: Grads, samples: int) -> Grads:
+        """The sample-weighted gradients in float64 (integer buffers' changes too): new tensors,
+        made before the lock is taken."""
+        return {name: g.to(torch.float64) * samples for name, g in grads.items()}
+
     def _offer(
         self, key: Key, member_id: str, base_version: int, grads: Grads, samples: int, now: float
     ) -> int:
-        """Adds the gradient to the open step; returns the version that closes it."""
+        """Adds the weighted gradient (``_prepare``) to the open step; returns the version that
+        closes it."""
         if member_id not in self._contributed:  # a retried push of the same step adds nothing
-            for name, g in grads.items():
-                weighted = g.to(torch.float64) * samples  # integer buffers' changes too
+            for name, weighted in grads.items():
                 if name in self._accum:
                     self._accum[name] += weighted
                 else:
-                    self._accum[name] = weighted.clone()
+                    self._accum[name] = weighted  # a tensor of its own (``_prepare``)
             self._accum_samples += samples
             self._contributed[member_id] = samples
             if self._step_opened_at is None:

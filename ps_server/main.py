@@ -89,6 +89,9 @@ def serve(
             ready_file, address=server.address, member_id=member.member_id, metrics=metrics_address
         )
         code = agent.run()
+        # The periodic checkpoint being written completes (bounded) and no other begins, so a
+        # stopped server leaves the newest one it started.
+        agent.server.close()
         if state_dir:
             # Its counters as they end, for `lepton up`'s report (a poll can miss the last steps:
             # the server exits on its own once the job is over).
@@ -97,6 +100,7 @@ def serve(
         return code
     finally:
         shared.close_all()
+        agent.server.close()
         client.close()
         if metrics is not None:
             metrics.close()

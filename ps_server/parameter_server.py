@@ -15,9 +15,10 @@ import torch
 from lepton.domain import CheckpointReport
 from lepton.errors import InvalidArgument, LeptonError, NotReady
 from lepton.tensors import TensorKind, TensorSpec, payload_bytes
-from ps_server.checkpoint_files import CheckpointDirectory, CheckpointTally, PeriodicCheckpoints
+from ps_server.checkpoint_files import CheckpointDirectory
 from ps_server.consistency import consistency_gate
 from ps_server.gate import ConsistencyGate, PushResult
+from ps_server.periodic_checkpoints import FLUSH_TIMEOUT_S, CheckpointTally, PeriodicCheckpoints
 from ps_server.roster import WorkerEntry, WorkerRoster
 from ps_server.staleness import staleness_lr_scaling
 from ps_server.store import ParameterStore
@@ -76,6 +77,7 @@ class ParameterServer:
         self.pushes_rejected = 0
         self.checkpoint_tally = CheckpointTally()  # periodic checkpoints written and failed
         self._checkpoints: CheckpointDirectory | None = None
+        self._periodic: PeriodicCheckpoints | None = None  # the writer of the loaded assignment
         self._no_state_dir = False  # loaded without a checkpoint directory: ordered checkpoints fail
         self._snapshot: CheckpointReport | None = None  # the answer to the latest checkpoint order
         self.bytes_pulled = 0
@@ -102,10 +104,14 @@ class ParameterServer:
         warmup_steps: int = 0,
     ) -> int:
         """Builds the store from the assignment, or from the newest checkpoint in ``checkpoints``
-        when there is one; returns the version it serves from (0 for a fresh start)."""
+        when there is one; returns the version it serves from (0 for a fresh start). A reload
+        first finishes the previous assignment's checkpoint writes (see ``close``)."""
+        self.close()
         store = ParameterStore(
             tensors, optimizer, lr, optimizer_kwargs, lr_schedule, lr_schedule_kwargs, sparse, kinds, warmup_steps
         )
+        if checkpoints is not None:
+            checkpoints.remove_torn()  # this process's writer is closed: no write is in flight
         restored = checkpoints.latest() if checkpoints is not None else None
         if restored is not None:
             store.load_state_dict(restored[1])
@@ -114,10 +120,14 @@ class ParameterServer:
             if checkpoints is not None and checkpoint_every_steps > 0
             else None
         )
+        gate = consistency_gate(
+            store, mode, step_timeout_s, after_apply, staleness, staleness_lr_scaling(async_lr_scaling)
+        )
+        if after_apply is not None:
+            after_apply.attach(gate.under_lock)
         with self._lock:
-            self._gate = consistency_gate(
-                store, mode, step_timeout_s, after_apply, staleness, staleness_lr_scaling(async_lr_scaling)
-            )
+            self._gate = gate
+            self._periodic = after_apply
             self._checkpoints = checkpoints
             self._no_state_dir = checkpoints is None
         return store.version
@@ -153,6 +163,19 @@ class ParameterServer:
                     report = CheckpointReport(checkpoint_id, target_version, capture.version, path)
         self._snapshot = report
         return report
+
+    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Finishes the periodic checkpoint being written and a coalesced one (up to ``timeout_s``)
+        and stops taking more; returns whether they were written in time. Call it once nothing is
+        pushed any more (after the gRPC server stopped), and not under the gate's lock."""
+        with self._lock:
+            periodic, self._periodic = self._periodic, None
+        return periodic.close(timeout_s) if periodic is not None else True
+
+    def flush_checkpoints(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+        """Waits until no periodic checkpoint is being written; returns whether that happened in time."""
+        periodic = self._periodic
+        return periodic.flush(timeout_s) if periodic is not None else True
 
     @property
     def checkpoint_version(self) -> int:

@@ -4,7 +4,7 @@ version ``v + 1`` is the schedule's value at ``v``."""
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import math
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -185,14 +185,16 @@ class ParameterStore:
             for group, lr in zip(groups, saved, strict=True):
                 group["lr"] = lr
 
-    def state_dict(self) -> dict[str, Any]:
-        """Copies of everything a restart needs: version, tensors, optimizer and schedule state."""
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """Copies of everything a restart needs: version, tensors, optimizer and schedule state.
+        ``copy=False``: the live tensors themselves, for a caller that copies them at once."""
+        optimizer = self._optimizer.state_dict()
         state = {
             "version": self.version,
-            "params": {n: p.detach().clone() for n, p in self._params.items()},
+            "params": {n: p.detach().clone() if copy else p.detach() for n, p in self._params.items()},
             # torch's state_dict() holds the live moment tensors, which the next update changes in
             # place; a captured checkpoint is written later, so it must own copies
-            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
+            "optimizer": _copy.deepcopy(optimizer) if copy else optimizer,
         }
         if self._scheduler is not None:
             state["lr_schedule"] = self._lr_schedule

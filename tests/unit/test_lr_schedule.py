@@ -118,6 +118,7 @@ def test_a_node_restarting_from_its_periodic_checkpoint_serves_the_scheduled_lr(
     assert version == 0
     for update in range(6):  # checkpoint at version 4; updates 4 and 5 are lost with the crash
         node.gate.push("w-0", update, gradient(update), 1, now=0.0)
+    assert node.flush_checkpoints(10.0)  # the crash comes after the checkpoint's write ended
     node, version = start()
     assert version == 4 and node.gate.store.lr == pytest.approx(LR * 0.5)
     for update in range(4, UPDATES):

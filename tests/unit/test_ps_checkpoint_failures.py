@@ -1,6 +1,7 @@
 """A parameter server whose periodic checkpoint cannot be written (disk full, file too large, the
-directory gone) counts the failure, logs it once for that interval and applies the update: the push
-that triggered the checkpoint succeeds and training goes on (no threads, no sockets)."""
+directory gone) counts the failure, logs it once for that write and applies the update: the push
+that triggered the checkpoint succeeds and training goes on (no sockets; the writer thread is
+flushed before each check)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def loaded(directory) -> ParameterServer:
 
 
 def push(node: ParameterServer, times: int) -> None:
+    """``times`` pushes, each waiting for the checkpoint it triggers (so each interval is written)."""
     for _ in range(times):
         node.gate.push("w-1", node.gate.version, GRAD, 1, 0.0)
+        assert node.flush_checkpoints(10.0)
 
 
 def test_a_full_disk_fails_the_checkpoint_not_the_push_and_the_next_interval_writes_again(tmp_path, monkeypatch):
