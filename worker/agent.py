@@ -113,6 +113,7 @@ class WorkerAgent:
         self.registrations = 0
         self.pushes = 0  # push-pulls answered (applied or stale)
         self.push_seconds = 0.0  # their total latency, seconds
+        self.pushes_during_backward = 0  # server push-pulls begun from a backward hook (worker/overlap.py)
 
     @property
     def bytes_pushed(self) -> int:
@@ -183,6 +184,7 @@ class WorkerAgent:
                 started = time.perf_counter()
                 if in_flight is not None:  # a failure retries below as a plain push_pull, same id
                     in_flight, settling = None, in_flight
+                    self.pushes_during_backward += len(settling.during_backward)
                     replies = settling.finish(grads)
                 else:
                     replies = servers.push_pull(len(batch.indices), grads, request_id, timeout_s=self._call_timeout_s())
@@ -416,7 +418,10 @@ class WorkerAgent:
                     continue  # stopping, or the job is over: the loop's next turn says which
             elif decision.outcome is LeaseOutcome.JOB_DONE:
                 failed = self._heartbeat.final_state() is JobState.FAILED
-                log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)
+                log.info(
+                    "job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed,
+                    pushes=self.pushes, pushes_during_backward=self.pushes_during_backward,
+                )
                 return EXIT_JOB_FAILED if failed else 0
             else:
                 steps.leave()
