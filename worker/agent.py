@@ -183,7 +183,7 @@ class WorkerAgent:
                 loss, grads, request_id = pending
                 started = time.perf_counter()
                 if in_flight is not None:  # a failure retries below as a plain push_pull, same id
-                    in_flight, settling = None, in_flight
+                    settling, in_flight = in_flight, None
                     self.pushes_during_backward += len(settling.during_backward)
                     replies = settling.finish(grads)
                 else:
@@ -420,7 +420,8 @@ class WorkerAgent:
                 failed = self._heartbeat.final_state() is JobState.FAILED
                 log.info(
                     "job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed,
-                    pushes=self.pushes, pushes_during_backward=self.pushes_during_backward,
+                    pushes=self.pushes, push_seconds=round(self.push_seconds, 3),
+                    pushes_during_backward=self.pushes_during_backward,
                 )
                 return EXIT_JOB_FAILED if failed else 0
             else:

@@ -320,3 +320,14 @@ def test_prefetched_raises_the_sources_error_and_stops_when_left_early():
     with prefetched(endless()) as batches:
         assert next(batches) == 0
     assert closed.is_set()
+
+
+def test_lepton_up_passes_no_overlap_to_every_worker():
+    from lepton.config import JobSpec
+    from lepton.ops.cli import build_parser
+    from lepton.ops.cluster import Cluster
+
+    assert "--no-overlap" not in Cluster(spec=JobSpec(), workers=2).worker_flags("worker-1")
+    assert Cluster(spec=JobSpec(), workers=2, overlap=False).worker_flags("worker-1") == ["--no-overlap"]
+    assert build_parser().parse_args(["worker", "--coordinator", "127.0.0.1:1", "--no-overlap"]).no_overlap
+    assert not build_parser().parse_args(["up"]).no_overlap
