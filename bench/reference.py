@@ -230,10 +230,12 @@ def train_reference(spec: JobSpec) -> ReferenceResult:
 
 
 def lepton_command(
-    spec: JobSpec, explicit: set[str], workers: int, report: Path, state_dir: Path, timeout_s: float
+    spec: JobSpec, explicit: set[str], workers: int, report: Path, state_dir: Path, timeout_s: float,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     """``lepton up`` with the data set, seed, cluster shape and the ``explicit`` job fields of
-    ``spec`` spelled as CLI flags; every other setting is Lepton's recommendation for the data set."""
+    ``spec`` spelled as CLI flags; every other setting is Lepton's recommendation for the data set;
+    then ``extra`` flags."""
     job = [arg for name, flag in UP_FLAGS.items() if name in explicit for arg in (flag, str(getattr(spec, name)))]
     if spec.optimizer_kwargs:
         job += ["--optimizer-kwargs", json.dumps(dict(spec.optimizer_kwargs))]
@@ -248,16 +250,19 @@ def lepton_command(
         "--report", str(report),
         "--state-dir", str(state_dir),
         "--timeout", str(timeout_s),
+        *extra,
     ]  # fmt: skip
 
 
-def run_lepton(spec: JobSpec, explicit: set[str], workers: int, timeout_s: float) -> LeptonResult:
+def run_lepton(
+    spec: JobSpec, explicit: set[str], workers: int, timeout_s: float, extra: tuple[str, ...] = ()
+) -> LeptonResult:
     """One ``lepton up`` in a subprocess; its report read back and its settings checked against
     ``spec``. The temporary directory (state and the command's output) is removed on success and
     kept on any other outcome."""
     tmp = Path(tempfile.mkdtemp(prefix="lepton-reference-"))
     report_path, log_path = tmp / "report.json", tmp / "up.log"
-    command = lepton_command(spec, explicit, workers, report_path, tmp / "state", timeout_s)
+    command = lepton_command(spec, explicit, workers, report_path, tmp / "state", timeout_s, extra)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -17,6 +17,10 @@ Adam lr 1e-3, 3 epochs; digits MLP, batch 32, Adam lr 0.01, 10 epochs; 12 shards
     *lepton*: ``lepton up --workers 2 --ps 1 --mode async`` (real processes over loopback), the
     same data set and seed; its JSON report gives the samples trained and the training seconds.
 
+    *lepton-no-overlap* (with ``--no-overlap-row``): the same with ``--no-overlap`` (each worker
+    pushes after backward and loads batches in turn), interleaved with the others: the A/B of
+    worker/overlap.py.
+
 Training time is measured the same way for all: from the first step to the last, excluding start-up,
 data set and model building, and evaluation. For *single* and *ddp* that is a ``perf_counter``
 around the training loop (for ddp: rank 0's, after a barrier before and after); for Lepton it is the
@@ -63,6 +67,7 @@ for path in (str(REPO), str(REPO / "bench")):
         sys.path.insert(0, path)
 
 KINDS = ("single", "ddp", "lepton")
+NO_OVERLAP = "lepton-no-overlap"
 DDP_RANKS = 2
 
 
@@ -139,11 +144,11 @@ def run_ddp(spec) -> dict:
         return json.loads(out.read_text())
 
 
-def run_lepton(spec) -> dict:
+def run_lepton(spec, extra: tuple[str, ...] = ()) -> dict:
     import reference
 
     explicit = {"epochs"} if spec.epochs != job(spec.dataset, None).epochs else set()
-    result = reference.run_lepton(spec, explicit, workers=2, timeout_s=600.0)
+    result = reference.run_lepton(spec, explicit, workers=2, timeout_s=600.0, extra=extra)
     differ = dict(result.settings_differ or {})
     if spec.task == "auto":
         differ.pop("task", None)  # the report names the task "auto" resolved to
@@ -176,14 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the data set's epochs")
     p.add_argument("--quick", action="store_true", help="digits, 1 epoch, 1 repetition")
     p.add_argument("--json", default=None, help="write every repetition here")
-    p.add_argument("--one", choices=KINDS, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-overlap-row", action="store_true", help="also Lepton with --no-overlap (the overlap A/B)"
+    )
+    p.add_argument("--one", choices=(*KINDS, NO_OVERLAP), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         import torch
 
         torch.set_num_threads(1)
         spec = job(args.dataset, args.epochs)
-        run = {"single": run_single, "ddp": run_ddp, "lepton": run_lepton}[args.one]
+        run = {
+            "single": run_single, "ddp": run_ddp, "lepton": run_lepton,
+            NO_OVERLAP: lambda spec: run_lepton(spec, ("--no-overlap",)),
+        }[args.one]
         print(json.dumps(run(spec)))
         return 0
     if args.quick:
@@ -191,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     everything = {}
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
         spec = job(dataset, args.epochs)
-        runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        kinds = (*KINDS, NO_OVERLAP) if args.no_overlap_row else KINDS
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for i in range(args.runs):
-            for kind in KINDS:
+            for kind in kinds:
                 result = one(kind, dataset, args.epochs)
                 result["samples_per_second"] = result["samples"] / max(result["seconds"], 1e-9)
                 runs[kind].append(result)
@@ -204,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{dataset} {settings}; one intra-op thread per process; median [min-max] of {args.runs}; "
               f"load average {os.getloadavg()[0]:.1f}")
         ddp_median = statistics.median(r["samples_per_second"] for r in runs["ddp"])
-        print(f"  {'':<8} {'samples/s':<26} {'vs ddp':<8} {'test accuracy':<26}")
-        for kind in KINDS:
+        print(f"  {'':<17} {'samples/s':<26} {'vs ddp':<8} {'test accuracy':<26}")
+        for kind in kinds:
             rate = [r["samples_per_second"] for r in runs[kind]]
             accuracy = [r["accuracy"] for r in runs[kind]]
             ratio = statistics.median(rate) / ddp_median
-            print(f"  {kind:<8} {_cell(rate, ',.0f'):<26} {ratio:<8.2f} {_cell(accuracy, '.4f'):<26}")
+            print(f"  {kind:<17} {_cell(rate, ',.0f'):<26} {ratio:<8.2f} {_cell(accuracy, '.4f'):<26}")
         everything[dataset] = {"settings": settings, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=2, default=lambda o: dataclasses.asdict(o)))

@@ -7,7 +7,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import structlog
 import torch
@@ -33,6 +33,7 @@ from worker.dataplane import ServerSet
 from worker.evaluation import evaluate_and_report, pull_for_evaluation
 from worker.heartbeat import Heartbeat
 from worker.lease import LeaseClock, LeaseLost
+from worker.overlap import BackwardPush, InFlight, for_trainer, prefetched
 from worker.progress import ProgressReporter
 from worker.sync_steps import SyncSteps
 from worker.trainer import Batch, LoaderOptions, ShardRange, Trainer
@@ -60,6 +61,9 @@ class WorkerAgent:
         step_delay_s: a test and demo hook: sleep this long before each push and before pulling
             to evaluate (a slow worker).
         loader: how the trainer's DataLoader makes batches (``--loader-workers`` and friends).
+        overlap: push each server's gradients as backward makes them and load the next batch
+            while a push-pull is in flight, where that is exact (worker/overlap.py); False:
+            ``--no-overlap``.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class WorkerAgent:
         loader: LoaderOptions = LoaderOptions(),
         device: str | None = None,
         precision: str | None = None,
+        overlap: bool = True,
     ) -> None:
         if step_delay_s < 0:
             raise ConfigError(f"the step delay must be >= 0 s (got {step_delay_s})")
@@ -95,6 +100,8 @@ class WorkerAgent:
         self._trainer: Trainer | None = None
         self._servers: ServerSet | None = None  # the data path, once the model is built
         self._steps: SyncSteps | None = None
+        self._overlap = overlap
+        self._backward_push: BackwardPush | None = None  # pushes during backward (worker/overlap.py)
         self._reporter = ProgressReporter(self._send_progress, PROGRESS_INTERVAL_S)
         self._lease_id = 0
         self.lease_pauses = 0
@@ -106,6 +113,7 @@ class WorkerAgent:
         self.registrations = 0
         self.pushes = 0  # push-pulls answered (applied or stale)
         self.push_seconds = 0.0  # their total latency, seconds
+        self.pushes_during_backward = 0  # server push-pulls begun from a backward hook (worker/overlap.py)
 
     @property
     def bytes_pushed(self) -> int:
@@ -148,6 +156,7 @@ class WorkerAgent:
         servers, steps = self._servers, self._steps
         attempt = 0
         pending: tuple[float, dict[str, torch.Tensor], str] | None = None
+        in_flight: InFlight | None = None  # pushes started during backward, not yet settled
         while True:
             attempt += 1
             self._await_lease()
@@ -159,7 +168,8 @@ class WorkerAgent:
                         servers.pull_rows(self._trainer.rows_touched(batch))
                     elif not servers.fresh:
                         servers.pull_all()
-                    loss, grads = self._trainer.gradients(batch)
+                    request_id = new_request_id()
+                    loss, grads, in_flight = self._gradients(batch, request_id)
                     if grads is None:  # fp16 overflow: the loss scale falls, nothing is pushed
                         self.skipped_steps += 1
                         if self._spec.mode == "sync":
@@ -167,12 +177,17 @@ class WorkerAgent:
                         scaler = self._trainer.scaler
                         log.info("step_skipped_overflow", loss_scale=scaler.scale if scaler else None)
                         return loss
-                    pending = (loss, grads, new_request_id())
-                    if self._step_delay_s:
+                    pending = (loss, grads, request_id)
+                    if self._step_delay_s and in_flight is None:
                         self._stop.wait(self._step_delay_s)  # a slow worker, on purpose (--step-delay)
                 loss, grads, request_id = pending
                 started = time.perf_counter()
-                replies = servers.push_pull(len(batch.indices), grads, request_id, timeout_s=self._call_timeout_s())
+                if in_flight is not None:  # a failure retries below as a plain push_pull, same id
+                    settling, in_flight = in_flight, None
+                    self.pushes_during_backward += len(settling.during_backward)
+                    replies = settling.finish(grads)
+                else:
+                    replies = servers.push_pull(len(batch.indices), grads, request_id, timeout_s=self._call_timeout_s())
                 self.push_seconds += time.perf_counter() - started
                 self.pushes += 1
                 steps.participating = self._spec.mode in ("sync", "ssp")  # others wait for it: leave when idle
@@ -210,6 +225,21 @@ class WorkerAgent:
             if attempt >= MAX_STEP_ATTEMPTS * 4:
                 raise DeadlineExceeded(f"batch failed {attempt} times")
 
+    def _gradients(
+        self, batch: Batch, request_id: str
+    ) -> tuple[float, dict[str, torch.Tensor] | None, InFlight | None]:
+        """The batch's loss and gradients; with overlap, the pushes backward has started too (a
+        slow worker's --step-delay then comes before the batch, not between backward and push)."""
+        assert self._trainer is not None
+        trainer, backward_push = self._trainer, self._backward_push
+        if backward_push is None:
+            return (*trainer.gradients(batch), None)
+        if self._step_delay_s:
+            self._stop.wait(self._step_delay_s)
+        return backward_push.gradients(
+            lambda: trainer.gradients(batch), len(batch.indices), request_id, self._call_timeout_s()
+        )
+
     def _await_lease(self) -> None:
         """Pushes nothing while the lease is overdue by this worker's clock (see worker/lease.py):
         waits for a heartbeat or progress report to renew it, or for the coordinator to refuse it.
@@ -241,8 +271,9 @@ class WorkerAgent:
         reporter = self._reporter
         reporter.begin(shard.epoch, shard.shard, shard.offset)
         log.info("shard_started", epoch=shard.epoch, shard=shard.shard, offset=shard.offset)
+        batches = self._batches(shard)
         try:
-            for batch in self._trainer.batches(shard):
+            for batch in batches:
                 if self._stop.is_set() or self._fenced.is_set():
                     reporter.flush()
                     return
@@ -269,6 +300,18 @@ class WorkerAgent:
             reporter.end()
             log.warning("lease_lost", epoch=shard.epoch, shard=shard.shard, reason=str(exc))
             raise LeaseLost from exc
+        finally:
+            batches.close()  # stops the prefetching thread
+
+    def _batches(self, shard: ShardRange) -> Generator[Batch, None, None]:
+        """The shard's batches; with overlap on, each made on a thread while the one before trains."""
+        assert self._trainer is not None
+        batches = self._trainer.batches(shard)
+        if not self._overlap:
+            yield from batches
+            return
+        with prefetched(batches) as ahead:
+            yield from ahead
 
     def _complete(self, member: MemberId, shard: ShardRange, loss: float, samples: int) -> None:
         """Completes with retries: the coordinator may be restarting. A retry that finds the shard
@@ -323,10 +366,13 @@ class WorkerAgent:
                 compression=ErrorFeedback.for_job(self._spec),
             )
             self._steps = SyncSteps(self._servers, self._stop, self._lease_clock.now, self._call_timeout_s())
+            self._backward_push = for_trainer(self._trainer, self._servers, self._overlap)
             return self._loop()
         finally:
             self._job_over.set()
             self._reporter.close()
+            if self._backward_push is not None:
+                self._backward_push.close()
             if self._servers is not None:
                 self._servers.close()
 
@@ -372,7 +418,11 @@ class WorkerAgent:
                     continue  # stopping, or the job is over: the loop's next turn says which
             elif decision.outcome is LeaseOutcome.JOB_DONE:
                 failed = self._heartbeat.final_state() is JobState.FAILED
-                log.info("job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed)
+                log.info(
+                    "job_done", shards_completed=self.shards_completed, steps=self.steps, failed=failed,
+                    pushes=self.pushes, push_seconds=round(self.push_seconds, 3),
+                    pushes_during_backward=self.pushes_during_backward,
+                )
                 return EXIT_JOB_FAILED if failed else 0
             else:
                 steps.leave()

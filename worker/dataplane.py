@@ -5,7 +5,7 @@ thread per server. Knows nothing of leases, retries or the coordinator beyond a 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -146,13 +146,29 @@ class ServerSet:
         without a gradient (or an unchanged buffer) is left out. With compression, each share is
         encoded once per ``request_id`` (a retry re-sends those bytes) and its residuals are
         committed when that server answers APPLIED."""
+        layout = self.ensure_layout()
+        futures = [self.push_to(server, samples, grads, request_id, timeout_s) for server in layout.servers]
+        return self.settle(futures)
+
+    def push_to(
+        self,
+        server: ServerInfo,
+        samples: int,
+        grads: Mapping[str, torch.Tensor],
+        request_id: str,
+        timeout_s: float | None = None,
+    ) -> Future:
+        """Starts the push-pull of ``server``'s share of ``grads`` on its thread; ``settle`` takes
+        the returned future (worker/overlap.py starts each server's as backward finishes its share)."""
         member = self._identity()
         layout_version = self.ensure_layout().version
+        client = self._clients[server.address]
+        base_version = self.versions.get(server.member_id, 0)
         if self._compressed[0] != request_id:  # a new push: what an earlier one left is settled
             self._compressed = (request_id, {})
         encoded = self._compressed[1]
 
-        def push(server: ServerInfo, client: ParameterClient):
+        def push():
             share = {
                 t.name: (t, sparse_part(grads[t.of], t) if t.sparse else part(grads, t))
                 for t in server.tensors
@@ -170,13 +186,21 @@ class ServerSet:
                 wire = {n: g for n, (_, g) in share.items()}
             size = sum(payload_bytes(g) if isinstance(g, torch.Tensor) else g.nbytes for g in wire.values())
             reply, version, tensors = client.push_pull(
-                member, self.versions.get(server.member_id, 0), samples, wire,
-                timeout_s=timeout_s, request_id=request_id,
+                member, base_version, samples, wire, timeout_s=timeout_s, request_id=request_id,
             )
             return server.member_id, reply, version, tensors, rows, sent, size
 
+        assert self._pool is not None, "no layout yet"
+        return self._pool.submit(push)
+
+    def settle(self, futures: list[Future]) -> dict[str, PushReply]:
+        """Waits for every push-pull ``push_to`` started, then installs what each server answered
+        and returns each reply, by id. If any failed, the first error (in the order given) is
+        raised and nothing is installed: a retry with the same request id pushes again."""
+        wait(futures)
+        answers = [f.result() for f in futures]
         replies = {}
-        for server_id, reply, version, tensors, rows, sent, size in self.fan_out(push):
+        for server_id, reply, version, tensors, rows, sent, size in answers:
             self.bytes_pushed += size
             self._received(server_id, version, tensors, rows)
             replies[server_id] = reply

@@ -31,6 +31,7 @@ def serve(
     loader: LoaderOptions = LoaderOptions(),
     device: str | None = None,
     precision: str | None = None,
+    overlap: bool = True,
 ) -> int:
     """Runs a worker until the job ends. ``device`` and ``precision`` override the job's; a device
     this machine lacks (or a precision it cannot run) is refused before registering (ConfigError)."""
@@ -41,7 +42,7 @@ def serve(
         client, stop, member_id=member_id, ps_client=partial(
             ParameterClient, security=options.security, shared_memory=options.shared_memory
         ),
-        step_delay_s=step_delay_s, loader=loader, device=device, precision=precision,
+        step_delay_s=step_delay_s, loader=loader, device=device, precision=precision, overlap=overlap,
     )
     _, metrics = options.metrics(lambda: WorkerCollector(agent))
     write_ready_file(ready_file, metrics=metrics.address if metrics else None)

@@ -27,6 +27,11 @@ class WorkerCollector(Collector):
                 a.registrations,
             ),
             ("lepton_worker_pushed_bytes_total", "Gradient bytes pushed (as sent).", a.bytes_pushed),
+            (
+                "lepton_worker_pushes_during_backward_total",
+                "Push-pulls to one server begun from a backward hook (overlap).",
+                a.pushes_during_backward,
+            ),
             ("lepton_worker_pulled_bytes_total", "Parameter bytes pulled.", a.bytes_pulled),
             # Deprecated names, kept for one release (docs/observability.md).
             ("lepton_worker_bytes_pushed_total", "Deprecated: lepton_worker_pushed_bytes_total.", a.bytes_pushed),

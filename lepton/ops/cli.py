@@ -125,6 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             secure=args.secure,
             worker_delay_s=args.worker_delay,
             loader=loader_options(args),
+            overlap=not args.no_overlap,
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
@@ -161,6 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return serve_worker(
             args.coordinator, stop, member_id=args.id, ready_file=args.ready_file, options=service_options(args),
             step_delay_s=args.step_delay, loader=loader_options(args), device=args.device, precision=args.precision,
+            overlap=not args.no_overlap,
         )
     raise AssertionError(args.command)
 

@@ -28,6 +28,7 @@ class Cluster:
     max_workers: int | None = None  # None: max(workers, lepton.ops.scale.DEFAULT_MAX_WORKERS)
     worker_delay_s: float = 0.0  # test/demo hook: worker-0 sleeps this long before each push
     loader: Any = None  # every worker's worker.trainer.LoaderOptions (None: the defaults)
+    overlap: bool = True  # False: every worker runs with --no-overlap
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -44,6 +45,7 @@ class Cluster:
         if self.loader is not None:
             flags += ["--loader-workers", str(self.loader.workers), "--prefetch", str(self.loader.prefetch)]
             flags += ["--pin-memory"] if self.loader.pin_memory else []
+        flags += [] if self.overlap else ["--no-overlap"]
         if self.worker_delay_s and name == worker_name(0):
             flags += ["--step-delay", repr(self.worker_delay_s)]
         return flags

@@ -244,6 +244,10 @@ def _add_loader_flags(p: argparse.ArgumentParser) -> None:
         "--prefetch", type=int, default=2, metavar="N", help="batches each loader process keeps ready (default 2)"
     )
     g.add_argument("--pin-memory", action="store_true", help="make batches in pinned (page-locked) memory")
+    g.add_argument(
+        "--no-overlap", action="store_true",
+        help="push after backward and load each batch in turn, not overlapped with training (docs/training.md)",
+    )
 
 
 def loader_options(args: argparse.Namespace) -> Any:
