@@ -102,7 +102,9 @@ class WorkerAgent:
         self._steps: SyncSteps | None = None
         self._overlap = overlap
         self._backward_push: BackwardPush | None = None  # pushes during backward (worker/overlap.py)
-        self._reporter = ProgressReporter(self._send_progress, PROGRESS_INTERVAL_S)
+        self._reporter = ProgressReporter(
+            self._send_progress, lambda: PROGRESS_INTERVAL_S * self._heartbeat.slowdown
+        )
         self._lease_id = 0
         self.lease_pauses = 0
         self.shards_completed = 0

@@ -54,11 +54,15 @@ class Heartbeat:
         self.state: JobState | None = None
         self.layout_seen = 0
         self.skipped = 0  # beats left out because another call had just renewed the member
+        # The coordinator's directed interval over the job's own (>= 1 when it asks for fewer
+        # beats, at scale); the worker slows its progress reports by the same factor.
+        self.slowdown = 1.0
 
     def start(self, interval_s: float) -> None:
         threading.Thread(target=self._run, args=(interval_s,), name="heartbeat", daemon=True).start()
 
     def _run(self, interval_s: float) -> None:
+        job_interval_s = interval_s
         failures = 0
         skipped_in_a_row = 0
         last_beat = time.monotonic()
@@ -92,6 +96,7 @@ class Heartbeat:
                 continue
             if reply.interval_s > 0:
                 interval_s = reply.interval_s
+                self.slowdown = max(1.0, interval_s / job_interval_s)
             self.layout_seen = max(self.layout_seen, reply.layout_version)
             self.state = reply.state
             if reply.state.terminal:

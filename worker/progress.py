@@ -34,9 +34,13 @@ class ProgressReporter:
     fences the member ``fenced`` is set. The training loop checks both after every step.
     """
 
-    def __init__(self, send: Callable[[int, int, int, float, int], None], interval_s: float) -> None:
+    def __init__(
+        self, send: Callable[[int, int, int, float, int], None], interval_s: float | Callable[[], float]
+    ) -> None:
         self._send = send
-        self._interval_s = interval_s
+        # a callable is read before every wait: the worker slows reports when the coordinator
+        # directs a longer heartbeat interval (many workers)
+        self._interval = interval_s if callable(interval_s) else (lambda: interval_s)
         self._lock = threading.Lock()
         self._pending: _Pending | None = None
         self._stop = threading.Event()
@@ -76,7 +80,7 @@ class ProgressReporter:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stop.wait(self._interval()):
             self._report()
 
     def _report(self) -> bool:

@@ -1,6 +1,14 @@
 """The progress reporter keeps the newest offset until the coordinator takes it."""
 
+import threading
+import time
+
+import pytest
+
+from lepton.domain import HeartbeatReply, JobState, MemberId
 from lepton.errors import FailedPrecondition, Fenced, Unavailable
+from worker.heartbeat import Heartbeat
+from worker.lease import LeaseClock
 from worker.progress import ProgressReporter
 
 
@@ -74,3 +82,48 @@ def test_a_new_lease_clears_the_fenced_flag_of_the_previous_incarnation():
     r.begin(0, 3, 0)  # after re-registering, a fresh lease
     assert not r.fenced.is_set() and not r.lost.is_set()
     r.close()
+
+
+def test_the_interval_is_read_before_every_wait_so_a_directed_slowdown_takes_effect():
+    c = Coordinator()
+    asked = threading.Semaphore(0)
+
+    def interval() -> float:
+        asked.release()
+        return 0.01
+
+    r = ProgressReporter(c.send, interval)
+    try:
+        for _ in range(3):
+            assert asked.acquire(timeout=10), "the reporter stopped reading its interval"
+    finally:
+        r.close()
+
+
+class DirectingCoordinator:
+    """Answers every beat with the interval a coordinator of many workers directs."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.beats = 0
+
+    def renewal_sent(self, member):
+        return None
+
+    def beat(self, member):
+        self.beats += 1
+        return HeartbeatReply(JobState.TRAINING, layout_version=1, interval_s=self.interval_s)
+
+
+def test_a_directed_heartbeat_interval_slows_progress_reports_by_the_same_factor():
+    coordinator = DirectingCoordinator(interval_s=0.05)
+    heartbeat = Heartbeat(coordinator, lambda: MemberId("worker-0", 1), LeaseClock())
+    assert heartbeat.slowdown == 1.0
+    heartbeat.start(0.01)  # the job's interval; the coordinator asks for 5x that
+    try:
+        deadline = time.monotonic() + 10
+        while heartbeat.slowdown == 1.0 and time.monotonic() < deadline:
+            heartbeat.job_over.wait(0.01)
+        assert heartbeat.slowdown == pytest.approx(5.0)
+    finally:
+        heartbeat.job_over.set()
