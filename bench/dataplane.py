@@ -388,7 +388,8 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=float, nargs="+", default=[64, 4], metavar="MIB")
+    p.add_argument("--sizes", type=float, nargs="*", default=[64, 4], metavar="MIB",
+                   help="push+pull sizes (none: only the tiny step)")
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every process (default 1)")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition: a smoke run")
