@@ -146,8 +146,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
+        if (args.coordinator is None) == (args.coordinator_ready_file is None):
+            raise ConfigError("lepton ps needs one of --coordinator and --coordinator-ready-file")
         return serve_ps(
-            args.coordinator,
+            args.coordinator or "",
             args.listen,
             stop,
             advertise=args.advertise,
@@ -155,6 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             ready_file=args.ready_file,
             options=service_options(args),
             state_dir=args.state_dir,
+            coordinator_ready_file=args.coordinator_ready_file,
         )
     if args.command == "worker":
         from worker.main import serve as serve_worker
