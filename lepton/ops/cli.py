@@ -129,6 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
+    if args.command == "ps" and (args.coordinator is None) == (args.coordinator_ready_file is None):
+        raise ConfigError("lepton ps needs one of --coordinator and --coordinator-ready-file")
     try:
         threads.apply(args.threads)
     except ValueError as exc:
@@ -146,8 +148,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ps":
         from ps_server.main import serve as serve_ps
 
-        if (args.coordinator is None) == (args.coordinator_ready_file is None):
-            raise ConfigError("lepton ps needs one of --coordinator and --coordinator-ready-file")
         return serve_ps(
             args.coordinator or "",
             args.listen,
