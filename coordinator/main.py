@@ -54,9 +54,8 @@ def keep_gc_off_the_request_path() -> None:
 
 
 def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], float] = time.monotonic) -> Job:
-    """Outlines the dataset (for its size and the model: see ``outline_workload``; a file-backed one
-    reads metadata and a sample, not its rows)
-    and the model (for its initial parameters); with a state
+    """Outlines the dataset (its size and facts: ``outline_workload``; a file-backed one reads
+    metadata and a sample, not its rows) and builds the model (its initial parameters); with a state
     directory, the job is durable and resumes what the directory holds. The clock is read after
     loading, so restored members' reattach grace starts when serving is about to start."""
     granularity(spec.optimizer)  # an unknown or refused optimizer is refused before data loads

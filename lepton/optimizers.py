@@ -101,8 +101,10 @@ def prove_optimizer(
             with _eager_dynamo_stand_in():
                 _prove(named_params, sparse, name, lr, kwargs, lr_schedule, lr_schedule_kwargs, warmup_steps)
             return kind
-        except ConfigError:
-            pass  # decided below, by torch itself: the stand-in must never be why a job is refused
+        except ConfigError as exc:
+            if "_dynamo" not in str(exc):
+                raise
+            # decided below, by torch itself: the stand-in must never be why a job is refused
     _prove(named_params, sparse, name, lr, kwargs, lr_schedule, lr_schedule_kwargs, warmup_steps)
     return kind
 

@@ -1,7 +1,8 @@
 """A parameter server's start before it knows its job: torch.optim's first optimizer imports
 ``torch._dynamo`` (1.2 s of CPU here), so a background thread builds and steps a throwaway one
-while the server starts, registers and waits for its assignment; and a server started beside its
-coordinator (``lepton up``) waits for the coordinator's ready file to learn where it serves."""
+while the server registers and waits for its assignment; and a server started beside its
+coordinator (``lepton up``) waits for the coordinator's ready file to learn where it serves
+(it warms up only then: a configuration the coordinator refuses is refused without that CPU)."""
 
 from __future__ import annotations
 

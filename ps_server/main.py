@@ -53,12 +53,14 @@ def serve(
     state_dir: str | None = None,
     coordinator_ready_file: str | None = None,
 ) -> int:
-    warm_optimizer()
     if coordinator_ready_file:
+        # Started beside the coordinator: the warm-up waits until it serves, so that a configuration
+        # it refuses is refused without this server's optimizer competing for the CPU.
         found = coordinator_from_ready_file(Path(coordinator_ready_file), stop, COORDINATOR_READY_TIMEOUT_S)
         if found is None:  # stopped, or the coordinator refused its job: its launcher says why
             return EXIT_OK
         coordinator = found
+    warm_optimizer()
     if state_dir:
         # Before registering: a server that cannot keep checkpoints must not join the job it
         # would fail later (ConfigError: exit 2 naming the path).

@@ -54,3 +54,28 @@ def test_the_proof_needs_no_dynamo_refuses_in_torchs_words_and_leaves_torch_as_i
     assert "SparseAdam does not support dense gradients" in refused[2]
     assert "real True True" in lines, done.stdout
     assert any(line.startswith("cached-by-real torch._dynamo") for line in lines), done.stdout
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from lepton.optimizers import prove_optimizer
+
+    class Compiled(torch.optim.SGD):  # reads more of torch._dynamo than the stand-in has
+        def step(self, closure=None):
+            import torch._dynamo
+            torch._dynamo.is_compiling()
+            return super().step(closure)
+
+    torch.optim.Compiled = Compiled
+    prove_optimizer([("w", torch.randn(3, 2))], frozenset(), "compiled", 0.01, {})
+    print("proved", "torch._dynamo" in sys.modules, hasattr(sys.modules["torch._dynamo"], "optimize"))
+    """
+)
+
+
+def test_a_proof_the_stand_in_cannot_run_is_decided_by_torch_with_the_real_import():
+    done = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "proved True True", done.stdout
