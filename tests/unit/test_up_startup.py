@@ -12,8 +12,8 @@ import pytest
 from lepton.errors import ConfigError
 from lepton.ops import report
 from lepton.process import write_ready_file
-from ps_server.early import coordinator_from_ready_file
 from lepton.tasks import REGRESSION
+from ps_server.early import coordinator_from_ready_file
 
 
 def test_report_names_the_regression_task_as_lepton_tasks_does():
