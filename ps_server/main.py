@@ -11,12 +11,12 @@ import structlog
 from lepton import files, shm
 from lepton.clients import CoordinatorClient
 from lepton.errors import LeptonError
-from lepton.process import EXIT_LOST_CONTACT, EXIT_OK, ServiceOptions, write_ready_file
+from lepton.process import EXIT_LOST_CONTACT, ServiceOptions, write_ready_file
 from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.status import FINAL_STATUS_FILE, to_plain
 from ps_server.agent import ParameterServerAgent
-from ps_server.early import coordinator_from_ready_file, warm_optimizer
+from ps_server.early import warm_optimizer
 from ps_server.metrics import ParameterServerCollector
 from ps_server.parameter_server import ServerStatus
 from ps_server.servicer import ParameterServerServicer, encode_status, registration
@@ -37,7 +37,6 @@ def write_final_status(path: Path, status: ServerStatus) -> None:
 
 
 REGISTER_RETRY = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0, max_attempts=60, max_total_s=60.0)
-COORDINATOR_READY_TIMEOUT_S = 120.0  # --coordinator-ready-file: as long as `lepton up` waits for it
 
 
 def serve(
@@ -51,15 +50,7 @@ def serve(
     grace_s: float = 2.0,
     options: ServiceOptions = ServiceOptions(),
     state_dir: str | None = None,
-    coordinator_ready_file: str | None = None,
 ) -> int:
-    if coordinator_ready_file:
-        # Started beside the coordinator: the warm-up waits until it serves, so that a configuration
-        # it refuses is refused without this server's optimizer competing for the CPU.
-        found = coordinator_from_ready_file(Path(coordinator_ready_file), stop, COORDINATOR_READY_TIMEOUT_S)
-        if found is None:  # stopped, or the coordinator refused its job: its launcher says why
-            return EXIT_OK
-        coordinator = found
     warm_optimizer()
     if state_dir:
         # Before registering: a server that cannot keep checkpoints must not join the job it

@@ -129,8 +129,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         configure_logging(args.log_format if args.log_format != "auto" else "console", args.log_level, role="up")
         return run_up(cluster, report_path=args.report, timeout_s=args.timeout)
-    if args.command == "ps" and (args.coordinator is None) == (args.coordinator_ready_file is None):
-        raise ConfigError("lepton ps needs one of --coordinator and --coordinator-ready-file")
     try:
         threads.apply(args.threads)
     except ValueError as exc:
@@ -149,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ps_server.main import serve as serve_ps
 
         return serve_ps(
-            args.coordinator or "",
+            args.coordinator,
             args.listen,
             stop,
             advertise=args.advertise,
@@ -157,7 +155,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             ready_file=args.ready_file,
             options=service_options(args),
             state_dir=args.state_dir,
-            coordinator_ready_file=args.coordinator_ready_file,
         )
     if args.command == "worker":
         from worker.main import serve as serve_worker

@@ -258,8 +258,8 @@ def loader_options(args: argparse.Namespace) -> Any:
     return LoaderOptions(workers=args.loader_workers, pin_memory=args.pin_memory, prefetch=args.prefetch)
 
 
-def _add_member(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--coordinator", required=required, metavar="HOST:PORT", help="the coordinator's address")
+def _add_member(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--id", default="", help="member id to (re)register under; default: assigned")
 
 
@@ -277,11 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
 
     s = sub.add_parser("ps", help="run a parameter server")
-    _add_member(s, required=False)
-    s.add_argument(
-        "--coordinator-ready-file", default=None, metavar="PATH",
-        help="instead of --coordinator: wait for the coordinator's --ready-file and take its address from it",
-    )
+    _add_member(s)
     s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     s.add_argument("--advertise", default="", metavar="HOST:PORT", help="address workers dial, if not --listen")
     s.add_argument(

@@ -137,30 +137,19 @@ class Supervisor:
              "--state-dir", str(state_dir / "coordinator"), *job_flags(spec), *self._server_flags,
              *self._plaintext("coordinator"), *self._child_log],
         )
-        # Servers start beside it (it keeps its data set and model to itself, they only import torch
-        # and warm their optimizer meanwhile) and take its address from its ready file.
-        servers = [
-            children.start(
-                f"ps-{i}",
-                ["ps", "--coordinator-ready-file", str(self.ready_files["coordinator"]),
-                 "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
-                 *self._ready_file(f"ps-{i}"),
-                 "--state-dir", str(state_dir / f"ps-{i}"), *self._server_flags, *self._token[f"ps-{i}"],
-                 *self._plaintext(f"ps-{i}"), *self._child_log],
-            )
-            for i in range(spec.parameter_servers)
-        ]
-        try:
-            facts = wait_ready_file(self.ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
-        except (ConfigError, ChildFailed):
-            for server in servers:  # nothing of the job is theirs yet: no grace to wait for
-                server.process.kill()
-                server.process.wait()
-            raise
+        facts = wait_ready_file(self.ready_files["coordinator"], coordinator, READY_TIMEOUT_S)
         address = seen.address = facts["address"]
         seen.metrics["coordinator"] = facts.get("metrics")
         print(f"coordinator listening on {address}  (lepton status --coordinator {address})", flush=True)
         print(f"logs in {self.log_dir}", flush=True)
+        for i in range(spec.parameter_servers):
+            children.start(
+                f"ps-{i}",
+                ["ps", "--coordinator", address, "--listen", f"{placements(f'ps-{i}').host}:0", "--id", f"ps-{i}",
+                 *self._ready_file(f"ps-{i}"),
+                 "--state-dir", str(state_dir / f"ps-{i}"), *self._server_flags, *self._token[f"ps-{i}"],
+                 *self._plaintext(f"ps-{i}"), *self._child_log],
+            )
         self.workers = Workers(
             children,
             lambda name: ["worker", "--coordinator", address, *self._ready_file(name), *cluster.worker_flags(name),
