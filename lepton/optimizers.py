@@ -89,7 +89,8 @@ def prove_optimizer(
     """Proves that the servers can run this optimizer: builds it and its schedule on copies of
     the parameters, takes one optimizer step and one schedule step with zero gradients (empty
     row-sparse ones for ``sparse``), and checks that every parameter stays finite. Returns how
-    finely the layout may cut tensors for it.
+    finely the layout may cut tensors for it. In a process without ``torch._dynamo`` it runs
+    under ``_eager_dynamo_stand_in`` and does not import it.
 
     Raises:
         ConfigError: the optimizer is unknown or refused, or building or stepping it fails (with
