@@ -27,8 +27,8 @@ from lepton.tensors import TensorKind
 from lepton.workloads import (
     build_model,
     check_loss,
-    load_workload,
     model_tensors,
+    outline_workload,
     sparse_parameter_names,
     tensor_kinds,
     tied_names,
@@ -54,12 +54,12 @@ def keep_gc_off_the_request_path() -> None:
 
 
 def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], float] = time.monotonic) -> Job:
-    """Loads the dataset (for its size: a file-backed one reads metadata and a sample, not its rows)
-    and the model (for its initial parameters); with a state
+    """Outlines the dataset (its size and facts: ``outline_workload``; a file-backed one reads
+    metadata and a sample, not its rows) and builds the model (its initial parameters); with a state
     directory, the job is durable and resumes what the directory holds. The clock is read after
     loading, so restored members' reattach grace starts when serving is about to start."""
     granularity(spec.optimizer)  # an unknown or refused optimizer is refused before data loads
-    workload = load_workload(spec.dataset, spec.seed, spec.feature_columns, spec.label_column)
+    workload, samples = outline_workload(spec.dataset, spec.seed, spec.feature_columns, spec.label_column)
     # Refuse a loss or task that cannot train this data (ConfigError: exit 2) before any member
     # loads the job; the model's output width follows the task, as the workers build it.
     task = resolve_task(spec.task, spec.loss, workload.label_dtype)
@@ -83,7 +83,6 @@ def build_job(spec: JobSpec, state_dir: str | None = None, clock: Callable[[], f
             f"with nothing; use at most {len(tensors)}"
         )
     store = SqliteJobStore(state_dir) if state_dir else None
-    samples = len(workload.train)  # type: ignore[arg-type]  # map-style; torch's Dataset stub has no __len__
     return Job(
         spec, samples, tensors, store=store, now=clock(), sparse=sparse, kinds=kinds,
         tied=tied_names(model),

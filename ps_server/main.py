@@ -16,6 +16,7 @@ from lepton.retry import RetryPolicy
 from lepton.rpc import Server
 from lepton.status import FINAL_STATUS_FILE, to_plain
 from ps_server.agent import ParameterServerAgent
+from ps_server.early import warm_optimizer
 from ps_server.metrics import ParameterServerCollector
 from ps_server.parameter_server import ServerStatus
 from ps_server.servicer import ParameterServerServicer, encode_status, registration
@@ -50,6 +51,7 @@ def serve(
     options: ServiceOptions = ServiceOptions(),
     state_dir: str | None = None,
 ) -> int:
+    warm_optimizer()
     if state_dir:
         # Before registering: a server that cannot keep checkpoints must not join the job it
         # would fail later (ConfigError: exit 2 naming the path).

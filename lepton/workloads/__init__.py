@@ -13,7 +13,7 @@ This package re-exports their public names (and, from ``lepton.factories``, the 
 
 from lepton.factories import ALL_FACTS_ATTRIBUTE, absolute_factory, is_file_factory, resolve_factory
 from lepton.tasks import Evaluation
-from lepton.workloads.datasets import DATASETS, SPLIT_SEED, load_workload
+from lepton.workloads.datasets import DATASETS, SPLIT_SEED, load_workload, outline_workload
 from lepton.workloads.evaluation import check_loss, evaluate
 from lepton.workloads.model_tensors import model_tensors, tensor_kinds, tied_names
 from lepton.workloads.models import MODELS, EmbeddingBagClassifier, build_model, sparse_parameter_names
@@ -23,6 +23,6 @@ from lepton.workloads.workload import Workload, take
 __all__ = [
     "ALL_FACTS_ATTRIBUTE", "DATASETS", "MODELS", "SPLIT_SEED", "SYNTHETIC_IMAGE", "SYNTHETIC_TEXT",
     "EmbeddingBagClassifier", "Evaluation", "GaussianMixture", "TopicCorpus", "Workload",
-    "absolute_factory", "build_model", "check_loss", "evaluate", "is_file_factory", "load_workload",
+    "absolute_factory", "build_model", "check_loss", "evaluate", "is_file_factory", "load_workload", "outline_workload",
     "model_tensors", "resolve_factory", "sparse_parameter_names", "take", "tensor_kinds", "tied_names",
 ]

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from lepton.errors import ConfigError
 from lepton.factories import call_with_known_kwargs, is_file_dataset, resolve_factory, unknown
 from lepton.workloads.filesets import DEFAULT_LABEL_COLUMN, load_files
-from lepton.workloads.synthetic import _synthetic_image, _synthetic_text
+from lepton.workloads.synthetic import SYNTHETIC_IMAGE, _synthetic_image, _synthetic_text
 from lepton.workloads.workload import Workload
 
 SPLIT_SEED = 0  # the train/test split of built-in datasets never depends on the job's seed
@@ -84,3 +84,15 @@ def load_workload(
         return Workload(train, test, input_dim, 0, target_dim=int(y0.numel()))
     labels = [int(train[i][1]) for i in range(len(train))]
     return Workload(train, test, input_dim, max(labels) + 1)
+
+
+def outline_workload(
+    dataset: str, seed: int, feature_columns: tuple[str, ...] = (), label_column: str = DEFAULT_LABEL_COLUMN
+) -> tuple[Workload, int]:
+    """What the coordinator needs of a data set: a Workload to build and check the model on, and
+    the number of training samples. synthetic-image gives its outline (the first block of rows;
+    the whole set is about 1 s of CPU to draw); every other set is ``load_workload``'s, whole."""
+    if dataset == "synthetic-image":
+        return SYNTHETIC_IMAGE.outline(), SYNTHETIC_IMAGE.n_train
+    workload = load_workload(dataset, seed, feature_columns, label_column)
+    return workload, len(workload.train)  # type: ignore[arg-type]  # map-style; torch's stub has no __len__

@@ -74,19 +74,38 @@ class GaussianMixture:
         test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2))
         return Workload(train, test, self.features, self.classes)
 
+    def outline(self) -> Workload:
+        """What a coordinator needs of the set without drawing all of it: the first block
+        (``chunk_rows``) of each split's rows, the same values ``generate`` gives them, with every
+        other fact of the set; the training split's length is ``n_train``, not the outline's."""
+        structure = torch.Generator().manual_seed(self.seed)
+        centres = self.centre_scale * torch.randn(
+            self.classes, self.clusters_per_class, self.latent_dim, generator=structure
+        )
+        projection = torch.randn(self.latent_dim, self.features, generator=structure) / self.latent_dim**0.5
+        train = self._split(self.n_train, centres, projection, torch.Generator().manual_seed(self.seed + 1),
+                            rows=self.chunk_rows)
+        test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2),
+                           rows=self.chunk_rows)
+        return Workload(train, test, self.features, self.classes)
+
     def _split(
-        self, n: int, centres: torch.Tensor, projection: torch.Tensor, generator: torch.Generator
+        self, n: int, centres: torch.Tensor, projection: torch.Tensor, generator: torch.Generator,
+        rows: int | None = None,
     ) -> TensorDataset:
+        """The split's n samples, or (``rows``) its first ``rows``, the same values."""
         y = (torch.arange(n) % self.classes)[torch.randperm(n, generator=generator)]
         cluster = torch.randint(0, self.clusters_per_class, (n,), generator=generator)
+        n = n if rows is None else min(n, rows)
+        y = y[:n]
         x = torch.empty(n, self.features, dtype=torch.float32)
         for lo in range(0, n, self.chunk_rows):
             hi = min(n, lo + self.chunk_rows)
             latent = centres[y[lo:hi], cluster[lo:hi]]
             latent += self.latent_std * torch.randn(hi - lo, self.latent_dim, generator=generator)
-            rows = x[lo:hi]
-            rows.normal_(0.0, self.noise_std, generator=generator)
-            rows.addmm_(latent, projection)
+            block = x[lo:hi]
+            block.normal_(0.0, self.noise_std, generator=generator)
+            block.addmm_(latent, projection)
         return TensorDataset(x, y)
 
 

@@ -19,6 +19,7 @@ from lepton.workloads import (
     Workload,
     build_model,
     load_workload,
+    outline_workload,
     sparse_parameter_names,
     take,
 )
@@ -245,3 +246,20 @@ def test_embedding_bag_has_stable_names_and_a_row_sparse_embedding_gradient():
 def test_embedding_bag_on_data_without_a_vocabulary_is_refused():
     with pytest.raises(ConfigError, match="token ids"):
         build_model("embedding-bag", SMALL.generate(), seed=0)
+
+
+def test_an_outline_holds_the_first_block_of_each_split_exactly_as_generated():
+    mixture = GaussianMixture(n_train=700, n_test=300, features=12, classes=3, chunk_rows=256)
+    whole, outline = mixture.generate(), mixture.outline()
+    for full, head in ((whole.train, outline.train), (whole.test, outline.test)):
+        assert len(head) == 256
+        assert torch.equal(head.tensors[0], full.tensors[0][:256])
+        assert torch.equal(head.tensors[1], full.tensors[1][:256])
+    assert (outline.input_dim, outline.num_classes) == (whole.input_dim, whole.num_classes)
+
+
+def test_the_coordinator_outlines_synthetic_image_and_loads_other_sets_whole():
+    workload, samples = outline_workload("synthetic-image", 0)
+    assert samples == SYNTHETIC_IMAGE.n_train and len(workload.train) == SYNTHETIC_IMAGE.chunk_rows
+    digits, samples = outline_workload("digits", 0)
+    assert samples == len(digits.train) == len(load_workload("digits", 0).train)

@@ -1,4 +1,5 @@
-"""`lepton up`'s start-up path: the up process itself imports no torch before the job ends."""
+"""`lepton up`'s start-up path: the up process itself imports no torch before the job ends; a
+parameter server warms its optimizer on a thread."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ def test_the_up_process_starts_its_cluster_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_the_warm_up_thread_leaves_torch_dynamo_imported():
+    code = "from ps_server.early import warm_optimizer; import sys; warm_optimizer().join(60); " \
+           "print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
