@@ -63,31 +63,23 @@ class GaussianMixture:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"GaussianMixture.{name} must be >= 0, got {getattr(self, name)}")
 
-    def generate(self) -> Workload:
-        """Both splits as float32 features and int64 labels."""
+    def generate(self, rows: int | None = None) -> Workload:
+        """Both splits as float32 features and int64 labels (``rows``: only the first ``rows`` of
+        each split, the same values)."""
         structure = torch.Generator().manual_seed(self.seed)
         centres = self.centre_scale * torch.randn(
             self.classes, self.clusters_per_class, self.latent_dim, generator=structure
         )
         projection = torch.randn(self.latent_dim, self.features, generator=structure) / self.latent_dim**0.5
-        train = self._split(self.n_train, centres, projection, torch.Generator().manual_seed(self.seed + 1))
-        test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2))
+        train = self._split(self.n_train, centres, projection, torch.Generator().manual_seed(self.seed + 1), rows)
+        test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2), rows)
         return Workload(train, test, self.features, self.classes)
 
     def outline(self) -> Workload:
         """What a coordinator needs of the set without drawing all of it: the first block
         (``chunk_rows``) of each split's rows, the same values ``generate`` gives them, with every
         other fact of the set; the training split's length is ``n_train``, not the outline's."""
-        structure = torch.Generator().manual_seed(self.seed)
-        centres = self.centre_scale * torch.randn(
-            self.classes, self.clusters_per_class, self.latent_dim, generator=structure
-        )
-        projection = torch.randn(self.latent_dim, self.features, generator=structure) / self.latent_dim**0.5
-        train = self._split(self.n_train, centres, projection, torch.Generator().manual_seed(self.seed + 1),
-                            rows=self.chunk_rows)
-        test = self._split(self.n_test, centres, projection, torch.Generator().manual_seed(self.seed + 2),
-                           rows=self.chunk_rows)
-        return Workload(train, test, self.features, self.classes)
+        return self.generate(rows=self.chunk_rows)
 
     def _split(
         self, n: int, centres: torch.Tensor, projection: torch.Tensor, generator: torch.Generator,
