@@ -22,6 +22,13 @@ DEFAULT_PUSH_TIMEOUT_S = 60.0
 _OUTCOME = {PushOutcome.APPLIED: pb.PUSH_OUTCOME_APPLIED, PushOutcome.STALE: pb.PUSH_OUTCOME_STALE}
 
 
+def _wait_budget_s(context) -> float:
+    """How long a call may wait inside the server: its deadline less 50 ms for the answer to
+    travel, or DEFAULT_PUSH_TIMEOUT_S without a deadline."""
+    remaining = context.time_remaining()
+    return DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+
+
 def _member(ref: common.MemberRef) -> tuple[str, int]:
     if not ref.member_id or ref.incarnation < 1:
         raise InvalidArgument("member.member_id and member.incarnation >= 1 are required")
@@ -107,8 +114,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if context.is_active() and not isinstance(exc, Cancelled):  # a client that left sent nothing wrong
                 self._server.note_rejected()
             raise
-        remaining = context.time_remaining()
-        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        timeout_s = _wait_budget_s(context)
         encoded = assembler.encoded_bytes
         wire = None if not encoded else (
             sum(payload_bytes(g) for n, g in grads.items() if n not in encoded) + sum(encoded.values())
@@ -146,8 +152,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = request.header
         if header.rows:
             raise InvalidArgument("shared memory carries dense tensors only: header.rows must be empty")
-        remaining = context.time_remaining()
-        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        timeout_s = _wait_budget_s(context)
         result, version = self.shared.push_pull(
             request.session_id, request.nonce, *_member(header.member), header.base_version, header.sample_count,
             list(request.tensors), header.tensors, timeout_s, header.request_id,
@@ -159,8 +164,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return pb.CloseSharedMemoryResponse()
 
     def JoinSteps(self, request, context):
-        remaining = context.time_remaining()
-        timeout_s = DEFAULT_PUSH_TIMEOUT_S if remaining is None else max(0.0, remaining - 0.05)
+        timeout_s = _wait_budget_s(context)
         joined, version = self._server.join_steps(*_member(request.member), request.from_version, timeout_s)
         return pb.JoinStepsResponse(joined=joined, version=version)
 
